@@ -1,0 +1,206 @@
+"""Every exception taskit raises, in one hierarchy under :class:`TaskItError`.
+
+This module imports nothing from taskit, so every other module may import it.
+Each message should tell the user what happened and what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "TaskItError",
+    # local half
+    "ResyncError",
+    "ResyncWaitTimeout",
+    "ResultAlreadySetError",
+    "PoolError",
+    "PoolShutdownError",
+    "WorkerLostError",
+    "RemoteTaskError",
+    "JobWorkerError",
+    "JobWorkerNotFound",
+    # distributed half
+    "CodecError",
+    "EncodeError",
+    "DecodeError",
+    "UnknownCodecError",
+    "ProtocolError",
+    "SignatureError",
+    "FrontEndError",
+    "BackendNotAvailableError",
+    "BackendLostError",
+    "CallTimeoutError",
+    "BackendProcessingError",
+    "UnknownTaskError",
+    "CodecNotAllowedError",
+    "BusyError",
+    "StoppingError",
+]
+
+
+class TaskItError(Exception):
+    """Root of every error taskit raises itself."""
+
+
+# --- local half -------------------------------------------------------------
+
+
+class ResyncError(TaskItError):
+    """Misuse of a :class:`taskit.resync.Mediator`."""
+
+
+class ResyncWaitTimeout(ResyncError, TimeoutError):
+    """``Mediator.get(timeout)`` ran out of time before a result or error was set."""
+
+    def __init__(self, msg: str = "Could not acquire lock within the time allotted") -> None:
+        super().__init__(msg)
+
+
+class ResultAlreadySetError(ResyncError):
+    """A Mediator already holds a result or an error; it is set exactly once."""
+
+
+class PoolError(TaskItError):
+    """Base of the worker-pool errors."""
+
+
+class PoolShutdownError(PoolError, RuntimeError):
+    """Work was submitted to a pool that is shut down (or shutting down)."""
+
+
+class WorkerLostError(PoolError):
+    """The worker process running this job died before answering (crash, kill, os._exit).
+
+    Only that job fails; the pool replaces the worker.
+    """
+
+
+class RemoteTaskError(PoolError):
+    """A job raised in a process worker and its exception could not be sent back as is.
+
+    ``.type`` is the exception's class name, ``.remote_traceback`` the text.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type = type_name
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback
+        return text
+
+
+class JobWorkerError(TaskItError):
+    """A pipeline stage cannot do what was asked (e.g. resize a dispatcher stage)."""
+
+
+class JobWorkerNotFound(JobWorkerError):
+    """``set_thread_num`` named a function that is not a stage of this pipeline."""
+
+
+# --- distributed half -------------------------------------------------------
+
+
+class CodecError(TaskItError):
+    """Base of the codec errors."""
+
+
+class EncodeError(CodecError, ValueError):
+    """A value cannot be carried by the chosen codec (the message names its type)."""
+
+
+class DecodeError(CodecError, ValueError):
+    """Bytes could not be decoded by the chosen codec."""
+
+
+class UnknownCodecError(CodecError, LookupError):
+    """No codec is registered under that name or wire id."""
+
+
+class ProtocolError(TaskItError):
+    """A message does not follow the taskit wire protocol (magic, header, frames)."""
+
+
+class SignatureError(ProtocolError):
+    """A message's HMAC signature is missing or wrong (only when a shared key is set)."""
+
+
+class FrontEndError(TaskItError):
+    """Base of the errors a FrontEnd raises about reaching backends."""
+
+
+class BackendNotAvailableError(FrontEndError):
+    """No backend could be reached (all down, or none configured)."""
+
+
+class BackendLostError(FrontEndError):
+    """The backend running this call went away before answering.
+
+    The call may or may not have run there (at-most-once); pass ``retries=`` to
+    the FrontEnd to re-send such calls to another backend.
+    """
+
+
+class CallTimeoutError(FrontEndError, TimeoutError):
+    """No answer arrived within the call's timeout. Also a builtin ``TimeoutError``."""
+
+
+class BackendProcessingError(TaskItError):
+    """The task raised on the backend (or the backend refused the call).
+
+    ``.type`` is the remote exception's class name, ``.args`` its arguments,
+    ``.remote_traceback`` the remote traceback text (may be empty), ``.task``
+    the task name and ``.backend`` the backend address.
+    """
+
+    def __init__(
+        self,
+        type: str,
+        args: Any = (),
+        remote_traceback: str = "",
+        task: str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(type, args)
+        self.type = type
+        self.args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
+        self.remote_traceback = remote_traceback or ""
+        self.task = task
+        self.backend = backend
+
+    def __reduce__(self):  # keep all fields through pickling
+        return (
+            type(self),
+            (self.type, self.args, self.remote_traceback, self.task, self.backend),
+        )
+
+    def __str__(self) -> str:
+        where = ""
+        if self.task is not None:
+            where = f" in task {self.task!r}"
+        if self.backend is not None:
+            where += f" on {self.backend}"
+        text = f"{self.type}{where}: {', '.join(map(repr, self.args))}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback
+        return text
+
+
+class UnknownTaskError(BackendProcessingError):
+    """The backend has no task of that name (``.type == 'UnknownTask'``)."""
+
+
+class CodecNotAllowedError(BackendProcessingError):
+    """The backend refuses the request's codec (e.g. pickle without a key)."""
+
+
+class BusyError(BackendProcessingError):
+    """The backend's queue is full (``max_pending``); try again or elsewhere."""
+
+
+class StoppingError(BackendProcessingError):
+    """The backend is stopping and accepts no new calls."""
