@@ -36,6 +36,9 @@ __all__ = [
     "CodecNotAllowedError",
     "BusyError",
     "StoppingError",
+    # operations
+    "PortSpecError",
+    "TaskLoadError",
 ]
 
 
@@ -204,3 +207,15 @@ class BusyError(BackendProcessingError):
 
 class StoppingError(BackendProcessingError):
     """The backend is stopping and accepts no new calls."""
+
+
+# --- operations ---------------------------------------------------------------
+
+
+class PortSpecError(TaskItError, ValueError):
+    """A port list such as ``54543,54545`` or ``54543-54546`` is malformed or out of range."""
+
+
+class TaskLoadError(TaskItError, ImportError):
+    """``taskit backend MODULE[:ATTR]`` could not load tasks from what it was given
+    (no such module or file, no such attribute, or nothing callable to serve)."""
