@@ -1,0 +1,640 @@
+"""The ``taskit`` command: run backends, control them, call tasks, watch them.
+
+::
+
+    taskit backend MODULE[:ATTR] [--host H] [--port P | --ports 54543-54546] ...
+    taskit ctl {stop|kill|status|stats|tasks} HOST PORTS
+    taskit call HOST[:PORT] TASK [ARG ...] [--json]
+    taskit ports HOST PORTS
+    taskit top HOST PORTS [--once | --iterations N]
+
+Every command has ``--help``. Exit status: 0 success, 1 failure (remote
+error, backend down, bad input), 2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import pprint
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from taskit.errors import PortSpecError, TaskItError, TaskLoadError
+from taskit.ports import expand, get_ports, parse_address
+from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
+
+__all__ = ["main", "build_parser", "load_tasks"]
+
+log = logging.getLogger("taskit.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+# --- loading tasks --------------------------------------------------------------
+
+
+def _import_target(target: str) -> Any:
+    """Import ``pkg.module`` or load ``path/to/file.py`` and return the module."""
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise TaskLoadError(f"no such file {target!r}; give a module name or a path to a .py file")
+        # Put the file's folder on sys.path so its own imports work, and register it
+        # under its plain name so process-pool workers can import its functions too.
+        folder = str(path.parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        name = path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise TaskLoadError(f"cannot load {target!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: modules in the current folder are found
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        # Only our own lookup failing is a TaskLoadError; a missing dependency of the
+        # module is the module's error and keeps its own message.
+        if e.name and (target == e.name or target.startswith(e.name + ".")):
+            raise TaskLoadError(
+                f"no module named {target!r}; check PYTHONPATH, or give a path to a .py file"
+            ) from e
+        raise
+
+
+def load_tasks(spec: str) -> dict[str, Any]:
+    """The tasks to serve for ``MODULE[:ATTR]`` (``MODULE`` may be ``path/to/file.py``).
+
+    With ``ATTR``: a dict of tasks is served as is; a callable is served under
+    its attribute name. Without: the module's ``tasks`` dict if it has one,
+    else every public function defined in the module. Values of a tasks dict
+    may be callables or ``(callable, pass_backend)`` pairs. Raises
+    :class:`TaskLoadError` when nothing servable is found; errors raised by
+    the module's own code while importing propagate.
+    """
+    target, _, attr = spec.partition(":")
+    if not target:
+        raise TaskLoadError(f"{spec!r} names no module; write MODULE, MODULE:ATTR or file.py")
+    module = _import_target(target)
+    if attr:
+        try:
+            obj = getattr(module, attr)
+        except AttributeError:
+            raise TaskLoadError(f"module {module.__name__!r} has no attribute {attr!r}") from None
+        if isinstance(obj, dict):
+            tasks = dict(obj)
+        elif callable(obj):
+            tasks = {attr: obj}
+        else:
+            raise TaskLoadError(
+                f"{spec!r} is a {type(obj).__name__}; it must be a dict of tasks or a callable"
+            )
+    elif isinstance(getattr(module, "tasks", None), dict):
+        tasks = dict(module.tasks)
+    else:
+        tasks = {
+            name: obj
+            for name, obj in vars(module).items()
+            if not name.startswith("_")
+            and inspect.isfunction(obj)
+            and obj.__module__ == module.__name__
+        }
+    if not tasks:
+        raise TaskLoadError(
+            f"{spec!r} has no tasks: define a 'tasks' dict or public functions in it"
+        )
+    for name, value in tasks.items():
+        func = value[0] if isinstance(value, tuple) and value else value
+        if not isinstance(name, str) or not callable(func):
+            raise TaskLoadError(f"task {name!r} in {spec!r} is not a callable")
+    return tasks
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+
+def _read_key(path: str | None) -> bytes | None:
+    """The shared HMAC key from ``path`` (surrounding whitespace removed)."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise TaskItError(f"cannot read the key file {path!r}: {e.strerror}") from e
+    if not key:
+        raise TaskItError(f"the key file {path!r} is empty; put a long random secret in it")
+    return key
+
+
+def _codec_names(text: str) -> list[str]:
+    from taskit.codecs import get_codec
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise TaskItError("--codec needs at least one codec name, e.g. json,msgpack")
+    for name in names:
+        get_codec(name)  # UnknownCodecError names the known ones
+    return names
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) -> Any:
+    from taskit.frontend import FrontEnd
+
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "codec", None):
+        kwargs["codec"] = args.codec
+    key = _read_key(getattr(args, "key_file", None))
+    if key is not None:
+        kwargs["key"] = key
+    if getattr(args, "connect_timeout", None) is not None:
+        kwargs["connect_timeout"] = args.connect_timeout
+    return FrontEnd(list(addresses), **kwargs)
+
+
+def _targets(host: str, ports: str) -> list[tuple[str, int]]:
+    return [(host, port) for port in get_ports(ports)]
+
+
+# --- taskit backend ---------------------------------------------------------------
+
+
+def _cmd_backend(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    ports = get_ports(args.ports) if args.ports else [args.port]
+    # Load once here even when supervising: a typo fails now, not in N children.
+    tasks = load_tasks(args.target)
+    codecs = _codec_names(args.codec) if args.codec else None
+    key = _read_key(args.key_file)
+    if len(ports) > 1:
+        return _supervise(args, ports)
+    return _serve(args, tasks, ports[0], codecs, key)
+
+
+def _write_pid_file(path: str | None) -> None:
+    if path:
+        Path(path).write_text(f"{os.getpid()}\n")
+
+
+def _remove_pid_file(path: str | None) -> None:
+    # Only remove our own: a restarted instance may already have written its pid.
+    if path:
+        try:
+            if Path(path).read_text().strip() == str(os.getpid()):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _serve(
+    args: argparse.Namespace,
+    tasks: dict[str, Any],
+    port: int,
+    codecs: list[str] | None,
+    key: bytes | None,
+) -> int:
+    from taskit.backend import ADMIN_TASKS, BackEnd
+
+    served = dict(ADMIN_TASKS)
+    served.update(tasks)
+    kwargs: dict[str, Any] = {"workers": args.workers, "pool": args.pool}
+    if codecs:
+        kwargs["codecs"] = codecs
+    if key is not None:
+        kwargs["key"] = key
+    backend = BackEnd(served, args.host, port, **kwargs)
+    _write_pid_file(args.pid_file)
+    try:
+        log.info(
+            "serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint
+        )
+        backend.main()  # blocks; SIGTERM/SIGINT stop it gracefully
+    finally:
+        _remove_pid_file(args.pid_file)
+    log.info("backend on port %d stopped", port)
+    return 0
+
+
+def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
+    from taskit.supervisor import Supervisor
+
+    base = [sys.executable, "-m", "taskit.cli", "backend", args.target, "--host", args.host]
+    base += ["--workers", str(args.workers), "--pool", args.pool, "--log-level", args.log_level]
+    if args.codec:
+        base += ["--codec", args.codec]
+    if args.key_file:
+        base += ["--key-file", os.path.abspath(args.key_file)]
+    env = dict(os.environ)
+    # The children must import the same taskit and find the same task module we did,
+    # whatever way this process found them (console script, -m, PYTHONPATH).
+    taskit_root = str(Path(__file__).resolve().parent.parent)
+    paths = [os.getcwd(), taskit_root, *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    commands = {f"{args.host}:{port}": [*base, "--port", str(port)] for port in ports}
+    supervisor = Supervisor(commands, env=env, grace=args.grace)
+    _write_pid_file(args.pid_file)
+    try:
+        log.info("supervising %d backends on %s ports %s", len(ports), args.host, args.ports)
+        return supervisor.run()
+    finally:
+        _remove_pid_file(args.pid_file)
+
+
+# --- taskit ctl -----------------------------------------------------------------
+
+
+def _query_all(
+    targets: list[tuple[str, int]], args: argparse.Namespace, signal: str
+) -> list[tuple[str, Any]]:
+    """``(host:port, answer)`` per target, asked concurrently; answer is the
+    exception when the backend did not answer."""
+    from taskit.errors import BackendNotAvailableError
+
+    def ask(fe: Any, target: tuple[str, int]) -> Any:
+        try:
+            if signal == STATUS:
+                return fe.get_tasks(target)
+            return fe.send_signal(target, signal)
+        except (BackendNotAvailableError, TimeoutError, TaskItError) as e:
+            return e
+
+    with _frontend(targets, args) as fe:
+        with ThreadPoolExecutor(min(16, len(targets)), thread_name_prefix="taskit-cli") as ex:
+            answers = list(ex.map(lambda t: ask(fe, t), targets))
+    return [(f"{h}:{p}", a) for (h, p), a in zip(targets, answers)]
+
+
+def _is_down(answer: Any) -> bool:
+    return isinstance(answer, BaseException) or answer == "down"
+
+
+def _fmt_duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+_STAT_COLUMNS = (
+    ("BACKEND", None),
+    ("STATE", None),
+    ("IN FLIGHT", "in_flight"),
+    ("DONE", "done"),
+    ("FAILED", "failed"),
+    ("POOL", "pool_size"),
+    ("QUEUE", "queue_depth"),
+    ("UPTIME", "uptime"),
+)
+
+
+def _stats_rows(answers: list[tuple[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for name, stats in answers:
+        if _is_down(stats) or not isinstance(stats, dict):
+            rows.append([name, "down"] + ["-"] * (len(_STAT_COLUMNS) - 2))
+            continue
+        row: list[Any] = [name, "up"]
+        for _, key in _STAT_COLUMNS[2:]:
+            value = stats.get(key, "-")
+            row.append(_fmt_duration(value) if key == "uptime" else value)
+        rows.append(row)
+    return rows
+
+
+def _task_rows(answers: list[tuple[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for name, stats in answers:
+        if not isinstance(stats, dict):
+            continue
+        per_task = stats.get("tasks") or {}
+        for task, info in sorted(per_task.items()):
+            if not isinstance(info, dict):
+                info = {"calls": info}
+            mean = info.get("mean_latency", info.get("mean"))
+            rows.append(
+                [
+                    name,
+                    task,
+                    info.get("calls", info.get("count", "-")),
+                    info.get("failed", "-"),
+                    f"{mean * 1000:.2f}" if isinstance(mean, (int, float)) else "-",
+                ]
+            )
+    return rows
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    targets = _targets(args.host, args.ports)
+    signal = {"stop": STOP, "kill": KILL, "status": STATUS, "stats": STATS, "tasks": TASKS}[
+        args.command
+    ]
+    answers = _query_all(targets, args, signal)
+    if args.command == "stats":
+        if args.json:
+            print(json.dumps({n: (None if _is_down(a) else a) for n, a in answers}, default=repr))
+        else:
+            print(_table([h for h, _ in _STAT_COLUMNS], _stats_rows(answers)))
+            task_rows = _task_rows(answers)
+            if task_rows:
+                print()
+                print(_table(["BACKEND", "TASK", "CALLS", "FAILED", "MEAN MS"], task_rows))
+        return 1 if any(_is_down(a) for _, a in answers) else 0
+    for name, answer in answers:
+        if _is_down(answer):
+            print(f"{name} --> down")
+        elif args.command == "status":
+            print(f"{name} --> up, {answer} jobs running")
+        elif args.command == "stop":
+            print(f"{name} --> stopped")
+        elif args.command == "kill":
+            print(f"{name} --> terminated")
+        else:  # tasks
+            names = answer if isinstance(answer, (list, tuple)) else [answer]
+            print(f"{name} --> {', '.join(map(str, names))}")
+    return 1 if any(_is_down(a) for _, a in answers) else 0
+
+
+# --- taskit call ----------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """A command-line argument as JSON when it parses (``3``, ``[1,2]``,
+    ``null``, ``'"3"'``), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from taskit.errors import BackendProcessingError
+
+    address = parse_address(args.address, args.default_port)
+    call_args = [parse_value(a) for a in args.args]
+    kwargs = {}
+    for item in args.kwarg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise TaskItError(f"--kwarg {item!r} must look like NAME=VALUE")
+        kwargs[name] = parse_value(value)
+    with _frontend([address], args) as fe:
+        try:
+            result = fe.call(args.task, call_args, kwargs, timeout=args.timeout)
+        except BackendProcessingError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result, default=repr))
+    elif isinstance(result, str):
+        print(result)
+    else:
+        print(pprint.pformat(result))
+    return 0
+
+
+# --- taskit ports ---------------------------------------------------------------
+
+
+def _cmd_ports(args: argparse.Namespace) -> int:
+    for line in expand(args.host, args.ports):
+        print(line)
+    return 0
+
+
+# --- taskit top ------------------------------------------------------------------
+
+
+def _render_top(
+    answers: list[tuple[str, Any]], previous: dict[str, tuple[float, int]], now: float
+) -> str:
+    rows = []
+    for name, stats in answers:
+        if not isinstance(stats, dict):
+            rows.append([name, "down", "-", "-", "-", "-", "-"])
+            previous.pop(name, None)
+            continue
+        finished = int(stats.get("done", 0) or 0) + int(stats.get("failed", 0) or 0)
+        rate = "-"
+        if name in previous:
+            then, before = previous[name]
+            if now > then and finished >= before:
+                rate = f"{(finished - before) / (now - then):.1f}"
+        previous[name] = (now, finished)
+        rows.append(
+            [
+                name,
+                "up",
+                stats.get("in_flight", "-"),
+                stats.get("done", "-"),
+                stats.get("failed", "-"),
+                rate,
+                _fmt_duration(stats.get("uptime")),
+            ]
+        )
+    stamp = time.strftime("%H:%M:%S")
+    up = sum(1 for r in rows if r[1] == "up")
+    head = f"taskit top - {stamp} - {up}/{len(rows)} backends up"
+    table = _table(["BACKEND", "STATE", "IN FLIGHT", "DONE", "FAILED", "RATE/S", "UPTIME"], rows)
+    return head + "\n\n" + table
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    targets = _targets(args.host, args.ports)
+    iterations = 1 if args.once else args.iterations
+    clear = sys.stdout.isatty() and not args.no_clear
+    previous: dict[str, tuple[float, int]] = {}
+    done = 0
+    try:
+        while True:
+            answers = _query_all(targets, args, STATS)
+            screen = _render_top(answers, previous, time.monotonic())
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(screen, flush=True)
+            done += 1
+            if iterations and done >= iterations:
+                return 0
+            if not clear:
+                print(flush=True)
+            time.sleep(args.interval)  # display refresh period, not synchronisation
+    except KeyboardInterrupt:
+        return 0
+
+
+# --- the parser -------------------------------------------------------------------
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", metavar="F", help="shared HMAC key (the backend's --key-file)")
+    p.add_argument(
+        "--codec", metavar="NAME", help="codec of the requests (json, msgpack; default: FrontEnd's)"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to wait for a backend to answer before calling it down",
+    )
+
+
+def _ports_arg(text: str) -> str:
+    try:
+        get_ports(text)  # validate now so argparse reports it as a usage error
+    except PortSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``taskit`` argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="taskit",
+        description="Run taskit backends, control them, call their tasks, watch them.",
+        epilog="Run 'taskit COMMAND --help' for the options of a command.",
+    )
+    from taskit import __version__
+
+    parser.add_argument("--version", action="version", version=f"taskit {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "backend",
+        help="serve the tasks of a module on one or more ports",
+        description=(
+            "Serve tasks over ZeroMQ. MODULE is an importable module or a path/to/file.py; "
+            "the module's 'tasks' dict is served, else its public functions; MODULE:ATTR "
+            "serves a dict or a single callable. With --ports naming several ports, one "
+            "backend process runs per port under a supervisor that restarts any that dies; "
+            "SIGTERM stops all of them gracefully. The admin signals "
+            "(<stop> <kill> <status> <stats> <tasks>) are always served."
+        ),
+    )
+    p.add_argument("target", metavar="MODULE[:ATTR]", help="module, module:attr or file.py[:attr]")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; "
+                   "0.0.0.0 for every interface)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    where.add_argument("--ports", type=_ports_arg, metavar="PORTS",
+                       help="several ports: 54543,54545 or 54543-54546 (one process each)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 4, metavar="N",
+                   help="worker threads/processes per backend (default: CPU count)")
+    p.add_argument("--pool", choices=("thread", "process"), default="thread",
+                   help="run tasks in threads (default) or processes (CPU-bound work)")
+    p.add_argument("--codec", metavar="NAMES",
+                   help="codecs to accept, comma-separated (default json,msgpack)")
+    p.add_argument("--key-file", metavar="F", help="shared HMAC key: every message must be signed")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default INFO)")
+    p.add_argument("--pid-file", metavar="F", help="write the process id here while running")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="with --ports: seconds a backend gets to stop before SIGKILL")
+    p.set_defaults(func=_cmd_backend)
+
+    p = sub.add_parser(
+        "ctl",
+        help="send stop/kill/status/stats/tasks to backends",
+        description=(
+            "Control backends, as the original taskitctl: 'HOST:PORT --> up, N jobs running', "
+            "'--> stopped', '--> terminated' or '--> down'. Exit status 1 if any is down."
+        ),
+    )
+    p.add_argument("command", choices=("stop", "kill", "status", "stats", "tasks"))
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("ports", metavar="PORTS", type=_ports_arg, help="54543, 54543,54545 or 54543-54546")
+    p.add_argument("--json", action="store_true", help="stats: print one JSON object")
+    _add_client_options(p)
+    p.set_defaults(func=_cmd_ctl)
+
+    p = sub.add_parser(
+        "call",
+        help="call a task and print its result",
+        description=(
+            "Call TASK on HOST[:PORT] and print the result. Each ARG is parsed as JSON when it "
+            "parses (3, 2.5, true, null, [1,2], '{\"a\":1}', '\"3\"'), else passed as a string. "
+            "Exit status 1, with the remote traceback on stderr, when the task raises."
+        ),
+    )
+    p.add_argument("address", metavar="HOST[:PORT]")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("args", metavar="ARG", nargs="*")
+    p.add_argument("-k", "--kwarg", action="append", default=[], metavar="NAME=VALUE",
+                   help="keyword argument (value parsed like ARG); repeatable")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up after S seconds (exit 1)")
+    p.add_argument("--default-port", type=int, default=DEFAULT_PORT, help=argparse.SUPPRESS)
+    _add_client_options(p)
+    p.set_defaults(func=_cmd_call)
+
+    p = sub.add_parser(
+        "ports",
+        help="expand a port list into HOST:PORT lines",
+        description="The port expander: 'taskit ports HOST 54543-54545' prints one HOST:PORT a line.",
+    )
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("ports", metavar="PORTS", type=_ports_arg)
+    p.set_defaults(func=_cmd_ports)
+
+    p = sub.add_parser(
+        "top",
+        help="live view of backends: jobs in flight, done, failed, rate",
+        description="Refresh a table of backend statistics until Ctrl-C (or --iterations).",
+    )
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("ports", metavar="PORTS", type=_ports_arg)
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="refresh period")
+    bound = p.add_mutually_exclusive_group()
+    bound.add_argument("--once", action="store_true", help="print one table and exit")
+    bound.add_argument("--iterations", type=int, default=0, metavar="N",
+                       help="exit after N refreshes (default: run until Ctrl-C)")
+    p.add_argument("--no-clear", action="store_true", help="do not clear the screen between tables")
+    _add_client_options(p)
+    p.set_defaults(func=_cmd_top)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``taskit`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (TaskItError, PortSpecError) as e:
+        print(f"taskit {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
