@@ -55,8 +55,11 @@ def error_cb(e: Exception) -> None:
 
 
 def main() -> None:
-    log(INFO, f"multiply is a Task: {isinstance(multiply, Task)}, "
-              f"named {multiply.__name__!r}: {multiply.__doc__}")
+    log(
+        INFO,
+        f"multiply is a Task: {isinstance(multiply, Task)}, "
+        f"named {multiply.__name__!r}: {multiply.__doc__}",
+    )
     log(INFO, f"multiply.work(3, 4) -> {multiply.work(3, 4)}")
     log(INFO, f"multiply(3) -> {multiply(3)} (calling the task calls the function)")
 

@@ -16,7 +16,8 @@ threads ``get`` its outcome, any number of times.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from taskit.errors import ResultAlreadySetError, ResyncError, ResyncWaitTimeout
 

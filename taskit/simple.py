@@ -33,8 +33,9 @@ import functools
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 __all__ = ["null_cb", "taskit", "Task"]
 

@@ -59,8 +59,10 @@ def test_simple_example():
 
 def test_resync_example():
     proc = run_example("resync.py")
-    lines = [line.removeprefix("INFO (resync)\t").removeprefix("ERROR (resync)\t")
-             for line in proc.stdout.splitlines()]
+    lines = [
+        line.removeprefix("INFO (resync)\t").removeprefix("ERROR (resync)\t")
+        for line in proc.stdout.splitlines()
+    ]
     assert lines == [
         "Starting worker(5, 6) and letting it run",
         "mediator.get() -> (5, 6)",
