@@ -1,0 +1,223 @@
+"""taskit.cli without sockets: task loading, argument parsing, output formatting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from taskit import cli
+from taskit.errors import TaskItError, TaskLoadError
+
+
+@pytest.fixture
+def modfile(tmp_path, monkeypatch):
+    """Write a module into tmp_path (on sys.path) and return its path; cleans sys.modules."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    written = []
+
+    def write(name, source):
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        written.append(name)
+        return path
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
+def test_public_functions_are_served_when_there_is_no_tasks_dict(modfile):
+    modfile(
+        "clitasks_a",
+        """
+        import os
+        from os.path import join
+        def add(a, b): return a + b
+        def _private(): pass
+        class NotAFunction: pass
+        VALUE = 3
+        """,
+    )
+    tasks = cli.load_tasks("clitasks_a")
+    assert sorted(tasks) == ["add"]  # imported functions, privates, classes left out
+    assert tasks["add"](2, 3) == 5
+
+
+def test_a_tasks_dict_wins_and_may_hold_pass_backend_pairs(modfile):
+    modfile(
+        "clitasks_b",
+        """
+        def add(a, b): return a + b
+        def sub(backend, f): return f()
+        tasks = {"plus": add, "sub": (sub, True)}
+        """,
+    )
+    tasks = cli.load_tasks("clitasks_b")
+    assert sorted(tasks) == ["plus", "sub"]
+    assert tasks["sub"][1] is True
+
+
+def test_module_attr_serves_a_dict_or_one_callable(modfile):
+    modfile(
+        "clitasks_c",
+        """
+        def add(a, b): return a + b
+        def mul(a, b): return a * b
+        MATH = {"add": add}
+        NUMBER = 4
+        """,
+    )
+    assert list(cli.load_tasks("clitasks_c:MATH")) == ["add"]
+    assert list(cli.load_tasks("clitasks_c:mul")) == ["mul"]
+    with pytest.raises(TaskLoadError, match="must be a dict of tasks or a callable"):
+        cli.load_tasks("clitasks_c:NUMBER")
+    with pytest.raises(TaskLoadError, match="no attribute 'nope'"):
+        cli.load_tasks("clitasks_c:nope")
+
+
+def test_a_file_path_is_loaded_and_importable_by_its_name(tmp_path):
+    path = tmp_path / "clitasks_file.py"
+    path.write_text("def echo(x):\n    return x\n")
+    try:
+        tasks = cli.load_tasks(str(path))
+        assert tasks["echo"]("hi") == "hi"
+        # process-pool workers find the functions by module name
+        assert sys.modules["clitasks_file"].echo is tasks["echo"]
+    finally:
+        sys.modules.pop("clitasks_file", None)
+        sys.path.remove(str(tmp_path))
+
+
+def test_bad_targets_raise_task_load_error_naming_the_fix(tmp_path, modfile):
+    with pytest.raises(TaskLoadError, match="no module named 'no_such_module_xyz'"):
+        cli.load_tasks("no_such_module_xyz")
+    with pytest.raises(TaskLoadError, match="no such file"):
+        cli.load_tasks(str(tmp_path / "missing.py"))
+    with pytest.raises(TaskLoadError, match="names no module"):
+        cli.load_tasks(":attr")
+    modfile("clitasks_empty", "X = 1\n")
+    with pytest.raises(TaskLoadError, match="no tasks"):
+        cli.load_tasks("clitasks_empty")
+    modfile("clitasks_bad", "tasks = {'x': 3}\n")
+    with pytest.raises(TaskLoadError, match="not a callable"):
+        cli.load_tasks("clitasks_bad")
+
+
+def test_a_missing_dependency_of_the_module_keeps_its_own_error(modfile):
+    modfile("clitasks_dep", "import no_such_dependency_xyz\n")
+    with pytest.raises(ModuleNotFoundError) as info:
+        cli.load_tasks("clitasks_dep")
+    assert not isinstance(info.value, TaskLoadError)
+    assert info.value.name == "no_such_dependency_xyz"
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("3", 3),
+        ("2.5", 2.5),
+        ("true", True),
+        ("null", None),
+        ("[1, 2]", [1, 2]),
+        ('{"a": 1}', {"a": 1}),
+        ('"3"', "3"),
+        ("hello", "hello"),
+        ("hello world", "hello world"),
+        ("", ""),
+    ],
+)
+def test_call_arguments_are_json_where_they_parse(text, value):
+    assert cli.parse_value(text) == value
+
+
+@pytest.mark.parametrize("command", [[], ["backend"], ["ctl"], ["call"], ["ports"], ["top"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: taskit")
+
+
+def test_usage_errors_exit_2_with_a_message(capsys):
+    for argv in (
+        ["ports", "h", "9-1"],
+        ["ctl", "restart", "h", "1"],
+        ["backend", "m", "--port", "1", "--ports", "1-2"],
+        ["top", "h", "1", "--once", "--iterations", "3"],
+        [],
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2, argv
+    assert "runs backwards" in capsys.readouterr().err
+
+
+def test_ports_command_prints_host_port_lines(capsys):
+    assert cli.main(["ports", "10.0.0.1", "54543,54545-54546"]) == 0
+    assert capsys.readouterr().out.split() == ["10.0.0.1:54543", "10.0.0.1:54545", "10.0.0.1:54546"]
+
+
+def test_backend_with_a_bad_target_exits_1_with_the_reason(capsys):
+    assert cli.main(["backend", "no_such_module_xyz", "--port", "1"]) == 1
+    assert "no module named 'no_such_module_xyz'" in capsys.readouterr().err
+
+
+def test_key_file_must_exist_and_not_be_empty(tmp_path):
+    with pytest.raises(TaskItError, match="cannot read the key file"):
+        cli._read_key(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(TaskItError, match="is empty"):
+        cli._read_key(str(empty))
+    good = tmp_path / "key"
+    good.write_text("s3cret\n")
+    assert cli._read_key(str(good)) == b"s3cret"
+
+
+def test_stats_table_shows_down_backends_and_per_task_latency():
+    answers = [
+        (
+            "h:1",
+            {
+                "uptime": 3725.2,
+                "in_flight": 2,
+                "done": 10,
+                "failed": 1,
+                "pool_size": 4,
+                "queue_depth": 0,
+                "tasks": {"add": {"calls": 11, "failed": 1, "mean_latency": 0.0015}},
+            },
+        ),
+        ("h:2", RuntimeError("down")),
+    ]
+    table = cli._table([h for h, _ in cli._STAT_COLUMNS], cli._stats_rows(answers))
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["BACKEND", "STATE"]
+    assert lines[1].split() == ["h:1", "up", "2", "10", "1", "4", "0", "1:02:05"]
+    assert lines[2].split()[:2] == ["h:2", "down"]
+    assert cli._task_rows(answers) == [["h:1", "add", 11, 1, "1.50"]]
+
+
+def test_top_computes_the_rate_between_two_refreshes():
+    previous: dict = {}
+    first = cli._render_top([("h:1", {"done": 10, "failed": 0, "in_flight": 1})], previous, 100.0)
+    second = cli._render_top([("h:1", {"done": 40, "failed": 10, "in_flight": 0})], previous, 102.0)
+    row1 = first.splitlines()[-1].split()
+    row2 = second.splitlines()[-1].split()
+    assert row1[5] == "-"  # no rate before a second sample
+    assert row2[5] == "20.0"  # (50 - 10) finished in 2 s
+    assert "1/1 backends up" in second
+
+
+def test_module_runs_as_a_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "taskit.cli", "ports", "h", "1-2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["h:1", "h:2"]
