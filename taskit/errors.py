@@ -18,6 +18,10 @@ __all__ = [
     "PoolShutdownError",
     "WorkerLostError",
     "RemoteTaskError",
+    "RemoteTraceback",
+    "WorkerInitError",
+    "UnpicklableError",
+    "UnknownTargetError",
     "JobWorkerError",
     "JobWorkerNotFound",
     # distributed half
@@ -95,6 +99,38 @@ class RemoteTaskError(PoolError):
         if self.remote_traceback:
             text += "\n\nRemote traceback:\n" + self.remote_traceback
         return text
+
+
+class RemoteTraceback(TaskItError):
+    """Not raised: set as ``__cause__`` of an exception re-raised from a process
+    worker, so the printed chain shows where it happened. ``str()`` is the text.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class WorkerInitError(PoolError):
+    """A worker's ``initializer`` or ``toolbox_factory`` raised (see ``__cause__``).
+
+    Every job that worker takes fails with this error; fix the factory and
+    create the pool again.
+    """
+
+
+class UnpicklableError(PoolError, TypeError):
+    """A job's function, arguments or result cannot be pickled to or from a
+    process worker. Use module-level functions and picklable values, or a
+    ``kind="thread"`` pool.
+    """
+
+
+class UnknownTargetError(PoolError, LookupError):
+    """A ``start_workers`` job named a target its attributes object does not have."""
 
 
 class JobWorkerError(TaskItError):

@@ -1,0 +1,793 @@
+"""The worker-pool core: run callables and Job objects on threads or processes.
+
+One :class:`WorkerPool` serves local users and the backend:
+
+* ``submit(fn, *args, **kwargs)`` returns a :class:`concurrent.futures.Future`;
+  ``map`` returns the results as a list (input order by default);
+  ``put(job)`` runs a workerpool-style :class:`Job`.
+* Workers pull from one FIFO queue, so no job waits while a worker is idle and
+  jobs *start* in submission order.
+* ``grow``/``shrink``/``resize`` work while jobs run; a retired worker finishes
+  the job it is running and takes no other. A pool of size 0 runs nothing until
+  it grows.
+* A job that raises never kills its worker and never stalls ``join``: the
+  exception goes to the job's future (and is logged for jobs nobody waits on).
+* ``kind="process"`` runs jobs in child processes (see :mod:`taskit._procpool`):
+  a worker that dies fails only its own job with
+  :class:`~taskit.errors.WorkerLostError` and is replaced, and the children
+  exit on their own when this process dies, even by SIGKILL.
+
+The classic interfaces are here too: workerpool's :class:`Job`,
+:class:`SimpleJob`, :class:`SuicideJob`, :class:`TerminationNotice`,
+:class:`Worker` and :class:`EquippedWorker` (one toolbox per worker, created
+in that worker), and the multiprocess worker library's :func:`start_workers`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, as_completed
+from typing import Any
+
+from taskit.errors import PoolError, PoolShutdownError, WorkerInitError
+
+__all__ = [
+    "WorkerPool",
+    "Job",
+    "SimpleJob",
+    "SuicideJob",
+    "TerminationNotice",
+    "Worker",
+    "EquippedWorker",
+    "JobQueue",
+    "start_workers",
+    "current_toolbox",
+    "default_size",
+]
+
+log = logging.getLogger("taskit.pool")
+
+
+# --- the classic job interface (workerpool semantics, defects fixed) -------
+
+
+class TerminationNotice(Exception):
+    """Raised by a job to make the worker running it exit (workerpool semantics).
+
+    The job's future resolves to ``None`` and the pool's size drops by one;
+    the worker is not replaced.
+    """
+
+
+class Job:
+    """A unit of work: subclass and override :meth:`run`.
+
+    ``run()`` is called with no argument, or as ``run(toolbox=...)`` when the
+    pool has a ``toolbox_factory``. Its return value becomes the result of the
+    future that :meth:`WorkerPool.put` returned.
+    """
+
+    def run(self, toolbox: Any = None) -> Any:
+        return None
+
+
+class SuicideJob(Job):
+    """A job that stops the worker that takes it (after the jobs queued before it)."""
+
+    def run(self, toolbox: Any = None, **kw: Any) -> Any:
+        raise TerminationNotice()
+
+
+class SimpleJob(Job):
+    """Call ``method`` with ``args`` and put the return value on ``result``.
+
+    ``args`` as a list or tuple is passed positionally, as a dict by keyword;
+    any other type raises :class:`TypeError` when the job is created (the seed
+    library failed later, killing its worker). ``result`` is anything with a
+    ``put`` method (``None`` to only use the future); override :meth:`_return`
+    to deliver the value elsewhere. Works with and without a toolbox.
+    """
+
+    def __init__(self, result: Any, method: Callable[..., Any], args: Any = ()) -> None:
+        if not callable(method):
+            raise TypeError(f"SimpleJob needs a callable method, got {type(method).__name__}")
+        if not isinstance(args, (list, tuple, dict)):
+            raise TypeError(
+                "SimpleJob args must be a list/tuple (positional) or a dict (keyword), "
+                f"got {type(args).__name__}; wrap a single argument as [arg]"
+            )
+        self.result = result
+        self.method = method
+        self.args = args
+
+    def run(self, toolbox: Any = None) -> Any:
+        if isinstance(self.args, dict):
+            r = self.method(**self.args)
+        else:
+            r = self.method(*self.args)
+        self._return(r)
+        return r
+
+    def _return(self, r: Any) -> None:
+        if self.result is not None:
+            self.result.put(r)
+
+
+# --- per-worker state --------------------------------------------------------
+
+_local = threading.local()
+
+
+def current_toolbox() -> Any:
+    """The toolbox of the worker running the caller (thread or process worker).
+
+    Lets plain functions given to :meth:`WorkerPool.submit` reach the per-worker
+    resource that ``toolbox_factory`` built. Raises :class:`LookupError` when the
+    caller is not a pool worker with a toolbox.
+    """
+    try:
+        return _local.toolbox
+    except AttributeError:
+        raise LookupError(
+            "current_toolbox() was called outside a pool worker that has a toolbox; "
+            "pass toolbox_factory= to WorkerPool"
+        ) from None
+
+
+def _set_toolbox(toolbox: Any) -> None:
+    _local.toolbox = toolbox
+
+
+def default_size(kind: str) -> int:
+    """Default worker count: ``cpu_count()`` processes, ``min(32, cpu_count() + 4)`` threads."""
+    cpus = os.cpu_count() or 1
+    return cpus if kind == "process" else min(32, cpus + 4)
+
+
+def _call_initializers(
+    initializer: Callable[..., Any] | None,
+    initargs: tuple,
+    toolbox_factory: Callable[[], Any] | None,
+) -> Any:
+    """Run a worker's initializer then its toolbox factory, in the worker itself."""
+    if initializer is not None:
+        initializer(*initargs)
+    toolbox = toolbox_factory() if toolbox_factory is not None else None
+    if toolbox_factory is not None:
+        _set_toolbox(toolbox)
+    return toolbox
+
+
+# --- queue items ------------------------------------------------------------
+
+
+class _WorkItem:
+    """One queued call: the future and what to run (``is_job``: a Job's ``run``)."""
+
+    __slots__ = ("future", "fn", "args", "kwargs", "is_job")
+
+    def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.is_job = is_job
+
+
+# Private markers: never reachable by user code, so no payload collides with them.
+_WAKE = object()  # wakes an idle worker so it can see it has been retired
+_STOP = object()  # shutdown: the worker that takes it exits
+
+
+# --- thread workers ------------------------------------------------------------
+
+
+class Worker(threading.Thread):
+    """A worker thread of a thread pool (workerpool's ``Worker``).
+
+    ``jobs`` is the :class:`WorkerPool` it serves (workerpool passed the pool as
+    the job queue too). Pass ``worker_factory=lambda pool: Worker(pool)`` or a
+    subclass to :class:`WorkerPool` to customise it. A daemon thread: a pool
+    that is never shut down does not keep the interpreter alive.
+    """
+
+    toolbox_factory: Callable[[], Any] | None = None
+
+    def __init__(self, jobs: WorkerPool, name: str | None = None) -> None:
+        super().__init__(name=name or jobs._next_thread_name(), daemon=True)
+        self.jobs = jobs
+        self.toolbox: Any = None
+        # Written only by this thread; stats() sums them without a lock.
+        self.completed = 0
+        self.failed = 0
+        self.busy = False
+
+    def run(self) -> None:
+        pool = self.jobs
+        init_error: BaseException | None = None
+        try:
+            factory = self.toolbox_factory or pool._toolbox_factory
+            self.toolbox = _call_initializers(pool._initializer, pool._initargs, factory)
+        except BaseException as e:  # noqa: BLE001 - reported on every job instead
+            log.exception("%s: initializer/toolbox_factory failed", self.name)
+            init_error = e
+        equipped = (self.toolbox_factory or pool._toolbox_factory) is not None
+        try:
+            self._loop(pool, equipped, init_error)
+        finally:
+            pool._worker_exited(self)
+
+    def _loop(self, pool: WorkerPool, equipped: bool, init_error: BaseException | None) -> None:
+        get = pool._queue.get
+        release = pool._slots.release if pool._slots is not None else None
+        done = pool._job_done
+        toolbox = self.toolbox
+        while True:
+            if pool._to_retire and pool._claim_retirement():
+                return
+            item = get()
+            if item is _WAKE or item is _STOP:
+                if pool._marker_taken(item):
+                    return
+                continue
+            if release is not None:
+                release()
+            fut = item.future
+            if not fut.set_running_or_notify_cancel():
+                done()
+                continue
+            self.busy = True
+            try:
+                if init_error is not None:
+                    raise WorkerInitError(
+                        f"worker {self.name} could not start: initializer or toolbox_factory "
+                        f"raised {init_error!r}; fix it and recreate the pool"
+                    ) from init_error
+                if item.is_job and equipped:
+                    result = item.fn(toolbox=toolbox)
+                else:
+                    result = item.fn(*item.args, **item.kwargs)
+            except TerminationNotice:
+                fut.set_result(None)
+                self.completed += 1
+                self.busy = False
+                done()
+                pool._terminated_by_job()
+                return
+            except BaseException as e:  # noqa: BLE001 - a job never kills its worker
+                self.failed += 1
+                fut.set_exception(e)
+                if item.is_job:
+                    # Nobody may be waiting on a put() future: log so it is never silent.
+                    log.error("job %r raised", item.fn, exc_info=e)
+            else:
+                self.completed += 1
+                fut.set_result(result)
+            item = fut = None  # drop references before blocking again
+            self.busy = False
+            done()
+
+
+class EquippedWorker(Worker):
+    """A worker thread with its own toolbox (workerpool's ``EquippedWorker``).
+
+    ``toolbox_factory()`` is called once, *in the worker thread* (workerpool
+    called it in the thread that grew the pool), so thread-affine resources
+    such as database connections work; each Job then runs as
+    ``job.run(toolbox=toolbox)``.
+    """
+
+    def __init__(
+        self, jobs: WorkerPool, toolbox_factory: Callable[[], Any], name: str | None = None
+    ) -> None:
+        if not callable(toolbox_factory):
+            raise TypeError("toolbox_factory must be callable")
+        super().__init__(jobs, name=name)
+        self.toolbox_factory = toolbox_factory
+
+
+# --- the pool ---------------------------------------------------------------------
+
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_pools_at_exit() -> None:
+    # Worker threads are daemons, so a forgotten pool never hangs the interpreter;
+    # process workers are told to stop here, before multiprocessing's own exit hook.
+    for pool in list(_live_pools):
+        try:
+            pool.shutdown(wait=False, cancel_pending=True)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class WorkerPool:
+    """A resizable pool of thread or process workers fed from one FIFO queue.
+
+    ``size``: number of workers (default :func:`default_size`); 0 is allowed.
+    ``kind``: ``"thread"`` or ``"process"``. ``maxjobs``: capacity of the
+    queue of waiting jobs (0 = unbounded); when full, ``submit``/``put``
+    block. ``initializer(*initargs)`` and then ``toolbox_factory()`` run once
+    per worker, inside that worker; with a toolbox, Jobs run as
+    ``job.run(toolbox=...)`` and :func:`current_toolbox` returns it.
+    ``worker_factory(pool)`` (threads only) builds a :class:`Worker`.
+    ``start_method`` (processes only): ``"forkserver"`` (default on POSIX) or
+    ``"spawn"``; ``"fork"`` is refused because the pool's parent is
+    multithreaded.
+
+    Every method is thread-safe. Use it as a context manager, or call
+    :meth:`shutdown`.
+    """
+
+    def __init__(
+        self,
+        size: int | None = None,
+        kind: str = "thread",
+        maxjobs: int = 0,
+        toolbox_factory: Callable[[], Any] | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        name: str = "taskit-pool",
+        worker_factory: Callable[[WorkerPool], Worker] | None = None,
+        start_method: str | None = None,
+    ) -> None:
+        if kind not in ("thread", "process"):
+            raise ValueError(f"kind must be 'thread' or 'process', not {kind!r}")
+        if size is None:
+            size = default_size(kind)
+        _check_count(size, "size")
+        if not isinstance(maxjobs, int) or maxjobs < 0:
+            raise ValueError(f"maxjobs must be an int >= 0 (0 = unbounded), not {maxjobs!r}")
+        for label, f in (("toolbox_factory", toolbox_factory), ("initializer", initializer)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{label} must be callable")
+        if worker_factory is not None and not callable(worker_factory):
+            raise TypeError("worker_factory must be callable")
+        if worker_factory is not None and kind != "thread":
+            raise ValueError("worker_factory builds thread workers; it needs kind='thread'")
+        self.kind = kind
+        self.name = name
+        self._toolbox_factory = toolbox_factory
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._worker_factory = worker_factory or Worker
+        self._maxjobs = maxjobs
+        self._slots = threading.Semaphore(maxjobs) if maxjobs else None
+        self._lock = threading.Lock()
+        self._idle_cond = threading.Condition(self._lock)  # unfinished jobs reached 0
+        self._unfinished = 0
+        self._shutdown = False
+        self._thread_seq = 0
+        self._target = 0
+        # thread workers
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: set[Worker] = set()
+        self._to_retire = 0
+        self._markers = 0
+        self._retired_completed = 0
+        self._retired_failed = 0
+        # process workers
+        self._proc = None
+        if kind == "process":
+            from taskit._procpool import ProcessEngine
+
+            self._proc = ProcessEngine(self, start_method)
+        _live_pools.add(self)
+        if size:
+            self.grow(size)
+
+    # -- submitting work ----------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)``; return its :class:`~concurrent.futures.Future`.
+
+        Thread-safe. Blocks only while a bounded queue (``maxjobs``) is full.
+        Raises :class:`~taskit.errors.PoolShutdownError` after :meth:`shutdown`.
+        With ``kind="process"``, a function or arguments that cannot be pickled
+        give a future failed with :class:`~taskit.errors.UnpicklableError`.
+        """
+        return self._enqueue(fn, args, kwargs, False, True, None)
+
+    def put(self, job: Job, block: bool = True, timeout: float | None = None) -> Future:
+        """Queue a :class:`Job` (workerpool's interface); return a future of ``job.run()``.
+
+        With ``block=False`` or a ``timeout``, raises :class:`queue.Full` when a
+        bounded queue stays full. Raises ``PoolShutdownError`` after shutdown.
+        """
+        run = getattr(job, "run", None)
+        if not callable(run):
+            raise TypeError(f"put() takes a Job (an object with run()), got {type(job).__name__}")
+        return self._enqueue(run, (), {}, True, block, timeout)
+
+    def _enqueue(
+        self, fn: Callable, args: tuple, kwargs: dict, is_job: bool, block: bool, timeout
+    ) -> Future:
+        slots = self._slots
+        if slots is not None and not slots.acquire(block, timeout):
+            raise queue.Full(f"{self.name}: the job queue is full (maxjobs={self._maxjobs})")
+        fut: Future = Future()
+        item = _WorkItem(fut, fn, args, kwargs, is_job)
+        proc = self._proc
+        if proc is not None and not proc.encode(item):
+            # Cannot be sent to a process: the future already carries the error.
+            if slots is not None:
+                slots.release()
+            if self._shutdown:
+                raise PoolShutdownError(f"{self.name} is shut down; create a new pool")
+            return fut
+        with self._lock:
+            if self._shutdown:
+                if slots is not None:
+                    slots.release()
+                raise PoolShutdownError(f"{self.name} is shut down; create a new pool")
+            self._unfinished += 1
+            if proc is None:
+                self._queue.put(item)
+            else:
+                proc.enqueue(item)
+        return fut
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        ordered: bool = True,
+    ) -> list[Any]:
+        """Run ``fn`` over the zipped iterables; return the list of results.
+
+        Stops at the shortest iterable, like the builtin. Blocks until every
+        call is done: results in input order (``ordered=True``) or in
+        completion order. Raises the first exception a call raised, or
+        :class:`TimeoutError` when ``timeout`` seconds pass first; either way
+        the calls not yet started are cancelled.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        submit = self.submit
+        futures = [submit(fn, *args) for args in zip(*iterables)]
+        try:
+            if ordered:
+                if deadline is None:
+                    return [f.result() for f in futures]
+                return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return [f.result() for f in as_completed(futures, timeout=left)]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    # -- waiting and stopping --------------------------------------------------------
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until every queued job has finished (succeeded, failed or cancelled).
+
+        Returns ``True`` when the pool is idle, ``False`` if ``timeout`` seconds
+        passed first (``timeout=0`` only checks). Never hangs on a failed job.
+        """
+        with self._idle_cond:
+            return self._idle_cond.wait_for(lambda: self._unfinished == 0, timeout)
+
+    wait = join  # workerpool's deprecated alias
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stop accepting jobs and stop every worker; safe to call twice.
+
+        Queued jobs still run first unless ``cancel_pending`` (their futures are
+        then cancelled); running jobs always finish. With ``wait``, blocks until
+        every worker has exited. A pool with no worker left cancels what is
+        queued, since nothing could ever run it.
+        """
+        cancelled: list[_WorkItem] = []
+        with self._lock:
+            first = not self._shutdown
+            self._shutdown = True
+            if first:
+                self._target = 0
+                if self._proc is None:
+                    if cancel_pending or not self._workers:
+                        cancelled = self._drain_queue()
+                    n_stop = len(self._workers)
+                    self._markers += n_stop
+                    for _ in range(n_stop):
+                        self._queue.put(_STOP)
+        for item in cancelled:
+            self._cancel_item(item)
+        _live_pools.discard(self)
+        if self._proc is not None:
+            if first:
+                self._proc.shutdown(cancel_pending)
+            if wait:
+                self._proc.wait_stopped()
+            return
+        if wait:
+            me = threading.current_thread()
+            for w in list(self._workers):
+                if w is not me:
+                    w.join()
+
+    def close(self) -> None:
+        """Same as ``shutdown(wait=True)``."""
+        self.shutdown(wait=True)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)
+
+    # -- sizing --------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """The target number of workers: what grow/shrink/resize set, 0 after shutdown."""
+        return self._target
+
+    def grow(self, n: int = 1) -> None:
+        """Add ``n`` workers now. Raises ``PoolShutdownError`` after shutdown."""
+        _check_count(n, "n")
+        with self._lock:
+            if self._shutdown:
+                raise PoolShutdownError(f"{self.name} is shut down; it cannot grow")
+            self._target += n
+            if self._proc is not None:
+                self._proc.set_target(self._target)
+                return
+            # Cancel pending retirements first rather than stopping and starting threads.
+            keep = min(self._to_retire, n)
+            self._to_retire -= keep
+            new = [self._worker_factory(self) for _ in range(n - keep)]
+            for w in new:
+                if not isinstance(w, Worker):
+                    raise TypeError("worker_factory must return a taskit.pool.Worker")
+                self._workers.add(w)
+        for w in new:
+            w.start()
+
+    def shrink(self, n: int = 1) -> None:
+        """Retire ``n`` workers; each finishes its current job, then exits.
+
+        ``size()`` drops at once. Queued jobs stay queued for the other
+        workers. Raises :class:`IndexError` when the pool has fewer than ``n``
+        workers, ``PoolShutdownError`` after shutdown.
+        """
+        _check_count(n, "n")
+        with self._lock:
+            if self._shutdown:
+                raise PoolShutdownError(f"{self.name} is shut down; it cannot shrink")
+            if n > self._target:
+                if self._target == 0:
+                    raise IndexError("pool is already empty")
+                raise IndexError(f"cannot shrink by {n}: the pool has {self._target} workers")
+            self._target -= n
+            if self._proc is not None:
+                self._proc.set_target(self._target)
+                return
+            self._to_retire += n
+            # Idle workers sleep in get(): a marker wakes one so it sees it is retired.
+            self._markers += n
+            for _ in range(n):
+                self._queue.put(_WAKE)
+
+    def resize(self, n: int) -> None:
+        """Grow or shrink to exactly ``n`` workers."""
+        _check_count(n, "n")
+        with self._lock:
+            delta = n - self._target
+        if delta > 0:
+            self.grow(delta)
+        elif delta < 0:
+            self.shrink(-delta)
+
+    # -- observing ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot: ``workers`` alive, ``idle``, ``queued`` jobs, ``running``
+        jobs, ``completed`` and ``failed`` jobs so far (and ``size``, the target)."""
+        if self._proc is not None:
+            return self._proc.stats()
+        with self._lock:
+            workers = list(self._workers)
+            completed = self._retired_completed
+            failed = self._retired_failed
+            queued = max(0, self._queue.qsize() - self._markers)
+            target = self._target
+        running = 0
+        for w in workers:
+            completed += w.completed
+            failed += w.failed
+            running += w.busy
+        return {
+            "workers": len(workers),
+            "idle": len(workers) - running,
+            "queued": queued,
+            "running": running,
+            "completed": completed,
+            "failed": failed,
+            "size": target,
+        }
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else f"size={self._target}"
+        return f"<WorkerPool {self.name!r} kind={self.kind} {state}>"
+
+    # -- worker callbacks (internal) --------------------------------------------------------
+
+    def _next_thread_name(self) -> str:
+        with _name_lock:
+            self._thread_seq += 1
+            return f"{self.name}-{self._thread_seq}"
+
+    def _job_done(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._idle_cond.notify_all()
+
+    def _claim_retirement(self) -> bool:
+        with self._lock:
+            if self._to_retire:
+                self._to_retire -= 1
+                return True
+            return False
+
+    def _marker_taken(self, marker: object) -> bool:
+        """A worker took a marker; True when it must exit."""
+        with self._lock:
+            self._markers -= 1
+            if marker is _STOP:
+                return True
+            if self._to_retire:
+                self._to_retire -= 1
+                return True
+            return False
+
+    def _terminated_by_job(self) -> None:
+        with self._lock:
+            if self._target:
+                self._target -= 1
+
+    def _worker_exited(self, w: Worker) -> None:
+        with self._lock:
+            self._workers.discard(w)
+            self._retired_completed += w.completed
+            self._retired_failed += w.failed
+
+    def _drain_queue(self) -> list[_WorkItem]:
+        """Take every job out of the thread queue (lock held)."""
+        items = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items
+            if item is _WAKE or item is _STOP:
+                self._markers -= 1
+            else:
+                items.append(item)
+
+    def _cancel_item(self, item: _WorkItem) -> None:
+        if self._slots is not None:
+            self._slots.release()
+        item.future.cancel()
+        self._job_done()
+
+
+_name_lock = threading.Lock()
+
+
+def _check_count(n: Any, label: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{label} must be an int >= 0, not {n!r}")
+
+
+
+# --- the multiprocess worker library's model ------------------------------------
+
+
+class _Constant:
+    """A picklable factory returning its (per-worker unpickled) object."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+def _call_target(target: str, arguments: Any) -> Any:
+    """Run ``attributes.<target>(arguments)`` on the calling worker's attributes."""
+    from taskit.errors import UnknownTargetError
+
+    attributes = current_toolbox()
+    if isinstance(attributes, dict):
+        method = attributes.get(target)
+    elif target.startswith("_"):
+        method = None  # dunder and private methods are not jobs
+    else:
+        method = getattr(attributes, target, None)
+    if not callable(method):
+        raise UnknownTargetError(
+            f"unknown target {target!r}: the worker attributes "
+            f"({type(attributes).__name__}) have no such public method"
+        )
+    return method(arguments)
+
+
+class JobQueue:
+    """The job queue :func:`start_workers` returns.
+
+    ``put({"target": "method_name", "arguments": x})`` runs
+    ``attributes.method_name(x)`` in one of the worker processes and returns a
+    :class:`~concurrent.futures.Future` of its return value (the original
+    library had no result channel). ``put(False)`` -- the object ``False``
+    itself, not an equal value like ``0`` -- stops one worker after the jobs
+    queued before it; it is the only stop signal, and a job whose *arguments*
+    are ``False`` is an ordinary job. Anything else that is not such a dict
+    (``0``, ``None``, a dict without ``target``) fails only its own future with
+    :class:`TypeError` and is logged; no worker dies.
+    """
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def put(self, job: Any, block: bool = True, timeout: float | None = None) -> Future:
+        if job is False:
+            return self.pool.put(SuicideJob(), block, timeout)
+        if not isinstance(job, dict) or not isinstance(job.get("target"), str):
+            fut: Future = Future()
+            fut.set_exception(
+                TypeError(
+                    'a job is a dict {"target": "method_name", "arguments": ...}, '
+                    f"or False to stop one worker; got {job!r}"
+                )
+            )
+            log.error("start_workers: rejected malformed job %r", job)
+            return fut
+        return self.pool.submit(_call_target, job["target"], job.get("arguments"))
+
+    def put_nowait(self, job: Any) -> Future:
+        """``put(job, block=False)``, as on a multiprocessing queue."""
+        return self.put(job, block=False)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every job put so far is done; see :meth:`WorkerPool.join`."""
+        return self.pool.join(timeout)
+
+    def workers(self) -> int:
+        """How many workers are still running."""
+        return self.pool.stats()["workers"]
+
+    def close(self, wait: bool = True) -> None:
+        """Run what is queued, then stop every worker (no ``False`` needed)."""
+        self.pool.shutdown(wait=wait)
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def start_workers(
+    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
+) -> JobQueue:
+    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
+
+    ``attributes`` is an instance whose public methods are the jobs' targets
+    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
+    each child gets its own copy, so state changes stay in that worker.
+    Children exit when this process dies; :meth:`JobQueue.close` stops them
+    cleanly.
+    """
+    if isinstance(attributes, type):
+        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
+    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
+    return JobQueue(pool)
