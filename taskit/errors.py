@@ -40,6 +40,8 @@ __all__ = [
     "CodecNotAllowedError",
     "BusyError",
     "StoppingError",
+    "BackendBindError",
+    "InsecureCodecError",
     # operations
     "PortSpecError",
     "TaskLoadError",
@@ -243,6 +245,21 @@ class BusyError(BackendProcessingError):
 
 class StoppingError(BackendProcessingError):
     """The backend is stopping and accepts no new calls."""
+
+
+class BackendBindError(TaskItError, OSError):
+    """A BackEnd could not bind its endpoint (address in use, bad host, no permission).
+
+    The message names the endpoint; choose another port, or ``port=0`` for a free one.
+    """
+
+
+class InsecureCodecError(CodecError, ValueError):
+    """A BackEnd was told to accept pickle without a shared key.
+
+    Unpickling runs code chosen by the sender: pass ``key=`` (on both sides) so
+    only key holders are heard, or ``insecure_pickle=True`` on a trusted network.
+    """
 
 
 # --- operations ---------------------------------------------------------------
