@@ -64,6 +64,10 @@ class Task:
         """
         return None
 
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        """Same as :meth:`work`: a task can be called like the function it wraps."""
+        return self.work(*args, **kw)
+
     def _name(self) -> str:
         return getattr(self, "__name__", type(self).__name__)
 
@@ -151,10 +155,6 @@ class _FunctionTask(Task):
         functools.update_wrapper(self, func)
 
     def work(self, *args: Any, **kw: Any) -> Any:
-        return self.func(*args, **kw)
-
-    def __call__(self, *args: Any, **kw: Any) -> Any:
-        """Same as :meth:`work`: the decorated function can still be called as before."""
         return self.func(*args, **kw)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Task:

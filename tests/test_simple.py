@@ -67,6 +67,7 @@ def test_base_task_work_does_nothing_and_subclasses_override():
             return 2 * x
 
     assert Double().work(4) == 8
+    assert Double()(6) == 12  # calling any Task calls work()
     assert Double().submit(5).result(WAIT) == 10
 
 
