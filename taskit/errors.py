@@ -59,8 +59,11 @@ class ResyncError(TaskItError):
     """Misuse of a :class:`taskit.resync.Mediator`."""
 
 
-class ResyncWaitTimeout(ResyncError, TimeoutError):
-    """``Mediator.get(timeout)`` ran out of time before a result or error was set."""
+class ResyncWaitTimeout(ResyncError, TimeoutError, RuntimeError):
+    """``Mediator.get(timeout)`` ran out of time before a result or error was set.
+
+    Also a ``RuntimeError``, as the original (a ``_thread.error``) was.
+    """
 
     def __init__(self, msg: str = "Could not acquire lock within the time allotted") -> None:
         super().__init__(msg)
