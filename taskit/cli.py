@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pprint
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -216,7 +217,7 @@ def _serve(
 ) -> int:
     from taskit.backend import ADMIN_TASKS, BackEnd
 
-    served = dict(ADMIN_TASKS)
+    served: dict[str, Any] = dict(ADMIN_TASKS)  # so `taskit ctl stop/kill` work
     served.update(tasks)
     kwargs: dict[str, Any] = {"workers": args.workers, "pool": args.pool}
     if codecs:
@@ -224,15 +225,30 @@ def _serve(
     if key is not None:
         kwargs["key"] = key
     backend = BackEnd(served, args.host, port, **kwargs)
+    backend.start()  # returns once bound, so the line below means "ready"
     _write_pid_file(args.pid_file)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # The main thread only waits in join() below, so it never holds the
+        # backend's lock here. First signal: graceful stop; second: end now.
+        if stopping:
+            backend.terminate_server()
+        else:
+            stopping.append(signum)
+            log.info("signal %d: stopping gracefully (again to stop at once)", signum)
+            backend.stop_server(wait=False)
+
+    stopping: list[int] = []
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.info(
-            "serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint
-        )
-        backend.main()  # blocks; SIGTERM/SIGINT stop it gracefully
+        log.info("serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint)
+        while not backend.join(1.0):  # a timed wait keeps signal handlers responsive
+            pass
     finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        backend.close()
         _remove_pid_file(args.pid_file)
-    log.info("backend on port %d stopped", port)
     return 0
 
 
@@ -265,7 +281,7 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
 
 
 def _query_all(
-    targets: list[tuple[str, int]], args: argparse.Namespace, signal: str
+    targets: list[tuple[str, int]], args: argparse.Namespace, admin: str
 ) -> list[tuple[str, Any]]:
     """``(host:port, answer)`` per target, asked concurrently; answer is the
     exception when the backend did not answer."""
@@ -273,9 +289,9 @@ def _query_all(
 
     def ask(fe: Any, target: tuple[str, int]) -> Any:
         try:
-            if signal == STATUS:
+            if admin == STATUS:
                 return fe.get_tasks(target)
-            return fe.send_signal(target, signal)
+            return fe.send_signal(target, admin)
         except (BackendNotAvailableError, TimeoutError, TaskItError) as e:
             return e
 
@@ -355,10 +371,10 @@ def _task_rows(answers: list[tuple[str, Any]]) -> list[list[Any]]:
 
 def _cmd_ctl(args: argparse.Namespace) -> int:
     targets = _targets(args.host, args.ports)
-    signal = {"stop": STOP, "kill": KILL, "status": STATUS, "stats": STATS, "tasks": TASKS}[
+    admin = {"stop": STOP, "kill": KILL, "status": STATUS, "stats": STATS, "tasks": TASKS}[
         args.command
     ]
-    answers = _query_all(targets, args, signal)
+    answers = _query_all(targets, args, admin)
     if args.command == "stats":
         if args.json:
             print(json.dumps({n: (None if _is_down(a) else a) for n, a in answers}, default=repr))
@@ -543,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; "
                    "0.0.0.0 for every interface)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    where.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port (default {DEFAULT_PORT}; 0 for any free port, logged at start)")
     where.add_argument("--ports", type=_ports_arg, metavar="PORTS",
                        help="several ports: 54543,54545 or 54543-54546 (one process each)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 4, metavar="N",
