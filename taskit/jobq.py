@@ -205,12 +205,16 @@ class _Worker:
 
 class _Slot:
     """The output of one element in an ordered stage: filled by the worker
-    that runs it, emptied in input order by the stage's coordinator."""
+    that runs it, emptied in input order by the stage's coordinator.
 
-    __slots__ = ("items", "done", "owner")
+    ``items`` holds what a generator yielded so far (made on first use: most
+    elements give one ``value``, set with ``done``)."""
+
+    __slots__ = ("items", "value", "done", "owner")
 
     def __init__(self, owner: int = 0) -> None:
-        self.items: deque[Any] = deque()
+        self.items: deque[Any] | None = None
+        self.value: Any = _NOTHING
         self.done = False
         self.owner = owner
 
@@ -221,8 +225,8 @@ def _callable_name(func: Any) -> str:
         return f"functools.partial({_callable_name(func.func)})"
     module = getattr(func, "__module__", None) or "builtin"
     name = getattr(func, "__name__", None) or getattr(func, "__qualname__", None)
-    if name is None:
-        name = type(func).__qualname__
+    if name is None:  # a callable object: name its class
+        name = type(func).__name__
     return f"{module}:{name}"
 
 
@@ -517,6 +521,8 @@ class _Stage:
     def _push(self, slot: _Slot, value: Any) -> None:
         """Add one generator item to ``slot``, waiting while the slot is full."""
         with self._slot_lock:
+            if slot.items is None:
+                slot.items = deque()
             while len(slot.items) >= _SLOT_CAPACITY and not self._aborted:
                 self._room_cv.wait()
             if self._aborted:
@@ -527,8 +533,7 @@ class _Stage:
 
     def _finish_slot(self, slot: _Slot, value: Any) -> None:
         with self._slot_lock:
-            if value is not _NOTHING:
-                slot.items.append(value)
+            slot.value = value
             slot.done = True
             if slot is self._head:
                 self._coord_cv.notify()
@@ -546,12 +551,16 @@ class _Stage:
                             self._coord_cv.wait()
                         if self._aborted:
                             raise _Aborted
-                        if not slot.items:
+                        items = slot.items
+                        if not items:  # done: generator items (if any) all went out
+                            value = slot.value
                             break
-                        was_full = len(slot.items) >= _SLOT_CAPACITY
-                        value = slot.items.popleft()
+                        was_full = len(items) >= _SLOT_CAPACITY
+                        value = items.popleft()
                         if was_full:
                             self._room_cv.notify_all()
+                    emit(value)
+                if value is not _NOTHING:
                     emit(value)
                 if self.dispatcher is not None:
                     self._forwarded[slot.owner] += 1
