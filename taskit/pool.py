@@ -171,7 +171,8 @@ def _call_initializers(
 class _WorkItem:
     """One queued call: the future and what to run (``is_job``: a Job's ``run``)."""
 
-    __slots__ = ("future", "fn", "args", "kwargs", "is_job")
+    # payload/jid/sent are only set by the process engine (unset slots cost nothing).
+    __slots__ = ("future", "fn", "args", "kwargs", "is_job", "payload", "jid", "sent")
 
     def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
         self.future = future
@@ -614,6 +615,10 @@ class WorkerPool:
             "size": target,
         }
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live worker processes (empty for a thread pool)."""
+        return self._proc.pids() if self._proc is not None else []
+
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else f"size={self._target}"
         return f"<WorkerPool {self.name!r} kind={self.kind} {state}>"
@@ -625,9 +630,9 @@ class WorkerPool:
             self._thread_seq += 1
             return f"{self.name}-{self._thread_seq}"
 
-    def _job_done(self) -> None:
+    def _job_done(self, n: int = 1) -> None:
         with self._lock:
-            self._unfinished -= 1
+            self._unfinished -= n
             if not self._unfinished:
                 self._idle_cond.notify_all()
 

@@ -1,0 +1,489 @@
+"""The parent side of a process pool: worker processes and the manager thread.
+
+One manager thread (``<pool name>-manager``) owns every worker process: it
+starts them (so the kernel's parent-death signal is tied to a thread that
+lives as long as the pool), sends them jobs, reads their results, and notices
+their deaths. Submitting threads only append to a deque and poke a wake-up
+pipe, so ``submit`` never blocks on a child.
+
+Scheduling: each worker has its own job pipe. The next jobs go to the worker
+with the fewest jobs in flight (least loaded). A worker may hold more than one
+job only when jobs are short: the per-worker cap is the number of jobs that
+fit in :data:`BATCH_SECONDS` of measured run time (a moving average), so tiny
+jobs travel in batches (one pipe write for many) while long jobs go one at a
+time, and no job waits behind another worker's long job.
+
+Start method: ``forkserver`` by default on POSIX, else ``spawn``. ``fork``
+is refused: the parent is multithreaded (this manager, the backend's I/O
+threads, user threads), and a forked child inherits locks held by other
+threads and the parent's open pipes, which would also defeat the pipe-EOF
+detection of a dead parent. ``forkserver`` forks each worker from a small
+single-threaded server, so a worker starts in a few milliseconds instead of a
+fresh interpreter's tens (``spawn``); ``bench/pool.py`` measures both.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import selectors
+import signal
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from taskit import _procworker as pw
+from taskit.errors import (
+    PoolError,
+    PoolShutdownError,
+    RemoteTaskError,
+    RemoteTraceback,
+    UnpicklableError,
+    WorkerLostError,
+)
+
+if TYPE_CHECKING:
+    from taskit.pool import WorkerPool, _WorkItem
+
+__all__ = ["ProcessEngine", "BATCH_SECONDS", "MAX_INFLIGHT", "default_start_method"]
+
+log = logging.getLogger("taskit.pool")
+
+BATCH_SECONDS = 0.002  # estimated work a worker may hold beyond its current job
+MAX_INFLIGHT = 256  # jobs per worker, whatever their size
+_DEATHS_BEFORE_GIVING_UP = 5  # consecutive workers dying before any job: stop replacing
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PROTO = pickle.HIGHEST_PROTOCOL
+
+
+def default_start_method() -> str:
+    """``forkserver`` where available (POSIX), else ``spawn``."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+def decode_exception(data: bytes) -> BaseException:
+    """Rebuild a worker's exception, with the remote traceback as its ``__cause__``.
+
+    The original type comes back when it pickles; otherwise a
+    :class:`~taskit.errors.RemoteTaskError` carrying its name, message and
+    traceback text. Either way ``.remote_traceback`` holds the text.
+    """
+    name, message, tb, blob = _loads(data)
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = _loads(blob)
+        except Exception:  # noqa: BLE001 - e.g. class unknown in the parent
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteTaskError(name, message, tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - exceptions with __slots__
+        pass
+    return exc
+
+
+class _Proc:
+    """One worker process, as the manager thread sees it."""
+
+    __slots__ = ("wid", "process", "job_w", "result_r", "started", "inflight", "retiring", "done")
+
+    def __init__(self, wid: int, process: Any, job_w: Any, result_r: Any, started: Any) -> None:
+        self.wid = wid
+        self.process = process
+        self.job_w = job_w
+        self.result_r = result_r
+        self.started = started
+        self.inflight: deque[_WorkItem] = deque()  # sent, in the order the child runs them
+        self.retiring = False
+        self.done = 0  # results received
+
+
+class ProcessEngine:
+    """The process half of a :class:`~taskit.pool.WorkerPool` (internal).
+
+    ``encode`` runs in the submitting thread, ``enqueue``/``set_target`` under
+    the pool's lock; everything else happens in the manager thread.
+    """
+
+    def __init__(self, pool: WorkerPool, start_method: str | None) -> None:
+        method = start_method or default_start_method()
+        if method == "fork":
+            raise ValueError(
+                "start_method='fork' is not supported: the pool's parent is multithreaded, "
+                "and a forked child can inherit held locks and the parent's pipes; "
+                "use 'forkserver' (default) or 'spawn'"
+            )
+        self._ctx = mp.get_context(method)
+        self.start_method = method
+        self._pool = pool
+        try:
+            self._init = _dumps((pool._initializer, pool._initargs, pool._toolbox_factory), _PROTO)
+        except Exception as e:
+            raise UnpicklableError(
+                f"initializer, initargs and toolbox_factory must pickle to reach the worker "
+                f"processes ({e}); use module-level functions"
+            ) from e
+        self._queue: deque[_WorkItem] = deque()
+        self._target = 0
+        self._workers: dict[int, _Proc] = {}
+        self._wid = 0
+        self._jid = 0
+        self._avg: float | None = None  # moving average of seconds per job
+        self._completed = 0
+        self._failed = 0
+        self._early_deaths = 0
+        self._broken: str | None = None
+        self._stopping = False
+        self._cancel_pending = False
+        self._count_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(
+            target=self._run, name=f"{pool.name}-manager", daemon=True
+        )
+        self._thread.start()
+
+    # -- called from user threads ------------------------------------------------
+
+    def encode(self, item: _WorkItem) -> bool:
+        """Pickle the call in the caller's thread; on failure fail its future."""
+        try:
+            item.payload = _dumps((item.fn, item.args, item.kwargs), _PROTO)
+        except Exception as e:  # noqa: BLE001 - pickle raises many types
+            what = "job" if item.is_job else f"function {getattr(item.fn, '__qualname__', item.fn)!r}"
+            item.future.set_exception(
+                UnpicklableError(
+                    f"cannot send the {what} or its arguments to a worker process: {e}. "
+                    "Use a module-level function and picklable arguments, or kind='thread'"
+                )
+            )
+            with self._count_lock:
+                self._failed += 1
+            return False
+        item.args = item.kwargs = None  # the payload is what travels
+        item.sent = False
+        return True
+
+    def enqueue(self, item: _WorkItem) -> None:
+        """Queue an encoded job (pool lock held)."""
+        self._queue.append(item)  # if the pool is broken, the manager fails it
+        self._wake()
+
+    def set_target(self, n: int) -> None:
+        """Ask for ``n`` live workers (pool lock held)."""
+        self._target = n
+        self._wake()
+
+    def shutdown(self, cancel_pending: bool) -> None:
+        self._cancel_pending = cancel_pending
+        self._stopping = True
+        self._wake()
+
+    def wait_stopped(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        workers = [w for w in list(self._workers.values()) if not w.retiring]
+        running = sum(len(w.inflight) for w in list(self._workers.values()))
+        idle = sum(1 for w in workers if not w.inflight)
+        return {
+            "workers": len(workers),
+            "idle": idle,
+            "queued": len(self._queue),
+            "running": running,
+            "completed": self._completed,
+            "failed": self._failed,
+            "size": self._pool._target,
+        }
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and monitoring)."""
+        return [w.process.pid for w in list(self._workers.values()) if w.process.pid]
+
+    def _wake(self) -> None:
+        # One byte per burst of submits: the manager clears the flag after
+        # draining the pipe and before it looks at the queue again.
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:  # closed: the manager has exited
+                pass
+
+    # -- the manager thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - never leave futures hanging
+            log.critical("%s: process pool manager crashed", self._pool.name, exc_info=True)
+            self._fail_everything(PoolError(f"{self._pool.name}: the pool manager crashed: {e!r}"))
+        finally:
+            self._sel.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        while True:
+            self._adjust_workers()
+            self._dispatch()
+            if self._stopping and not self._workers:
+                self._cancel_queue(PoolShutdownError(f"{self._pool.name} shut down"))
+                return
+            for key, _ in self._sel.select():
+                w = key.data
+                if w is None:
+                    # Drain first, then clear: a submit that finds the flag clear
+                    # writes a byte that this drain cannot swallow.
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self._wake_pending = False
+                elif key.fileobj is w.result_r:
+                    self._read_results(w)
+                elif w.wid in self._workers:  # the sentinel: the process ended
+                    self._worker_exited(w)
+
+    def _start_worker(self) -> None:
+        ctx = self._ctx
+        self._wid += 1
+        job_r, job_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        started = ctx.RawValue("Q", 0)
+        # With forkserver the child's parent is the fork server, not us.
+        expected_ppid = os.getpid() if self.start_method == "spawn" else 0
+        process = ctx.Process(
+            target=pw.child_main,
+            args=(job_r, result_w, started, expected_ppid, self._init),
+            name=f"{self._pool.name}-{self._wid}",
+            daemon=False,  # a job may start processes of its own
+        )
+        try:
+            process.start()
+        finally:
+            job_r.close()  # only the child holds these ends: EOF tells it we died
+            result_w.close()
+        w = _Proc(self._wid, process, job_w, result_r, started)
+        self._workers[w.wid] = w
+        self._sel.register(result_r, selectors.EVENT_READ, w)
+        self._sel.register(process.sentinel, selectors.EVENT_READ, w)
+        log.debug("%s: started worker process %d", self._pool.name, process.pid)
+
+    def _adjust_workers(self) -> None:
+        live = [w for w in self._workers.values() if not w.retiring]
+        target = 0 if self._stopping else self._target
+        if self._stopping and not self._cancel_pending and self._queue and live:
+            target = len(live)  # drain the queue first
+        if self._broken is None:
+            for _ in range(target - len(live)):
+                try:
+                    self._start_worker()
+                except Exception as e:  # noqa: BLE001
+                    log.error("%s: cannot start a worker process: %r", self._pool.name, e)
+                    self._give_up(f"cannot start a worker process: {e!r}")
+                    break
+        excess = len(live) - target
+        if excess > 0:
+            # Retire idle workers first, then the least loaded.
+            for w in sorted(live, key=lambda w: len(w.inflight))[:excess]:
+                w.retiring = True
+                self._send(w, pw.STOP)
+
+    def _cap(self) -> int:
+        avg = self._avg
+        if avg is None:
+            return 1  # learn the job size from the first results
+        return max(1, min(MAX_INFLIGHT, int(BATCH_SECONDS / max(avg, 1e-7))))
+
+    def _dispatch(self) -> None:
+        q = self._queue
+        if not q:
+            return
+        if self._broken is not None:
+            self._cancel_queue(WorkerLostError(self._broken))
+            return
+        live = [w for w in self._workers.values() if not w.retiring]
+        if not live:
+            if self._stopping:
+                self._cancel_queue(PoolShutdownError(f"{self._pool.name} shut down"))
+            return
+        if self._stopping and self._cancel_pending:
+            self._cancel_queue(None)
+            return
+        cap = self._cap()
+        slots = self._pool._slots
+        done = 0
+        while q:
+            w = min(live, key=lambda w: len(w.inflight))
+            room = cap - len(w.inflight)
+            if room <= 0:
+                break
+            k = min(room, -(-len(q) // len(live)))
+            batch = []
+            while len(batch) < k and q:
+                item = q.popleft()
+                if slots is not None:
+                    slots.release()
+                if not item.sent:
+                    if not item.future.set_running_or_notify_cancel():
+                        done += 1
+                        continue
+                    item.sent = True
+                self._jid += 1
+                item.jid = self._jid
+                batch.append(item)
+            if batch:
+                w.inflight.extend(batch)
+                self._send(w, _dumps([(i.jid, i.is_job, i.payload) for i in batch], _PROTO))
+        if done:
+            self._pool._job_done(done)
+
+    def _send(self, w: _Proc, data: bytes) -> None:
+        try:
+            w.job_w.send_bytes(data)
+        except OSError:
+            pass  # the child died: its sentinel will fire and re-queue what it had not started
+
+    def _read_results(self, w: _Proc) -> None:
+        conn = w.result_r
+        try:
+            while conn.poll(0):
+                self._settle(w, conn.recv_bytes())
+        except (EOFError, OSError):
+            self._sel.unregister(conn)  # the sentinel follows
+
+    def _settle(self, w: _Proc, data: bytes) -> None:
+        results, busy = _loads(data)
+        n = len(results)
+        per_job = busy / n
+        self._avg = per_job if self._avg is None else 0.8 * self._avg + 0.2 * per_job
+        w.done += n
+        completed = failed = 0
+        inflight = w.inflight
+        for jid, status, payload in results:
+            item = inflight.popleft()
+            fut: Future = item.future
+            if status == pw.OK:
+                try:
+                    value = _loads(payload)
+                except Exception as e:  # noqa: BLE001
+                    failed += 1
+                    fut.set_exception(
+                        UnpicklableError(f"the job's result cannot be unpickled here: {e!r}")
+                    )
+                    continue
+                completed += 1
+                fut.set_result(value)
+            elif status == pw.ERROR:
+                failed += 1
+                exc = decode_exception(payload)
+                fut.set_exception(exc)
+                if item.is_job:
+                    log.error("job %r raised in worker process", item.fn, exc_info=exc)
+            else:  # TERMINATED: a TerminationNotice; the child exits after this
+                completed += 1
+                fut.set_result(None)
+                w.retiring = True
+                self._pool._terminated_by_job()
+                self._target = max(0, self._target - 1)
+        with self._count_lock:
+            self._completed += completed
+            self._failed += failed
+        self._pool._job_done(n)
+
+    def _worker_exited(self, w: _Proc) -> None:
+        if w.result_r.fileno() >= 0:
+            try:
+                self._read_results(w)  # whatever it sent before dying is valid
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self._sel.unregister(w.process.sentinel)
+        except (KeyError, ValueError):
+            pass
+        try:
+            self._sel.unregister(w.result_r)
+        except (KeyError, ValueError):
+            pass
+        w.process.join(5)
+        del self._workers[w.wid]
+        w.job_w.close()
+        w.result_r.close()
+        code = w.process.exitcode
+        if w.retiring and not w.inflight:
+            log.debug("%s: worker process %s exited", self._pool.name, w.process.pid)
+            return
+        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+        log.warning("%s: worker process %s %s; starting a replacement",
+                    self._pool.name, w.process.pid, how)
+        if w.done == 0 and not w.inflight:
+            self._early_deaths += 1
+            if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
+                self._give_up(f"{self._early_deaths} worker processes in a row died at start "
+                              f"(last one {how}); check the initializer and toolbox_factory")
+        else:
+            self._early_deaths = 0
+        started = w.started.value
+        lost = [i for i in w.inflight if i.jid <= started]
+        unstarted = [i for i in w.inflight if i.jid > started]
+        for item in lost:
+            ran = "while running this job" if item.jid == started else \
+                "after running this job, before sending its result"
+            item.future.set_exception(WorkerLostError(
+                f"worker process {w.process.pid} of {self._pool.name} {how} {ran}; only this "
+                "job failed and the pool replaced the worker. Retry it if it is idempotent"
+            ))
+        if lost:
+            with self._count_lock:
+                self._failed += len(lost)
+            self._pool._job_done(len(lost))
+        # Jobs it never started go back to the front, in order, for other workers.
+        self._queue.extendleft(reversed(unstarted))
+
+    def _give_up(self, reason: str) -> None:
+        self._broken = f"{self._pool.name} cannot keep worker processes alive: {reason}"
+        log.error("%s", self._broken)
+
+    def _cancel_queue(self, exc: BaseException | None) -> None:
+        """Empty the queue: cancel each job, or fail it with ``exc`` if already running."""
+        slots = self._pool._slots
+        n = 0
+        while self._queue:
+            item = self._queue.popleft()
+            if slots is not None:
+                slots.release()
+            n += 1
+            if not item.sent and item.future.cancel():
+                continue
+            if not item.future.done():
+                item.future.set_exception(
+                    exc if exc is not None else PoolShutdownError(f"{self._pool.name} shut down")
+                )
+        if n:
+            self._pool._job_done(n)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        for w in list(self._workers.values()):
+            for item in w.inflight:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                self._pool._job_done()
+            w.inflight.clear()
+            try:
+                w.process.kill()
+            except Exception:  # noqa: BLE001
+                pass
+        self._cancel_queue(exc)

@@ -1,0 +1,192 @@
+"""The child side of a process pool: the loop each worker process runs.
+
+Wire format between the pool's manager thread and a worker (private, both
+ends are this package, so pickle is fine: the parent trusts its own children):
+
+* parent -> child, on the job pipe: ``pickle([(jid, is_job, payload), ...])``,
+  a batch of jobs, each ``payload`` being ``pickle((fn, args, kwargs))``
+  made in the submitting thread; or ``b""``: finish the jobs received, exit.
+* child -> parent, on the result pipe: ``pickle((results, busy_seconds))``
+  with ``results = [(jid, status, data), ...]`` in the order jobs were
+  received (status: :data:`OK`, :data:`ERROR`, :data:`TERMINATED`).
+* ``started``: a shared integer the child sets to a job's id before running
+  it, so when a child dies the parent knows which job it was running (that
+  one fails) and which it never started (those are re-queued elsewhere).
+
+Parent death: a reader thread drains the job pipe, so a write end closed
+without the ``b""`` stop message (EOF: the parent died, however) makes the
+child exit at once, even in the middle of a long job; it also checks
+``getppid()`` each second, and on Linux the kernel sends SIGKILL when the
+parent dies (``PR_SET_PDEATHSIG``), which works even while a job holds the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+__all__ = ["child_main", "OK", "ERROR", "TERMINATED", "STOP", "encode_exception"]
+
+OK, ERROR, TERMINATED = 0, 1, 2
+STOP = b""
+# Send results at least this often while running a long batch, so the parent
+# learns of completions (and a crash loses at most this much reporting).
+FLUSH_INTERVAL = 0.001
+EXIT_ORPHANED = 70  # the parent is gone: nobody is left to read our results
+_PR_SET_PDEATHSIG = 1
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PROTO = pickle.HIGHEST_PROTOCOL
+
+
+def encode_exception(e: BaseException) -> bytes:
+    """``pickle((type_name, message, remote_traceback, pickled_exception_or_None))``.
+
+    The exception itself is included only if it survives a pickle round trip
+    here, so the parent can always decode the outer tuple.
+    """
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    name = type(e).__qualname__
+    module = type(e).__module__
+    if module not in ("builtins", "__main__", "__mp_main__"):
+        name = f"{module}.{name}"
+    try:
+        blob: bytes | None = _dumps(e, _PROTO)
+        _loads(blob)
+    except Exception:  # noqa: BLE001 - fall back to RemoteTaskError in the parent
+        blob = None
+    try:
+        message = str(e)
+    except Exception:  # noqa: BLE001
+        message = "<unprintable exception>"
+    return _dumps((name, message, tb, blob), _PROTO)
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL us when our parent dies; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - the pipe EOF and getppid checks remain
+        pass
+
+
+def _read_jobs(conn: Any, inbox: queue.SimpleQueue, ppid: int) -> None:
+    """Drain the job pipe into ``inbox``; exit the process when the parent is gone."""
+    try:
+        while True:
+            while not conn.poll(1.0):
+                if os.getppid() != ppid:
+                    os._exit(EXIT_ORPHANED)
+            data = conn.recv_bytes()
+            inbox.put(data)
+            if data == STOP:
+                return
+    except (EOFError, OSError):
+        os._exit(EXIT_ORPHANED)
+
+
+def child_main(
+    job_conn: Any,
+    result_conn: Any,
+    started: Any,
+    expected_ppid: int,
+    init: bytes,
+) -> None:
+    """Entry point of a worker process (runs in the child)."""
+    from taskit.errors import TaskItError, UnpicklableError, WorkerInitError
+    from taskit.pool import TerminationNotice, _call_initializers
+
+    _set_parent_death_signal()
+    # Our parent may have died before prctl took effect: then we were re-parented.
+    ppid = os.getppid()
+    if expected_ppid and ppid != expected_ppid:
+        os._exit(EXIT_ORPHANED)
+    # Ctrl-C in a terminal signals the whole process group: the parent decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(
+        target=_read_jobs, args=(job_conn, inbox, ppid), name="taskit-worker-reader", daemon=True
+    ).start()
+
+    init_error: BaseException | None = None
+    toolbox = None
+    initializer, initargs, toolbox_factory = _loads(init)
+    try:
+        toolbox = _call_initializers(initializer, initargs, toolbox_factory)
+    except BaseException as e:  # noqa: BLE001 - every job will report it
+        init_error = e
+    equipped = toolbox_factory is not None
+
+    send = result_conn.send_bytes
+    perf = time.perf_counter
+    results: list = []
+    busy = 0.0
+    last_flush = perf()
+
+    def flush() -> None:
+        nonlocal results, busy, last_flush
+        if results:
+            send(_dumps((results, busy), _PROTO))
+            results = []
+            busy = 0.0
+        last_flush = perf()
+
+    try:
+        while True:
+            if results and inbox.empty():
+                flush()
+            data = inbox.get()
+            if data == STOP:
+                break
+            for jid, is_job, payload in _loads(data):
+                started.value = jid
+                t0 = perf()
+                try:
+                    if init_error is not None:
+                        raise WorkerInitError(
+                            f"worker process {os.getpid()} could not start: initializer or "
+                            f"toolbox_factory raised {init_error!r}; fix it and recreate the pool"
+                        ) from init_error
+                    fn, args, kwargs = _loads(payload)
+                    if is_job and equipped:
+                        value = fn(toolbox=toolbox)
+                    else:
+                        value = fn(*args, **kwargs)
+                    try:
+                        out = (jid, OK, _dumps(value, _PROTO))
+                    except Exception as e:  # noqa: BLE001
+                        err = UnpicklableError(
+                            f"the job's result ({type(value).__name__}) cannot be pickled back "
+                            f"to the parent: {e}; return picklable values"
+                        )
+                        out = (jid, ERROR, encode_exception(err))
+                except TerminationNotice:
+                    results.append((jid, TERMINATED, b""))
+                    flush()
+                    return
+                except BaseException as e:  # noqa: BLE001 - a job never kills its worker
+                    if isinstance(e, (SystemExit, KeyboardInterrupt)) and not isinstance(
+                        e, TaskItError
+                    ):
+                        e = RuntimeError(f"the job raised {type(e).__name__}{e.args!r}")
+                    out = (jid, ERROR, encode_exception(e))
+                busy += perf() - t0
+                results.append(out)
+                if perf() - last_flush > FLUSH_INTERVAL:
+                    flush()
+        flush()
+    except (BrokenPipeError, EOFError, ConnectionError):
+        os._exit(EXIT_ORPHANED)
