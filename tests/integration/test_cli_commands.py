@@ -1,0 +1,304 @@
+"""The taskit command run as a subprocess against real backends on random ports:
+backend, call, ctl, top, ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.integration._cli_helpers import (
+    TASKIT,
+    TASKS_SOURCE,
+    alive,
+    children,
+    env,
+    free_port_range,
+    kill_tree,
+    run,
+    wait_until,
+)
+
+pytest.importorskip("taskit.frontend", reason="the FrontEnd has not landed yet")
+pytest.importorskip("taskit.backend", reason="the BackEnd has not landed yet")
+
+SERVING = re.compile(r"serving \d+ tasks .* on tcp://127\.0\.0\.1:(\d+)")
+
+
+class Backend:
+    """A `taskit backend` subprocess; its log goes to a file we can read."""
+
+    def __init__(self, workdir, *args):
+        self.log_path = workdir / f"backend-{len(list(workdir.glob('backend-*.log')))}.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [*TASKIT, "backend", *args],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env(),
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_serving(self, count=1) -> list[int]:
+        """Ports announced in the log once `count` backends are bound."""
+
+        def ports():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"backend exited {self.proc.returncode}:\n{self.log()}")
+            found = [int(p) for p in SERVING.findall(self.log())]
+            return found if len(found) >= count else None
+
+        return wait_until(ports, 60, "backend serving")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            kids = children(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc.pid)
+                self.proc.wait()
+            for k in kids:
+                if alive(k):
+                    kill_tree(k)
+        self.log_file.close()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "cli_tasks.py").write_text(TASKS_SOURCE)
+    return tmp_path
+
+
+@pytest.fixture
+def start(workdir):
+    started = []
+
+    def start_backend(*args, count=1):
+        b = Backend(workdir, *args)
+        started.append(b)
+        b.ports = b.wait_serving(count)
+        return b
+
+    yield start_backend
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One backend for the read-only commands (call, status, tasks, stats, top)."""
+    workdir = tmp_path_factory.mktemp("shared")
+    (workdir / "cli_tasks.py").write_text(TASKS_SOURCE)
+    b = Backend(workdir, "cli_tasks", "--port", "0", "--workers", "4")
+    try:
+        b.port = b.wait_serving()[0]
+        yield b
+    finally:
+        b.stop()
+
+
+# --- taskit call ----------------------------------------------------------------------
+
+
+def test_call_prints_the_result_with_json_parsed_arguments(shared):
+    addr = f"127.0.0.1:{shared.port}"
+    out = run(["call", addr, "add", "2", "3"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "5\n"
+    out = run(["call", addr, "shout", "hello world"])
+    assert out.stdout == "HELLO WORLD\n"
+    out = run(["call", addr, "add", "[1]", "[2, 3]", "--json"])
+    assert json.loads(out.stdout) == [1, 2, 3]
+    out = run(["call", addr, "add", '"4"', "-k", "b=2"])  # '"4"' is a string: '4' + 2 fails
+    assert out.returncode == 1 and "TypeError" in out.stderr
+    out = run(["call", addr, "add", "-k", "a=x", "-k", "b=y", "--json"])
+    assert json.loads(out.stdout) == "xy"
+
+
+def test_call_exits_1_with_the_remote_traceback_on_error(shared):
+    out = run(["call", f"127.0.0.1:{shared.port}", "fail", "boom"])
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert "ValueError" in out.stderr and "boom" in out.stderr
+    assert "Traceback" in out.stderr and "raise ValueError(message)" in out.stderr
+
+
+def test_call_of_an_unknown_task_names_it(shared):
+    out = run(["call", f"127.0.0.1:{shared.port}", "nope"])
+    assert out.returncode == 1 and "UnknownTask" in out.stderr and "nope" in out.stderr
+
+
+def test_call_to_a_backend_that_is_down_fails_in_bounded_time():
+    port = free_port_range(1)
+    t0 = time.monotonic()
+    out = run(["call", f"127.0.0.1:{port}", "add", "1", "2", "--connect-timeout", "1",
+               "--timeout", "3"])
+    assert out.returncode == 1
+    assert out.stderr.startswith("taskit call:")
+    assert time.monotonic() - t0 < 30
+
+
+# --- taskit ctl / top ---------------------------------------------------------------
+
+
+def test_ctl_status_tasks_and_stats(shared):
+    port = shared.port
+    down = free_port_range(1)
+    out = run(["ctl", "status", "127.0.0.1", f"{port},{down}", "--connect-timeout", "1"])
+    assert out.stdout.splitlines() == [
+        f"127.0.0.1:{port} --> up, 0 jobs running",
+        f"127.0.0.1:{down} --> down",
+    ]
+    assert out.returncode == 1  # one is down
+    out = run(["ctl", "tasks", "127.0.0.1", str(port)])
+    assert out.returncode == 0
+    names = out.stdout.split("-->")[1].strip().split(", ")
+    assert {"add", "shout", "fail", "hold", "pid"} <= set(names)
+
+    assert run(["call", f"127.0.0.1:{port}", "add", "1", "1"]).returncode == 0
+    run(["call", f"127.0.0.1:{port}", "fail", "x"])
+    out = run(["ctl", "stats", "127.0.0.1", str(port)])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["BACKEND", "STATE", "IN"]
+    assert lines[1].split()[:2] == [f"127.0.0.1:{port}", "up"]
+    task_lines = {l.split()[1]: l.split() for l in lines if l.startswith("127.0.0.1") and
+                  len(l.split()) == 5}
+    assert int(task_lines["fail"][3]) >= 1  # FAILED column of the per-task table
+    out = run(["ctl", "stats", "127.0.0.1", str(port), "--json"])
+    stats = json.loads(out.stdout)[f"127.0.0.1:{port}"]
+    assert stats["tasks"]["add"]["calls"] >= 1 and stats["failed"] >= 1
+
+
+def test_ctl_status_counts_jobs_in_flight(shared):
+    port = shared.port
+    # `call` blocks on hold(); run it in the background and watch status count it
+    holder = subprocess.Popen([*TASKIT, "call", f"127.0.0.1:{port}", "hold", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+    try:
+        wait_until(
+            lambda: "up, 1 jobs running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
+            20, "one job in flight",
+        )
+    finally:
+        out, _ = holder.communicate(timeout=30)
+    assert out.strip() == "held"
+
+
+def test_top_once_and_bounded_iterations_show_the_rate(shared):
+    port = shared.port
+    out = run(["top", "127.0.0.1", str(port), "--once"])
+    assert out.returncode == 0
+    assert "1/1 backends up" in out.stdout
+    row = [l for l in out.stdout.splitlines() if l.startswith("127.0.0.1")][0].split()
+    assert row[1] == "up" and row[5] == "-"  # no rate from a single sample
+    out = run(["top", "127.0.0.1", str(port), "--iterations", "2", "--interval", "0.2"])
+    assert out.stdout.count("backends up") == 2
+    rows = [l.split() for l in out.stdout.splitlines() if l.startswith("127.0.0.1")]
+    assert re.fullmatch(r"\d+\.\d", rows[1][5])  # a rate on the second table
+
+
+def test_ports_command():
+    out = run(["ports", "127.0.0.1", "54543,54545-54546"])
+    assert out.stdout.split() == ["127.0.0.1:54543", "127.0.0.1:54545", "127.0.0.1:54546"]
+
+
+# --- taskit backend life cycle ----------------------------------------------------
+
+
+def test_ctl_stop_ends_the_backend_cleanly(start):
+    b = start("cli_tasks.py", "--port", "0")
+    out = run(["ctl", "stop", "127.0.0.1", str(b.ports[0])])
+    assert out.stdout.strip() == f"127.0.0.1:{b.ports[0]} --> stopped"
+    assert b.proc.wait(30) == 0
+
+
+def test_ctl_kill_terminates_the_backend(start):
+    b = start("cli_tasks.py", "--port", "0")
+    out = run(["ctl", "kill", "127.0.0.1", str(b.ports[0])])
+    assert out.stdout.strip() == f"127.0.0.1:{b.ports[0]} --> terminated"
+    assert b.proc.wait(30) == 0
+
+
+def test_sigterm_stops_a_backend_gracefully_and_removes_its_pid_file(start, workdir):
+    pid_file = workdir / "b.pid"
+    b = start("cli_tasks.py", "--port", "0", "--pid-file", str(pid_file))
+    assert int(pid_file.read_text()) == b.proc.pid
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(30) == 0
+    assert not pid_file.exists()
+
+
+def test_a_port_range_runs_one_supervised_process_per_port(start):
+    base = free_port_range(2)
+    b = start("cli_tasks.py", "--ports", f"{base}-{base + 1}", "--workers", "2", count=2)
+    assert sorted(b.ports) == [base, base + 1]
+    pids = {}
+    for port in (base, base + 1):
+        out = run(["call", f"127.0.0.1:{port}", "pid"])
+        pids[port] = int(out.stdout)
+    assert len(set(pids.values())) == 2 and set(pids.values()) == set(children(b.proc.pid))
+
+    os.kill(pids[base], signal.SIGKILL)  # a backend dies: the supervisor restarts it
+    def restarted():
+        out = run(["call", f"127.0.0.1:{base}", "pid", "--connect-timeout", "1", "--timeout", "5"])
+        return out.returncode == 0 and int(out.stdout) != pids[base] and int(out.stdout)
+    new_pid = wait_until(restarted, 60, "restart")
+    assert "died (signal 9); restarting" in b.log()
+    assert alive(pids[base + 1])  # the other one untouched
+
+    # stopping every backend on purpose ends the supervisor too (exit 0)
+    out = run(["ctl", "stop", "127.0.0.1", f"{base}-{base + 1}"])
+    assert out.returncode == 0 and out.stdout.count("--> stopped") == 2
+    assert b.proc.wait(30) == 0
+    assert not alive(new_pid) and not alive(pids[base + 1])
+
+
+def test_sigterm_to_the_supervisor_stops_every_backend(start):
+    base = free_port_range(2)
+    b = start("cli_tasks.py", "--ports", f"{base},{base + 1}", count=2)
+    kids = children(b.proc.pid)
+    assert len(kids) == 2
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(30) == 0
+    assert not any(alive(k) for k in kids)
+
+
+def test_a_key_file_is_required_to_talk_to_a_keyed_backend(start, workdir):
+    key = workdir / "key"
+    key.write_text("correct horse battery staple\n")
+    b = start("cli_tasks.py", "--port", "0", "--key-file", str(key))
+    addr = f"127.0.0.1:{b.ports[0]}"
+    ok = run(["call", addr, "add", "1", "2", "--key-file", str(key)])
+    assert ok.returncode == 0 and ok.stdout == "3\n"
+    wrong = workdir / "wrong"
+    wrong.write_text("guess")
+    refused = run(["call", addr, "add", "1", "2", "--key-file", str(wrong), "--timeout", "2",
+                   "--connect-timeout", "1"])
+    assert refused.returncode == 1
+    status = run(["ctl", "status", "127.0.0.1", str(b.ports[0]), "--key-file", str(key)])
+    assert "up, 0 jobs running" in status.stdout
+
+
+def test_process_pool_backend_runs_tasks_in_other_processes(start):
+    b = start("cli_tasks.py", "--port", "0", "--pool", "process", "--workers", "1")
+    out = run(["call", f"127.0.0.1:{b.ports[0]}", "pid"])
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) != b.proc.pid
+
+
+def test_backend_exits_1_when_the_port_is_taken(start):
+    b = start("cli_tasks.py", "--port", "0")
+    again = run(["backend", "cli_tasks.py", "--port", str(b.ports[0])], cwd=b.log_path.parent)
+    assert again.returncode == 1
+    assert "cannot bind" in again.stderr
