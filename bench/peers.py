@@ -1,35 +1,79 @@
-"""taskit against its peers (zerorpc, Pyro5, rpyc) and a raw pyzmq floor, in one run.
+"""taskit's RPC against its peers, as ratios to a raw pyzmq + msgpack floor.
 
-Every system serves the same two functions, ``add(a, b)`` and ``echo(x)``,
-from a child process on 127.0.0.1, and is called from this process one call
-at a time (each peer's ordinary synchronous call). Printed per system: the
-median and p99 latency of ``add(1, 2)``, the median of a 64 KiB ``echo``, and
-each as a ratio to the raw floor measured in the same run (a ROUTER child and
-a DEALER client exchanging msgpack, no framework) — absolute times on a shared
-machine are noise, ratios are the figure to quote.
+One process run measures every library against a server of its own running
+in a child process (``sys.executable bench/peers.py --serve LIB``, random
+127.0.0.1 port, stopped by pid at the end), all serving ``add(a, b)`` and
+``echo(x)``:
 
-A peer that is not installed is skipped (``pip install Pyro5 rpyc zerorpc``).
+* sync latency: ``add(1, 2)`` back to back, one call in flight, median and
+  p99 over N calls after a warm-up; and the median of a 64 KiB ``echo``;
+* throughput: 20,000 ``add`` calls kept W in flight through the library's
+  own async API on one connection (floor, taskit ``submit``, zerorpc
+  ``async``, rpyc ``async_``), or, for Pyro5, which has no async call on one
+  proxy, spread over T threads each with its own proxy.
 
-    python bench/peers.py [--calls 2000] [--echo-calls 300] [--json]
+The floor is a DEALER client and a single-threaded ROUTER loop that
+msgpack-decodes ``[name, args]``, calls the function and msgpack-encodes the
+result: the least any RPC over ZeroMQ can do. Pyro5 uses its msgpack
+serializer, like the floor, taskit and zerorpc (rpyc has only its own). A
+library that is not installed, whose server does not come up, or that fails
+while measured is skipped with the reason printed. Each figure is the best
+of R rounds (lowest latency, highest throughput); a round visits every
+library in turn so a burst of noise on a shared machine hits them alike.
+Absolute times are noise there: quote the ratios.
+
+    python bench/peers.py            # full run: 3000 calls, 3 rounds
+    python bench/peers.py --quick    # short run: 500 calls, 1 round
+    python bench/peers.py --json     # one JSON object on stdout
+
+The peers are not taskit dependencies: ``pip install Pyro5 rpyc zerorpc``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.metadata
+import importlib.util
 import json
-import multiprocessing
 import os
-import socket
+import selectors
 import statistics
+import subprocess
 import sys
+import threading
 import time
-from typing import Any, Callable
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["main"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
+    # Run as a script from a checkout, taskit is importable without install.
     sys.path.insert(0, ROOT)
 
+LIBS = ("floor", "taskit", "zerorpc", "pyro5", "rpyc")
+MODULES = {
+    "floor": ("zmq", "msgpack"),
+    "taskit": ("taskit", "zmq", "msgpack"),
+    "zerorpc": ("zerorpc",),
+    "pyro5": ("Pyro5", "msgpack"),
+    "rpyc": ("rpyc",),
+}
+DISTS = {
+    "floor": "pyzmq",
+    "taskit": "taskit",
+    "zerorpc": "zerorpc",
+    "pyro5": "Pyro5",
+    "rpyc": "rpyc",
+}
 HOST = "127.0.0.1"
+CALL_TIMEOUT = 30.0  # seconds any single call may take before the library is given up
+READY_TIMEOUT = 30.0  # seconds a child server has to report its port
+
+
 PAYLOAD = b"x" * 65536
 
 
@@ -41,248 +85,697 @@ def echo(x: Any) -> Any:
     return x
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+class BenchError(Exception):
+    """A library could not be measured; the message says why."""
 
 
-# --- servers (each runs in a spawned child; `ready` is set once it listens) --------
+# --------------------------------------------------------------------------
+# Servers: each runs in a child process, prints "PORT n" once listening, and
+# exits when its stdin reaches EOF (the parent closes it, or dies).
 
 
-def serve_floor(port: int, ready: Any) -> None:
+def _exit_on_eof() -> None:
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="peers-stdin-watch", daemon=True).start()
+
+
+def _ready(port: int) -> None:
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+
+
+def _serve_floor() -> None:
     import msgpack
     import zmq
 
     funcs = {"add": add, "echo": echo}
-    sock = zmq.Context().socket(zmq.ROUTER)
-    sock.bind(f"tcp://{HOST}:{port}")
-    ready.set()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port(f"tcp://{HOST}")
+    _exit_on_eof()
+    _ready(port)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
     while True:
-        ident, body = sock.recv_multipart(copy=False)
-        name, args = msgpack.unpackb(body.buffer)
-        sock.send_multipart([ident, msgpack.packb(funcs[name](*args))], copy=False)
+        ident, body = sock.recv_multipart()
+        name, args = unpackb(body)
+        sock.send_multipart([ident, packb(funcs[name](*args))])
 
 
-def serve_taskit(port: int, ready: Any) -> None:
+def _serve_taskit() -> None:
     from taskit.backend import BackEnd
 
-    backend = BackEnd({"add": add, "echo": echo}, HOST, port)
+    backend = BackEnd({"add": add, "echo": echo}, host=HOST, port=0)
     backend.start()
-    ready.set()
-    backend.main() if not getattr(backend, "running", False) else _block()
+    _ready(backend.port)
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        close = getattr(backend, "close", None) or backend.stop_server
+        close()
+    os._exit(0)
 
 
-def _block() -> None:
-    import threading
-
-    threading.Event().wait()
-
-
-def serve_zerorpc(port: int, ready: Any) -> None:
+def _serve_zerorpc() -> None:
     import zerorpc
 
-    class Api:
+    class Methods:
         def add(self, a: int, b: int) -> int:
             return a + b
 
         def echo(self, x: Any) -> Any:
             return x
 
-    server = zerorpc.Server(Api())
-    server.bind(f"tcp://{HOST}:{port}")
-    ready.set()
+    server = zerorpc.Server(Methods())
+    bound = server.bind(f"tcp://{HOST}:*")
+    port = int(bound[0].addr.rsplit(":", 1)[1])
+    _exit_on_eof()
+    _ready(port)
     server.run()
 
 
-def serve_pyro5(port: int, ready: Any) -> None:
-    import Pyro5.api
+def _serve_pyro5() -> None:
+    from Pyro5.api import Daemon, expose
 
-    @Pyro5.api.expose
-    class Api:
+    @expose
+    class Calc:
         def add(self, a: int, b: int) -> int:
             return a + b
 
         def echo(self, x: Any) -> Any:
             return x
 
-    daemon = Pyro5.api.Daemon(host=HOST, port=port)
-    daemon.register(Api, "bench")
-    ready.set()
+    daemon = Daemon(host=HOST, port=0)
+    daemon.register(Calc, "calc")
+    _exit_on_eof()
+    _ready(daemon.sock.getsockname()[1])
     daemon.requestLoop()
 
 
-def serve_rpyc(port: int, ready: Any) -> None:
+def _serve_rpyc() -> None:
     import rpyc
     from rpyc.utils.server import ThreadedServer
 
-    class Api(rpyc.Service):
+    class CalcService(rpyc.Service):
         def exposed_add(self, a: int, b: int) -> int:
             return a + b
 
         def exposed_echo(self, x: Any) -> Any:
             return x
 
-    server = ThreadedServer(Api, hostname=HOST, port=port)
-    ready.set()
+    server = ThreadedServer(CalcService, hostname=HOST, port=0)
+    _exit_on_eof()
+    _ready(server.port)
     server.start()
 
 
-# --- clients: (add, echo, close) ---------------------------------------------------
-
-Client = tuple[Callable[[int, int], Any], Callable[[Any], Any], Callable[[], None]]
-
-
-def client_floor(port: int) -> Client:
-    import msgpack
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(f"tcp://{HOST}:{port}")
-
-    def call(name: str, *args: Any) -> Any:
-        sock.send(msgpack.packb([name, args]), copy=False)
-        return msgpack.unpackb(sock.recv(copy=False).buffer)
-
-    def close() -> None:
-        sock.close(0)
-        ctx.term()
-
-    return (lambda a, b: call("add", a, b)), (lambda x: call("echo", x)), close
-
-
-def client_taskit(port: int) -> Client:
-    from taskit.frontend import FrontEnd
-
-    fe = FrontEnd([(HOST, port)], codec="msgpack")
-    return (lambda a, b: fe.work("add", a, b)), (lambda x: fe.work("echo", x)), fe.close
-
-
-def client_zerorpc(port: int) -> Client:
-    import zerorpc
-
-    c = zerorpc.Client()
-    c.connect(f"tcp://{HOST}:{port}")
-    return c.add, c.echo, c.close
-
-
-def client_pyro5(port: int) -> Client:
-    import Pyro5.api
-
-    Pyro5.api.config.SERIALIZER = "msgpack"  # same codec as the others (serpent mangles bytes)
-    proxy = Pyro5.api.Proxy(f"PYRO:bench@{HOST}:{port}")
-    return proxy.add, proxy.echo, proxy._pyroRelease
-
-
-def client_rpyc(port: int) -> Client:
-    import rpyc
-
-    conn = rpyc.connect(HOST, port)
-    root = conn.root
-    add_, echo_ = root.add, root.echo  # one remote lookup, not one per call
-    return add_, echo_, conn.close
-
-
-SYSTEMS = {
-    "raw pyzmq+msgpack (floor)": (None, serve_floor, client_floor),
-    "taskit": ("taskit.backend", serve_taskit, client_taskit),
-    "zerorpc": ("zerorpc", serve_zerorpc, client_zerorpc),
-    "Pyro5": ("Pyro5", serve_pyro5, client_pyro5),
-    "rpyc": ("rpyc", serve_rpyc, client_rpyc),
+SERVERS: dict[str, Callable[[], None]] = {
+    "floor": _serve_floor,
+    "taskit": _serve_taskit,
+    "zerorpc": _serve_zerorpc,
+    "pyro5": _serve_pyro5,
+    "rpyc": _serve_rpyc,
 }
 
 
-def _installed(module: str | None) -> bool:
-    if module is None:
-        return True
-    import importlib.util
+class ServerProcess:
+    """A child process serving ``add`` for one library; stop() always ends it."""
 
-    return importlib.util.find_spec(module) is not None
-
-
-def _timed(func: Callable[[], Any], n: int) -> list[float]:
-    samples = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t0 = clock()
-        func()
-        samples.append(clock() - t0)
-    return samples
-
-
-def _p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-def measure(name: str, calls: int, echo_calls: int) -> dict[str, float]:
-    module, serve, connect = SYSTEMS[name]
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    ready = ctx.Event()
-    child = ctx.Process(target=serve, args=(port, ready), daemon=True, name=f"bench-{name}")
-    child.start()
-    try:
-        if not ready.wait(60):
-            raise RuntimeError(f"{name} server did not start")
-        add_, echo_, close = connect(port)
+    def __init__(self, lib: str) -> None:
+        self.lib = lib
+        self.port = 0
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self._stderr = _TempLog()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve", lib],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr.file,
+            env=env,
+        )
         try:
-            for _ in range(max(50, calls // 10)):  # warm up connections and caches
-                assert add_(1, 2) == 3
-            if echo_(PAYLOAD) != PAYLOAD:
-                raise RuntimeError(f"{name}: echo does not give the payload back")
-            lat = _timed(lambda: add_(1, 2), calls)
-            big = _timed(lambda: echo_(PAYLOAD), echo_calls)
+            self.port = self._read_port()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(READY_TIMEOUT):
+                raise BenchError(f"server did not report a port in {READY_TIMEOUT:.0f}s")
+            line = self.proc.stdout.readline().decode(errors="replace").strip()
         finally:
+            sel.close()
+        if not line.startswith("PORT "):
+            self.proc.wait(5)
+            raise BenchError(
+                f"server failed to start: {self._stderr.tail() or line or 'no output'}"
+            )
+        return int(line.split()[1])
+
+    def stop(self) -> None:
+        """Close stdin (the server exits on EOF), then terminate, then kill, by pid."""
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        for step in (None, self.proc.terminate, self.proc.kill):
+            if step is not None:
+                step()
+            try:
+                self.proc.wait(5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+class _TempLog:
+    """Child stderr goes to a temp file (never a pipe that could fill up)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile()
+
+    def tail(self, n: int = 400) -> str:
+        self.file.seek(0)
+        text = self.file.read().decode(errors="replace").strip()
+        return " | ".join(text[-n:].splitlines()[-3:])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# --------------------------------------------------------------------------
+# Clients. Each has call() (sync), start()/finish(handle) (one call in
+# flight asynchronously), close(); throughput() may be overridden.
+
+
+class Client:
+    how = ""
+
+    def call(self) -> Any:
+        raise NotImplementedError
+
+    def echo(self, payload: bytes) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def finish(self, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def throughput(self, n: int, window: int, deadline: float) -> float:
+        """Keep up to ``window`` calls in flight; return calls per second."""
+        pending: deque[Any] = deque()
+        start, finish = self.start, self.finish
+        total = 0
+        t0 = time.perf_counter()
+        for i in range(n):
+            if len(pending) >= window:
+                total += finish(pending.popleft())
+            pending.append(start())
+            if i % 1000 == 0 and time.monotonic() > deadline:
+                raise BenchError("throughput run exceeded its time budget")
+        while pending:
+            total += finish(pending.popleft())
+        elapsed = time.perf_counter() - t0
+        if total != 3 * n:
+            raise BenchError(f"wrong results: sum {total} != {3 * n}")
+        return n / elapsed
+
+
+class FloorClient(Client):
+    def __init__(self, port: int, window: int) -> None:
+        import msgpack
+        import zmq
+
+        self.how = f"DEALER->ROUTER, {window} in flight"
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # A bounded wait instead of a hang if the server goes away.
+        self._sock.setsockopt(zmq.RCVTIMEO, int(CALL_TIMEOUT * 1000))
+        self._sock.setsockopt(zmq.SNDTIMEO, int(CALL_TIMEOUT * 1000))
+        self._sock.connect(f"tcp://{HOST}:{port}")
+        self._packb = msgpack.packb
+        self._unpackb = msgpack.unpackb
+        self._again = zmq.Again
+
+    def call(self) -> Any:
+        # Encoded per call, as every library does, not a cached request.
+        self._sock.send(self._packb(["add", [1, 2]]))
+        return self.finish(None)
+
+    def echo(self, payload: bytes) -> Any:
+        self._sock.send(self._packb(["echo", [payload]]))
+        return self.finish(None)
+
+    def start(self) -> Any:
+        self._sock.send(self._packb(["add", [1, 2]]))
+        return None
+
+    def finish(self, handle: Any) -> Any:
+        try:
+            return self._unpackb(self._sock.recv())
+        except self._again:
+            raise BenchError("floor server did not answer in time") from None
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+
+class TaskitClient(Client):
+    def __init__(self, port: int, window: int) -> None:
+        from taskit import codecs, frontend
+
+        self.how = f"FrontEnd.submit, {window} futures in flight"
+        self._fe = frontend.FrontEnd([(HOST, port)], codec=codecs.MsgpackCodec)
+
+    def call(self) -> Any:
+        return self._fe.work("add", 1, 2)
+
+    def echo(self, payload: bytes) -> Any:
+        return self._fe.work("echo", payload)
+
+    def start(self) -> Any:
+        return self._fe.submit("add", 1, 2)
+
+    def finish(self, handle: Any) -> Any:
+        return handle.result(timeout=CALL_TIMEOUT)
+
+    def close(self) -> None:
+        close = getattr(self._fe, "close", None)
+        if close is not None:
             close()
+
+
+class ZerorpcClient(Client):
+    def __init__(self, port: int, window: int) -> None:
+        import zerorpc
+
+        self.how = f"Client(..., async=True) (gevent), {window} in flight"
+        self._c = zerorpc.Client(timeout=CALL_TIMEOUT)
+        self._c.connect(f"tcp://{HOST}:{port}")
+        # zerorpc 0.6 spells the flag `async` (a keyword since Python 3.7).
+        self._async = {"async": True}
+
+    def call(self) -> Any:
+        return self._c("add", 1, 2)
+
+    def echo(self, payload: bytes) -> Any:
+        return self._c("echo", payload)
+
+    def start(self) -> Any:
+        return self._c("add", 1, 2, **self._async)
+
+    def finish(self, handle: Any) -> Any:
+        return handle.get(timeout=CALL_TIMEOUT)
+
+    def close(self) -> None:
+        self._c.close()
+
+
+class Pyro5Client(Client):
+    def __init__(self, port: int, window: int, threads: int) -> None:
+        from Pyro5 import api
+
+        # msgpack like the floor, taskit and zerorpc (Pyro5's default is serpent).
+        api.config.SERIALIZER = "msgpack"
+        self._api = api
+        self._uri = f"PYRO:calc@{HOST}:{port}"
+        self._threads = threads
+        self.how = f"{threads} threads, a Proxy each, sync calls (no async call on one proxy)"
+        self._proxy = self._new_proxy()
+
+    def _new_proxy(self) -> Any:
+        proxy = self._api.Proxy(self._uri)
+        proxy._pyroTimeout = CALL_TIMEOUT
+        proxy._pyroBind()
+        return proxy
+
+    def call(self) -> Any:
+        return self._proxy.add(1, 2)
+
+    def echo(self, payload: bytes) -> Any:
+        return self._proxy.echo(payload)
+
+    def close(self) -> None:
+        self._proxy._pyroRelease()
+
+    def throughput(self, n: int, window: int, deadline: float) -> float:
+        return _threaded_throughput(self._new_proxy, n, self._threads, deadline)
+
+
+def _threaded_throughput(
+    connect: Callable[[], Any], n: int, threads: int, deadline: float
+) -> float:
+    """n sync calls split over ``threads`` threads, each with its own connection."""
+    per = [n // threads + (1 if i < n % threads else 0) for i in range(threads)]
+    proxies = [connect() for _ in range(threads)]
+    for p in proxies:
+        p.add(1, 2)  # connected and warm before the clock starts
+    barrier = threading.Barrier(threads + 1)
+    totals = [0] * threads
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        proxy = proxies[i]
+        # Pyro5 proxies belong to the thread that created them.
+        claim = getattr(proxy, "_pyroClaimOwnership", None)
+        if claim is not None:
+            claim()
+        barrier.wait(CALL_TIMEOUT)
+        total = 0
+        try:
+            for k in range(per[i]):
+                total += proxy.add(1, 2)
+                if k % 500 == 0 and time.monotonic() > deadline:
+                    raise BenchError("throughput run exceeded its time budget")
+        except BaseException as e:
+            errors.append(e)
+        totals[i] = total
+
+    workers = [
+        threading.Thread(target=run, args=(i,), name=f"peers-client-{i}") for i in range(threads)
+    ]
+    try:
+        for w in workers:
+            w.start()
+        barrier.wait(CALL_TIMEOUT)
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join(max(1.0, deadline - time.monotonic() + CALL_TIMEOUT))
+        elapsed = time.perf_counter() - t0
     finally:
-        child.terminate()
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        for p in proxies:
+            claim = getattr(p, "_pyroClaimOwnership", None)
+            if claim is not None:
+                claim()
+            p._pyroRelease()
+    if any(w.is_alive() for w in workers):
+        raise BenchError("client threads did not finish in time")
+    if errors:
+        raise BenchError(f"{type(errors[0]).__name__}: {errors[0]}")
+    if sum(totals) != 3 * n:
+        raise BenchError(f"wrong results: sum {sum(totals)} != {3 * n}")
+    return n / elapsed
+
+
+class RpycClient(Client):
+    def __init__(self, port: int, window: int) -> None:
+        import rpyc
+
+        self.how = f"rpyc.async_(root.add), {window} in flight on one connection"
+        self._conn = rpyc.connect(HOST, port, config={"sync_request_timeout": CALL_TIMEOUT})
+        # Looked up once: each `root.add` attribute access is itself a round trip.
+        self._add = self._conn.root.add
+        self._echo = self._conn.root.echo
+        self._async_add = rpyc.async_(self._add)
+
+    def call(self) -> Any:
+        return self._add(1, 2)
+
+    def echo(self, payload: bytes) -> Any:
+        return self._echo(payload)
+
+    def start(self) -> Any:
+        return self._async_add(1, 2)
+
+    def finish(self, handle: Any) -> Any:
+        handle.set_expiry(CALL_TIMEOUT)
+        return handle.value
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _open_client(lib: str, port: int, args: argparse.Namespace) -> Client:
+    if lib == "floor":
+        return FloorClient(port, args.window)
+    if lib == "taskit":
+        return TaskitClient(port, args.window)
+    if lib == "zerorpc":
+        return ZerorpcClient(port, args.window)
+    if lib == "pyro5":
+        return Pyro5Client(port, args.window, args.threads)
+    if lib == "rpyc":
+        return RpycClient(port, args.window)
+    raise ValueError(lib)
+
+
+# --------------------------------------------------------------------------
+# Measuring
+
+
+def _latency(
+    call: Callable[[], Any], expect: Any, n: int, warmup: int, deadline: float
+) -> tuple[float, float]:
+    """Median and p99 of n sync calls, in microseconds; every result is checked."""
+    for _ in range(warmup):
+        if call() != expect:
+            raise BenchError("a call did not return the expected value")
+    samples = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        result = call()
+        samples.append(clock() - t0)
+        if result != expect:
+            raise BenchError("a call did not return the expected value")
+        if i % 100 == 0 and time.monotonic() > deadline:
+            raise BenchError("latency run exceeded its time budget")
+    samples.sort()
+    median = statistics.median(samples) / 1000
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000
+    return median, p99
+
+
+def _skip_reason(lib: str) -> str | None:
+    for mod in MODULES[lib]:
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install {DISTS.get(lib, mod)})"
+    if lib == "taskit":
+        for mod in ("taskit.backend", "taskit.frontend"):
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} does not exist yet"
+    return None
+
+
+def _version(lib: str) -> str:
+    try:
+        return importlib.metadata.version(DISTS[lib])
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    libs = [lib for lib in LIBS if lib in args.libs]
+    if "floor" not in libs:
+        libs.insert(0, "floor")
+    results: dict[str, dict[str, Any]] = {}
+    servers: dict[str, ServerProcess] = {}
+    best: dict[str, dict[str, Any]] = {}
+    try:
+        for lib in libs:
+            reason = _skip_reason(lib)
+            if reason is None:
+                try:
+                    servers[lib] = ServerProcess(lib)
+                except BenchError as e:
+                    reason = str(e)
+            if reason is not None:
+                results[lib] = {"skipped": reason}
+                _log(f"skip {lib}: {reason}")
+        for rnd in range(args.rounds):
+            for lib in libs:
+                if lib not in servers or "skipped" in results.get(lib, {}):
+                    continue
+                _log(f"round {rnd + 1}/{args.rounds}: {lib}")
+                try:
+                    figures = _measure(lib, servers[lib].port, args)
+                except Exception as e:  # any failure of a peer skips it, never the bench
+                    reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+                    results[lib] = {"skipped": f"failed while measuring: {reason}"}
+                    _log(f"skip {lib}: {reason}")
+                    continue
+                b = best.setdefault(lib, dict(figures))
+                for key in ("add_median_us", "add_p99_us", "echo64k_median_us"):
+                    b[key] = min(b[key], figures[key])
+                b["throughput_calls_per_s"] = max(
+                    b["throughput_calls_per_s"], figures["throughput_calls_per_s"]
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
+    floor = best.get("floor")
+    if floor is None:
+        raise SystemExit(f"the floor could not be measured: {results.get('floor')}")
+    for lib in libs:
+        if lib in best and "skipped" not in results.get(lib, {}):
+            b = best[lib]
+            b["add_median_ratio"] = b["add_median_us"] / floor["add_median_us"]
+            b["add_p99_ratio"] = b["add_p99_us"] / floor["add_p99_us"]
+            b["echo64k_ratio"] = b["echo64k_median_us"] / floor["echo64k_median_us"]
+            b["throughput_ratio"] = b["throughput_calls_per_s"] / floor["throughput_calls_per_s"]
+            b["version"] = _version(lib)
+            results[lib] = b
     return {
-        "add_median_us": statistics.median(lat) * 1e6,
-        "add_p99_us": _p99(lat) * 1e6,
-        "echo64k_median_us": statistics.median(big) * 1e6,
+        "params": {
+            "sync_calls": args.calls,
+            "warmup": args.warmup,
+            "echo64k_calls": args.echo_calls,
+            "throughput_calls": args.throughput_calls,
+            "window": args.window,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+        },
+        "results": {lib: results[lib] for lib in libs if lib in results},
     }
+
+
+def _measure(lib: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    deadline = time.monotonic() + args.budget
+    client = _open_client(lib, port, args)
+    try:
+        gc.collect()
+        median, p99 = _latency(client.call, 3, args.calls, args.warmup, deadline)
+        echo_median, _ = _latency(
+            lambda: client.echo(PAYLOAD),
+            PAYLOAD,
+            args.echo_calls,
+            max(3, args.warmup // 20),
+            deadline,
+        )
+        gc.collect()
+        deadline = time.monotonic() + args.budget
+        rate = client.throughput(args.throughput_calls, args.window, deadline)
+    finally:
+        client.close()
+    return {
+        "add_median_us": median,
+        "add_p99_us": p99,
+        "echo64k_median_us": echo_median,
+        "throughput_calls_per_s": rate,
+        "throughput_method": client.how,
+    }
+
+
+NAMES = {
+    "floor": "raw zmq+msgpack",
+    "taskit": "taskit",
+    "zerorpc": "zerorpc",
+    "pyro5": "Pyro5",
+    "rpyc": "rpyc",
+}
+
+
+def _table(report: dict[str, Any]) -> str:
+    p = report["params"]
+    lines = [
+        f"add(1, 2) sync latency over {p['sync_calls']} calls (after {p['warmup']} warm-up), "
+        f"64 KiB echo over {p['echo64k_calls']} calls,",
+        f"throughput of {p['throughput_calls']} add calls; best of {p['rounds']} round(s); "
+        "every server a child process on 127.0.0.1.",
+        "'x' columns are ratios to the floor measured in this run:",
+        "latency lib/floor (lower is better), throughput lib/floor (higher is better).",
+        "",
+        f"{'library':<17}{'median us':>10}{'p99 us':>9}{'median x':>9}{'p99 x':>7}"
+        f"{'echo64k us':>11}{'echo x':>7}{'calls/s':>9}{'thru x':>7}",
+    ]
+    notes = []
+    for lib, r in report["results"].items():
+        name = NAMES[lib]
+        if "skipped" in r:
+            lines.append(f"{name:<17}skipped: {r['skipped']}")
+            continue
+        lines.append(
+            f"{name:<17}{r['add_median_us']:>10.1f}{r['add_p99_us']:>9.1f}"
+            f"{r['add_median_ratio']:>9.2f}{r['add_p99_ratio']:>7.2f}"
+            f"{r['echo64k_median_us']:>11.1f}{r['echo64k_ratio']:>7.2f}"
+            f"{r['throughput_calls_per_s']:>9.0f}{r['throughput_ratio']:>7.2f}"
+        )
+        notes.append(f"  {name} {r['version']}: {r['throughput_method']}")
+    return "\n".join(lines + ["", "throughput driven by:"] + notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="add(1, 2) calls per system")
-    parser.add_argument("--echo-calls", type=int, default=300, help="64 KiB echo calls per system")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="short run (fewer calls, one round)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    parser.add_argument("--calls", type=int, help="sync calls measured (default 3000, quick 500)")
+    parser.add_argument(
+        "--warmup", type=int, help="sync calls before measuring (default 300, quick 100)"
+    )
+    parser.add_argument(
+        "--echo-calls", type=int, help="64 KiB echo calls measured (default 300, quick 100)"
+    )
+    parser.add_argument(
+        "--throughput-calls",
+        type=int,
+        help="calls in the throughput run (default 20000, quick 5000)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=1000, help="calls kept in flight (default 1000)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=4, help="client threads where a peer needs them (default 4)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds over all libraries; best figure kept (default 3, quick 1)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=90.0, help="seconds per library per phase before giving up"
+    )
+    parser.add_argument(
+        "--libs", default=",".join(LIBS), help=f"comma-separated subset of {','.join(LIBS)}"
+    )
+    parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    results: dict[str, Any] = {}
-    for name, (module, _, _) in SYSTEMS.items():
-        if not _installed(module):
-            results[name] = None
-            continue
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        results[name] = measure(name, args.calls, args.echo_calls)
-    floor = results["raw pyzmq+msgpack (floor)"]
-    for name, r in results.items():
-        if r is not None:
-            r["add_median_ratio"] = r["add_median_us"] / floor["add_median_us"]
-            r["add_p99_ratio"] = r["add_p99_us"] / floor["add_p99_us"]
-            r["echo64k_ratio"] = r["echo64k_median_us"] / floor["echo64k_median_us"]
-    if args.json:
-        print(json.dumps(results, indent=1))
+    if args.serve:
+        SERVERS[args.serve]()
         return 0
-    print(f"{args.calls} sync add(1, 2) calls and {args.echo_calls} 64 KiB echoes per system, "
-          "server in a child process, ratios to the floor measured in this run")
-    print(f"{'system':28} {'add median':>11} {'add p99':>9} {'64K echo':>9}   "
-          f"{'x floor':>7} {'p99 x':>6} {'echo x':>6}")
-    for name, r in results.items():
-        if r is None:
-            print(f"{name:28} skipped: not installed")
-            continue
-        print(f"{name:28} {r['add_median_us']:9.0f}us {r['add_p99_us']:7.0f}us "
-              f"{r['echo64k_median_us']:7.0f}us   {r['add_median_ratio']:7.2f} "
-              f"{r['add_p99_ratio']:6.2f} {r['echo64k_ratio']:6.2f}")
+    quick = args.quick
+    args.calls = args.calls or (500 if quick else 3000)
+    args.echo_calls = args.echo_calls or (100 if quick else 300)
+    args.warmup = args.warmup if args.warmup is not None else (100 if quick else 300)
+    args.throughput_calls = args.throughput_calls or (5000 if quick else 20000)
+    args.rounds = args.rounds or (1 if quick else 3)
+    args.libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+    unknown = set(args.libs) - set(LIBS)
+    if unknown:
+        parser.error(f"unknown libraries {sorted(unknown)}; choose from {','.join(LIBS)}")
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(_table(report))
     return 0
 
 
