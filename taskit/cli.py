@@ -25,9 +25,10 @@ import pprint
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from taskit.errors import PortSpecError, TaskItError, TaskLoadError
 from taskit.ports import expand, get_ports, parse_address
@@ -48,7 +49,9 @@ def _import_target(target: str) -> Any:
     if target.endswith(".py") or os.sep in target:
         path = Path(target).resolve()
         if not path.is_file():
-            raise TaskLoadError(f"no such file {target!r}; give a module name or a path to a .py file")
+            raise TaskLoadError(
+                f"no such file {target!r}; give a module name or a path to a .py file"
+            )
         # Put the file's folder on sys.path so its own imports work, and register it
         # under its plain name so process-pool workers can import its functions too.
         folder = str(path.parent)
@@ -241,7 +244,9 @@ def _serve(
     stopping: list[int] = []
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.info("serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint)
+        log.info(
+            "serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint
+        )
         while not backend.join(1.0):  # a timed wait keeps signal handlers responsive
             pass
     finally:
@@ -298,7 +303,7 @@ def _query_all(
     with _frontend(targets, args) as fe:
         with ThreadPoolExecutor(min(16, len(targets)), thread_name_prefix="taskit-cli") as ex:
             answers = list(ex.map(lambda t: ask(fe, t), targets))
-    return [(f"{h}:{p}", a) for (h, p), a in zip(targets, answers)]
+    return [(f"{h}:{p}", a) for (h, p), a in zip(targets, answers, strict=True)]
 
 
 def _is_down(answer: Any) -> bool:
@@ -317,7 +322,7 @@ def _fmt_duration(seconds: Any) -> str:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
 
 
@@ -556,25 +561,56 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("target", metavar="MODULE[:ATTR]", help="module, module:attr or file.py[:attr]")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; "
-                   "0.0.0.0 for every interface)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port (default {DEFAULT_PORT}; 0 for any free port, logged at start)")
-    where.add_argument("--ports", type=_ports_arg, metavar="PORTS",
-                       help="several ports: 54543,54545 or 54543-54546 (one process each)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 4, metavar="N",
-                   help="worker threads/processes per backend (default: CPU count)")
-    p.add_argument("--pool", choices=("thread", "process"), default="thread",
-                   help="run tasks in threads (default) or processes (CPU-bound work)")
-    p.add_argument("--codec", metavar="NAMES",
-                   help="codecs to accept, comma-separated (default json,msgpack)")
+    where.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0 for any free port, logged at start)",
+    )
+    where.add_argument(
+        "--ports",
+        type=_ports_arg,
+        metavar="PORTS",
+        help="several ports: 54543,54545 or 54543-54546 (one process each)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 4,
+        metavar="N",
+        help="worker threads/processes per backend (default: CPU count)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("thread", "process"),
+        default="thread",
+        help="run tasks in threads (default) or processes (CPU-bound work)",
+    )
+    p.add_argument(
+        "--codec", metavar="NAMES", help="codecs to accept, comma-separated (default json,msgpack)"
+    )
     p.add_argument("--key-file", metavar="F", help="shared HMAC key: every message must be signed")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default INFO)",
+    )
     p.add_argument("--pid-file", metavar="F", help="write the process id here while running")
-    p.add_argument("--grace", type=float, default=30.0, metavar="S",
-                   help="with --ports: seconds a backend gets to stop before SIGKILL")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --ports: seconds a backend gets to stop before SIGKILL",
+    )
     p.set_defaults(func=_cmd_backend)
 
     p = sub.add_parser(
@@ -587,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", choices=("stop", "kill", "status", "stats", "tasks"))
     p.add_argument("host", metavar="HOST")
-    p.add_argument("ports", metavar="PORTS", type=_ports_arg, help="54543, 54543,54545 or 54543-54546")
+    p.add_argument(
+        "ports", metavar="PORTS", type=_ports_arg, help="54543, 54543,54545 or 54543-54546"
+    )
     p.add_argument("--json", action="store_true", help="stats: print one JSON object")
     _add_client_options(p)
     p.set_defaults(func=_cmd_ctl)
@@ -604,11 +642,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="HOST[:PORT]")
     p.add_argument("task", metavar="TASK")
     p.add_argument("args", metavar="ARG", nargs="*")
-    p.add_argument("-k", "--kwarg", action="append", default=[], metavar="NAME=VALUE",
-                   help="keyword argument (value parsed like ARG); repeatable")
+    p.add_argument(
+        "-k",
+        "--kwarg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="keyword argument (value parsed like ARG); repeatable",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up after S seconds (exit 1)")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 1)"
+    )
     p.add_argument("--default-port", type=int, default=DEFAULT_PORT, help=argparse.SUPPRESS)
     _add_client_options(p)
     p.set_defaults(func=_cmd_call)
@@ -616,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ports",
         help="expand a port list into HOST:PORT lines",
-        description="The port expander: 'taskit ports HOST 54543-54545' prints one HOST:PORT a line.",
+        description="The port expander: 'taskit ports HOST 54543-54545' prints HOST:PORT lines.",
     )
     p.add_argument("host", metavar="HOST")
     p.add_argument("ports", metavar="PORTS", type=_ports_arg)
@@ -632,8 +677,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="refresh period")
     bound = p.add_mutually_exclusive_group()
     bound.add_argument("--once", action="store_true", help="print one table and exit")
-    bound.add_argument("--iterations", type=int, default=0, metavar="N",
-                       help="exit after N refreshes (default: run until Ctrl-C)")
+    bound.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit after N refreshes (default: run until Ctrl-C)",
+    )
     p.add_argument("--no-clear", action="store_true", help="do not clear the screen between tables")
     _add_client_options(p)
     p.set_defaults(func=_cmd_top)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["Supervisor"]
 

@@ -141,8 +141,9 @@ def test_call_of_an_unknown_task_names_it(shared):
 def test_call_to_a_backend_that_is_down_fails_in_bounded_time():
     port = free_port_range(1)
     t0 = time.monotonic()
-    out = run(["call", f"127.0.0.1:{port}", "add", "1", "2", "--connect-timeout", "1",
-               "--timeout", "3"])
+    out = run(
+        ["call", f"127.0.0.1:{port}", "add", "1", "2", "--connect-timeout", "1", "--timeout", "3"]
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("taskit call:")
     assert time.monotonic() - t0 < 30
@@ -172,8 +173,11 @@ def test_ctl_status_tasks_and_stats(shared):
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["BACKEND", "STATE", "IN"]
     assert lines[1].split()[:2] == [f"127.0.0.1:{port}", "up"]
-    task_lines = {l.split()[1]: l.split() for l in lines if l.startswith("127.0.0.1") and
-                  len(l.split()) == 5}
+    task_lines = {
+        line.split()[1]: line.split()
+        for line in lines
+        if line.startswith("127.0.0.1") and len(line.split()) == 5
+    }
     assert int(task_lines["fail"][3]) >= 1  # FAILED column of the per-task table
     out = run(["ctl", "stats", "127.0.0.1", str(port), "--json"])
     stats = json.loads(out.stdout)[f"127.0.0.1:{port}"]
@@ -183,12 +187,18 @@ def test_ctl_status_tasks_and_stats(shared):
 def test_ctl_status_counts_jobs_in_flight(shared):
     port = shared.port
     # `call` blocks on hold(); run it in the background and watch status count it
-    holder = subprocess.Popen([*TASKIT, "call", f"127.0.0.1:{port}", "hold", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+    holder = subprocess.Popen(
+        [*TASKIT, "call", f"127.0.0.1:{port}", "hold", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env(),
+        text=True,
+    )
     try:
         wait_until(
             lambda: "up, 1 jobs running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
-            20, "one job in flight",
+            20,
+            "one job in flight",
         )
     finally:
         out, _ = holder.communicate(timeout=30)
@@ -200,11 +210,11 @@ def test_top_once_and_bounded_iterations_show_the_rate(shared):
     out = run(["top", "127.0.0.1", str(port), "--once"])
     assert out.returncode == 0
     assert "1/1 backends up" in out.stdout
-    row = [l for l in out.stdout.splitlines() if l.startswith("127.0.0.1")][0].split()
+    row = [line for line in out.stdout.splitlines() if line.startswith("127.0.0.1")][0].split()
     assert row[1] == "up" and row[5] == "-"  # no rate from a single sample
     out = run(["top", "127.0.0.1", str(port), "--iterations", "2", "--interval", "0.2"])
     assert out.stdout.count("backends up") == 2
-    rows = [l.split() for l in out.stdout.splitlines() if l.startswith("127.0.0.1")]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("127.0.0.1")]
     assert re.fullmatch(r"\d+\.\d", rows[1][5])  # a rate on the second table
 
 
@@ -250,9 +260,11 @@ def test_a_port_range_runs_one_supervised_process_per_port(start):
     assert len(set(pids.values())) == 2 and set(pids.values()) == set(children(b.proc.pid))
 
     os.kill(pids[base], signal.SIGKILL)  # a backend dies: the supervisor restarts it
+
     def restarted():
         out = run(["call", f"127.0.0.1:{base}", "pid", "--connect-timeout", "1", "--timeout", "5"])
         return out.returncode == 0 and int(out.stdout) != pids[base] and int(out.stdout)
+
     new_pid = wait_until(restarted, 60, "restart")
     assert "died (signal 9); restarting" in b.log()
     assert alive(pids[base + 1])  # the other one untouched
@@ -283,8 +295,21 @@ def test_a_key_file_is_required_to_talk_to_a_keyed_backend(start, workdir):
     assert ok.returncode == 0 and ok.stdout == "3\n"
     wrong = workdir / "wrong"
     wrong.write_text("guess")
-    refused = run(["call", addr, "add", "1", "2", "--key-file", str(wrong), "--timeout", "2",
-                   "--connect-timeout", "1"])
+    refused = run(
+        [
+            "call",
+            addr,
+            "add",
+            "1",
+            "2",
+            "--key-file",
+            str(wrong),
+            "--timeout",
+            "2",
+            "--connect-timeout",
+            "1",
+        ]
+    )
     assert refused.returncode == 1
     status = run(["ctl", "status", "127.0.0.1", str(b.ports[0]), "--key-file", str(key)])
     assert "up, 0 jobs running" in status.stdout

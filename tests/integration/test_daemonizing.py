@@ -3,12 +3,9 @@ and the taskitctl / port_expander.py wrappers with the original command lines.""
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -47,8 +44,13 @@ def service(tmp_path):
     e = env()
     e["TASKITD_CONFIG"] = str(config)
     e["TASKIT"] = shlex.join([sys.executable, "-m", "taskit.cli"])
-    svc = {"env": e, "ports": (base, base + 1), "pidfile": tmp_path / "run" / "taskitd.pid",
-           "log": tmp_path / "taskitd.log", "dir": tmp_path}
+    svc = {
+        "env": e,
+        "ports": (base, base + 1),
+        "pidfile": tmp_path / "run" / "taskitd.pid",
+        "log": tmp_path / "taskitd.log",
+        "dir": tmp_path,
+    }
     yield svc
     pidfile = svc["pidfile"]
     if pidfile.exists():  # a failed test left it running: clean up by pid
@@ -59,8 +61,12 @@ def service(tmp_path):
 
 def taskitd(svc, *args, timeout=120):
     return subprocess.run(
-        ["sh", str(TASKITD), *args], env=svc["env"], capture_output=True, text=True,
-        timeout=timeout, cwd=svc["dir"],
+        ["sh", str(TASKITD), *args],
+        env=svc["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=svc["dir"],
     )
 
 
@@ -156,25 +162,49 @@ def test_taskitctl_and_port_expander_keep_the_original_command_lines(tmp_path):
     daemonizing = ROOT / "daemonizing"
     out = subprocess.run(
         [sys.executable, str(daemonizing / "port_expander.py"), "10.1.2.3", "54543-54545"],
-        capture_output=True, text=True, timeout=60, env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
     )
     assert out.returncode == 0
     assert out.stdout.split() == ["10.1.2.3:54543", "10.1.2.3:54544", "10.1.2.3:54545"]
     imported = subprocess.run(
-        [sys.executable, "-c", "import port_expander; print(port_expander.get_ports('54543,54545'))"],
-        capture_output=True, text=True, timeout=60, env=env(), cwd=daemonizing,
+        [
+            sys.executable,
+            "-c",
+            "import port_expander; print(port_expander.get_ports('54543,54545'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        cwd=daemonizing,
     )
     assert imported.stdout.strip() == "[54543, 54545]"
     base = free_port_range(1)
     ctl = subprocess.run(
-        [sys.executable, str(daemonizing / "taskitctl"), "status", "127.0.0.1", str(base),
-         "--connect-timeout", "0.5"],
-        capture_output=True, text=True, timeout=60, env=env(),
+        [
+            sys.executable,
+            str(daemonizing / "taskitctl"),
+            "status",
+            "127.0.0.1",
+            str(base),
+            "--connect-timeout",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
     )
     assert ctl.stdout.strip() == f"127.0.0.1:{base} --> down"
     assert ctl.returncode == 1
     usage = subprocess.run(
-        [sys.executable, str(daemonizing / "taskitctl")], capture_output=True, text=True,
-        timeout=60, env=env(),
+        [sys.executable, str(daemonizing / "taskitctl")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
     )
     assert usage.returncode == 2 and "usage: taskitctl" in usage.stderr
