@@ -208,6 +208,8 @@ class Worker(threading.Thread):
         # Written only by this thread; stats() sums them without a lock.
         self.completed = 0
         self.failed = 0
+        self.skipped = 0  # cancelled before it started
+        self._exited = False
         self.busy = False
 
     def run(self) -> None:
@@ -223,12 +225,12 @@ class Worker(threading.Thread):
         try:
             self._loop(pool, equipped, init_error)
         finally:
-            pool._worker_exited(self)
+            if not self._exited:
+                pool._worker_exited(self)
 
     def _loop(self, pool: WorkerPool, equipped: bool, init_error: BaseException | None) -> None:
         get = pool._queue.get
         release = pool._slots.release if pool._slots is not None else None
-        done = pool._job_done
         toolbox = self.toolbox
         while True:
             if pool._to_retire and pool._claim_retirement():
@@ -242,7 +244,9 @@ class Worker(threading.Thread):
                 release()
             fut = item.future
             if not fut.set_running_or_notify_cancel():
-                done()
+                self.skipped += 1
+                if pool._joiners:
+                    pool._wake_joiners()
                 continue
             self.busy = True
             try:
@@ -256,11 +260,13 @@ class Worker(threading.Thread):
                 else:
                     result = item.fn(*item.args, **item.kwargs)
             except TerminationNotice:
-                fut.set_result(None)
                 self.completed += 1
                 self.busy = False
-                done()
                 pool._terminated_by_job()
+                # Leave the pool before resolving, so the caller sees the smaller pool.
+                pool._worker_exited(self)
+                self._exited = True
+                fut.set_result(None)
                 return
             except BaseException as e:  # noqa: BLE001 - a job never kills its worker
                 self.failed += 1
@@ -273,7 +279,9 @@ class Worker(threading.Thread):
                 fut.set_result(result)
             item = fut = None  # drop references before blocking again
             self.busy = False
-            done()
+            # No lock per job: join() sums the workers' counters; wake it only if waiting.
+            if pool._joiners:
+                pool._wake_joiners()
 
 
 class EquippedWorker(Worker):
@@ -363,8 +371,12 @@ class WorkerPool:
         self._maxjobs = maxjobs
         self._slots = threading.Semaphore(maxjobs) if maxjobs else None
         self._lock = threading.Lock()
-        self._idle_cond = threading.Condition(self._lock)  # unfinished jobs reached 0
-        self._unfinished = 0
+        self._idle_cond = threading.Condition(self._lock)  # for join()
+        # Jobs accepted, and jobs finished outside thread workers' own counters
+        # (process pools, cancellations); see _unfinished().
+        self._submitted = 0
+        self._finished = 0
+        self._joiners = 0
         self._shutdown = False
         self._thread_seq = 0
         self._target = 0
@@ -429,7 +441,7 @@ class WorkerPool:
                 if slots is not None:
                     slots.release()
                 raise PoolShutdownError(f"{self.name} is shut down; create a new pool")
-            self._unfinished += 1
+            self._submitted += 1
             if proc is None:
                 self._queue.put(item)
             else:
@@ -475,7 +487,11 @@ class WorkerPool:
         passed first (``timeout=0`` only checks). Never hangs on a failed job.
         """
         with self._idle_cond:
-            return self._idle_cond.wait_for(lambda: self._unfinished == 0, timeout)
+            self._joiners += 1
+            try:
+                return self._idle_cond.wait_for(lambda: self._unfinished() == 0, timeout)
+            finally:
+                self._joiners -= 1
 
     wait = join  # workerpool's deprecated alias
 
@@ -630,11 +646,25 @@ class WorkerPool:
             self._thread_seq += 1
             return f"{self.name}-{self._thread_seq}"
 
+    def _unfinished(self) -> int:
+        """Jobs accepted and not finished (lock held)."""
+        n = self._submitted - self._finished
+        for w in list(self._workers):
+            n -= w.completed + w.failed + w.skipped
+        return n
+
     def _job_done(self, n: int = 1) -> None:
         with self._lock:
-            self._unfinished -= n
-            if not self._unfinished:
+            self._finished += n
+            if self._joiners:
                 self._idle_cond.notify_all()
+
+    def _wake_joiners(self) -> None:
+        # A worker just finished a job: join() re-checks the count. The worker
+        # bumps its counter before reading _joiners, and join() registers
+        # before counting, so no wake-up is lost.
+        with self._lock:
+            self._idle_cond.notify_all()
 
     def _claim_retirement(self) -> bool:
         with self._lock:
@@ -664,6 +694,9 @@ class WorkerPool:
             self._workers.discard(w)
             self._retired_completed += w.completed
             self._retired_failed += w.failed
+            self._finished += w.completed + w.failed + w.skipped
+            if self._joiners:
+                self._idle_cond.notify_all()
 
     def _drain_queue(self) -> list[_WorkItem]:
         """Take every job out of the thread queue (lock held)."""
