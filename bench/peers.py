@@ -619,7 +619,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results[lib] = {"skipped": f"failed while measuring: {reason}"}
                     _log(f"skip {lib}: {reason}")
                     continue
-                b = best.setdefault(lib, dict(figures))
+                b = best.setdefault(lib, dict(figures, rounds=[]))
+                # Every round's figures are kept too: their spread shows the noise.
+                b["rounds"].append({k: v for k, v in figures.items() if k != "throughput_method"})
                 for key in ("add_median_us", "add_p99_us", "echo64k_median_us"):
                     b[key] = min(b[key], figures[key])
                 b["throughput_calls_per_s"] = max(
