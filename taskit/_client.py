@@ -1,0 +1,675 @@
+"""The sans-I/O core of a taskit client: pure logic, no sockets, no threads.
+
+:class:`taskit.frontend.FrontEnd` (threads) and :class:`taskit.aio.AsyncFrontEnd`
+(asyncio) both drive one :class:`ClientCore`; they only move bytes and wake
+waiters. The core is *not* thread-safe: exactly one driver at a time may call
+it (the FrontEnd guarantees this with its I/O lock).
+
+Interface (what a driver does)::
+
+    core = ClientCore(codec=MsgpackCodec, signer=None, retries=0)
+    core.add_backend(parse_backend("host", DEFAULT_PORT))   # -> endpoint str
+
+    call = core.new_call("add", (1, 2), {}, waiter=w, timeout=None)  # encodes now;
+                                                  # raises EncodeError
+    core.submit(call)             # routes it (or parks it until a backend is up)
+    for call in core.drain_outbox():          # calls ready to go on the wire
+        ok = try_send(call.backend, core.frames_for(call))
+        if not ok: done = core.send_failed(call)   # zmq.Again: the peer is gone
+    ... when frames arrive from backend `ep`:
+        done = core.on_message(ep, frames)    # -> list of (call, ok, value)
+    ... socket monitor:   core.backend_up(ep) / done = core.backend_down(ep, why)
+    ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff
+                          core.next_wakeup()  # monotonic time to poll until, or None
+    ... a waiter gave up: core.cancel(call)
+    for call, ok, value in done: resolve call.waiter (value is the result, or the
+                                 exception instance to raise when ok is False)
+
+Every returned ``(call, ok, value)`` has left the core: it is resolved exactly
+once. Calls put back for a re-send (``retries``, ``Busy``) show up again in
+:meth:`ClientCore.drain_outbox`.
+
+Semantics decided here:
+
+- **Routing**: a call goes to the ``up`` backend with the fewest calls in flight
+  from this client; ties go round-robin. Backends that answered ``Busy`` recently
+  are avoided while another is available. No backend up: the call waits up to
+  ``connect_timeout`` for one, then fails with :class:`BackendNotAvailableError`.
+- **Lost calls**: when a backend's connection drops, every call sent on it is
+  lost (the backend cannot route a reply to a new connection). With
+  ``retries=0`` (the default: **at-most-once**, a call never runs twice) each
+  fails with :class:`BackendLostError` -- it may or may not have run. With
+  ``retries=N`` each is re-sent up to N times (**at-least-once**: it may run
+  twice, so only use it for idempotent tasks).
+- **Busy / Stopping**: the backend refused the call without running it, so it
+  is always safe to re-send: ``Busy`` backs off exponentially (another backend
+  first, when one is up) up to ``busy_retries`` times, then raises
+  :class:`BusyError`; ``Stopping`` re-routes to another backend once per
+  backend, else raises :class:`StoppingError`.
+- **Replies are trusted only in the client's own codec or JSON** (the backend's
+  fallback for errors): a pickle reply to a JSON client is refused, never
+  unpickled.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Any, Callable, Sequence
+
+from taskit.codecs import Signer, get_codec
+from taskit.errors import (
+    BackendLostError,
+    BackendNotAvailableError,
+    BackendProcessingError,
+    BusyError,
+    CallTimeoutError,
+    CodecNotAllowedError,
+    DecodeError,
+    ProtocolError,
+    StoppingError,
+    TaskItError,
+    UnknownTaskError,
+)
+from taskit.protocol import DEFAULT_PORT, Kind, decode_error, pack, unpack
+
+__all__ = [
+    "ClientCore",
+    "PendingCall",
+    "BackendState",
+    "parse_backend",
+    "backoff_delay",
+    "error_from_reply",
+    "UP",
+    "DOWN",
+    "CONNECTING",
+    "STOPPING",
+]
+
+CONNECTING = "connecting"  # never connected yet, no evidence of failure
+UP = "up"  # connected (handshake done): calls may be sent
+DOWN = "down"  # disconnected, or connecting failed; libzmq keeps retrying
+STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
+
+_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+# Remote error type names the backend raises itself -> the exception class.
+_ERROR_CLASSES: dict[str, type[BackendProcessingError]] = {
+    "UnknownTask": UnknownTaskError,
+    "CodecNotAllowed": CodecNotAllowedError,
+    "Busy": BusyError,
+    "Stopping": StoppingError,
+}
+
+
+def parse_backend(spec: Any, default_port: int = DEFAULT_PORT) -> str:
+    """The ZeroMQ endpoint of a backend given as ``"host"``, ``"host:port"``,
+    ``("host", port)``, ``"tcp://host:port"``, ``"ipc://path"`` or ``"inproc://name"``.
+
+    Raises ``ValueError`` for anything else.
+    """
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        host, port = spec
+        if isinstance(host, str) and host:
+            try:
+                port = int(port)
+            except (TypeError, ValueError):
+                port = -1
+            if 0 < port < 65536:
+                return _tcp(host, port)
+    elif isinstance(spec, str) and spec:
+        if spec.startswith(_SCHEMES):
+            if len(spec.split("://", 1)[1]) == 0:
+                raise ValueError(f"backend endpoint {spec!r} has no address")
+            if spec.startswith("tcp://"):
+                rest = spec[6:]
+                host, sep, port = rest.rpartition(":")
+                if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"backend endpoint {spec!r} needs tcp://host:port")
+            return spec
+        if "://" not in spec:
+            host, sep, port = spec.rpartition(":")
+            bracketed = host.startswith("[") and host.endswith("]")
+            if sep and port.isdigit() and host and (bracketed or ":" not in host):
+                return _tcp(host, int(port))
+            return _tcp(spec, int(default_port))
+    raise ValueError(
+        "a backend is 'host', 'host:port', ('host', port), 'tcp://host:port' or "
+        f"'ipc://path'; got {spec!r}"
+    )
+
+
+def _tcp(host: str, port: int) -> str:
+    host = host.strip("[]")
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+def backoff_delay(attempt: int, base: float = 0.002, cap: float = 0.25) -> float:
+    """Seconds to wait before re-sending after ``attempt`` refusals (exponential, capped)."""
+    return min(cap, base * (1 << min(attempt, 20)))
+
+
+def error_from_reply(
+    type_name: str, args: Sequence[Any], remote_tb: str, task: str | None, backend: str | None
+) -> BackendProcessingError:
+    """The exception for an ERROR reply: a named subclass for the backend's own refusals
+    (``UnknownTask`` -> :class:`UnknownTaskError` ...), else :class:`BackendProcessingError`."""
+    cls = _ERROR_CLASSES.get(type_name, BackendProcessingError)
+    return cls(type_name, args, remote_tb, task, backend)
+
+
+class PendingCall:
+    """One call from creation to resolution. Drivers read ``id``, ``task``,
+    ``backend`` (endpoint it is assigned to, or None) and ``waiter`` (theirs)."""
+
+    __slots__ = (
+        "id",
+        "task",
+        "body",
+        "codec",
+        "waiter",
+        "backend",
+        "target",
+        "deadline",
+        "wait_until",
+        "attempts",
+        "busy_tries",
+        "refused_by",
+        "done",
+        "on_wire",
+    )
+
+    def __init__(
+        self,
+        call_id: int,
+        task: str,
+        body: bytes,
+        codec: Any,
+        waiter: Any,
+        deadline: float | None,
+        target: str | None,
+    ) -> None:
+        self.id = call_id
+        self.task = task
+        self.body = body
+        self.codec = codec
+        self.waiter = waiter
+        self.backend: str | None = None
+        self.target = target  # pinned backend (admin signals), else None
+        self.deadline = deadline  # absolute monotonic time, or None
+        self.wait_until: float | None = None  # while parked waiting for a backend
+        self.attempts = 0  # times sent on the wire
+        self.busy_tries = 0
+        self.refused_by: set[str] | None = None  # backends that answered Stopping
+        self.done = False
+        self.on_wire = False  # sent to its current backend (not just assigned)
+
+    def __repr__(self) -> str:
+        return f"<PendingCall {self.id} {self.task!r} on {self.backend}>"
+
+
+class BackendState:
+    """What this client knows about one backend; :meth:`snapshot` is the public view."""
+
+    __slots__ = (
+        "endpoint",
+        "state",
+        "since",
+        "calls",
+        "busy_until",
+        "busy_streak",
+        "sent",
+        "answered",
+        "failed",
+        "lost",
+        "busy",
+        "connects",
+        "disconnects",
+        "last_error",
+    )
+
+    def __init__(self, endpoint: str, now: float) -> None:
+        self.endpoint = endpoint
+        self.state = CONNECTING
+        self.since = now
+        self.calls: dict[int, PendingCall] = {}  # assigned here, sent or about to be
+        self.busy_until = 0.0
+        self.busy_streak = 0
+        self.sent = self.answered = self.failed = self.lost = self.busy = 0
+        self.connects = self.disconnects = 0
+        self.last_error: str | None = None
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "for": round(now - self.since, 3),
+            "in_flight": len(self.calls),
+            "sent": self.sent,
+            "answered": self.answered,
+            "failed": self.failed,
+            "lost": self.lost,
+            "busy": self.busy,
+            "connects": self.connects,
+            "disconnects": self.disconnects,
+            "last_error": self.last_error,
+        }
+
+
+Done = list  # list[tuple[PendingCall, bool, Any]]
+
+
+class ClientCore:
+    """Call table, routing and retry decisions of one client (see the module docstring).
+
+    ``retries``: re-sends of a call whose backend was lost (0 = at-most-once).
+    ``busy_retries``: re-sends after ``Busy`` before raising :class:`BusyError`.
+    ``connect_timeout``: how long a call waits for some backend to be up.
+    Not thread-safe; never blocks.
+    """
+
+    def __init__(
+        self,
+        codec: Any = "json",
+        signer: Signer | None = None,
+        retries: int = 0,
+        busy_retries: int = 20,
+        connect_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.codec = get_codec(codec)
+        self.signer = signer
+        self.retries = max(0, int(retries))
+        self.busy_retries = max(0, int(busy_retries))
+        self.connect_timeout = float(connect_timeout)
+        self.clock = clock
+        self.backends: dict[str, BackendState] = {}
+        self.calls: dict[int, PendingCall] = {}
+        self._ids = itertools.count(1)
+        self._outbox: list[PendingCall] = []
+        self._parked: dict[int, PendingCall] = {}  # waiting for a backend to be up
+        self._timers: list[tuple[float, int, int, str]] = []  # (when, seq, call id, what)
+        self._seq = itertools.count()
+        self._rr = 0
+        # Replies are decoded only in codecs we chose to trust (never pickle unasked).
+        json = get_codec("json")
+        self._reply_codecs = {self.codec.wire_id: self.codec, json.wire_id: json}
+        self.stats = {"late_replies": 0, "bad_replies": 0, "bad_signatures": 0}
+
+    # -- backends ---------------------------------------------------------------
+
+    def add_backend(self, endpoint: str) -> bool:
+        """Start tracking ``endpoint``; False when it is already known."""
+        if endpoint in self.backends:
+            return False
+        self.backends[endpoint] = BackendState(endpoint, self.clock())
+        return True
+
+    def backend_up(self, endpoint: str) -> None:
+        """The connection to ``endpoint`` is ready: parked calls may go out."""
+        b = self.backends.get(endpoint)
+        if b is None:
+            return
+        if b.state != UP:
+            b.state, b.since = UP, self.clock()
+            b.connects += 1
+            b.busy_until, b.busy_streak = 0.0, 0
+        if self._parked:
+            parked = sorted(self._parked.values(), key=lambda c: c.id)
+            self._parked.clear()
+            for call in parked:
+                call.wait_until = None
+                self._route(call)
+
+    def backend_down(self, endpoint: str, reason: str = "disconnected") -> Done:
+        """The connection to ``endpoint`` dropped (or cannot be made).
+
+        Calls sent on it are lost: re-sent when ``retries`` allow, else failed with
+        :class:`BackendLostError`. Calls assigned but not yet sent are re-routed.
+        Returns the calls that are resolved now.
+        """
+        b = self.backends.get(endpoint)
+        if b is None:
+            return []
+        was_up = b.state in (UP, STOPPING)
+        if b.state != DOWN:
+            b.state, b.since = DOWN, self.clock()
+            if was_up:
+                b.disconnects += 1
+        b.last_error = reason
+        if not b.calls:
+            return []
+        victims = sorted(b.calls.values(), key=lambda c: c.id)
+        b.calls.clear()
+        done: Done = []
+        for call in victims:
+            call.backend = None
+            if not call.on_wire or call.attempts <= self.retries:
+                if call.on_wire:
+                    b.lost += 1
+                self._route(call)  # never sent, or retries left: re-send
+                continue
+            b.lost += 1
+            self._finish(
+                call,
+                False,
+                BackendLostError(
+                    f"backend {endpoint} was lost ({reason}) while running task "
+                    f"{call.task!r}; the call may or may not have run there. Pass "
+                    "retries=N to the FrontEnd to re-send such calls (at-least-once)."
+                ),
+                done,
+            )
+        return done
+
+    def choose(self) -> BackendState | None:
+        """The backend for the next call (fewest in flight, ties round-robin), or None."""
+        backends = list(self.backends.values())
+        n = len(backends)
+        now = self.clock()
+        best: BackendState | None = None
+        best_key: tuple[bool, int] | None = None
+        for i in range(n):
+            b = backends[(self._rr + i) % n]
+            if b.state != UP:
+                continue
+            key = (b.busy_until > now, len(b.calls))  # not-busy first, then load
+            if best_key is None or key < best_key:
+                best, best_key = b, key
+        if best is not None:
+            self._rr = (backends.index(best) + 1) % n
+        return best
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """``{endpoint: {state, for, in_flight, sent, answered, ...}}`` for every backend."""
+        now = self.clock()
+        return {ep: b.snapshot(now) for ep, b in list(self.backends.items())}
+
+    # -- calls ------------------------------------------------------------------
+
+    def new_call(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        waiter: Any = None,
+        timeout: float | None = None,
+        target: str | None = None,
+    ) -> PendingCall:
+        """A call, its body encoded now. Raises :class:`EncodeError` (nothing registered).
+
+        ``target`` pins it to one backend endpoint (no load balancing, no re-sends).
+        Does not touch the table, so it may run outside the driver's lock.
+        """
+        body = self.codec.encode([task, list(args), kwargs or {}])
+        deadline = None if timeout is None else self.clock() + timeout
+        return PendingCall(next(self._ids), task, body, self.codec, waiter, deadline, target)
+
+    def submit(self, call: PendingCall) -> None:
+        """Register ``call`` and route it: to the outbox, or parked until a backend is up."""
+        self.calls[call.id] = call
+        if call.deadline is not None:
+            self._timer(call.deadline, call, "deadline")
+        self._route(call)
+
+    def drain_outbox(self) -> list[PendingCall]:
+        """Calls to put on the wire now, each to ``call.backend``."""
+        out = self._outbox
+        if not out:
+            return out
+        self._outbox = []
+        return [c for c in out if not c.done and c.backend is not None]
+
+    def frames_for(self, call: PendingCall) -> list[bytes]:
+        """The CALL frames of ``call`` (signed when a key is set); counts the attempt."""
+        call.attempts += 1
+        call.on_wire = True
+        b = self.backends.get(call.backend or "")
+        if b is not None:
+            b.sent += 1
+        return pack(Kind.CALL, call.codec.wire_id, call.id, call.body, self.signer)
+
+    def send_failed(self, call: PendingCall) -> Done:
+        """The driver could not hand ``call`` to its backend's socket (no connected peer,
+        so its connection just dropped): undo the attempt and treat the backend as down
+        until the socket monitor reports it connected again. Returns calls resolved now."""
+        call.attempts -= 1
+        call.on_wire = False
+        b = self.backends.get(call.backend or "")
+        if b is None:
+            if not call.done:
+                call.backend = None
+                self._route(call)
+            return []
+        b.sent -= 1
+        return self.backend_down(b.endpoint, "no connection")
+
+    def cancel(self, call: PendingCall) -> None:
+        """Forget ``call`` (its waiter gave up); a late reply is ignored."""
+        if call.done:
+            return
+        call.done = True
+        self._detach(call)
+
+    def fail_all(self, exc: BaseException) -> Done:
+        """Resolve every pending call with ``exc`` (closing)."""
+        done: Done = []
+        for call in sorted(self.calls.values(), key=lambda c: c.id):
+            self._finish(call, False, exc, done)
+        return done
+
+    @property
+    def pending(self) -> int:
+        """Calls registered and not yet resolved."""
+        return len(self.calls)
+
+    def on_message(self, endpoint: str, frames: Sequence[bytes]) -> Done:
+        """Handle frames received from ``endpoint``; returns the calls resolved by them.
+
+        Malformed, badly signed or unknown-id replies are dropped and counted in
+        :attr:`stats`; they never raise.
+        """
+        try:
+            msg = unpack(frames, self.signer)
+        except ProtocolError as e:
+            key = "bad_signatures" if type(e).__name__ == "SignatureError" else "bad_replies"
+            self.stats[key] += 1
+            return []
+        call = self.calls.get(msg.call_id)
+        if call is None:
+            if msg.kind != Kind.PONG:
+                self.stats["late_replies"] += 1
+            return []
+        done: Done = []
+        b = self.backends.get(call.backend or "")
+        if msg.kind == Kind.RESULT:
+            codec = self._reply_codecs.get(msg.codec_id)
+            if codec is None:
+                self._bad_codec(call, msg.codec_id, endpoint, done)
+                return done
+            try:
+                value = codec.decode(msg.body)
+            except DecodeError as e:
+                self._finish(call, False, e, done)
+                return done
+            if b is not None:
+                b.answered += 1
+                b.busy_streak = 0
+            self._finish(call, True, value, done)
+        elif msg.kind == Kind.ERROR:
+            codec = self._reply_codecs.get(msg.codec_id)
+            if codec is None:
+                self._bad_codec(call, msg.codec_id, endpoint, done)
+                return done
+            try:
+                type_name, args, tb = decode_error(codec, msg.body)
+            except (DecodeError, ProtocolError) as e:
+                self._finish(call, False, e, done)
+                return done
+            if type_name == "Busy" and call.target is None:
+                self._busy(call, b, args, tb, done)
+            elif type_name == "Stopping" and call.target is None:
+                self._stopping(call, b, args, tb, done)
+            else:
+                if b is not None:
+                    b.failed += 1
+                self._finish(call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done)
+        else:
+            self.stats["bad_replies"] += 1
+        return done
+
+    def tick(self) -> Done:
+        """Fire due timers: call deadlines, connect waits, Busy back-offs."""
+        timers = self._timers
+        if not timers:
+            return []
+        now = self.clock()
+        done: Done = []
+        while timers and timers[0][0] <= now:
+            when, _, call_id, what = heapq.heappop(timers)
+            call = self.calls.get(call_id)
+            if call is None:
+                continue
+            if what == "deadline":
+                if call.deadline == when:
+                    self._finish(
+                        call,
+                        False,
+                        CallTimeoutError(
+                            f"task {call.task!r} got no answer within its timeout; it may "
+                            "still run on the backend. Pass a larger timeout= if it is slow."
+                        ),
+                        done,
+                    )
+            elif what == "park":
+                if call.wait_until == when and call.id in self._parked:
+                    del self._parked[call.id]
+                    call.wait_until = None
+                    self._finish(call, False, self._not_available(call), done)
+            elif what == "resend":
+                if call.backend is None and call.id not in self._parked:
+                    self._route(call)
+        return done
+
+    def next_wakeup(self) -> float | None:
+        """Monotonic time of the next timer, or None."""
+        timers = self._timers
+        while timers and timers[0][2] not in self.calls:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    # -- internals --------------------------------------------------------------
+
+    def _timer(self, when: float, call: PendingCall, what: str) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), call.id, what))
+
+    def _route(self, call: PendingCall) -> None:
+        call.on_wire = False
+        if call.target is not None:
+            b = self.backends.get(call.target)
+            if b is not None and b.state != UP:
+                b = None
+        else:
+            b = self.choose()
+            if b is not None and call.refused_by and b.endpoint in call.refused_by:
+                b = self._choose_excluding(call.refused_by)
+        if b is None:
+            self._park(call)
+            return
+        call.backend = b.endpoint
+        b.calls[call.id] = call
+        self._outbox.append(call)
+
+    def _choose_excluding(self, refused: set[str]) -> BackendState | None:
+        best = None
+        for b in self.backends.values():
+            if b.state == UP and b.endpoint not in refused:
+                if best is None or len(b.calls) < len(best.calls):
+                    best = b
+        return best
+
+    def _park(self, call: PendingCall) -> None:
+        if call.wait_until is None:
+            call.wait_until = self.clock() + self.connect_timeout
+            self._timer(call.wait_until, call, "park")
+        self._parked[call.id] = call
+
+    def _not_available(self, call: PendingCall) -> TaskItError:
+        if call.target is not None:
+            where = f"backend {call.target} is"
+        elif self.backends:
+            where = f"none of the backends ({', '.join(self.backends)}) is"
+        else:
+            return BackendNotAvailableError(
+                "this FrontEnd has no backends; pass backends= or call add_backends()"
+            )
+        return BackendNotAvailableError(
+            f"{where} reachable (waited {self.connect_timeout:g} s for task {call.task!r}); "
+            "start a backend there or check host, port and keys"
+        )
+
+    def _detach(self, call: PendingCall) -> None:
+        self.calls.pop(call.id, None)
+        self._parked.pop(call.id, None)
+        b = self.backends.get(call.backend or "")
+        if b is not None:
+            b.calls.pop(call.id, None)
+
+    def _finish(self, call: PendingCall, ok: bool, value: Any, done: Done) -> None:
+        if call.done:
+            return
+        call.done = True
+        self._detach(call)
+        done.append((call, ok, value))
+
+    def _bad_codec(self, call: PendingCall, codec_id: int, endpoint: str, done: Done) -> None:
+        self.stats["bad_replies"] += 1
+        self._finish(
+            call,
+            False,
+            DecodeError(
+                f"backend {endpoint} answered task {call.task!r} in codec id {codec_id}, "
+                f"which this client does not accept (it sent {self.codec.name!r})"
+            ),
+            done,
+        )
+
+    def _busy(
+        self, call: PendingCall, b: BackendState | None, args: Any, tb: str, done: Done
+    ) -> None:
+        if b is not None:
+            b.busy += 1
+            b.calls.pop(call.id, None)
+            b.busy_until = self.clock() + backoff_delay(b.busy_streak)
+            b.busy_streak += 1
+        call.attempts -= 1  # refused unrun: does not use up a retry
+        call.backend = None
+        call.busy_tries += 1
+        if call.busy_tries > self.busy_retries:
+            self._finish(call, False, BusyError("Busy", args, tb, call.task, b and b.endpoint), done)
+            return
+        other = self.choose()
+        if other is not None and other.busy_until <= self.clock():
+            self._route(call)  # another backend has room: go now
+        else:
+            self._timer(self.clock() + backoff_delay(call.busy_tries - 1), call, "resend")
+
+    def _stopping(
+        self, call: PendingCall, b: BackendState | None, args: Any, tb: str, done: Done
+    ) -> None:
+        call.attempts -= 1  # refused unrun
+        call.backend = None
+        if b is not None:
+            b.calls.pop(call.id, None)
+            if b.state == UP:
+                b.state, b.since = STOPPING, self.clock()
+            if call.refused_by is None:
+                call.refused_by = set()
+            call.refused_by.add(b.endpoint)
+        if self._choose_excluding(call.refused_by or set()) is None:
+            self._finish(call, False, StoppingError("Stopping", args, tb, call.task, b and b.endpoint), done)
+        else:
+            self._route(call)
+
