@@ -24,13 +24,16 @@ fresh interpreter's tens (``spawn``); ``bench/pool.py`` measures both.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401 - its exit hook must be registered before ours
 import os
 import pickle
 import selectors
 import signal
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -58,6 +61,23 @@ _DEATHS_BEFORE_GIVING_UP = 5  # consecutive workers dying before any job: stop r
 _dumps = pickle.dumps
 _loads = pickle.loads
 _PROTO = pickle.HIGHEST_PROTOCOL
+
+
+_live_engines: weakref.WeakSet[ProcessEngine] = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    # Registered after multiprocessing's own exit hook, so it runs first: that
+    # hook joins every child process, which would wait forever for workers
+    # nobody told to stop. Running jobs finish; queued ones are cancelled.
+    for engine in list(_live_engines):
+        try:
+            engine._pool.shutdown(wait=False, cancel_pending=True)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+atexit.register(_stop_at_exit)
 
 
 def default_start_method() -> str:
@@ -92,7 +112,9 @@ def decode_exception(data: bytes) -> BaseException:
 class _Proc:
     """One worker process, as the manager thread sees it."""
 
-    __slots__ = ("wid", "process", "job_w", "result_r", "started", "inflight", "retiring", "done")
+    __slots__ = (
+        "wid", "process", "job_w", "result_r", "started", "inflight", "retiring", "done", "buf"
+    )
 
     def __init__(self, wid: int, process: Any, job_w: Any, result_r: Any, started: Any) -> None:
         self.wid = wid
@@ -103,6 +125,8 @@ class _Proc:
         self.inflight: deque[_WorkItem] = deque()  # sent, in the order the child runs them
         self.retiring = False
         self.done = 0  # results received
+        self.buf = bytearray()  # result bytes not yet parsed into frames
+        os.set_blocking(result_r.fileno(), False)
 
 
 class ProcessEngine:
@@ -151,6 +175,8 @@ class ProcessEngine:
         self._thread = threading.Thread(
             target=self._run, name=f"{pool.name}-manager", daemon=True
         )
+        self._started = threading.Event()  # the first workers have been started
+        _live_engines.add(self)
         self._thread.start()
 
     # -- called from user threads ------------------------------------------------
@@ -230,13 +256,20 @@ class ProcessEngine:
             log.critical("%s: process pool manager crashed", self._pool.name, exc_info=True)
             self._fail_everything(PoolError(f"{self._pool.name}: the pool manager crashed: {e!r}"))
         finally:
+            self._started.set()
             self._sel.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until the manager has started the initial workers."""
+        return self._started.wait(timeout)
+
     def _loop(self) -> None:
         while True:
             self._adjust_workers()
+            if self._target or self._broken or self._stopping:
+                self._started.set()
             self._dispatch()
             if self._stopping and not self._workers:
                 self._cancel_queue(PoolShutdownError(f"{self._pool.name} shut down"))
@@ -285,8 +318,8 @@ class ProcessEngine:
     def _adjust_workers(self) -> None:
         live = [w for w in self._workers.values() if not w.retiring]
         target = 0 if self._stopping else self._target
-        if self._stopping and not self._cancel_pending and self._queue and live:
-            target = len(live)  # drain the queue first
+        if self._stopping and not self._cancel_pending and self._queue:
+            target = self._target  # drain the queue first, with the workers asked for
         if self._broken is None:
             for _ in range(target - len(live)):
                 try:
@@ -357,23 +390,45 @@ class ProcessEngine:
         except OSError:
             pass  # the child died: its sentinel will fire and re-queue what it had not started
 
-    def _read_results(self, w: _Proc) -> None:
-        conn = w.result_r
+    def _read_results(self, w: _Proc, until_eof: bool = False) -> None:
+        """Read every frame waiting in ``w``'s result pipe (one read for many)."""
+        fd = w.result_r.fileno()
+        buf = w.buf
         try:
-            while conn.poll(0):
-                self._settle(w, conn.recv_bytes())
-        except (EOFError, OSError):
-            self._sel.unregister(conn)  # the sentinel follows
+            while True:
+                chunk = os.read(fd, 1 << 18)
+                if not chunk:  # EOF: the child exited; its sentinel follows
+                    self._unregister(w.result_r)
+                    break
+                buf += chunk
+                if len(chunk) < 1 << 18 and not until_eof:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._unregister(w.result_r)
+        frames = []
+        pos, end, size = 0, len(buf), pw.HEADER.size
+        unpack = pw.HEADER.unpack_from
+        while end - pos >= size:
+            (n,) = unpack(buf, pos)
+            if end - pos - size < n:
+                break
+            frames.append(_loads(buf[pos + size : pos + size + n]))
+            pos += size + n
+        del buf[:pos]
+        if frames:
+            self._settle(w, frames)
 
-    def _settle(self, w: _Proc, data: bytes) -> None:
-        results, busy = _loads(data)
-        n = len(results)
+    def _settle(self, w: _Proc, frames: list) -> None:
+        n = len(frames)
+        busy = sum(f[3] for f in frames)
         per_job = busy / n
         self._avg = per_job if self._avg is None else 0.8 * self._avg + 0.2 * per_job
         w.done += n
         completed = failed = 0
         inflight = w.inflight
-        for jid, status, payload in results:
+        for jid, status, payload, _ in frames:
             item = inflight.popleft()
             fut: Future = item.future
             if status == pw.OK:
@@ -395,29 +450,22 @@ class ProcessEngine:
                     log.error("job %r raised in worker process", item.fn, exc_info=exc)
             else:  # TERMINATED: a TerminationNotice; the child exits after this
                 completed += 1
-                fut.set_result(None)
                 w.retiring = True
                 self._pool._terminated_by_job()
                 self._target = max(0, self._target - 1)
+                fut.set_result(None)
         with self._count_lock:
             self._completed += completed
             self._failed += failed
         self._pool._job_done(n)
 
     def _worker_exited(self, w: _Proc) -> None:
-        if w.result_r.fileno() >= 0:
-            try:
-                self._read_results(w)  # whatever it sent before dying is valid
-            except Exception:  # noqa: BLE001
-                pass
         try:
-            self._sel.unregister(w.process.sentinel)
-        except (KeyError, ValueError):
-            pass
-        try:
-            self._sel.unregister(w.result_r)
-        except (KeyError, ValueError):
-            pass
+            self._read_results(w, until_eof=True)  # whatever it sent before dying is valid
+        except Exception:  # noqa: BLE001
+            log.exception("%s: reading a dead worker's last results", self._pool.name)
+        self._unregister(w.process.sentinel)
+        self._unregister(w.result_r)
         w.process.join(5)
         del self._workers[w.wid]
         w.job_w.close()
@@ -452,6 +500,12 @@ class ProcessEngine:
             self._pool._job_done(len(lost))
         # Jobs it never started go back to the front, in order, for other workers.
         self._queue.extendleft(reversed(unstarted))
+
+    def _unregister(self, fileobj: Any) -> None:
+        try:
+            self._sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
 
     def _give_up(self, reason: str) -> None:
         self._broken = f"{self._pool.name} cannot keep worker processes alive: {reason}"

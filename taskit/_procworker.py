@@ -6,9 +6,12 @@ ends are this package, so pickle is fine: the parent trusts its own children):
 * parent -> child, on the job pipe: ``pickle([(jid, is_job, payload), ...])``,
   a batch of jobs, each ``payload`` being ``pickle((fn, args, kwargs))``
   made in the submitting thread; or ``b""``: finish the jobs received, exit.
-* child -> parent, on the result pipe: ``pickle((results, busy_seconds))``
-  with ``results = [(jid, status, data), ...]`` in the order jobs were
-  received (status: :data:`OK`, :data:`ERROR`, :data:`TERMINATED`).
+* child -> parent, on the result pipe: one frame per job, in the order the
+  jobs were received: an 8-byte big-endian length, then
+  ``pickle((jid, status, data, seconds))`` (status: :data:`OK`,
+  :data:`ERROR`, :data:`TERMINATED`). The frame is written before the next
+  job starts, so a crash never loses a result already produced; the parent
+  reads whatever frames are in the pipe with one ``read``.
 * ``started``: a shared integer the child sets to a job's id before running
   it, so when a child dies the parent knows which job it was running (that
   one fails) and which it never started (those are re-queued elsewhere).
@@ -28,19 +31,18 @@ import os
 import pickle
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
 import traceback
 from typing import Any
 
-__all__ = ["child_main", "OK", "ERROR", "TERMINATED", "STOP", "encode_exception"]
+__all__ = ["child_main", "OK", "ERROR", "TERMINATED", "STOP", "HEADER", "encode_exception"]
 
 OK, ERROR, TERMINATED = 0, 1, 2
 STOP = b""
-# Send results at least this often while running a long batch, so the parent
-# learns of completions (and a crash loses at most this much reporting).
-FLUSH_INTERVAL = 0.001
+HEADER = struct.Struct("!Q")  # result frames: 8-byte length, then the pickle
 EXIT_ORPHANED = 70  # the parent is gone: nobody is left to read our results
 _PR_SET_PDEATHSIG = 1
 _dumps = pickle.dumps
@@ -130,24 +132,19 @@ def child_main(
         init_error = e
     equipped = toolbox_factory is not None
 
-    send = result_conn.send_bytes
+    out_fd = result_conn.fileno()
     perf = time.perf_counter
-    results: list = []
-    busy = 0.0
-    last_flush = perf()
 
-    def flush() -> None:
-        nonlocal results, busy, last_flush
-        if results:
-            send(_dumps((results, busy), _PROTO))
-            results = []
-            busy = 0.0
-        last_flush = perf()
+    def send(jid: int, status: int, data: bytes, seconds: float) -> None:
+        # One frame per job, written before the next job starts: if this
+        # process dies, every result it produced has already left it.
+        body = _dumps((jid, status, data, seconds), _PROTO)
+        frame = memoryview(HEADER.pack(len(body)) + body)
+        while frame:
+            frame = frame[os.write(out_fd, frame):]
 
     try:
         while True:
-            if results and inbox.empty():
-                flush()
             data = inbox.get()
             if data == STOP:
                 break
@@ -166,27 +163,22 @@ def child_main(
                     else:
                         value = fn(*args, **kwargs)
                     try:
-                        out = (jid, OK, _dumps(value, _PROTO))
+                        status, out = OK, _dumps(value, _PROTO)
                     except Exception as e:  # noqa: BLE001
                         err = UnpicklableError(
                             f"the job's result ({type(value).__name__}) cannot be pickled back "
                             f"to the parent: {e}; return picklable values"
                         )
-                        out = (jid, ERROR, encode_exception(err))
+                        status, out = ERROR, encode_exception(err)
                 except TerminationNotice:
-                    results.append((jid, TERMINATED, b""))
-                    flush()
+                    send(jid, TERMINATED, b"", perf() - t0)
                     return
                 except BaseException as e:  # noqa: BLE001 - a job never kills its worker
-                    if isinstance(e, (SystemExit, KeyboardInterrupt)) and not isinstance(
-                        e, TaskItError
-                    ):
+                    if isinstance(e, (SystemExit, KeyboardInterrupt)):
+                        # Re-raised in the parent these would stop the caller's thread.
                         e = RuntimeError(f"the job raised {type(e).__name__}{e.args!r}")
-                    out = (jid, ERROR, encode_exception(e))
-                busy += perf() - t0
-                results.append(out)
-                if perf() - last_flush > FLUSH_INTERVAL:
-                    flush()
-        flush()
-    except (BrokenPipeError, EOFError, ConnectionError):
+                    status, out = ERROR, encode_exception(e)
+                value = None
+                send(jid, status, out, perf() - t0)
+    except OSError:  # EPIPE: the parent is gone
         os._exit(EXIT_ORPHANED)

@@ -396,6 +396,8 @@ class WorkerPool:
         _live_pools.add(self)
         if size:
             self.grow(size)
+            if self._proc is not None:
+                self._proc.wait_started(60)  # so worker_pids() and stats() see them
 
     # -- submitting work ----------------------------------------------------
 
