@@ -67,10 +67,14 @@ def _compare(kind: str, workers: int, jobs: int, repeat: int) -> tuple[float, fl
     sm, tm = min(std_map), min(tk_map)
     std_name = std_cls.__name__
     print(f"{kind} pool, {workers} workers ({std_name} vs WorkerPool, best of {repeat}):")
-    print(f"  submit->result latency: {std_name} {sl * 1e6:8.1f} us   taskit {tl * 1e6:8.1f} us"
-          f"   ratio {tl / sl:5.2f}")
-    print(f"  map of {jobs} tiny jobs: {std_name} {jobs / sm:8.0f}/s   taskit {jobs / tm:8.0f}/s"
-          f"   time ratio {tm / sm:5.2f}")
+    print(
+        f"  submit->result latency: {std_name} {sl * 1e6:8.1f} us   taskit {tl * 1e6:8.1f} us"
+        f"   ratio {tl / sl:5.2f}"
+    )
+    print(
+        f"  map of {jobs} tiny jobs: {std_name} {jobs / sm:8.0f}/s   taskit {jobs / tm:8.0f}/s"
+        f"   time ratio {tm / sm:5.2f}"
+    )
     return tl / sl, tm / sm
 
 
@@ -106,9 +110,11 @@ def main() -> None:
     t_lat, t_map = _compare("thread", args.workers, args.jobs, args.repeat)
     p_lat, p_map = _compare("process", args.workers, args.jobs, args.repeat)
     _start_cost(args.workers)
-    print("targets: thread map time ratio <= 1.20 -> "
-          f"{'met' if t_map <= 1.2 else 'NOT met'}; process map time ratio <= 1.00 -> "
-          f"{'met' if p_map <= 1.0 else 'NOT met'}")
+    print(
+        "targets: thread map time ratio <= 1.20 -> "
+        f"{'met' if t_map <= 1.2 else 'NOT met'}; process map time ratio <= 1.00 -> "
+        f"{'met' if p_map <= 1.0 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -113,7 +113,15 @@ class _Proc:
     """One worker process, as the manager thread sees it."""
 
     __slots__ = (
-        "wid", "process", "job_w", "result_r", "started", "inflight", "retiring", "done", "buf"
+        "wid",
+        "process",
+        "job_w",
+        "result_r",
+        "started",
+        "inflight",
+        "retiring",
+        "done",
+        "buf",
     )
 
     def __init__(self, wid: int, process: Any, job_w: Any, result_r: Any, started: Any) -> None:
@@ -172,9 +180,7 @@ class ProcessEngine:
         self._wake_pending = False
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._thread = threading.Thread(
-            target=self._run, name=f"{pool.name}-manager", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"{pool.name}-manager", daemon=True)
         self._started = threading.Event()  # the first workers have been started
         _live_engines.add(self)
         self._thread.start()
@@ -186,7 +192,9 @@ class ProcessEngine:
         try:
             item.payload = _dumps((item.fn, item.args, item.kwargs), _PROTO)
         except Exception as e:  # noqa: BLE001 - pickle raises many types
-            what = "job" if item.is_job else f"function {getattr(item.fn, '__qualname__', item.fn)!r}"
+            what = (
+                "job" if item.is_job else f"function {getattr(item.fn, '__qualname__', item.fn)!r}"
+            )
             item.future.set_exception(
                 UnpicklableError(
                     f"cannot send the {what} or its arguments to a worker process: {e}. "
@@ -428,7 +436,7 @@ class ProcessEngine:
         w.done += n
         completed = failed = 0
         inflight = w.inflight
-        for jid, status, payload, _ in frames:
+        for _jid, status, payload, _ in frames:
             item = inflight.popleft()
             fut: Future = item.future
             if status == pw.OK:
@@ -474,26 +482,38 @@ class ProcessEngine:
         if w.retiring and not w.inflight:
             log.debug("%s: worker process %s exited", self._pool.name, w.process.pid)
             return
-        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
-        log.warning("%s: worker process %s %s; starting a replacement",
-                    self._pool.name, w.process.pid, how)
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code and code < 0
+            else f"exited with code {code}"
+        )
+        log.warning(
+            "%s: worker process %s %s; starting a replacement", self._pool.name, w.process.pid, how
+        )
         if w.done == 0 and not w.inflight:
             self._early_deaths += 1
             if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
-                self._give_up(f"{self._early_deaths} worker processes in a row died at start "
-                              f"(last one {how}); check the initializer and toolbox_factory")
+                self._give_up(
+                    f"{self._early_deaths} worker processes in a row died at start "
+                    f"(last one {how}); check the initializer and toolbox_factory"
+                )
         else:
             self._early_deaths = 0
         started = w.started.value
         lost = [i for i in w.inflight if i.jid <= started]
         unstarted = [i for i in w.inflight if i.jid > started]
         for item in lost:
-            ran = "while running this job" if item.jid == started else \
-                "after running this job, before sending its result"
-            item.future.set_exception(WorkerLostError(
-                f"worker process {w.process.pid} of {self._pool.name} {how} {ran}; only this "
-                "job failed and the pool replaced the worker. Retry it if it is idempotent"
-            ))
+            ran = (
+                "while running this job"
+                if item.jid == started
+                else "after running this job, before sending its result"
+            )
+            item.future.set_exception(
+                WorkerLostError(
+                    f"worker process {w.process.pid} of {self._pool.name} {how} {ran}; only this "
+                    "job failed and the pool replaced the worker. Retry it if it is idempotent"
+                )
+            )
         if lost:
             with self._count_lock:
                 self._failed += len(lost)

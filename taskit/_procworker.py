@@ -107,7 +107,7 @@ def child_main(
     init: bytes,
 ) -> None:
     """Entry point of a worker process (runs in the child)."""
-    from taskit.errors import TaskItError, UnpicklableError, WorkerInitError
+    from taskit.errors import UnpicklableError, WorkerInitError
     from taskit.pool import TerminationNotice, _call_initializers
 
     _set_parent_death_signal()
@@ -141,7 +141,7 @@ def child_main(
         body = _dumps((jid, status, data, seconds), _PROTO)
         frame = memoryview(HEADER.pack(len(body)) + body)
         while frame:
-            frame = frame[os.write(out_fd, frame):]
+            frame = frame[os.write(out_fd, frame) :]
 
     try:
         while True:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
 from typing import Any
 
-from taskit.errors import PoolError, PoolShutdownError, WorkerInitError
+from taskit.errors import PoolShutdownError, WorkerInitError
 
 __all__ = [
     "WorkerPool",
@@ -467,7 +467,7 @@ class WorkerPool:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         submit = self.submit
-        futures = [submit(fn, *args) for args in zip(*iterables)]
+        futures = [submit(fn, *args) for args in zip(*iterables, strict=False)]
         try:
             if ordered:
                 if deadline is None:
@@ -726,7 +726,6 @@ _name_lock = threading.Lock()
 def _check_count(n: Any, label: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{label} must be an int >= 0, not {n!r}")
-
 
 
 # --- the multiprocess worker library's model ------------------------------------

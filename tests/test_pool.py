@@ -229,8 +229,9 @@ def test_equipped_toolbox_is_per_worker_and_kept_across_jobs():
 
 def test_toolbox_is_created_in_the_worker_thread():
     with WorkerPool(2, toolbox_factory=Counter, name="tbx") as p:
-        names = set(p.map(lambda _: (current_toolbox().thread, threading.current_thread().name),
-                          range(50)))
+        names = set(
+            p.map(lambda _: (current_toolbox().thread, threading.current_thread().name), range(50))
+        )
     for creator, runner in names:
         assert creator == runner and creator.startswith("tbx-")
 
@@ -266,8 +267,12 @@ def test_failing_toolbox_factory_fails_jobs_instead_of_hanging():
 
 def test_initializer_runs_once_per_worker_in_the_worker():
     seen = []
-    with WorkerPool(3, initializer=lambda tag: seen.append((tag, threading.current_thread().name)),
-                    initargs=("init",), name="ini") as p:
+    with WorkerPool(
+        3,
+        initializer=lambda tag: seen.append((tag, threading.current_thread().name)),
+        initargs=("init",),
+        name="ini",
+    ) as p:
         p.map(double, range(30))
     assert len(seen) == 3 and all(tag == "init" and name.startswith("ini-") for tag, name in seen)
 
@@ -476,7 +481,8 @@ def test_a_forgotten_pool_does_not_hang_interpreter_exit():
         "print(p.submit(pow, 2, 10).result())\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1024"

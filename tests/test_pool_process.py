@@ -215,7 +215,9 @@ def test_stats_count_completed_and_failed():
 # --- worker death ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("crash", [exit_now, kill_self, segfault], ids=["os._exit", "SIGKILL", "segfault"])
+@pytest.mark.parametrize(
+    "crash", [exit_now, kill_self, segfault], ids=["os._exit", "SIGKILL", "segfault"]
+)
 def test_a_dying_worker_fails_only_its_job_and_is_replaced(crash):
     with WorkerPool(2, kind="process") as p:
         before = set(p.worker_pids()) or set(p.map(lambda_free_pid, range(4)))
@@ -392,8 +394,9 @@ def test_workers_exit_when_the_parent_is_sigkilled(busy):
     with tempfile.TemporaryDirectory() as tmp:
         code = PARENT.format(root=ROOT, busy=busy, path=os.path.join(tmp, "started"))
         env = dict(os.environ, PYTHONPATH=ROOT)
-        parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                  env=env, text=True)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True
+        )
         try:
             line = parent.stdout.readline()
             pids = [int(x) for x in line.split()]
@@ -407,15 +410,16 @@ def test_workers_exit_when_the_parent_is_sigkilled(busy):
 
 def test_a_forgotten_process_pool_does_not_hang_exit():
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {ROOT!r})\n"
         "from tests.test_pool_process import sub\n"
         "from taskit.pool import WorkerPool\n"
         "p = WorkerPool(2, kind='process')\n"
-        "print(p.submit(sub, 5, 2).result(), ' '.join(map(str, p.worker_pids())))\n" % ROOT
+        "print(p.submit(sub, 5, 2).result(), ' '.join(map(str, p.worker_pids())))\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     result, *pids = out.stdout.split()
     assert result == "3"
