@@ -243,7 +243,9 @@ class ProcessEngine:
 
     def pids(self) -> list[int]:
         """Process ids of the live workers (for tests and monitoring)."""
-        return [w.process.pid for w in list(self._workers.values()) if w.process.pid]
+        return [
+            w.process.pid for w in list(self._workers.values()) if w.process.pid and not w.retiring
+        ]
 
     def _wake(self) -> None:
         # One byte per burst of submits: the manager clears the flag after
