@@ -35,6 +35,7 @@ __all__ = [
     "BackendNotAvailableError",
     "BackendLostError",
     "CallTimeoutError",
+    "FrontEndClosedError",
     "BackendProcessingError",
     "UnknownTaskError",
     "CodecNotAllowedError",
@@ -187,6 +188,10 @@ class BackendLostError(FrontEndError):
     The call may or may not have run there (at-most-once); pass ``retries=`` to
     the FrontEnd to re-send such calls to another backend.
     """
+
+
+class FrontEndClosedError(FrontEndError, RuntimeError):
+    """The FrontEnd was closed: new calls are refused and pending ones fail with this."""
 
 
 class CallTimeoutError(FrontEndError, TimeoutError):
