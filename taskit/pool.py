@@ -512,7 +512,9 @@ class WorkerPool:
             if first:
                 self._target = 0
                 if self._proc is None:
-                    if cancel_pending or not self._workers:
+                    # Retiring workers take no more jobs: with none staying, nothing
+                    # could ever run what is queued.
+                    if cancel_pending or len(self._workers) <= self._to_retire:
                         cancelled = self._drain_queue()
                     n_stop = len(self._workers)
                     self._markers += n_stop

@@ -454,6 +454,23 @@ def test_shutdown_of_an_empty_pool_cancels_what_can_never_run():
     assert p.join(0)
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_shutdown_after_shrinking_to_zero_cancels_the_queue(kind):
+    gate = Gate() if kind == "thread" else None
+    p = WorkerPool(1, kind=kind)
+    if gate:
+        running = p.submit(gate.job, "ran")
+        gate.wait_started()
+    p.shrink(1)
+    queued = [p.submit(double, i) for i in range(3)]
+    if gate:
+        gate.release.set()
+        assert running.result(10) == "ran"
+    p.shutdown(wait=True)
+    assert all(f.cancelled() for f in queued)
+    assert p.join(10) is True
+
+
 def test_context_manager_and_stats_keys():
     with WorkerPool(2) as p:
         p.map(double, range(10))
