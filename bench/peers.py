@@ -806,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown libraries {sorted(unknown)}; choose from {','.join(LIBS)}")
     report = run(args)
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print(json.dumps(report))  # libraries in run order
     else:
         print(_table(report))
     return 0
