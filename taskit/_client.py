@@ -68,11 +68,12 @@ from taskit.errors import (
     CodecNotAllowedError,
     DecodeError,
     ProtocolError,
+    SignatureError,
     StoppingError,
     TaskItError,
     UnknownTaskError,
 )
-from taskit.protocol import DEFAULT_PORT, Kind, decode_error, pack, unpack
+from taskit.protocol import DEFAULT_PORT, HEADER, MAGIC, Kind, decode_error, pack, unpack
 
 __all__ = [
     "ClientCore",
@@ -93,6 +94,8 @@ DOWN = "down"  # disconnected, or connecting failed; libzmq keeps retrying
 STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
+_HEADER_UNPACK = HEADER.unpack
+_RESULT, _ERROR = int(Kind.RESULT), int(Kind.ERROR)
 
 # Remote error type names the backend raises itself -> the exception class.
 _ERROR_CLASSES: dict[str, type[BackendProcessingError]] = {
@@ -286,11 +289,13 @@ class ClientCore:
         self.connect_timeout = float(connect_timeout)
         self.clock = clock
         self.backends: dict[str, BackendState] = {}
+        self._blist: list[BackendState] = []  # backends in order, for routing
         self.calls: dict[int, PendingCall] = {}
         self._ids = itertools.count(1)
-        self._outbox: list[PendingCall] = []
+        # Read-only for drivers (a cheap "anything to do?" test): calls to send, timers.
+        self.outbox: list[PendingCall] = []
         self._parked: dict[int, PendingCall] = {}  # waiting for a backend to be up
-        self._timers: list[tuple[float, int, int, str]] = []  # (when, seq, call id, what)
+        self.timers: list[tuple[float, int, int, str]] = []  # (when, seq, call id, what)
         self._seq = itertools.count()
         self._rr = 0
         # Replies are decoded only in codecs we chose to trust (never pickle unasked).
@@ -304,7 +309,8 @@ class ClientCore:
         """Start tracking ``endpoint``; False when it is already known."""
         if endpoint in self.backends:
             return False
-        self.backends[endpoint] = BackendState(endpoint, self.clock())
+        b = self.backends[endpoint] = BackendState(endpoint, self.clock())
+        self._blist.append(b)
         return True
 
     def backend_up(self, endpoint: str) -> None:
@@ -366,20 +372,26 @@ class ClientCore:
 
     def choose(self) -> BackendState | None:
         """The backend for the next call (fewest in flight, ties round-robin), or None."""
-        backends = list(self.backends.values())
+        backends = self._blist
         n = len(backends)
+        if n == 1:  # the common case, on the hot path
+            b = backends[0]
+            return b if b.state == UP else None
         now = self.clock()
         best: BackendState | None = None
         best_key: tuple[bool, int] | None = None
+        best_i = 0
+        rr = self._rr
         for i in range(n):
-            b = backends[(self._rr + i) % n]
+            j = (rr + i) % n
+            b = backends[j]
             if b.state != UP:
                 continue
             key = (b.busy_until > now, len(b.calls))  # not-busy first, then load
             if best_key is None or key < best_key:
-                best, best_key = b, key
+                best, best_key, best_i = b, key, j
         if best is not None:
-            self._rr = (backends.index(best) + 1) % n
+            self._rr = (best_i + 1) % n
         return best
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -416,10 +428,10 @@ class ClientCore:
 
     def drain_outbox(self) -> list[PendingCall]:
         """Calls to put on the wire now, each to ``call.backend``."""
-        out = self._outbox
+        out = self.outbox
         if not out:
             return out
-        self._outbox = []
+        self.outbox = []
         return [c for c in out if not c.done and c.backend is not None]
 
     def frames_for(self, call: PendingCall) -> list[bytes]:
@@ -471,26 +483,30 @@ class ClientCore:
         Malformed, badly signed or unknown-id replies are dropped and counted in
         :attr:`stats`; they never raise.
         """
-        try:
-            msg = unpack(frames, self.signer)
-        except ProtocolError as e:
-            key = "bad_signatures" if type(e).__name__ == "SignatureError" else "bad_replies"
-            self.stats[key] += 1
-            return []
-        call = self.calls.get(msg.call_id)
+        if self.signer is None and len(frames) == 3 and frames[0] == MAGIC and len(frames[1]) == 10:
+            kind, codec_id, call_id = _HEADER_UNPACK(frames[1])  # the hot path, pre-checked
+            body = frames[2]
+        else:
+            try:
+                kind, codec_id, call_id, body = unpack(frames, self.signer)
+            except ProtocolError as e:
+                key = "bad_signatures" if isinstance(e, SignatureError) else "bad_replies"
+                self.stats[key] += 1
+                return []
+        call = self.calls.get(call_id)
         if call is None:
-            if msg.kind != Kind.PONG:
+            if kind != Kind.PONG:
                 self.stats["late_replies"] += 1
             return []
         done: Done = []
         b = self.backends.get(call.backend or "")
-        if msg.kind == Kind.RESULT:
-            codec = self._reply_codecs.get(msg.codec_id)
+        if kind == _RESULT:
+            codec = self._reply_codecs.get(codec_id)
             if codec is None:
-                self._bad_codec(call, msg.codec_id, endpoint, done)
+                self._bad_codec(call, codec_id, endpoint, done)
                 return done
             try:
-                value = codec.decode(msg.body)
+                value = codec.decode(body)
             except DecodeError as e:
                 self._finish(call, False, e, done)
                 return done
@@ -498,13 +514,13 @@ class ClientCore:
                 b.answered += 1
                 b.busy_streak = 0
             self._finish(call, True, value, done)
-        elif msg.kind == Kind.ERROR:
-            codec = self._reply_codecs.get(msg.codec_id)
+        elif kind == _ERROR:
+            codec = self._reply_codecs.get(codec_id)
             if codec is None:
-                self._bad_codec(call, msg.codec_id, endpoint, done)
+                self._bad_codec(call, codec_id, endpoint, done)
                 return done
             try:
-                type_name, args, tb = decode_error(codec, msg.body)
+                type_name, args, tb = decode_error(codec, body)
             except (DecodeError, ProtocolError) as e:
                 self._finish(call, False, e, done)
                 return done
@@ -522,7 +538,7 @@ class ClientCore:
 
     def tick(self) -> Done:
         """Fire due timers: call deadlines, connect waits, Busy back-offs."""
-        timers = self._timers
+        timers = self.timers
         if not timers:
             return []
         now = self.clock()
@@ -555,7 +571,7 @@ class ClientCore:
 
     def next_wakeup(self) -> float | None:
         """Monotonic time of the next timer, or None."""
-        timers = self._timers
+        timers = self.timers
         while timers and timers[0][2] not in self.calls:
             heapq.heappop(timers)
         return timers[0][0] if timers else None
@@ -563,7 +579,7 @@ class ClientCore:
     # -- internals --------------------------------------------------------------
 
     def _timer(self, when: float, call: PendingCall, what: str) -> None:
-        heapq.heappush(self._timers, (when, next(self._seq), call.id, what))
+        heapq.heappush(self.timers, (when, next(self._seq), call.id, what))
 
     def _route(self, call: PendingCall) -> None:
         call.on_wire = False
@@ -580,7 +596,7 @@ class ClientCore:
             return
         call.backend = b.endpoint
         b.calls[call.id] = call
-        self._outbox.append(call)
+        self.outbox.append(call)
 
     def _choose_excluding(self, refused: set[str]) -> BackendState | None:
         best = None

@@ -1,0 +1,343 @@
+"""taskit FrontEnd/BackEnd vs the raw pyzmq + msgpack floor, measured in one run.
+
+    python bench/rpc.py            # figures and ratios (taskit / floor)
+    python bench/rpc.py --json     # one JSON object: sync_median_ratio, sync_p99_ratio,
+                                   #   pipelined_ratio, echo_ratio (+ details)
+    python bench/rpc.py --quick    # fewer calls, one round
+
+Same arrangement for both sides: the server runs in a child process
+(``sys.executable bench/rpc.py --serve floor|taskit``) on a random 127.0.0.1
+port, and the client in this process. The floor is the least an RPC over
+ZeroMQ can do: a DEALER client and a one-thread ROUTER loop that
+msgpack-decodes ``[name, args, kwargs]``, calls the function and
+msgpack-encodes the result. taskit is ``BackEnd(...)`` with its defaults and
+``FrontEnd(codec=MsgpackCodec)``.
+
+Measured (each round visits the floor, then taskit, so noise hits both alike):
+
+- sync latency of ``add(1, 2)``: median and p99 over every round's samples
+  (ratio taskit/floor: lower is better, target <= 1.5);
+- pipelined throughput of 20,000 ``add`` calls: the floor keeps 1000 in flight;
+  taskit uses ``submit`` (all at once) and ``map`` (its own window); best round
+  (ratio taskit/floor: higher is better, target >= 0.5; ``pipelined_ratio`` is
+  the better of submit and map, both are printed);
+- 1 MiB ``echo`` throughput, sync calls, best round (ratio: higher is better,
+  target >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 30.0
+MiB = 1024 * 1024
+
+__all__: list[str] = []
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+FUNCS = {"add": add, "echo": echo}
+
+
+# -- servers (child processes) ---------------------------------------------------
+
+
+def _exit_on_eof() -> None:
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="rpc-bench-stdin", daemon=True).start()
+
+
+def _serve_floor() -> None:
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port(f"tcp://{HOST}")
+    _exit_on_eof()
+    print(f"PORT {port}", flush=True)
+    packb, unpackb = msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb
+    recv, send = sock.recv_multipart, sock.send_multipart
+    while True:
+        ident, body = recv()
+        name, args, kwargs = unpackb(body)
+        send([ident, packb(FUNCS[name](*args, **kwargs))])
+
+
+def _serve_taskit() -> None:
+    from taskit.backend import BackEnd
+
+    backend = BackEnd(FUNCS, host=HOST, port=0)
+    backend.start()
+    print(f"PORT {backend.port}", flush=True)
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        backend.stop_server()
+    os._exit(0)
+
+
+class Server:
+    """A server child process; :meth:`stop` always ends it (by pid)."""
+
+    def __init__(self, kind: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve", kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            self.port = self._read_port()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(READY_TIMEOUT):
+                raise RuntimeError("bench server did not start")
+            line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"bench server failed to start: {line!r}")
+        return int(line.split()[1])
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        for step in (None, self.proc.terminate, self.proc.kill):
+            if step is not None:
+                step()
+            try:
+                self.proc.wait(5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+# -- clients -----------------------------------------------------------------------
+
+
+class FloorClient:
+    def __init__(self, port: int) -> None:
+        import msgpack
+        import zmq
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(f"tcp://{HOST}:{port}")
+        self.packb = msgpack.Packer(use_bin_type=True).pack
+        self.unpackb = msgpack.unpackb
+
+    def call(self, name: str, *args: Any) -> Any:
+        self.sock.send(self.packb([name, args, {}]))
+        return self.unpackb(self.sock.recv())
+
+    def pipelined(self, n: int, window: int = 1000) -> list[Any]:
+        send, recv, packb, unpackb = self.sock.send, self.sock.recv, self.packb, self.unpackb
+        out = []
+        sent = 0
+        while sent < min(window, n):
+            send(packb(["add", (sent, 1), {}]))
+            sent += 1
+        while len(out) < n:
+            out.append(unpackb(recv()))
+            if sent < n:
+                send(packb(["add", (sent, 1), {}]))
+                sent += 1
+        return out
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+class TaskitClient:
+    def __init__(self, port: int) -> None:
+        from taskit.codecs import MsgpackCodec
+        from taskit.frontend import FrontEnd
+
+        self.fe = FrontEnd([(HOST, port)], codec=MsgpackCodec)
+
+    def call(self, name: str, *args: Any) -> Any:
+        return self.fe.work(name, *args)
+
+    def submit(self, n: int) -> list[Any]:
+        futures = [self.fe.submit("add", i, 1) for i in range(n)]
+        return [f.result() for f in futures]
+
+    def map(self, n: int) -> list[Any]:
+        return list(self.fe.map("add", range(n), [1] * n))
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+# -- measurements ------------------------------------------------------------------
+
+
+def latencies(call: Callable[..., Any], n: int) -> list[float]:
+    out = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t = clock()
+        r = call("add", 1, 2)
+        out.append(clock() - t)
+        if r != 3:
+            raise AssertionError(f"add(1, 2) returned {r!r}")
+    return out
+
+
+def rate(fn: Callable[[int], list[Any]], n: int) -> float:
+    t = time.perf_counter()
+    results = fn(n)
+    elapsed = time.perf_counter() - t
+    if results[:1] != [1] or results[-1] != n or len(results) != n:
+        raise AssertionError("pipelined results are wrong")
+    return n / elapsed
+
+
+def echo_rate(call: Callable[..., Any], n: int, payload: bytes) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        if len(call("echo", payload)) != len(payload):
+            raise AssertionError("echo returned a different payload")
+    return n * len(payload) / (time.perf_counter() - t) / MiB
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    servers = {kind: Server(kind) for kind in ("floor", "taskit")}
+    payload = os.urandom(MiB)
+    lat: dict[str, list[float]] = {"floor": [], "taskit": []}
+    thr: dict[str, float] = {"floor": 0.0, "submit": 0.0, "map": 0.0}
+    mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0}
+    try:
+        clients: dict[str, Any] = {
+            "floor": FloorClient(servers["floor"].port),
+            "taskit": TaskitClient(servers["taskit"].port),
+        }
+        try:
+            for kind, c in clients.items():  # warm up: connections, caches, allocators
+                latencies(c.call, 300)
+                echo_rate(c.call, 3, payload)
+            for _ in range(args.rounds):
+                for kind, c in clients.items():
+                    lat[kind] += latencies(c.call, args.sync)
+                thr["floor"] = max(thr["floor"], rate(clients["floor"].pipelined, args.calls))
+                thr["submit"] = max(thr["submit"], rate(clients["taskit"].submit, args.calls))
+                thr["map"] = max(thr["map"], rate(clients["taskit"].map, args.calls))
+                for kind, c in clients.items():
+                    mib[kind] = max(mib[kind], echo_rate(c.call, args.echo, payload))
+        finally:
+            for c in clients.values():
+                c.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+    us = {k: (statistics.median(v) * 1e6, pct(v, 0.99) * 1e6) for k, v in lat.items()}
+    best_pipe = max(thr["submit"], thr["map"])
+    return {
+        "sync_median_ratio": round(us["taskit"][0] / us["floor"][0], 3),
+        "sync_p99_ratio": round(us["taskit"][1] / us["floor"][1], 3),
+        "pipelined_ratio": round(best_pipe / thr["floor"], 3),
+        "echo_ratio": round(mib["taskit"] / mib["floor"], 3),
+        "details": {
+            "sync_median_us": {k: round(v[0], 1) for k, v in us.items()},
+            "sync_p99_us": {k: round(v[1], 1) for k, v in us.items()},
+            "pipelined_calls_per_s": {k: round(v) for k, v in thr.items()},
+            "pipelined_submit_ratio": round(thr["submit"] / thr["floor"], 3),
+            "pipelined_map_ratio": round(thr["map"] / thr["floor"], 3),
+            "echo_1mib_mib_per_s": {k: round(v, 1) for k, v in mib.items()},
+            "params": {
+                "sync": args.sync,
+                "calls": args.calls,
+                "echo": args.echo,
+                "rounds": args.rounds,
+            },
+        },
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    d = r["details"]
+    lines = [
+        "taskit FrontEnd/BackEnd vs raw pyzmq + msgpack (servers in child processes)",
+        f"  sync add(1, 2) median  floor {d['sync_median_us']['floor']:8.1f} us   "
+        f"taskit {d['sync_median_us']['taskit']:8.1f} us   ratio {r['sync_median_ratio']:.2f}"
+        "  (target <= 1.5)",
+        f"  sync add(1, 2) p99     floor {d['sync_p99_us']['floor']:8.1f} us   "
+        f"taskit {d['sync_p99_us']['taskit']:8.1f} us   ratio {r['sync_p99_ratio']:.2f}",
+        f"  pipelined {d['params']['calls']} calls  floor {d['pipelined_calls_per_s']['floor']:7d}/s"
+        f"   submit {d['pipelined_calls_per_s']['submit']:7d}/s ({d['pipelined_submit_ratio']:.2f})"
+        f"   map {d['pipelined_calls_per_s']['map']:7d}/s ({d['pipelined_map_ratio']:.2f})"
+        f"   ratio {r['pipelined_ratio']:.2f}  (target >= 0.5)",
+        f"  1 MiB echo             floor {d['echo_1mib_mib_per_s']['floor']:7.1f} MiB/s "
+        f"taskit {d['echo_1mib_mib_per_s']['taskit']:7.1f} MiB/s ratio {r['echo_ratio']:.2f}"
+        "  (target >= 0.8)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--serve", choices=("floor", "taskit"), help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="fewer calls, one round")
+    p.add_argument("--sync", type=int, default=3000, help="sync calls per round and side")
+    p.add_argument("--calls", type=int, default=20000, help="pipelined calls")
+    p.add_argument("--echo", type=int, default=100, help="1 MiB echoes per round and side")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.serve:
+        {"floor": _serve_floor, "taskit": _serve_taskit}[args.serve]()
+        return
+    if args.quick:
+        args.sync, args.calls, args.echo, args.rounds = 1000, 20000, 30, 1
+    result = run(args)
+    print(json.dumps(result) if args.json else report(result))
+
+
+if __name__ == "__main__":
+    main()
