@@ -36,7 +36,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "taskit": TaskitClient(servers["taskit"].port),
         }
         try:
-            for kind, c in clients.items():  # warm up: connections, caches, allocators
+            for c in clients.values():  # warm up: connections, caches, allocators
                 latencies(c.call, 300)
                 echo_rate(c.call, 3, payload)
             for _ in range(args.rounds):
@@ -309,7 +310,8 @@ def report(r: dict[str, Any]) -> str:
         "  (target <= 1.5)",
         f"  sync add(1, 2) p99     floor {d['sync_p99_us']['floor']:8.1f} us   "
         f"taskit {d['sync_p99_us']['taskit']:8.1f} us   ratio {r['sync_p99_ratio']:.2f}",
-        f"  pipelined {d['params']['calls']} calls  floor {d['pipelined_calls_per_s']['floor']:7d}/s"
+        f"  pipelined {d['params']['calls']} calls  "
+        f"floor {d['pipelined_calls_per_s']['floor']:7d}/s"
         f"   submit {d['pipelined_calls_per_s']['submit']:7d}/s ({d['pipelined_submit_ratio']:.2f})"
         f"   map {d['pipelined_calls_per_s']['map']:7d}/s ({d['pipelined_map_ratio']:.2f})"
         f"   ratio {r['pipelined_ratio']:.2f}  (target >= 0.5)",

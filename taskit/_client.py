@@ -56,7 +56,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from taskit.codecs import Signer, get_codec
 from taskit.errors import (
@@ -531,7 +532,9 @@ class ClientCore:
             else:
                 if b is not None:
                     b.failed += 1
-                self._finish(call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done)
+                self._finish(
+                    call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
+                )
         else:
             self.stats["bad_replies"] += 1
         return done
@@ -664,7 +667,9 @@ class ClientCore:
         call.backend = None
         call.busy_tries += 1
         if call.busy_tries > self.busy_retries:
-            self._finish(call, False, BusyError("Busy", args, tb, call.task, b and b.endpoint), done)
+            self._finish(
+                call, False, BusyError("Busy", args, tb, call.task, b and b.endpoint), done
+            )
             return
         other = self.choose()
         if other is not None and other.busy_until <= self.clock():
@@ -685,7 +690,8 @@ class ClientCore:
                 call.refused_by = set()
             call.refused_by.add(b.endpoint)
         if self._choose_excluding(call.refused_by or set()) is None:
-            self._finish(call, False, StoppingError("Stopping", args, tb, call.task, b and b.endpoint), done)
+            self._finish(
+                call, False, StoppingError("Stopping", args, tb, call.task, b and b.endpoint), done
+            )
         else:
             self._route(call)
-

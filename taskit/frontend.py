@@ -33,8 +33,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import zmq
 from zmq.backend import zmq_poll as _zmq_poll
@@ -267,14 +268,19 @@ class FrontEnd:
 
         As in 4.0, a :class:`BackendProcessingError` goes to ``error_cb(exc)``
         (``None``: log its traceback; ``False``: ignore it). Any other failure
-        (backend lost or unreachable, timeout) is logged at ERROR and left on
-        the returned Future. Callbacks run on a small thread pool
-        (``taskit-frontend-cb``), so they may call this FrontEnd again.
+        (backend lost or unreachable, timeout) is logged at ERROR, not given to
+        ``error_cb``. Callbacks run on a small thread pool (``taskit-frontend-cb``),
+        so they may call this FrontEnd again. Returns a Future that completes,
+        with the call's result or exception, *after* the callback has run.
         Raises :class:`EncodeError` at once for unencodable arguments.
         """
+        outer: Future = Future()
+        outer.set_running_or_notify_cancel()
         fut = self.submit(task, *args, **kwargs)
-        fut.add_done_callback(lambda f: self._callbacks().submit(self._run_cb, task, f, cb, error_cb))
-        return fut
+        fut.add_done_callback(
+            lambda f: self._callbacks().submit(self._run_cb, task, f, cb, error_cb, outer)
+        )
+        return outer
 
     def ignore(self, task: str, *args: Any, **kwargs: Any) -> Future:
         """Run ``task`` in the background and ignore its outcome (returns the Future)."""
@@ -292,12 +298,22 @@ class FrontEnd:
         return self._call(signal, (), None, timeout, target=endpoint)
 
     def send_stop(self, backend: Any) -> Any:
-        """Ask ``backend`` to stop gracefully (answers every accepted call first)."""
-        return self.send_signal(backend, STOP)
+        """Ask ``backend`` to stop gracefully (it answers every accepted call first).
+
+        Returns its answer, or None when it closed the connection before
+        answering (it did what was asked). Raises as :meth:`send_signal`.
+        """
+        try:
+            return self.send_signal(backend, STOP)
+        except BackendLostError:
+            return None
 
     def send_kill(self, backend: Any) -> Any:
-        """Ask ``backend`` to terminate now."""
-        return self.send_signal(backend, KILL)
+        """Ask ``backend`` to terminate now; returns as :meth:`send_stop`."""
+        try:
+            return self.send_signal(backend, KILL)
+        except BackendLostError:
+            return None
 
     def get_tasks(self, backend: Any) -> str:
         """The backend's count of queued and running tasks, as a string, or ``'down'``.
@@ -369,7 +385,7 @@ class FrontEnd:
         bar = progress_bar(total=total, enabled=progress, desc=task)
         timeout = self.timeout if timeout is None else timeout
         window: collections.deque[tuple[PendingCall, _Waiter]] = collections.deque()
-        source = zip(*iterables)
+        source = zip(*iterables, strict=False)  # stops at the shortest, like map()
         exhausted = False
         try:
             while True:
@@ -867,7 +883,7 @@ class FrontEnd:
                 self._cb_pool = ThreadPoolExecutor(8, thread_name_prefix="taskit-frontend-cb")
             return self._cb_pool
 
-    def _run_cb(self, task: str, fut: Future, cb: Callable, error_cb: Any) -> None:
+    def _run_cb(self, task: str, fut: Future, cb: Callable, error_cb: Any, outer: Future) -> None:
         exc = fut.exception()
         try:
             if exc is None:
@@ -881,6 +897,11 @@ class FrontEnd:
                 self._note(ERROR, f"task {task!r} failed: {type(exc).__name__}: {exc}")
         except Exception:  # a user callback raised: report it, keep the pool alive
             _log.exception("callback of task %r raised", task)
+        finally:
+            if exc is None:
+                outer.set_result(fut.result())
+            else:
+                outer.set_exception(exc)
 
     def _note(self, importance: str, msg: str) -> None:
         _log.log(logging.ERROR if importance == ERROR else logging.INFO, msg)

@@ -76,7 +76,9 @@ def test_parse_backend(spec, want):
     assert parse_backend(spec) == want
 
 
-@pytest.mark.parametrize("bad", ["", ("h", 0), ("h", "x"), ("", 5), 42, "tcp://h", "ipc://", ("h",)])
+@pytest.mark.parametrize(
+    "bad", ["", ("h", 0), ("h", "x"), ("", 5), 42, "tcp://h", "ipc://", ("h",)]
+)
 def test_parse_backend_rejects(bad):
     with pytest.raises(ValueError, match="a backend is|needs|no address"):
         parse_backend(bad)
@@ -149,7 +151,11 @@ def test_remote_errors_map_to_classes():
         exc = done[2]
         assert done[1] is False and type(exc) is cls
         assert (exc.type, exc.args, exc.remote_traceback, exc.task, exc.backend) == (
-            type_name, ("x",), "TB", "div", A,
+            type_name,
+            ("x",),
+            "TB",
+            "div",
+            A,
         )
 
 

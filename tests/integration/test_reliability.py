@@ -1,0 +1,186 @@
+"""Reliability of the FrontEnd against backends in real child processes:
+SIGKILL mid-run (with and without retries), a frozen backend (heartbeats),
+restart and rejoin."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from taskit.codecs import MsgpackCodec
+from taskit.errors import BackendLostError
+from taskit.frontend import FrontEnd
+
+from ..conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SERVER = r"""
+import os, sys, time
+from taskit.backend import BackEnd
+port, name = int(sys.argv[1]), sys.argv[2]
+def add(a, b):
+    return a + b
+def who():
+    return name
+def nap(s):
+    time.sleep(s)
+    return name
+be = BackEnd({"add": add, "who": who, "nap": nap}, host="127.0.0.1", port=port,
+             codecs=["json", "msgpack"], workers=4)
+be.start()
+print("READY", flush=True)
+sys.stdin.buffer.read()  # EOF: the test ended (or died)
+os._exit(0)
+"""
+
+
+class Server:
+    """A BackEnd in a child process on ``port``; stop() always ends it, by pid."""
+
+    def __init__(self, port: int, name: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self.port, self.name = port, name
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(port), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(30) and self.proc.stdout.readline().strip() == b"READY"
+        if not ready:
+            self.stop()
+            raise RuntimeError(f"backend {name} did not start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def servers():
+    made: list[Server] = []
+
+    def make(name: str, port: int | None = None) -> Server:
+        s = Server(port or free_port(), name)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _kill_after(futures, count: int, server: Server) -> threading.Event:
+    """SIGKILL ``server`` once ``count`` of ``futures`` are done (from a done-callback)."""
+    killed = threading.Event()
+    lock = threading.Lock()
+    done = [0]
+
+    def on_done(_):
+        with lock:
+            done[0] += 1
+            if done[0] == count:
+                server.kill()
+                killed.set()
+
+    for f in futures:
+        f.add_done_callback(on_done)
+    return killed
+
+
+N = 10_000
+
+
+def test_kill_with_retries_every_call_answered(servers):
+    a, b = servers("a"), servers("b")
+    with FrontEnd([a.endpoint, b.endpoint], codec=MsgpackCodec, retries=1) as fe:
+        futures = [fe.submit("add", i, i) for i in range(N)]
+        killed = _kill_after(futures, N // 5, a)
+        results = [f.result(60) for f in futures]
+        assert killed.is_set()
+        assert results == [2 * i for i in range(N)]
+        st = fe.backends_status()
+        assert st[a.endpoint]["state"] == "down" and st[a.endpoint]["lost"] > 0
+        assert st[b.endpoint]["answered"] > N // 2
+
+
+def test_kill_without_retries_fails_fast_never_hangs(servers):
+    a, b = servers("a"), servers("b")
+    hb_timeout = 1.0
+    with FrontEnd(
+        [a.endpoint, b.endpoint],
+        codec=MsgpackCodec,
+        heartbeat_interval=0.25,
+        heartbeat_timeout=hb_timeout,
+    ) as fe:
+        futures = [fe.submit("add", i, i) for i in range(N)]
+        killed = _kill_after(futures, N // 5, a)
+        assert killed.wait(60)
+        t_kill = time.monotonic()
+        lost = 0
+        for i, f in enumerate(futures):
+            exc = f.exception(hb_timeout + 10)
+            if exc is None:
+                assert f.result() == 2 * i
+            else:
+                assert isinstance(exc, BackendLostError), exc
+                lost += 1
+        # every call was settled well within the heartbeat timeout (+ scheduling slack)
+        assert time.monotonic() - t_kill < hb_timeout + 10
+        assert lost > 0
+        assert fe.work("add", 1, 1) == 2  # the survivor serves
+
+
+def test_frozen_backend_detected_by_heartbeat(servers):
+    a = servers("a")
+    with FrontEnd([a.endpoint], heartbeat_interval=0.2, heartbeat_timeout=0.8) as fe:
+        assert fe.work("who") == "a"
+        fut = fe.submit("nap", 0.5)
+        a.kill(signal.SIGSTOP)  # alive, connection open, but silent
+        try:
+            t = time.monotonic()
+            with pytest.raises(BackendLostError):
+                fut.result(10)
+            assert time.monotonic() - t < 6
+            assert fe.backends_status()[a.endpoint]["state"] == "down"
+        finally:
+            a.kill(signal.SIGKILL)
+
+
+def test_restarted_backend_rejoins(servers):
+    a, b = servers("a"), servers("b")
+    with FrontEnd([a.endpoint, b.endpoint], connect_timeout=5) as fe:
+        assert sorted(fe.work("who") for _ in range(4)) == ["a", "a", "b", "b"]
+        a.kill()
+        a.proc.wait(10)
+        # while a is down everything goes to b
+        assert {fe.work("who") for _ in range(6)} == {"b"}
+        servers("a2", port=a.port)
+        # a pinned signal waits (up to connect_timeout) for the reconnection
+        assert fe.get_tasks(a.endpoint) in ("0", "down")
+        assert fe.send_signal(a.endpoint, "<status>") == "0"
+        assert fe.backends_status()[a.endpoint]["state"] == "up"
+        assert fe.backends_status()[a.endpoint]["connects"] == 2
+        served = [fe.work("who") for _ in range(10)]
+        assert served.count("a2") == 5 and served.count("b") == 5
