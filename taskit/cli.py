@@ -166,6 +166,10 @@ def _setup_logging(level: str) -> None:
 def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) -> Any:
     from taskit.frontend import FrontEnd
 
+    # The command reports every outcome itself; the FrontEnd's own log lines
+    # ("backend ... disconnected" after a stop) would only repeat them on stderr.
+    logging.getLogger("taskit").setLevel(logging.CRITICAL)
+
     kwargs: dict[str, Any] = {}
     if getattr(args, "codec", None):
         kwargs["codec"] = args.codec
@@ -290,14 +294,18 @@ def _query_all(
 ) -> list[tuple[str, Any]]:
     """``(host:port, answer)`` per target, asked concurrently; answer is the
     exception when the backend did not answer."""
-    from taskit.errors import BackendNotAvailableError
+    from taskit.errors import BackendLostError
 
     def ask(fe: Any, target: tuple[str, int]) -> Any:
         try:
             if admin == STATUS:
                 return fe.get_tasks(target)
             return fe.send_signal(target, admin)
-        except (BackendNotAvailableError, TimeoutError, TaskItError) as e:
+        except BackendLostError as e:
+            # A backend told to stop or die may close its connection before its
+            # answer is read: it went away because it obeyed.
+            return None if admin in (STOP, KILL) else e
+        except (TimeoutError, TaskItError) as e:
             return e
 
     with _frontend(targets, args) as fe:
