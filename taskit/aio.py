@@ -259,7 +259,7 @@ class AsyncFrontEnd:
                 total = None
         bar = progress_bar(total=total, enabled=progress, desc=task)
         t = self.timeout if timeout is None else timeout
-        source = zip(*iterables)
+        source = zip(*iterables, strict=False)  # like the builtin: stop at the shortest
         window: collections.deque[asyncio.Future[Any]] = collections.deque()
         try:
             while True:
@@ -286,16 +286,19 @@ class AsyncFrontEnd:
     ) -> asyncio.Future[Any]:
         """Call ``task``; then ``cb(result)`` on the loop. As in FrontEnd, a
         :class:`BackendProcessingError` goes to ``error_cb(exc)`` (``None``: log its
-        traceback; ``False``: ignore it); any other failure is logged at ERROR and
-        left on the returned future."""
-        fut = self._submit(task, args, kwargs, self.timeout, None)
+        traceback; ``False``: ignore it); any other failure is logged at ERROR, not
+        given to ``error_cb``. Returns a future that completes, with the call's
+        result or exception, *after* the callback has run (awaiting it is optional:
+        an exception left on it is not reported again)."""
+        inner = self._submit(task, args, kwargs, self.timeout, None)
+        outer: asyncio.Future[Any] = inner.get_loop().create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled():
-                return
-            exc = f.exception()  # also marks it retrieved: we report it ourselves
+            exc = None if f.cancelled() else f.exception()
             try:
-                if exc is None:
+                if f.cancelled():
+                    pass
+                elif exc is None:
                     cb(f.result())
                 elif isinstance(exc, BackendProcessingError):
                     if error_cb is None:
@@ -306,9 +309,19 @@ class AsyncFrontEnd:
                     _log.error("task %r failed: %s: %s", task, type(exc).__name__, exc)
             except Exception:  # a user callback raised: report it, keep the loop going
                 _log.exception("callback of task %r raised", task)
+            finally:
+                if outer.done():
+                    pass  # the caller cancelled it
+                elif f.cancelled():
+                    outer.cancel()
+                elif exc is None:
+                    outer.set_result(f.result())
+                else:
+                    outer.set_exception(exc)
+                    outer.exception()  # reported above: no "never retrieved" warning
 
-        fut.add_done_callback(done)
-        return fut
+        inner.add_done_callback(done)
+        return outer
 
     def ignore(self, task: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Call ``task`` and drop the outcome, errors included. Returns the future."""
@@ -329,12 +342,20 @@ class AsyncFrontEnd:
         return await self._submit(signal, (), {}, t, endpoint)
 
     async def send_stop(self, backend: Any) -> Any:
-        """Ask ``backend`` to stop gracefully (answers every accepted call first)."""
-        return await self.send_signal(backend, STOP)
+        """Ask ``backend`` to stop gracefully (it answers every accepted call first).
+        Returns its answer, or None when it closed the connection before answering
+        (it did what was asked). Raises as :meth:`send_signal`."""
+        try:
+            return await self.send_signal(backend, STOP)
+        except BackendLostError:
+            return None
 
     async def send_kill(self, backend: Any) -> Any:
-        """Ask ``backend`` to terminate now."""
-        return await self.send_signal(backend, KILL)
+        """Ask ``backend`` to terminate now; returns as :meth:`send_stop`."""
+        try:
+            return await self.send_signal(backend, KILL)
+        except BackendLostError:
+            return None
 
     async def get_tasks(self, backend: Any) -> str:
         """The backend's count of queued and running tasks as a string, or ``'down'``
