@@ -74,7 +74,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _MAP_WINDOW = 1000  # calls map() keeps in flight
-_RECV_BATCH = 256  # replies read per readiness before timers and sends get a turn
+_DRAIN_ALL = 1 << 62
 
 _UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 _HANDSHAKE_FAILED = (
@@ -669,11 +669,11 @@ class FrontEnd:
                 else:
                     self._monitor_events(self._by_monitor[sock])
 
-    def _receive(self, link: _Link, until: _Waiter | None) -> None:
+    def _receive(self, link: _Link, until: _Waiter | None, limit: int = 256) -> None:
         """Read what ``link`` has (poll said it is readable). Stops as soon as ``until``
         is resolved, so a synchronous call never pays for a failed non-blocking read."""
         recv, core, endpoint = link.sock.recv, self._core, link.endpoint
-        for _ in range(_RECV_BATCH):
+        for _ in range(limit):  # bounded, so timers and sends get a turn
             try:
                 # Frame objects tell whether more parts follow without a getsockopt
                 # call per part (measurably cheaper than recv_multipart).
@@ -700,7 +700,9 @@ class FrontEnd:
             try:
                 _send(link.sock.send, core.frames_for(call))
             except zmq.Again:
-                # IMMEDIATE: no connected peer, the connection just dropped
+                # IMMEDIATE: no connected peer, the connection just dropped; keep
+                # the replies it delivered before failing what is left on it
+                self._receive(link, None, _DRAIN_ALL)
                 self._resolve(core.send_failed(call))
             except zmq.ZMQError as e:
                 self._resolve(core.send_failed(call))
@@ -749,6 +751,9 @@ class FrontEnd:
                 self._note(INFO, f"backend {link.endpoint} is up")
                 self._core.backend_up(link.endpoint)
             elif event & zmq.EVENT_DISCONNECTED:
+                # Replies that arrived before the disconnect are still queued on the
+                # socket; read them first, so only truly unanswered calls are lost.
+                self._receive(link, None, _DRAIN_ALL)
                 self._note(ERROR, f"backend {link.endpoint} disconnected")
                 self._resolve(self._core.backend_down(link.endpoint, "disconnected"))
             elif event & zmq.EVENT_CONNECT_RETRIED:
