@@ -106,17 +106,34 @@ def _curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, by
     return as_bytes(server), as_bytes(public), as_bytes(secret)
 
 
+# Plain ints: pyzmq's flag enums cost an arithmetic call per use on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
+    """Send one message's frames without blocking. Raises ``zmq.Again`` before
+    anything is sent when there is no connected peer (IMMEDIATE)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, _MORE if i < last else _NOBLOCK)
+
+
 class _Backend:
     """The sockets and tasks of one backend connection."""
 
-    __slots__ = ("endpoint", "sock", "monitor", "tasks")
+    __slots__ = ("endpoint", "sock", "raw", "monitor", "tasks")
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any) -> None:
         self.endpoint = endpoint
-        # Every use goes through the zmq.asyncio API, even non-blocking ones: it
-        # re-checks the socket's edge-triggered events after each send, so a
-        # waiting reader never misses a reply.
-        self.sock = sock
+        self.sock = sock  # the zmq.asyncio socket: the reader task awaits on it
+        # A plain view of the same socket for non-blocking sends and drains, which
+        # need no future. ZeroMQ's descriptor is edge-triggered and any use may
+        # consume the edge, so every raw use ends by checking EVENTS and reading
+        # what is there (_drain): the waiting reader can then never miss a reply.
+        self.raw = zmq.Socket.shadow(sock.underlying)
         self.monitor = monitor
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -518,18 +535,26 @@ class AsyncFrontEnd:
             out = core.drain_outbox()
             if not out:
                 return
+            used: dict[str, _Backend] = {}
             for call in out:
                 if call.done or call.backend is None:
                     continue
                 b = self._sockets.get(call.backend)
                 frames = core.frames_for(call)
-                # NOBLOCK: the future is already resolved (sent, or zmq.Again).
-                sent = b.sock.send_multipart(frames, zmq.NOBLOCK, copy=False) if b else None
-                if sent is None or sent.exception() is not None:
-                    # No connected peer (IMMEDIATE): the connection just went. The core
-                    # marks the backend down and re-routes; re-routed calls come round
-                    # in this loop.
+                try:
+                    if b is None:
+                        raise zmq.Again()
+                    _send(b.raw.send, frames)
+                    used[b.endpoint] = b
+                except zmq.Again:
+                    # IMMEDIATE: no connected peer, the connection just went. Keep the
+                    # replies it delivered, then the core marks the backend down and
+                    # re-routes; re-routed calls come round in this loop.
+                    if b is not None:
+                        self._drain(b)
                     self._resolve(core.send_failed(call))
+            for b in used.values():
+                self._drain(b)
 
     def _schedule(self) -> None:
         """Keep one timer armed for the core's next deadline."""
@@ -562,17 +587,15 @@ class AsyncFrontEnd:
             except zmq.ZMQError:
                 return  # closed
             self._resolve(core.on_message(endpoint, frames))
-            self._drain(b)  # what else is already queued, before yielding to the loop
+            self._drain(b)  # what else is queued, before yielding to the loop
             self._flush()  # Busy/Stopping replies re-route calls
             self._schedule()
 
     def _drain(self, b: _Backend) -> None:
         """Hand every reply already queued on ``b``'s socket to the core (no waiting)."""
-        while True:
-            more = b.sock.recv_multipart(zmq.NOBLOCK)  # a future resolved at once
-            if more.exception() is not None:
-                return
-            self._resolve(self._core.on_message(b.endpoint, more.result()))
+        raw, core, endpoint = b.raw, self._core, b.endpoint
+        while raw.getsockopt(_EVENTS) & _POLLIN:
+            self._resolve(core.on_message(endpoint, raw.recv_multipart(_NOBLOCK)))
 
     async def _watch(self, b: _Backend) -> None:
         core, endpoint = self._core, b.endpoint
