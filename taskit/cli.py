@@ -523,16 +523,17 @@ def _cmd_top(args: argparse.Namespace) -> int:
 # --- the parser -------------------------------------------------------------------
 
 
-def _add_client_options(p: argparse.ArgumentParser) -> None:
+def _add_client_options(p: argparse.ArgumentParser, connect_timeout: float = 2.0) -> None:
     p.add_argument("--key-file", metavar="F", help="shared HMAC key (the backend's --key-file)")
     p.add_argument(
-        "--codec", metavar="NAME", help="codec of the requests (json, msgpack; default: FrontEnd's)"
+        "--codec", metavar="NAME", help="codec of the requests (json or msgpack; default json)"
     )
     p.add_argument(
         "--connect-timeout",
         type=float,
+        default=connect_timeout,
         metavar="S",
-        help="seconds to wait for a backend to answer before calling it down",
+        help=f"seconds to wait for a backend to be reachable (default {connect_timeout:g})",
     )
 
 
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 1)"
     )
     p.add_argument("--default-port", type=int, default=DEFAULT_PORT, help=argparse.SUPPRESS)
-    _add_client_options(p)
+    _add_client_options(p, connect_timeout=5.0)  # a backend started just before
     p.set_defaults(func=_cmd_call)
 
     p = sub.add_parser(
