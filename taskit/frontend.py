@@ -667,7 +667,9 @@ class FrontEnd:
                     except BlockingIOError:
                         pass
                 else:
-                    self._monitor_events(self._by_monitor[sock])
+                    mlink = self._by_monitor.get(sock)
+                    if mlink is not None:  # None: replaced earlier in this loop turn
+                        self._monitor_events(mlink)
 
     def _receive(self, link: _Link, until: _Waiter | None, limit: int = 256) -> None:
         """Read what ``link`` has (poll said it is readable). Stops as soon as ``until``
@@ -754,22 +756,36 @@ class FrontEnd:
                 # Replies that arrived before the disconnect are still queued on the
                 # socket; read them first, so only truly unanswered calls are lost.
                 self._receive(link, None, _DRAIN_ALL)
-                self._note(ERROR, f"backend {link.endpoint} disconnected")
+                self._note(ERROR, f"backend {link.endpoint} disconnected", logging.INFO)
                 self._resolve(self._core.backend_down(link.endpoint, "disconnected"))
+                if link.sock in self._by_sock:  # not already replaced meanwhile
+                    self._renew(link)
+                return  # the old monitor socket is closed
             elif event & zmq.EVENT_CONNECT_RETRIED:
                 self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
             elif event & _HANDSHAKE_FAILED:
-                self._note(ERROR, f"handshake with {link.endpoint} failed (check CURVE keys)")
+                self._note(
+                    ERROR,
+                    f"handshake with {link.endpoint} failed (check CURVE keys)",
+                    logging.WARNING,
+                )
                 self._resolve(self._core.backend_down(link.endpoint, "handshake failed"))
 
     def _connect(self, endpoint: str) -> None:
-        if not self._core.add_backend(endpoint):
+        if endpoint in self._core.backends:
             return
+        link = self._open(endpoint)  # first, so a bad endpoint leaves no trace
+        self._core.add_backend(endpoint)
+        self._install(link)
+
+    def _open(self, endpoint: str) -> _Link:
+        """A connected DEALER (and its monitor) for ``endpoint``; ValueError if unusable."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # Queue messages only on live connections: a send with no peer fails at
-        # once (we re-route), and nothing sent while down runs after a restart.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Not IMMEDIATE: with it, libzmq drops a dead connection's pipe at once and
+        # can abort (fq.cpp "!_more") when that happens between two parts of a
+        # reply being read. Calls are routed only to connected backends anyway, and
+        # the socket is replaced on disconnect so nothing queued runs after a restart.
         sock.setsockopt(zmq.SNDHWM, 0)  # the caller bounds what is in flight
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -789,20 +805,46 @@ class FrontEnd:
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        link = _Link(endpoint, sock, monitor)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as e:
             sock.disable_monitor()
             monitor.close(0)
             sock.close(0)
-            self._core.backends.pop(endpoint, None)
             raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
-        self._links[endpoint] = link
-        self._by_sock[sock] = link
-        self._by_monitor[monitor] = link
+        return _Link(endpoint, sock, monitor)
+
+    def _install(self, link: _Link) -> None:
+        self._links[link.endpoint] = link
+        self._by_sock[link.sock] = link
+        self._by_monitor[link.monitor] = link
         # a new list, so a poll in progress elsewhere never sees it half-built
-        self._poll_items = [(sock, zmq.POLLIN), *self._poll_items, (monitor, zmq.POLLIN)]
+        self._poll_items = [
+            (link.sock, zmq.POLLIN),
+            *self._poll_items,
+            (link.monitor, zmq.POLLIN),
+        ]
+
+    def _discard(self, link: _Link) -> None:
+        self._by_sock.pop(link.sock, None)
+        self._by_monitor.pop(link.monitor, None)
+        self._poll_items = [
+            item
+            for item in self._poll_items
+            if item[0] is not link.sock and item[0] is not link.monitor
+        ]
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(0)
+        link.sock.close(0)
+
+    def _renew(self, link: _Link) -> None:
+        """Replace a disconnected backend's socket: whatever it still queued for the
+        old connection is dropped, never delivered to a restarted backend."""
+        self._discard(link)
+        self._install(self._open(link.endpoint))
 
     @staticmethod
     def _curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, bytes] | None:
@@ -852,13 +894,8 @@ class FrontEnd:
         """Fail what is pending and close every socket (with the I/O lock held)."""
         self._drain_inbox_on_close()
         self._resolve(self._core.fail_all(self._closed_error()))
-        for link in self._links.values():
-            try:
-                link.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            link.monitor.close(0)
-            link.sock.close(0)
+        for link in list(self._links.values()):
+            self._discard(link)
         self._links.clear()
         self._by_sock.clear()
         self._by_monitor.clear()
@@ -908,8 +945,10 @@ class FrontEnd:
             else:
                 outer.set_exception(exc)
 
-    def _note(self, importance: str, msg: str) -> None:
-        _log.log(logging.ERROR if importance == ERROR else logging.INFO, msg)
+    def _note(self, importance: str, msg: str, level: int | None = None) -> None:
+        if level is None:
+            level = logging.ERROR if importance == ERROR else logging.INFO
+        _log.log(level, msg)
         if self.logger is not null_logger:
             try:
                 self.logger(importance, msg)

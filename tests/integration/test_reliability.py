@@ -174,6 +174,12 @@ def test_restarted_backend_rejoins(servers):
         assert sorted(fe.work("who") for _ in range(4)) == ["a", "a", "b", "b"]
         a.kill()
         a.proc.wait(10)
+        # a call sent before the FrontEnd notices may be lost (at-most-once), so wait
+        # for the monitor to report the disconnect (bounded)
+        deadline = time.monotonic() + 10
+        while fe.backends_status()[a.endpoint]["state"] != "down":
+            assert time.monotonic() < deadline, fe.backends_status()
+            time.sleep(0.01)
         # while a is down everything goes to b
         assert {fe.work("who") for _ in range(6)} == {"b"}
         servers("a2", port=a.port)
