@@ -34,7 +34,7 @@ from taskit.errors import PortSpecError, TaskItError, TaskLoadError
 from taskit.ports import expand, get_ports, parse_address
 from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
 
-__all__ = ["main", "build_parser", "load_tasks"]
+__all__ = ["main", "build_parser", "load_tasks", "parse_value"]
 
 log = logging.getLogger("taskit.cli")
 
