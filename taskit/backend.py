@@ -1,0 +1,895 @@
+"""The taskit backend: a ZeroMQ ROUTER that serves plain functions by name.
+
+A :class:`BackEnd` binds one ROUTER socket and runs every CALL it accepts on
+the worker-pool core (:mod:`taskit.pool`); the reply goes out in the codec of
+the request. ``doc/protocol.md`` is the wire format, ``doc/security.md`` the
+threat model.
+
+Threads and the socket. ZeroMQ sockets are not thread-safe, but one may be
+used from several threads when every use is serialised by a lock (a lock is
+the full memory barrier libzmq asks for). The I/O thread reads requests under
+that lock and, between reads, sleeps in ``poll()`` on the socket's file
+descriptor *without* holding it. A pool worker that finishes a task takes the
+lock and sends its reply itself: on the hot path the I/O thread is woken once
+per request, never for the reply (a thread wake-up costs about as much as a
+whole loopback round trip on a busy machine). Because any use of the socket
+may consume the descriptor's edge, whoever used it last checks ``EVENTS`` and
+wakes the I/O thread through a pipe when a request is waiting.
+
+Admin signals (``<status> <stats> <tasks>``, and ``<stop> <kill>`` when
+enabled through :data:`ADMIN_TASKS`) are answered by the I/O thread itself, so
+they work while every worker is busy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import zmq
+
+from taskit import protocol
+from taskit.codecs import JSONCodec, Signer, get_codec
+from taskit.errors import (
+    BackendBindError,
+    DecodeError,
+    EncodeError,
+    InsecureCodecError,
+    PoolShutdownError,
+    ProtocolError,
+    RemoteTaskError,
+    SignatureError,
+)
+from taskit.log import ERROR, IMPORTANT, INFO, null_logger
+from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS, Kind
+
+__all__ = [
+    "BackEnd",
+    "ADMIN_TASKS",
+    "task_stop",
+    "task_kill",
+    "task_count",
+    "build_backend",
+    "DEFAULT_PORT",
+    "END_RESP",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_HEARTBEAT",
+]
+
+_log = logging.getLogger("taskit.backend")
+
+END_RESP = 0.5  # seconds: socket linger on close and the I/O thread's longest sleep
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that are dropped
+
+# Replies queued towards one peer before further replies to it are dropped (and
+# counted): a client that sends but never reads must not grow our memory forever.
+_REPLY_HWM = 100_000
+_BATCH = 64  # requests read per wake-up before flags are checked again
+
+# Plain ints and the unwrapped socket methods for the hot path (see _send_locked).
+_send = zmq.backend.Socket.send
+_get = zmq.backend.Socket.get
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_DONTWAIT = int(zmq.DONTWAIT)
+_MORE = int(zmq.SNDMORE) | _DONTWAIT
+
+
+# --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
+
+
+def task_stop(backend: BackEnd) -> None:
+    """Admin task: stop ``backend`` gracefully (answer what it accepted, then exit)."""
+    backend.stop_server(wait=False)
+
+
+def task_kill(backend: BackEnd) -> None:
+    """Admin task: end ``backend`` now; calls still running are not answered."""
+    backend.terminate_server()
+
+
+def task_count(backend: BackEnd) -> str:
+    """Admin task: the backend's task count, as a string (what 4.0 clients expect)."""
+    return str(backend.task_count)
+
+
+#: Add to a backend's tasks (``tasks.update(ADMIN_TASKS)``) to enable the
+#: ``<stop>`` and ``<kill>`` signals; ``<status>``, ``<stats>`` and ``<tasks>``
+#: are always answered.
+ADMIN_TASKS: dict[str, tuple[Callable[..., Any], bool]] = {
+    STOP: (task_stop, True),
+    KILL: (task_kill, True),
+    STATUS: (task_count, True),
+}
+
+_ADMIN_FUNCS = frozenset((task_stop, task_kill, task_count))
+_READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
+
+# Life cycle of a BackEnd.
+_NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
+
+_in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
+
+
+def _check_tasks(tasks: Any) -> None:
+    if not isinstance(tasks, Mapping):
+        raise TypeError(f"tasks must be a mapping of name -> callable, not {type(tasks).__name__}")
+    for name, entry in tasks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"task names must be strings, got {name!r}")
+        fn = entry[0] if isinstance(entry, tuple) and len(entry) == 2 else entry
+        if not callable(fn):
+            raise TypeError(
+                f"task {name!r} must be a callable or a (callable, pass_backend) pair, "
+                f"got {entry!r}"
+            )
+
+
+def _split(entry: Any) -> tuple[Callable[..., Any], bool]:
+    if type(entry) is tuple:
+        return entry[0], bool(entry[1])
+    return entry, False
+
+
+class BackEnd:
+    """A taskit server: exposes ``tasks`` (name -> callable) over ZeroMQ.
+
+    ``tasks`` values are callables, or ``(callable, pass_backend)`` pairs;
+    with ``pass_backend`` true the BackEnd is passed as the first argument
+    (for tasks that use :meth:`subtask`). The dict is kept, not copied, as
+    ``self.tasks``.
+
+    Where: ``host``/``port`` (``port=0``: a free port, read it back from
+    :attr:`port`), or ``endpoint`` (``"tcp://host:port"``, ``"ipc:///path"``).
+    How: ``workers`` and ``pool`` (``"thread"``, ``"process"`` or a ready
+    :class:`~taskit.pool.WorkerPool`, which the BackEnd then does not shut
+    down); ``codecs`` the codecs accepted (names or codec objects; default
+    json and msgpack, plus ``codec``, plus pickle when ``key`` or
+    ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
+    running (more get a ``Busy`` error at once); ``max_message_size`` bounds
+    every incoming message (larger ones make ZeroMQ drop the connection).
+    Security: ``key`` (bytes or str) makes every message carry an HMAC and
+    drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
+    turn on CurveZMQ encryption. ``heartbeat`` (seconds, ``None`` = off)
+    sets ZMTP heartbeats so dead clients are noticed. ``logger`` is a TaskIt
+    logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
+    tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
+    long closing waits to flush the last replies.
+
+    Serve with :meth:`start` (background thread) or :meth:`main` (blocks);
+    end with :meth:`stop_server` (graceful), :meth:`terminate_server` (now)
+    or :meth:`close` / ``with``. Every public method is thread-safe.
+
+    Raises ``TypeError`` for malformed tasks, :class:`InsecureCodecError` when
+    pickle would be accepted without a key, ``ValueError`` for bad options.
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Any],
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        logger: Callable[[str, Any], Any] = null_logger,
+        codec: Any = JSONCodec,
+        end_resp: float = END_RESP,
+        tracebacks: bool = True,
+        *,
+        endpoint: str | None = None,
+        workers: int | None = None,
+        pool: Any = "thread",
+        codecs: Iterable[Any] | None = None,
+        key: bytes | str | None = None,
+        insecure_pickle: bool = False,
+        max_pending: int | None = None,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
+        curve_secretkey: bytes | None = None,
+        curve_publickey: bytes | None = None,
+    ) -> None:
+        _check_tasks(tasks)
+        self.tasks = tasks if isinstance(tasks, dict) else dict(tasks)
+        self.host = host
+        self.port = port
+        self.log = logger
+        self.codec = get_codec(codec)
+        self.end_resp = float(end_resp)
+        self.tracebacks = bool(tracebacks)
+        self._endpoint = self._make_endpoint(endpoint, host, port)
+        if max_pending is not None and (not isinstance(max_pending, int) or max_pending < 1):
+            raise ValueError(f"max_pending must be an int >= 1 or None, not {max_pending!r}")
+        self.max_pending = max_pending
+        self.max_message_size = max_message_size
+        self.heartbeat = heartbeat
+        self._signer = Signer(key) if key is not None else None
+        self._codecs = self._accepted_codecs(codecs, key is not None, insecure_pickle)
+        if curve_secretkey is not None and not zmq.has("curve"):
+            raise NotImplementedError(
+                "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
+                "or drop curve_secretkey"
+            )
+        self._curve = (curve_secretkey, curve_publickey)
+        if isinstance(pool, str):
+            if pool not in ("thread", "process"):
+                raise ValueError(f"pool must be 'thread', 'process' or a WorkerPool, not {pool!r}")
+            self._pool_kind, self._pool, self._owns_pool = pool, None, True
+        elif callable(getattr(pool, "submit", None)):
+            self._pool_kind = getattr(pool, "kind", "thread")
+            self._pool, self._owns_pool = pool, False
+        else:
+            raise ValueError(f"pool must be 'thread', 'process' or a WorkerPool, not {pool!r}")
+        self._workers = workers
+
+        self._lock = threading.Lock()  # guards the socket and every counter below
+        self._state = _NEW
+        self._stopping = False
+        self._terminating = False
+        self._stopped = threading.Event()
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+        self._io_ident: int | None = None
+        self._in_flight = 0
+        self._subtasks = 0
+        self._started_at = 0.0
+        self._done = 0
+        self._failed = 0
+        self._admin = 0
+        self._per_task: dict[str, list[float]] = {}  # name -> [calls, failed, total seconds]
+        self._refused: dict[str, int] = {}  # backend-raised error type -> count
+        self._dropped = {"bad_signature": 0, "malformed": 0, "reply_unroutable": 0, "reply_hwm": 0}
+        self._verbose = logger is not null_logger
+
+    # -- configuration helpers -------------------------------------------------------
+
+    @staticmethod
+    def _make_endpoint(endpoint: str | None, host: str, port: Any) -> str:
+        if endpoint is not None:
+            if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://")):
+                raise ValueError(
+                    f"endpoint must be 'tcp://host:port' or 'ipc:///path', not {endpoint!r}"
+                )
+            return endpoint
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in 0..65535 (0 = any free port), not {port!r}")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        return f"tcp://{host}:{port or '*'}"
+
+    def _accepted_codecs(
+        self, codecs: Iterable[Any] | None, keyed: bool, insecure_pickle: bool
+    ) -> dict[int, Any]:
+        if codecs is None:
+            chosen = [get_codec("json"), get_codec("msgpack"), self.codec]
+            if keyed or insecure_pickle:
+                chosen.append(get_codec("pickle"))
+        else:
+            if isinstance(codecs, (str, bytes)):
+                codecs = [codecs]
+            chosen = [get_codec(c) for c in codecs]
+            if not chosen:
+                raise ValueError("codecs must name at least one codec")
+        accepted = {c.wire_id: c for c in chosen}
+        if 3 in accepted and not (keyed or insecure_pickle):
+            raise InsecureCodecError(
+                "pickle runs code chosen by the sender while decoding: pass key=... (the same "
+                "on every FrontEnd) so only key holders are heard, or insecure_pickle=True on "
+                "a network you trust"
+            )
+        return accepted
+
+    # -- public state ----------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint once serving (``tcp://127.0.0.1:40123``), else the requested one."""
+        return self._endpoint
+
+    @property
+    def task_count(self) -> int:
+        """Calls queued or running, plus running :meth:`subtask` calls."""
+        return self._in_flight + self._subtasks
+
+    @property
+    def running(self) -> bool:
+        """True between binding and the end of serving."""
+        return self._state == _RUNNING
+
+    @property
+    def codecs(self) -> list[str]:
+        """Names of the codecs this backend accepts."""
+        return sorted(c.name for c in self._codecs.values())
+
+    def add_tasks(self, tasks: Mapping[str, Any] = {}) -> None:  # noqa: B006 (4.0 signature)
+        """Serve more tasks (same forms as the constructor's). Thread-safe."""
+        _check_tasks(tasks)
+        self.tasks.update(tasks)
+
+    def started_task(self) -> None:
+        """Count one more running task (4.0 interface; prefer :meth:`subtask`)."""
+        with self._lock:
+            self._subtasks += 1
+
+    def finished_task(self) -> None:
+        """Count one task less (pairs with :meth:`started_task`)."""
+        with self._lock:
+            self._subtasks -= 1
+            if self._stopping:
+                self._wake_locked()
+
+    def subtask(self, func: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run ``func(*args, **kw)`` now, counted in :attr:`task_count`; return its result.
+
+        A graceful stop waits for it. Use it from a ``pass_backend`` task to
+        run helper work, e.g. ``backend.subtask(task.ignore, 1)``.
+        """
+        self.started_task()
+        try:
+            return func(*args, **kw)
+        finally:
+            self.finished_task()
+
+    def stats(self) -> dict[str, Any]:
+        """What ``<stats>`` answers: a dict of plain values (see doc/protocol.md)."""
+        with self._lock:
+            per_task = {
+                name: {
+                    "calls": int(c[0]),
+                    "failed": int(c[1]),
+                    "mean_latency": (c[2] / c[0]) if c[0] else 0.0,
+                }
+                for name, c in self._per_task.items()
+            }
+            out: dict[str, Any] = {
+                "uptime": time.monotonic() - self._started_at if self._started_at else 0.0,
+                "in_flight": self._in_flight,
+                "subtasks": self._subtasks,
+                "done": self._done,
+                "failed": self._failed,
+                "admin": self._admin,
+                "refused": dict(self._refused),
+                "dropped": dict(self._dropped),
+                "tasks": per_task,
+                "stopping": self._stopping,
+            }
+        pool = self._pool
+        pstats = pool.stats() if pool is not None and hasattr(pool, "stats") else {}
+        out["pool_kind"] = self._pool_kind
+        out["pool_size"] = int(pstats.get("size", pstats.get("workers", 0)))
+        out["queue_depth"] = int(pstats.get("queued", 0))
+        out["pool_running"] = int(pstats.get("running", 0))
+        return out
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> BackEnd:
+        """Bind, then serve in a background (daemon) thread; return once bound.
+
+        Raises :class:`BackendBindError` when the endpoint cannot be bound and
+        ``RuntimeError`` when this BackEnd already served. Returns ``self``.
+        """
+        self._bind()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"taskit-backend-io:{self.port or self._endpoint}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def main(self) -> None:
+        """Serve in this thread until stopped (blocks).
+
+        In the main thread, SIGTERM and SIGINT stop gracefully (a second one
+        ends at once). After :meth:`start`, just waits for the end.
+        """
+        if self._thread is not None:
+            self.join()
+            return
+        self._bind()
+        restore: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                restore[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._serve()
+        finally:
+            for sig, handler in restore.items():
+                signal.signal(sig, handler)
+
+    def stop_server(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop gracefully: refuse new calls (``Stopping``), answer every accepted one, end.
+
+        With ``wait``, blocks until serving has ended (except when called from
+        one of this backend's own tasks, which would wait for itself). Returns
+        True when serving has ended.
+        """
+        with self._lock:
+            if self._state == _NEW:
+                self._state = _STOPPED
+                self._stopped.set()
+                return True
+            self._stopping = True
+            self._wake_locked()
+        if not wait or self._inside():
+            return self._stopped.is_set()
+        return self._stopped.wait(timeout)
+
+    def terminate_server(self) -> None:
+        """End now: stop reading, close the socket; running calls go unanswered. Returns at once."""
+        with self._lock:
+            if self._state == _NEW:
+                self._state = _STOPPED
+                self._stopped.set()
+                return
+            self._terminating = True
+            self._wake_locked()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until serving has ended; True if it has."""
+        return self._stopped.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop gracefully and release everything; after ``timeout`` seconds, terminate."""
+        if not self.stop_server(wait=True, timeout=timeout):
+            self.terminate_server()
+            if not self._inside():
+                self._stopped.wait()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __enter__(self) -> BackEnd:
+        if self._state == _NEW:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BackEnd {self._endpoint} {self._state} tasks={len(self.tasks)}>"
+
+    # -- internals: setup and teardown -----------------------------------------------
+
+    def _inside(self) -> bool:
+        """True on this backend's I/O thread or while running one of its tasks."""
+        return threading.get_ident() == self._io_ident or getattr(_in_task, "backend", None) is self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Runs between bytecodes of the main thread, maybe while it holds the lock:
+        # only set flags and poke the pipe.
+        if self._stopping:
+            self._terminating = True
+        self._stopping = True
+        fd = self._wake_w
+        if fd >= 0:
+            try:
+                os.write(fd, b"\0")
+            except OSError:
+                pass
+
+    def _bind(self) -> None:
+        with self._lock:
+            if self._state != _NEW:
+                raise RuntimeError("this BackEnd has already served; create a new one")
+            self._state = _RUNNING
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        try:
+            self._configure(sock)
+            sock.bind(self._endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            ctx.term()
+            with self._lock:
+                self._state = _STOPPED
+                self._stopped.set()
+            raise BackendBindError(
+                f"cannot bind {self._endpoint}: {e.strerror}; is another server using it? "
+                "Choose another endpoint, or port=0 for any free port"
+            ) from e
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._endpoint = bound
+        if bound.startswith("tcp://"):
+            self.port = int(bound.rsplit(":", 1)[1])
+        else:
+            self.port = None  # type: ignore[assignment]
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        if self._pool is None:
+            from taskit.pool import WorkerPool
+
+            self._pool = WorkerPool(
+                self._workers, kind=self._pool_kind, name=f"taskit-backend-{self.port or 'ipc'}"
+            )
+        self._ctx, self._router = ctx, sock
+        self._started_at = time.monotonic()
+        _log.info("backend serving %d tasks on %s", len(self.tasks), bound)
+        self._note(IMPORTANT, f"Serving on {bound}")
+
+    def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, int(self.end_resp * 1000))
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
+        sock.setsockopt(zmq.SNDHWM, _REPLY_HWM)
+        size = self.max_message_size
+        sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
+        if self._endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        if self.heartbeat and zmq.zmq_version_info() >= (4, 2):
+            ivl = max(1, int(self.heartbeat * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
+        secret, public = self._curve
+        if secret is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public or zmq.curve_public(secret))
+
+    def _serve(self) -> None:
+        self._io_ident = threading.get_ident()
+        try:
+            self._loop()
+        except BaseException:  # a bug in the loop itself: say so, then release everything
+            _log.exception("backend I/O loop crashed on %s", self._endpoint)
+            self._terminating = True
+            raise
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        graceful = not self._terminating
+        with self._lock:
+            sock, self._router = self._router, None
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            if sock is not None:
+                sock.close()  # lingers end_resp seconds to flush the last replies
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._owns_pool and self._pool is not None:
+            self._pool.shutdown(wait=graceful, cancel_pending=not graceful)
+        with self._lock:
+            self._state = _STOPPED
+        how = "stopped" if graceful else "terminated"
+        _log.info("backend on %s %s", self._endpoint, how)
+        self._note(IMPORTANT, f"Server {how}")
+        self._stopped.set()
+
+    def _wake_locked(self) -> None:
+        fd = self._wake_w
+        if fd >= 0:
+            try:
+                os.write(fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the I/O thread has wake-ups pending anyway
+
+    def _note(self, importance: str, msg: str) -> None:
+        if self._verbose:
+            try:
+                self.log(importance, msg)
+            except Exception:  # a broken logger must not break serving
+                _log.exception("the TaskIt logger given to the BackEnd raised")
+
+    # -- internals: the I/O loop -----------------------------------------------------
+
+    def _loop(self) -> None:
+        router = self._router
+        assert router is not None
+        lock = self._lock
+        poller = select.poll()
+        poller.register(router.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_r = self._wake_r
+        sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
+        recv_multipart = router.recv_multipart
+        handle = self._handle
+        while True:
+            more = False
+            for _ in range(_BATCH):
+                with lock:
+                    if self._terminating:
+                        return
+                    try:
+                        msg = recv_multipart(_NOBLOCK)
+                    except zmq.Again:  # drained: the descriptor will signal the next one
+                        break
+                handle(msg)
+            else:
+                more = True
+            if self._terminating:
+                return
+            if self._stopping and self._in_flight == 0 and self._subtasks == 0:
+                return
+            if more:
+                continue
+            for fd, _ in poller.poll(sleep_ms):
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+
+    def _send(self, ident: bytes, frames: list[bytes]) -> None:
+        """Send one reply from the I/O thread (lock taken here)."""
+        with self._lock:
+            self._send_locked(ident, frames)
+
+    def _send_locked(self, ident: bytes, frames: list[bytes]) -> None:
+        router = self._router
+        if router is None:
+            return  # terminated meanwhile: nobody left to answer
+        try:
+            # The backend's send with int flags: pyzmq's send_multipart does enum
+            # arithmetic per frame, a measurable share of a loopback round trip.
+            _send(router, ident, _MORE)
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                _send(router, frame, _MORE if i < last else _DONTWAIT)
+        except zmq.Again:
+            self._dropped["reply_hwm"] += 1
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                self._dropped["reply_unroutable"] += 1  # the client went away first
+            else:
+                raise
+
+    def _refuse(self, ident: bytes, codec: Any, call_id: int, type_name: str, msg: str) -> None:
+        frames = protocol.encode_error(codec, call_id, type_name, [msg], "", self._signer)
+        with self._lock:
+            self._refused[type_name] = self._refused.get(type_name, 0) + 1
+            self._send_locked(ident, frames)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
+
+    def _handle(self, msg: list[bytes]) -> None:
+        """Parse one request and answer it, or hand it to the pool. Never raises for input."""
+        ident, frames = msg[0], msg[1:]
+        try:
+            m = protocol.unpack(frames, self._signer)
+        except SignatureError:
+            with self._lock:
+                self._dropped["bad_signature"] += 1
+            return
+        except ProtocolError as e:
+            call_id = protocol.peek_call_id(frames)
+            if call_id is None:
+                with self._lock:
+                    self._dropped["malformed"] += 1
+            else:
+                self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
+            return
+        call_id = m.call_id
+        if m.kind != Kind.CALL:
+            if m.kind == Kind.PING:
+                self._send(ident, protocol.pack(Kind.PONG, m.codec_id, call_id, b"", self._signer))
+            else:
+                self._refuse(
+                    ident, JSONCodec, call_id, "ProtocolError",
+                    f"a backend accepts CALL and PING messages, not {Kind(m.kind).name}",
+                )
+            return
+        codec = self._codecs.get(m.codec_id)
+        if codec is None:
+            self._refuse(
+                ident, JSONCodec, call_id, "CodecNotAllowed",
+                f"codec id {m.codec_id} is not accepted here; this backend accepts "
+                + ", ".join(self.codecs),
+            )
+            return
+        try:
+            name, args, kwargs = protocol.decode_call(codec, m.body)
+        except DecodeError as e:
+            self._refuse(ident, codec, call_id, "DecodeError", str(e))
+            return
+        except ProtocolError as e:
+            self._refuse(ident, codec, call_id, "ProtocolError", str(e))
+            return
+        self._dispatch(ident, codec, call_id, name, args, kwargs)
+
+    def _dispatch(
+        self, ident: bytes, codec: Any, call_id: int, name: str, args: list, kwargs: dict
+    ) -> None:
+        entry = self.tasks.get(name)
+        if entry is None:
+            if name in _READ_ONLY_SIGNALS:
+                self._admin_reply(ident, codec, call_id, name, None)
+            elif name in (STOP, KILL):
+                self._refuse(
+                    ident, codec, call_id, "UnknownTask",
+                    f"admin signal {name!r} is not enabled on this backend "
+                    "(serve ADMIN_TASKS from taskit.backend to enable it)",
+                )
+            else:
+                self._refuse(
+                    ident, codec, call_id, "UnknownTask",
+                    f"no task named {name!r} on this backend (ask '<tasks>' for the list)",
+                )
+            return
+        fn, pass_backend = _split(entry)
+        if fn in _ADMIN_FUNCS:
+            self._admin_reply(ident, codec, call_id, name, fn)
+            return
+        if self._stopping:
+            self._refuse(
+                ident, codec, call_id, "Stopping",
+                "this backend is stopping and accepts no new calls; use another backend",
+            )
+            return
+        limit = self.max_pending
+        if limit is not None and self._in_flight >= limit:
+            self._refuse(
+                ident, codec, call_id, "Busy",
+                f"this backend has {limit} calls pending (max_pending); retry later or elsewhere",
+            )
+            return
+        if self._verbose:
+            self._note(INFO, f"Fulfilling task {name!r}")
+        with self._lock:
+            self._in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            if self._pool_kind == "process":
+                if pass_backend:
+                    raise TypeError(f"task {name!r} wants the backend, which needs pool='thread'")
+                fut = self._pool.submit(fn, *args, **kwargs)
+                fut.add_done_callback(
+                    lambda f: self._finish(ident, codec, call_id, name, t0, f)
+                )
+            else:
+                if pass_backend:
+                    args = [self, *args]
+                self._pool.submit(self._run, ident, codec, call_id, name, fn, args, kwargs, t0)
+        except PoolShutdownError:
+            with self._lock:
+                self._in_flight -= 1
+            self._refuse(ident, codec, call_id, "Stopping", "this backend's pool is shut down")
+        except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
+            frames = self._error_frames(codec, call_id, name, e)
+            self._reply(ident, frames, name, False, t0)
+
+    def _admin_reply(
+        self, ident: bytes, codec: Any, call_id: int, name: str, fn: Callable | None
+    ) -> None:
+        if fn is task_count or (fn is None and name == STATUS):
+            value: Any = str(self.task_count)
+        elif name == STATS and fn is None:
+            value = self.stats()
+        elif name == TASKS and fn is None:
+            value = sorted(self.tasks)
+        else:
+            value = None
+        try:
+            frames = protocol.encode_result(codec, call_id, value, self._signer)
+        except EncodeError as e:
+            frames = protocol.encode_error(codec, call_id, "EncodeError", [str(e)], "", self._signer)
+        with self._lock:
+            self._admin += 1
+            self._send_locked(ident, frames)
+            if fn is task_stop:
+                self._stopping = True
+            elif fn is task_kill:
+                self._terminating = True
+        if fn is task_stop or fn is task_kill:
+            what = "stop" if fn is task_stop else "kill"
+            _log.info("backend on %s received %s", self._endpoint, name)
+            self._note(IMPORTANT, f"Received {what} signal")
+
+    # -- internals: running tasks (pool threads) -------------------------------------
+
+    def _run(
+        self, ident: bytes, codec: Any, call_id: int, name: str,
+        fn: Callable, args: list, kwargs: dict, t0: float,
+    ) -> None:
+        _in_task.backend = self
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
+            frames = self._error_frames(codec, call_id, name, e)
+            ok = False
+        else:
+            frames, ok = self._result_frames(codec, call_id, name, value)
+        finally:
+            _in_task.backend = None
+        self._reply(ident, frames, name, ok, t0)
+
+    def _finish(self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any) -> None:
+        try:
+            value = fut.result()
+        except BaseException as e:
+            frames = self._error_frames(codec, call_id, name, e)
+            ok = False
+        else:
+            frames, ok = self._result_frames(codec, call_id, name, value)
+        self._reply(ident, frames, name, ok, t0)
+
+    def _result_frames(self, codec: Any, call_id: int, name: str, value: Any) -> tuple[list, bool]:
+        try:
+            return protocol.encode_result(codec, call_id, value, self._signer), True
+        except Exception as e:
+            msg = f"the result of task {name!r} cannot be sent with {codec.name}: {e}"
+            if self._verbose:
+                self._note(ERROR, msg)
+            return protocol.encode_error(codec, call_id, "EncodeError", [msg], "", self._signer), False
+
+    def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
+        if isinstance(e, RemoteTaskError):
+            type_name, args, tb = e.type, [str(e).split("\n\n", 1)[0]], e.remote_traceback
+        else:
+            type_name, args = type(e).__name__, list(e.args)
+            tb = "".join(traceback.format_exception(e)) if self.tracebacks else ""
+        if self._verbose:
+            self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}{tuple(args)!r}")
+            if tb:
+                self._note(ERROR, tb)
+        if tb and _log.isEnabledFor(logging.INFO):
+            _log.info("task %r failed: %s", name, tb.rstrip())
+        return protocol.encode_error(codec, call_id, type_name, args, tb, self._signer)
+
+    def _reply(self, ident: bytes, frames: list[bytes], name: str, ok: bool, t0: float) -> None:
+        """Send a task's reply from the thread that ran it, and account for it."""
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._send_locked(ident, frames)
+            self._in_flight -= 1
+            counts = self._per_task.get(name)
+            if counts is None:
+                counts = self._per_task[name] = [0, 0, 0.0]
+            counts[0] += 1
+            counts[2] += elapsed
+            if ok:
+                self._done += 1
+            else:
+                self._failed += 1
+                counts[1] += 1
+            router = self._router
+            # Our send may have eaten the edge that would wake the I/O thread.
+            if router is not None and (
+                _get(router, _EVENTS) & _POLLIN
+                or (self._stopping and self._in_flight == 0)
+            ):
+                self._wake_locked()
+        if self._verbose and ok:
+            self._note(INFO, f"Finished fulfilling task {name!r}")
+
+
+
+def build_backend(
+    tasks: Mapping[str, Any],
+    default_host: tuple[str, int] = ("127.0.0.1", DEFAULT_PORT),
+    *args: Any,
+    argv: list[str] | None = None,
+    **kw: Any,
+) -> BackEnd:
+    """A BackEnd whose host and port come from the command line (TaskIt 4.0).
+
+    ``script.py [host [port]]``: ``sys.argv[1]`` overrides the host (or is a
+    whole ``tcp://``/``ipc://`` endpoint), ``sys.argv[2]`` the port. Other
+    arguments go to :class:`BackEnd`. Raises ``ValueError`` for a bad port.
+    """
+    host, port = default_host
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv:
+        host = argv[0]
+    if len(argv) > 1:
+        try:
+            port = int(argv[1])
+        except ValueError:
+            raise ValueError(f"the port must be a number, got {argv[1]!r}") from None
+    if "://" in host:
+        return BackEnd(tasks, *args, endpoint=host, **kw)
+    return BackEnd(tasks, host, port, *args, **kw)
