@@ -66,13 +66,12 @@ _MAP_WINDOW = 1000  # calls map() keeps in flight
 _UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 _DOWN_EVENTS = {
     zmq.EVENT_DISCONNECTED: "disconnected",
-    zmq.EVENT_CLOSED: "closed",
-    zmq.EVENT_CONNECT_RETRIED: "connection refused",
+    zmq.EVENT_CONNECT_RETRIED: "cannot connect",
 }
 for _name, _why in (
     ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "handshake failed"),
     ("EVENT_HANDSHAKE_FAILED_PROTOCOL", "handshake failed (protocol)"),
-    ("EVENT_HANDSHAKE_FAILED_AUTH", "handshake failed (authentication)"),
+    ("EVENT_HANDSHAKE_FAILED_AUTH", "handshake failed (check CURVE keys)"),
 ):
     if hasattr(zmq, _name):
         _DOWN_EVENTS[getattr(zmq, _name)] = _why
@@ -114,8 +113,8 @@ _POLLIN = int(zmq.POLLIN)
 
 
 def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
-    """Send one message's frames without blocking. Raises ``zmq.Again`` before
-    anything is sent when there is no connected peer (IMMEDIATE)."""
+    """Send one message's frames without blocking (the socket's queue is unbounded:
+    the caller bounds what is in flight). ``zmq.Again`` means nothing was sent."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         send(frame, _MORE if i < last else _NOBLOCK)
@@ -461,12 +460,17 @@ class AsyncFrontEnd:
             )
 
     def _connect(self, endpoint: str) -> None:
+        self._install(self._open(endpoint))
+
+    def _open(self, endpoint: str) -> _Backend:
+        """A connected DEALER and its monitor for ``endpoint`` (ValueError if unusable)."""
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # Queue messages only on live connections: a send with no peer fails at
-        # once (the core re-routes), and nothing sent while down runs after a restart.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Not IMMEDIATE (as FrontEnd): libzmq can abort when an immediate pipe dies
+        # between two parts of a reply. The core routes calls only to connected
+        # backends, and a disconnected backend's socket is replaced (_renew), so
+        # nothing it queued runs after a restart.
         sock.setsockopt(zmq.SNDHWM, 0)  # the caller bounds what is in flight
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -494,11 +498,36 @@ class AsyncFrontEnd:
             sock.close(0)
             self._core.backends.pop(endpoint, None)
             raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
-        b = _Backend(endpoint, sock, monitor)
-        self._sockets[endpoint] = b
+        return _Backend(endpoint, sock, monitor)
+
+    def _install(self, b: _Backend) -> None:
+        self._sockets[b.endpoint] = b
         for coro in (self._read(b), self._watch(b)):
-            b.tasks.append(asyncio.ensure_future(coro))
-            b.tasks[-1].set_name(f"taskit-aio:{endpoint}")
+            task = asyncio.ensure_future(coro)
+            task.set_name(f"taskit-aio:{b.endpoint}")
+            b.tasks.append(task)
+
+    def _discard(self, b: _Backend) -> None:
+        """Stop ``b``'s tasks (except the one running this) and close its sockets."""
+        try:
+            me = asyncio.current_task()
+        except RuntimeError:  # close() outside the loop
+            me = None
+        for task in b.tasks:
+            if task is not me:
+                task.cancel()
+        with contextlib.suppress(zmq.ZMQError):
+            b.sock.disable_monitor()
+        b.monitor.close(0)
+        b.sock.close(0)
+
+    def _renew(self, b: _Backend) -> None:
+        """Replace a disconnected backend's socket: whatever it still queued for the
+        old connection is dropped, never delivered to a restarted backend."""
+        if self._sockets.get(b.endpoint) is not b:
+            return
+        self._discard(b)
+        self._install(self._open(b.endpoint))
 
     def _submit(
         self, task: str, args: Any, kwargs: Any, timeout: float | None, target: str | None
@@ -547,8 +576,8 @@ class AsyncFrontEnd:
                     _send(b.raw.send, frames)
                     used[b.endpoint] = b
                 except zmq.Again:
-                    # IMMEDIATE: no connected peer, the connection just went. Keep the
-                    # replies it delivered, then the core marks the backend down and
+                    # Not expected (unbounded queue); if it happens, keep the replies
+                    # the socket holds, then the core marks the backend down and
                     # re-routes; re-routed calls come round in this loop.
                     if b is not None:
                         self._drain(b)
@@ -614,8 +643,15 @@ class AsyncFrontEnd:
                 # resolved-but-not-yet-resumed recv: yielding once lets the reader
                 # run first; the rest are still queued on the socket.
                 await asyncio.sleep(0)
+                if self._closed:
+                    return
                 self._drain(b)
                 self._resolve(core.backend_down(endpoint, _DOWN_EVENTS[event]))
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._renew(b)
+                    self._flush()
+                    self._schedule()
+                    return  # the new socket has its own tasks
             else:
                 continue
             self._flush()
@@ -640,10 +676,7 @@ class AsyncFrontEnd:
 
     def _release(self) -> None:
         for b in self._sockets.values():
-            with contextlib.suppress(zmq.ZMQError):
-                b.sock.disable_monitor()
-            b.monitor.close(0)
-            b.sock.close(0)
+            self._discard(b)
         self._sockets.clear()
         if self._ctx is not None:
             self._ctx.term()

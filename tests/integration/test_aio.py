@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -265,47 +266,57 @@ def test_close_fails_pending_calls_and_refuses_new_ones(backends):
     run(main())
 
 
-def test_a_backend_killed_mid_call_fails_the_call_with_backend_lost(tmp_path):
-    (tmp_path / "aio_tasks.py").write_text(TASKS_SOURCE)
-    log = open(tmp_path / "backend.log", "w")
+def _start_cli_backend(workdir, port="0"):
+    log_path = workdir / f"backend-{port}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
-        [*TASKIT, "backend", "aio_tasks.py", "--port", "0"],
-        cwd=tmp_path,
+        [*TASKIT, "backend", "aio_tasks.py", "--port", str(port)],
+        cwd=workdir,
         env=env(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    try:
-        import re
+    log.close()
+    found = wait_until(
+        lambda: (
+            proc.poll() is None and re.findall(r"on tcp://127.0.0.1:(\d+)", log_path.read_text())
+        ),
+        60,
+        "backend up",
+    )
+    return proc, int(found[0])
 
-        port = int(
-            wait_until(
-                lambda: re.findall(
-                    r"on tcp://127.0.0.1:(\d+)", (tmp_path / "backend.log").read_text()
-                ),
-                60,
-                "backend up",
-            )[0]
-        )
+
+def test_a_backend_killed_mid_call_fails_the_call_and_rejoins_when_restarted(tmp_path):
+    (tmp_path / "aio_tasks.py").write_text(TASKS_SOURCE)
+    procs = []
+    try:
+        proc, port = _start_cli_backend(tmp_path)
+        procs.append(proc)
+        backend = ("127.0.0.1", port)
 
         async def main():
-            async with AsyncFrontEnd([("127.0.0.1", port)], heartbeat_timeout=1.0) as fe:
+            async with AsyncFrontEnd([backend], heartbeat_timeout=1.0, connect_timeout=30) as fe:
                 assert await fe.work("add", 1, 1) == 2
                 fut = fe.submit("hold", 60)
-                while (await fe.get_tasks(("127.0.0.1", port))) != "1":
+                while (await fe.get_tasks(backend)) != "1":
                     await asyncio.sleep(0.02)  # until the backend runs it
                 os.kill(proc.pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 with pytest.raises(BackendLostError):
                     await fut
                 assert time.monotonic() - t0 < 20
+                # a backend restarted on the same port is used again by itself
+                procs.append(_start_cli_backend(tmp_path, port)[0])
+                assert await fe.work("add", 2, 2) == 4
+                assert fe.backends_status()[f"tcp://127.0.0.1:{port}"]["connects"] == 2
 
         run(main())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
 
 def test_an_async_front_end_belongs_to_one_loop(backends):
