@@ -11,7 +11,11 @@ with the fewest jobs in flight (least loaded). A worker may hold more than one
 job only when jobs are short: the per-worker cap is the number of jobs that
 fit in :data:`BATCH_SECONDS` of measured run time (a moving average), so tiny
 jobs travel in batches (one pipe write for many) while long jobs go one at a
-time, and no job waits behind another worker's long job.
+time. When job sizes are mixed and a worker goes idle while another has jobs
+waiting behind a job running longer than :data:`STEAL_AFTER`, the manager
+takes those jobs back (the child skips them; see ``claim`` in
+:mod:`taskit._procworker`) and gives them to the idle worker: no job waits
+for long while a worker is idle.
 
 Start method: ``forkserver`` by default on POSIX, else ``spawn``. ``fork``
 is refused: the parent is multithreaded (this manager, the backend's I/O
@@ -33,6 +37,7 @@ import pickle
 import selectors
 import signal
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
@@ -56,6 +61,9 @@ __all__ = ["ProcessEngine", "BATCH_SECONDS", "MAX_INFLIGHT", "default_start_meth
 log = logging.getLogger("taskit.pool")
 
 BATCH_SECONDS = 0.002  # estimated work a worker may hold beyond its current job
+# A worker silent this long with jobs waiting behind its current one is
+# "stalled": while another worker is idle, its waiting jobs are taken back.
+STEAL_AFTER = 0.01
 MAX_INFLIGHT = 256  # jobs per worker, whatever their size
 _DEATHS_BEFORE_GIVING_UP = 5  # consecutive workers dying before any job: stop replacing
 _dumps = pickle.dumps
@@ -117,19 +125,25 @@ class _Proc:
         "process",
         "job_w",
         "result_r",
-        "started",
+        "claim",
+        "gate",
+        "progress",
         "inflight",
         "retiring",
         "done",
         "buf",
     )
 
-    def __init__(self, wid: int, process: Any, job_w: Any, result_r: Any, started: Any) -> None:
+    def __init__(
+        self, wid: int, process: Any, job_w: Any, result_r: Any, claim: Any, gate: Any
+    ) -> None:
         self.wid = wid
         self.process = process
         self.job_w = job_w
         self.result_r = result_r
-        self.started = started
+        self.claim = claim  # [started, skip_lo, skip_hi], see taskit._procworker
+        self.gate = gate
+        self.progress = 0.0  # when it last reported a result, or got work while empty
         self.inflight: deque[_WorkItem] = deque()  # sent, in the order the child runs them
         self.retiring = False
         self.done = 0  # results received
@@ -284,7 +298,10 @@ class ProcessEngine:
             if self._stopping and not self._workers:
                 self._cancel_queue(PoolShutdownError(f"{self._pool.name} shut down"))
                 return
-            for key, _ in self._sel.select():
+            timeout = self._balance()
+            if self._queue and timeout == 0.0:
+                continue  # jobs were taken back: dispatch them now
+            for key, _ in self._sel.select(timeout):
                 w = key.data
                 if w is None:
                     # Drain first, then clear: a submit that finds the flag clear
@@ -305,12 +322,13 @@ class ProcessEngine:
         self._wid += 1
         job_r, job_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
-        started = ctx.RawValue("Q", 0)
+        claim = ctx.RawArray("Q", 3)
+        gate = ctx.Lock()
         # With forkserver the child's parent is the fork server, not us.
         expected_ppid = os.getpid() if self.start_method == "spawn" else 0
         process = ctx.Process(
             target=pw.child_main,
-            args=(job_r, result_w, started, expected_ppid, self._init),
+            args=(job_r, result_w, claim, gate, expected_ppid, self._init),
             name=f"{self._pool.name}-{self._wid}",
             daemon=False,  # a job may start processes of its own
         )
@@ -319,7 +337,7 @@ class ProcessEngine:
         finally:
             job_r.close()  # only the child holds these ends: EOF tells it we died
             result_w.close()
-        w = _Proc(self._wid, process, job_w, result_r, started)
+        w = _Proc(self._wid, process, job_w, result_r, claim, gate)
         self._workers[w.wid] = w
         self._sel.register(result_r, selectors.EVENT_READ, w)
         self._sel.register(process.sentinel, selectors.EVENT_READ, w)
@@ -366,6 +384,10 @@ class ProcessEngine:
         if self._stopping and self._cancel_pending:
             self._cancel_queue(None)
             return
+        now = time.monotonic()
+        moving = [w for w in live if not w.inflight or now - w.progress < STEAL_AFTER]
+        if moving:
+            live = moving  # no new work behind a job that is taking long
         cap = self._cap()
         slots = self._pool._slots
         done = 0
@@ -378,9 +400,9 @@ class ProcessEngine:
             batch = []
             while len(batch) < k and q:
                 item = q.popleft()
-                if slots is not None:
-                    slots.release()
                 if not item.sent:
+                    if slots is not None:
+                        slots.release()  # it leaves the waiting queue for good
                     if not item.future.set_running_or_notify_cancel():
                         done += 1
                         continue
@@ -389,10 +411,51 @@ class ProcessEngine:
                 item.jid = self._jid
                 batch.append(item)
             if batch:
+                if not w.inflight:
+                    w.progress = now
                 w.inflight.extend(batch)
                 self._send(w, _dumps([(i.jid, i.is_job, i.payload) for i in batch], _PROTO))
         if done:
             self._pool._job_done(done)
+
+    def _balance(self) -> float | None:
+        """Work stealing: give an idle worker the jobs waiting behind a long job.
+
+        Returns 0.0 when jobs were taken back (they are queued again), the
+        seconds until a busy worker would count as stalled, or ``None``.
+        """
+        if self._queue or self._stopping and self._cancel_pending:
+            return None
+        live = [w for w in self._workers.values() if not w.retiring]
+        if all(w.inflight for w in live):
+            return None
+        now = time.monotonic()
+        due = None
+        for w in live:
+            if len(w.inflight) > 1:
+                left = w.progress + STEAL_AFTER - now
+                if left <= 0:
+                    self._steal(w)
+                else:
+                    due = left if due is None else min(due, left)
+        if self._queue:
+            return 0.0
+        return None if due is None else min(due, 1.0)
+
+    def _steal(self, w: _Proc) -> None:
+        """Take back the jobs ``w`` has not started; the child will skip them."""
+        with w.gate:
+            started = w.claim[0]
+            unstarted = [i for i in w.inflight if i.jid > started]
+            if unstarted:
+                # One range covers every job taken from w so far: any earlier
+                # range started at or after ``started`` too.
+                w.claim[1] = started
+                w.claim[2] = unstarted[-1].jid
+        if unstarted:
+            w.inflight = deque(i for i in w.inflight if i.jid <= started)
+            self._queue.extendleft(reversed(unstarted))
+            log.debug("%s: moved %d jobs off a busy worker", self._pool.name, len(unstarted))
 
     def _send(self, w: _Proc, data: bytes) -> None:
         try:
@@ -436,6 +499,7 @@ class ProcessEngine:
         per_job = busy / n
         self._avg = per_job if self._avg is None else 0.8 * self._avg + 0.2 * per_job
         w.done += n
+        w.progress = time.monotonic()
         completed = failed = 0
         inflight = w.inflight
         for _jid, status, payload, _ in frames:
@@ -501,7 +565,7 @@ class ProcessEngine:
                 )
         else:
             self._early_deaths = 0
-        started = w.started.value
+        started = w.claim[0]
         lost = [i for i in w.inflight if i.jid <= started]
         unstarted = [i for i in w.inflight if i.jid > started]
         for item in lost:
@@ -539,7 +603,7 @@ class ProcessEngine:
         n = 0
         while self._queue:
             item = self._queue.popleft()
-            if slots is not None:
+            if slots is not None and not item.sent:
                 slots.release()
             n += 1
             if not item.sent and item.future.cancel():

@@ -12,9 +12,13 @@ ends are this package, so pickle is fine: the parent trusts its own children):
   :data:`ERROR`, :data:`TERMINATED`). The frame is written before the next
   job starts, so a crash never loses a result already produced; the parent
   reads whatever frames are in the pipe with one ``read``.
-* ``started``: a shared integer the child sets to a job's id before running
-  it, so when a child dies the parent knows which job it was running (that
-  one fails) and which it never started (those are re-queued elsewhere).
+* ``claim``: three shared integers ``[started, skip_lo, skip_hi]`` guarded by
+  ``gate`` (a process-shared lock). Before running a job the child sets
+  ``started`` to its id, unless the id lies in ``(skip_lo, skip_hi]``: those
+  jobs the parent took back to give to an idle worker (work stealing), and
+  the child drops them silently. When a child dies, ``started`` tells the
+  parent which job it was running (that one fails) and which it never
+  started (those are re-queued for the other workers).
 
 Parent death: a reader thread drains the job pipe, so a write end closed
 without the ``b""`` stop message (EOF: the parent died, however) makes the
@@ -102,7 +106,8 @@ def _read_jobs(conn: Any, inbox: queue.SimpleQueue, ppid: int) -> None:
 def child_main(
     job_conn: Any,
     result_conn: Any,
-    started: Any,
+    claim: Any,
+    gate: Any,
     expected_ppid: int,
     init: bytes,
 ) -> None:
@@ -149,7 +154,10 @@ def child_main(
             if data == STOP:
                 break
             for jid, is_job, payload in _loads(data):
-                started.value = jid
+                with gate:
+                    if claim[1] < jid <= claim[2]:
+                        continue  # taken back by the parent
+                    claim[0] = jid
                 t0 = perf()
                 try:
                     if init_error is not None:

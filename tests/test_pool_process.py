@@ -253,6 +253,21 @@ def test_jobs_a_dead_worker_had_not_started_run_elsewhere():
         assert [f.result(30) for f in futures + after] == list(range(50)) * 2
 
 
+def test_jobs_behind_a_long_job_move_to_an_idle_worker(tmp_path):
+    with WorkerPool(2, kind="process") as p:
+        p.map(sub, range(4000), range(4000))  # tiny jobs: the pool now sends batches
+        path = str(tmp_path / "started")
+        slow = p.submit(sleep_then, path, 5, "slow")
+        quick = [p.submit(sub, i, 0) for i in range(40)]
+        t = time.monotonic()
+        assert [f.result(30) for f in quick] == list(range(40))
+        # none of them waited for the 5 s job, though some were sent behind it
+        assert not slow.done() and time.monotonic() - t < 4
+        os.kill(wait_for_file(path), signal.SIGKILL)  # end the slow job now
+        with pytest.raises(WorkerLostError):
+            slow.result(30)
+
+
 # --- per-worker state ---------------------------------------------------------------
 
 
