@@ -438,13 +438,19 @@ class BackEnd:
         return self._stopped.wait(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop gracefully and release everything; after ``timeout`` seconds, terminate."""
+        """Stop gracefully and release everything; after ``timeout`` seconds, terminate.
+
+        Blocks until the socket, pipe and owned pool are released, except when
+        called from one of this backend's own tasks (then it only asks to stop).
+        """
+        if self._inside():
+            self.stop_server(wait=False)
+            return
         if not self.stop_server(wait=True, timeout=timeout):
             self.terminate_server()
-            if not self._inside():
-                self._stopped.wait()
+            self._stopped.wait()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None:
             thread.join()
 
     def __enter__(self) -> BackEnd:

@@ -1,0 +1,588 @@
+"""BackEnd over real ZeroMQ sockets, driven by a raw DEALER speaking taskit.protocol.
+
+The raw client here (:class:`RawClient`) is also used by the security and fuzz
+tests: it is the "client in another language" view of the backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from taskit import protocol
+from taskit.backend import ADMIN_TASKS, BackEnd
+from taskit.codecs import JSONCodec, MsgpackCodec, Signer, get_codec
+from taskit.errors import BackendBindError
+from taskit.protocol import Kind
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RemoteError(Exception):
+    def __init__(self, type_name: str, args: list, tb: str) -> None:
+        super().__init__(type_name, args)
+        self.type, self.remote_args, self.tb = type_name, args, tb
+
+
+class RawClient:
+    """A bare DEALER that speaks wire protocol v1 (one call at a time or pipelined)."""
+
+    def __init__(self, endpoint: str, key: bytes | None = None, **sockopts: Any) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        for opt, value in sockopts.items():
+            self.sock.setsockopt(getattr(zmq, opt.upper()), value)
+        self.sock.connect(endpoint)
+        self.signer = Signer(key) if key is not None else None
+        self.ids = itertools.count(1)
+
+    def send(self, task: str, *args: Any, codec: Any = MsgpackCodec, kwargs: dict | None = None,
+             sign: bool = True) -> int:
+        call_id = next(self.ids)
+        signer = self.signer if sign else None
+        self.sock.send_multipart(protocol.encode_call(codec, call_id, task, args, kwargs, signer))
+        return call_id
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
+        """(kind, codec, call_id, value); ERROR values are (type, args, traceback)."""
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no reply within {timeout} s")
+        m = protocol.unpack(self.sock.recv_multipart(), self.signer)
+        codec = get_codec(m.codec_id)
+        if m.kind == Kind.ERROR:
+            return m.kind, codec, m.call_id, protocol.decode_error(codec, m.body)
+        if m.kind == Kind.PONG:
+            return m.kind, codec, m.call_id, None
+        return m.kind, codec, m.call_id, codec.decode(m.body)
+
+    def silent(self, timeout: float = 0.3) -> bool:
+        """True if nothing arrives within ``timeout`` (for messages that must be dropped)."""
+        return not self.sock.poll(int(timeout * 1000))
+
+    def call(self, task: str, *args: Any, timeout: float = 10.0, **kw: Any) -> Any:
+        call_id = self.send(task, *args, **kw)
+        kind, _codec, got_id, value = self.recv(timeout)
+        assert got_id == call_id
+        if kind == Kind.ERROR:
+            raise RemoteError(*value)
+        assert kind == Kind.RESULT
+        return value
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def serve():
+    """serve(tasks, **kw) -> a started BackEnd on a free port; stopped at teardown."""
+    started: list[BackEnd] = []
+
+    def _serve(tasks: dict, **kw: Any) -> BackEnd:
+        kw.setdefault("port", 0)
+        b = BackEnd(tasks, **kw).start()
+        started.append(b)
+        return b
+
+    yield _serve
+    for b in started:
+        b.terminate_server()
+        b.close(timeout=10)
+
+
+@pytest.fixture
+def client():
+    made: list[RawClient] = []
+
+    def _client(backend_or_endpoint: Any, **kw: Any) -> RawClient:
+        ep = getattr(backend_or_endpoint, "endpoint", backend_or_endpoint)
+        c = RawClient(ep, **kw)
+        made.append(c)
+        return c
+
+    yield _client
+    for c in made:
+        c.close()
+
+
+def add(a, b):
+    return a + b
+
+
+def fail(*args):
+    raise ValueError(*args)
+
+
+TASKS = {"add": add, "fail": fail, "echo": lambda x: x}
+
+
+# --- calls and replies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", [JSONCodec, MsgpackCodec])
+def test_call_is_answered_in_the_request_codec(serve, client, codec):
+    b = serve(TASKS)
+    c = client(b)
+    call_id = c.send("add", 2, 3, codec=codec)
+    kind, got_codec, got_id, value = c.recv()
+    assert (kind, got_codec, got_id, value) == (Kind.RESULT, codec, call_id, 5)
+    assert c.call("echo", {"a": [1, None, "x"]}, codec=codec) == {"a": [1, None, "x"]}
+    assert c.call("add", "a", "b", codec=codec) == "ab"
+
+
+def test_kwargs_reach_the_task(serve, client):
+    b = serve({"kw": lambda a, b=0, *, c=0: [a, b, c]})
+    assert client(b).call("kw", 1, kwargs={"c": 3, "b": 2}) == [1, 2, 3]
+
+
+def test_pipelined_calls_are_matched_by_id(serve, client):
+    gate = threading.Event()
+
+    def slow(x):
+        gate.wait(10)
+        return x
+
+    b = serve({"slow": slow, "fast": lambda x: x}, workers=4)
+    c = client(b)
+    slow_id = c.send("slow", "s")
+    fast_ids = {c.send("fast", i): i for i in range(20)}
+    got = {}
+    for _ in range(20):  # the fast ones overtake the blocked one
+        _k, _c, call_id, value = c.recv()
+        got[call_id] = value
+    assert got == fast_ids
+    gate.set()
+    assert c.recv()[2:] == (slow_id, "s")
+
+
+def test_task_errors_carry_type_args_and_traceback(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    with pytest.raises(RemoteError) as e:
+        c.call("fail", "bad", 3)
+    assert e.value.type == "ValueError"
+    assert e.value.remote_args == ["bad", 3]
+    assert "Traceback" in e.value.tb and "in fail" in e.value.tb
+    assert c.call("add", 1, 1) == 2  # still serving
+
+
+def test_tracebacks_false_sends_none(serve, client):
+    b = serve(TASKS, tracebacks=False)
+    with pytest.raises(RemoteError) as e:
+        client(b).call("fail", "x")
+    assert e.value.type == "ValueError" and e.value.tb == ""
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+def test_base_exceptions_from_tasks_become_errors(serve, client, exc):
+    def raiser():
+        raise exc
+
+    b = serve({"raise": raiser, "add": add})
+    c = client(b)
+    with pytest.raises(RemoteError) as e:
+        c.call("raise")
+    assert e.value.type == type(exc).__name__
+    assert c.call("add", 2, 2) == 4
+    assert b.running
+
+
+def test_unencodable_arguments_of_an_error_fall_back_to_reprs(serve, client):
+    class Odd:
+        def __repr__(self):
+            return "<odd>"
+
+    def raise_odd():
+        raise ValueError(Odd())
+
+    b = serve({"odd": raise_odd})
+    with pytest.raises(RemoteError) as e:
+        client(b).call("odd")
+    assert e.value.type == "ValueError" and e.value.remote_args == ["<odd>"]
+
+
+def test_unencodable_result_is_an_encode_error(serve, client):
+    b = serve({"bytes": lambda: b"\x00\x01", "big": lambda: 9**99})
+    c = client(b)
+    assert c.call("bytes") == b"\x00\x01"  # msgpack carries bytes
+    with pytest.raises(RemoteError) as e:
+        c.call("bytes", codec=JSONCodec)
+    assert e.value.type == "EncodeError" and "bytes" in e.value.remote_args[0]
+    with pytest.raises(RemoteError) as e:
+        c.call("big")
+    assert e.value.type == "EncodeError" and "64 bits" in e.value.remote_args[0]
+
+
+def test_unknown_task(serve, client):
+    b = serve(TASKS)
+    with pytest.raises(RemoteError) as e:
+        client(b).call("nope")
+    assert e.value.type == "UnknownTask" and "nope" in e.value.remote_args[0]
+
+
+def test_ping_is_answered_with_pong(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    c.send_raw(protocol.pack(Kind.PING, 2, 77))
+    assert c.recv()[0:3:2] == (Kind.PONG, 77)
+
+
+def test_malformed_messages_answered_when_attributable_else_dropped(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    # attributable: good magic and header, but 2 frames / unknown kind / garbage body
+    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(1, 2, 5)])
+    kind, codec, call_id, (type_name, args, _tb) = c.recv()
+    assert (kind, codec, call_id, type_name) == (Kind.ERROR, JSONCodec, 5, "ProtocolError")
+    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(9, 2, 6), b""])
+    assert c.recv()[2:] == (6, ("ProtocolError", ["unknown message kind 9"], ""))
+    c.send_raw(protocol.pack(Kind.CALL, 2, 7, b"\xc1garbage"))
+    assert c.recv()[3][0] == "DecodeError"
+    c.send_raw(protocol.pack(Kind.CALL, 1, 8, b'{"not": "a call"}'))
+    assert c.recv()[3][0] == "ProtocolError"
+    c.send_raw(protocol.pack(Kind.RESULT, 1, 9, b"1"))
+    assert c.recv()[3][0] == "ProtocolError"
+    c.send_raw(protocol.pack(Kind.CALL, 200, 10, b"x"))
+    _kind, codec, call_id, (type_name, _args, _tb) = c.recv()
+    assert (codec, call_id, type_name) == (JSONCodec, 10, "CodecNotAllowed")
+    # unattributable: wrong magic, short header -> dropped silently, counted
+    c.send_raw([b"HTTP", b"GET / HTTP/1.0", b""])
+    c.send_raw([protocol.MAGIC, b"short", b""])
+    assert c.silent()
+    assert c.call("add", 1, 2) == 3
+    dropped = c.call("<stats>")["dropped"]
+    assert dropped["malformed"] == 2
+
+
+def test_codec_not_allowed_is_answered_in_json(serve, client):
+    b = serve(TASKS, codecs=["msgpack"])
+    c = client(b)
+    call_id = c.send("add", 1, 2, codec=JSONCodec)
+    kind, codec, got_id, (type_name, args, _tb) = c.recv()
+    assert (kind, codec, got_id, type_name) == (Kind.ERROR, JSONCodec, call_id, "CodecNotAllowed")
+    assert "msgpack" in args[0]
+    assert c.call("add", 1, 2) == 3
+
+
+# --- admin signals -----------------------------------------------------------------------
+
+
+def test_status_tasks_and_stats_are_always_answered(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    assert c.call("<status>") == "0"
+    assert c.call("<tasks>") == ["add", "echo", "fail"]
+    c.call("add", 1, 2)
+    with pytest.raises(RemoteError):
+        c.call("fail")
+    stats = c.call("<stats>", codec=JSONCodec)
+    assert stats["done"] == 1 and stats["failed"] == 1 and stats["in_flight"] == 0
+    assert stats["tasks"]["add"]["calls"] == 1 and stats["tasks"]["fail"]["failed"] == 1
+    assert stats["tasks"]["add"]["mean_latency"] > 0
+    assert stats["pool_size"] >= 1 and stats["queue_depth"] == 0 and stats["uptime"] > 0
+    assert set(stats["dropped"]) >= {"bad_signature", "malformed"}
+
+
+def test_stop_and_kill_need_admin_tasks(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    for sig in ("<stop>", "<kill>"):
+        with pytest.raises(RemoteError) as e:
+            c.call(sig)
+        assert e.value.type == "UnknownTask" and "ADMIN_TASKS" in e.value.remote_args[0]
+    assert b.running
+
+
+def test_admin_signals_work_while_the_pool_is_saturated(serve, client):
+    gate = threading.Event()
+    tasks = {"block": lambda: gate.wait(20), **ADMIN_TASKS}
+    b = serve(tasks, workers=1)
+    c = client(b)
+    ids = [c.send("block") for _ in range(3)]
+    assert c.call("<status>") == "3"  # 1 running + 2 queued, answered by the I/O thread
+    stats = c.call("<stats>")
+    assert stats["in_flight"] == 3 and stats["queue_depth"] == 2 and stats["pool_running"] == 1
+    assert b.task_count == 3
+    gate.set()
+    assert sorted(c.recv()[2] for _ in ids) == ids
+
+
+def test_stop_signal_stops_gracefully(serve, client):
+    gate = threading.Event()
+    tasks = {"wait": lambda: gate.wait(20) and "done", **ADMIN_TASKS}
+    b = serve(tasks)
+    c = client(b)
+    running = c.send("wait")
+    stop_id = c.send("<stop>")
+    assert c.recv()[2:] == (stop_id, None)
+    with pytest.raises(RemoteError) as e:
+        c.call("wait")
+    assert e.value.type == "Stopping"
+    assert c.call("<status>") == "1"  # still answered while stopping
+    assert b.running
+    gate.set()
+    assert c.recv()[2:] == (running, "done")
+    assert b.join(10) and not b.running
+
+
+def test_kill_signal_ends_at_once(serve, client):
+    gate = threading.Event()
+    tasks = {"wait": lambda: gate.wait(20), **ADMIN_TASKS}
+    b = serve(tasks)
+    c = client(b)
+    c.send("wait")
+    kill_id = c.send("<kill>")
+    assert c.recv()[2:] == (kill_id, None)  # the answer is flushed before closing
+    assert b.join(10)
+    gate.set()
+
+
+def test_task_count_includes_subtasks_and_pass_backend(serve, client):
+    inside = threading.Event()
+    gate = threading.Event()
+
+    def helper():
+        inside.set()
+        gate.wait(20)
+
+    def spawn(backend):
+        threading.Thread(target=backend.subtask, args=(helper,)).start()
+        return backend.task_count
+
+    b = serve({"spawn": (spawn, True), **ADMIN_TASKS})
+    c = client(b)
+    assert c.call("spawn") >= 1  # itself, maybe the subtask too
+    assert inside.wait(10)
+    assert c.call("<status>") == "1"  # the subtask still runs
+    # a graceful stop waits for the subtask
+    assert b.stop_server(wait=True, timeout=0.2) is False
+    gate.set()
+    assert b.join(10)
+
+
+def test_stop_server_from_inside_a_task_does_not_deadlock(serve, client):
+    b = serve({"stop": (lambda backend: backend.stop_server(), True)})
+    c = client(b)
+    assert c.call("stop") is False
+    assert b.join(10)
+
+
+def test_max_pending_answers_busy_at_once(serve, client):
+    gate = threading.Event()
+    b = serve({"wait": lambda: gate.wait(20), "add": add}, workers=2, max_pending=3)
+    c = client(b)
+    accepted = [c.send("wait") for _ in range(3)]
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as e:
+        c.call("add", 1, 2)
+    assert e.value.type == "Busy" and time.monotonic() - t0 < 5
+    assert c.call("<stats>")["refused"]["Busy"] == 1
+    gate.set()
+    assert sorted(c.recv()[2] for _ in accepted) == accepted
+    assert c.call("add", 1, 2) == 3
+
+
+# --- graceful stop under load --------------------------------------------------------------
+
+
+def test_graceful_stop_under_load_answers_every_accepted_call(serve):
+    b = serve({"sq": lambda x: (time.sleep(0.001), x * x)[1]}, workers=4)
+    clients = [RawClient(b.endpoint) for _ in range(4)]
+    results: dict[int, list] = {i: [] for i in range(4)}
+    started = threading.Barrier(5)
+
+    def hammer(i: int) -> None:
+        c = clients[i]
+        sent = {}
+        started.wait()
+        for n in range(400):
+            sent[c.send("sq", n)] = n
+        for _ in sent:
+            kind, _codec, call_id, value = c.recv(20)
+            results[i].append((kind, sent[call_id], value))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.05)  # let some calls in before stopping (load, not synchronisation)
+    assert b.stop_server(wait=True, timeout=60)
+    for t in threads:
+        t.join(60)
+    try:
+        answered = stopping = 0
+        for i in range(4):
+            assert len(results[i]) == 400  # every call got exactly one answer
+            for kind, n, value in results[i]:
+                if kind == Kind.RESULT:
+                    assert value == n * n
+                    answered += 1
+                else:
+                    assert value[0] == "Stopping"
+                    stopping += 1
+        assert answered > 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+# --- life cycle and endpoints -------------------------------------------------------------
+
+
+def test_port_zero_binds_a_free_port(serve, client):
+    b = serve(TASKS, port=0)
+    assert b.port > 0 and b.endpoint == f"tcp://127.0.0.1:{b.port}"
+    assert client(b).call("add", 1, 2) == 3
+
+
+def test_ipc_endpoint(serve, client, tmp_path):
+    b = serve(TASKS, endpoint=f"ipc://{tmp_path}/backend.sock")
+    assert b.endpoint.startswith("ipc://") and b.port is None
+    assert client(b).call("add", 40, 2) == 42
+
+
+def test_bind_error_is_named(serve, port):
+    b = serve(TASKS, port=port)
+    with pytest.raises(BackendBindError, match=str(port)):
+        BackEnd(TASKS, port=b.port).start()
+
+
+def test_context_manager_and_port_reuse(client, port):
+    with BackEnd(TASKS, port=port) as b:
+        assert client(b).call("add", 1, 2) == 3
+    assert not b.running
+    with BackEnd(TASKS, port=port) as b2:  # the port was released
+        assert client(b2).call("add", 2, 2) == 4
+    with pytest.raises(RuntimeError, match="already served"):
+        b2.start()
+
+
+def test_terminate_server_returns_at_once(serve, client):
+    gate = threading.Event()
+    b = serve({"wait": lambda: gate.wait(20)})
+    c = client(b)
+    c.send("wait")
+    t0 = time.monotonic()
+    b.terminate_server()
+    assert b.join(10) and time.monotonic() - t0 < 5
+    gate.set()
+
+
+def test_close_before_start_is_fine():
+    b = BackEnd(TASKS, port=0)
+    b.close()
+    assert not b.running
+
+
+def test_add_tasks(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    b.add_tasks({"mul": lambda a, b: a * b})
+    assert c.call("mul", 6, 7) == 42
+    with pytest.raises(TypeError, match="'bad'"):
+        b.add_tasks({"bad": 3})
+
+
+def test_logger_receives_events(serve, client):
+    events: list[tuple[str, str]] = []
+    b = serve(TASKS, logger=lambda level, msg: events.append((level, msg)))
+    c = client(b)
+    c.call("add", 1, 2)
+    with pytest.raises(RemoteError):
+        c.call("fail", "oops")
+    b.close()
+    text = "\n".join(f"{level} {msg}" for level, msg in events)
+    assert "INFO Fulfilling task 'add'" in text
+    assert "ERROR Error while fulfilling task 'fail'" in text
+    assert "IMPORTANT Server stopped" in text
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _wait_answering(endpoint: str, proc: subprocess.Popen, timeout: float = 20.0) -> RawClient:
+    c = RawClient(endpoint)
+    deadline = time.monotonic() + timeout
+    while True:
+        c.send("<status>")
+        try:
+            c.recv(0.5)
+            return c
+        except TimeoutError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                c.close()
+                raise AssertionError(f"backend process did not answer (exit {proc.poll()})")
+
+
+SERVER = """
+import sys, time
+from taskit.backend import BackEnd
+def slow(x):
+    time.sleep(0.3)
+    return x
+BackEnd({"slow": slow}, port=int(sys.argv[1])).main()
+print("main returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_main_stops_gracefully_on_signal(port, sig):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(port)], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        c = _wait_answering(f"tcp://127.0.0.1:{port}", proc)
+        call_id = c.send("slow", 5)
+        assert c.call("<status>") == "1"
+        proc.send_signal(sig)
+        assert c.recv(10)[2:] == (call_id, 5)  # the accepted call is still answered
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "main returned" in out
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_example_worker(port):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "worker.py"), "127.0.0.1", str(port)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        c = _wait_answering(f"tcp://127.0.0.1:{port}", proc)
+        assert c.call("wait-double", 5, codec=JSONCodec) == 10
+        with pytest.raises(RemoteError) as e:
+            c.call("get-error")
+        assert e.value.type == "AssertionError"
+        assert c.call("<status>") == "0"
+        assert c.call("<stop>") is None
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "Fulfilling task 'wait-double'" in out and "Server stopped" in out
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
