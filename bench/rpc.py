@@ -13,7 +13,7 @@ msgpack-decodes ``[name, args, kwargs]``, calls the function and
 msgpack-encodes the result. taskit is ``BackEnd(...)`` with its defaults and
 ``FrontEnd(codec=MsgpackCodec)``.
 
-Measured (each round visits the floor, then taskit, so noise hits both alike):
+Measured (the sides alternate in small chunks, so noise hits them alike):
 
 - sync latency of ``add(1, 2)``: median and p99 over every round's samples
   (ratio taskit/floor: lower is better, target <= 1.5);
@@ -23,6 +23,11 @@ Measured (each round visits the floor, then taskit, so noise hits both alike):
   the better of submit and map, both are printed);
 - 1 MiB ``echo`` throughput, sync calls, best round (ratio: higher is better,
   target >= 0.8).
+
+Attribution rows (not targets): a third server speaks taskit's frames with the
+floor's loop, so the cost of the wire format itself (raw client + raw server),
+of the FrontEnd alone (FrontEnd + raw server) and of the BackEnd alone (raw
+client + BackEnd) are each shown against the floor.
 """
 
 from __future__ import annotations
@@ -90,6 +95,31 @@ def _serve_floor() -> None:
         ident, body = recv()
         name, args, kwargs = unpackb(body)
         send([ident, packb(FUNCS[name](*args, **kwargs))])
+
+
+def _serve_wire() -> None:
+    """The floor's loop speaking taskit's frames: isolates the FrontEnd's own cost."""
+    import msgpack
+    import zmq
+
+    from taskit.protocol import HEADER, MAGIC, Kind
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port(f"tcp://{HOST}")
+    _exit_on_eof()
+    print(f"PORT {port}", flush=True)
+    packb, unpackb = msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb
+    recv, send, unpack, pack = sock.recv_multipart, sock.send_multipart, HEADER.unpack, HEADER.pack
+    result = int(Kind.RESULT)
+    while True:
+        ident, _magic, header, body = recv()
+        _, codec, call_id = unpack(header)
+        name, args, kwargs = unpackb(body)
+        send([ident, MAGIC, pack(result, codec, call_id), packb(FUNCS[name](*args, **kwargs))])
 
 
 def _serve_taskit() -> None:
@@ -190,6 +220,21 @@ class FloorClient:
         self.ctx.term()
 
 
+class WireClient(FloorClient):
+    """The floor client speaking taskit's frames: isolates the BackEnd's own cost."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        from taskit.protocol import HEADER, MAGIC
+
+        self.magic, self.header = MAGIC, HEADER
+
+    def call(self, name: str, *args: Any) -> Any:
+        sock = self.sock
+        sock.send_multipart([self.magic, self.header.pack(1, 2, 1), self.packb([name, args, {}])])
+        return self.unpackb(sock.recv_multipart()[2])
+
+
 class TaskitClient:
     def __init__(self, port: int) -> None:
         from taskit.codecs import MsgpackCodec
@@ -249,28 +294,39 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    servers = {kind: Server(kind) for kind in ("floor", "taskit")}
+    servers = {kind: Server(kind) for kind in ("floor", "taskit", "wire")}
     payload = os.urandom(MiB)
-    lat: dict[str, list[float]] = {"floor": [], "taskit": []}
-    thr: dict[str, float] = {"floor": 0.0, "submit": 0.0, "map": 0.0}
+    kinds = ("floor", "taskit", "frontend_only", "backend_only", "frames_only")
+    lat: dict[str, list[float]] = {k: [] for k in kinds}
+    thr: dict[str, float] = {"floor": 0.0, "submit": 0.0, "map": 0.0, "frontend_only_map": 0.0}
     mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0}
     try:
         clients: dict[str, Any] = {
             "floor": FloorClient(servers["floor"].port),
             "taskit": TaskitClient(servers["taskit"].port),
+            "frontend_only": TaskitClient(servers["wire"].port),
+            "backend_only": WireClient(servers["taskit"].port),
+            "frames_only": WireClient(servers["wire"].port),
         }
         try:
             for c in clients.values():  # warm up: connections, caches, allocators
                 latencies(c.call, 300)
-                echo_rate(c.call, 3, payload)
+            for kind in mib:
+                echo_rate(clients[kind].call, 3, payload)
+            chunk = 250  # interleave the sides in small chunks so noise hits all alike
             for _ in range(args.rounds):
-                for kind, c in clients.items():
-                    lat[kind] += latencies(c.call, args.sync)
+                for _ in range(max(1, args.sync // chunk)):
+                    for kind in kinds:
+                        lat[kind] += latencies(clients[kind].call, chunk)
                 thr["floor"] = max(thr["floor"], rate(clients["floor"].pipelined, args.calls))
                 thr["submit"] = max(thr["submit"], rate(clients["taskit"].submit, args.calls))
                 thr["map"] = max(thr["map"], rate(clients["taskit"].map, args.calls))
-                for kind, c in clients.items():
-                    mib[kind] = max(mib[kind], echo_rate(c.call, args.echo, payload))
+                thr["frontend_only_map"] = max(
+                    thr["frontend_only_map"], rate(clients["frontend_only"].map, args.calls)
+                )
+                for _ in range(max(1, args.echo // 10)):
+                    for kind in mib:
+                        mib[kind] = max(mib[kind], echo_rate(clients[kind].call, 10, payload))
         finally:
             for c in clients.values():
                 c.close()
@@ -279,17 +335,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             s.stop()
     us = {k: (statistics.median(v) * 1e6, pct(v, 0.99) * 1e6) for k, v in lat.items()}
     best_pipe = max(thr["submit"], thr["map"])
+    floor_med, floor_p99 = us["floor"]
     return {
-        "sync_median_ratio": round(us["taskit"][0] / us["floor"][0], 3),
-        "sync_p99_ratio": round(us["taskit"][1] / us["floor"][1], 3),
+        "sync_median_ratio": round(us["taskit"][0] / floor_med, 3),
+        "sync_p99_ratio": round(us["taskit"][1] / floor_p99, 3),
         "pipelined_ratio": round(best_pipe / thr["floor"], 3),
         "echo_ratio": round(mib["taskit"] / mib["floor"], 3),
         "details": {
             "sync_median_us": {k: round(v[0], 1) for k, v in us.items()},
             "sync_p99_us": {k: round(v[1], 1) for k, v in us.items()},
+            "frontend_only_sync_median_ratio": round(us["frontend_only"][0] / floor_med, 3),
+            "backend_only_sync_median_ratio": round(us["backend_only"][0] / floor_med, 3),
+            "frames_only_sync_median_ratio": round(us["frames_only"][0] / floor_med, 3),
             "pipelined_calls_per_s": {k: round(v) for k, v in thr.items()},
             "pipelined_submit_ratio": round(thr["submit"] / thr["floor"], 3),
             "pipelined_map_ratio": round(thr["map"] / thr["floor"], 3),
+            "frontend_only_pipelined_ratio": round(thr["frontend_only_map"] / thr["floor"], 3),
             "echo_1mib_mib_per_s": {k: round(v, 1) for k, v in mib.items()},
             "params": {
                 "sync": args.sync,
@@ -312,9 +373,20 @@ def report(r: dict[str, Any]) -> str:
         f"taskit {d['sync_p99_us']['taskit']:8.1f} us   ratio {r['sync_p99_ratio']:.2f}",
         f"  pipelined {d['params']['calls']} calls  "
         f"floor {d['pipelined_calls_per_s']['floor']:7d}/s"
-        f"   submit {d['pipelined_calls_per_s']['submit']:7d}/s ({d['pipelined_submit_ratio']:.2f})"
+        f"   submit {d['pipelined_calls_per_s']['submit']:7d}/s "
+        f"({d['pipelined_submit_ratio']:.2f})"
         f"   map {d['pipelined_calls_per_s']['map']:7d}/s ({d['pipelined_map_ratio']:.2f})"
         f"   ratio {r['pipelined_ratio']:.2f}  (target >= 0.5)",
+        "  where the sync time goes (median, ratio to the floor):",
+        f"    raw client + raw server, taskit frames   {d['sync_median_us']['frames_only']:8.1f} us"
+        f"   {d['frames_only_sync_median_ratio']:.2f}",
+        f"    FrontEnd   + raw server, taskit frames   {d['sync_median_us']['frontend_only']:8.1f} us"
+        f"   {d['frontend_only_sync_median_ratio']:.2f}",
+        f"    raw client + BackEnd                     {d['sync_median_us']['backend_only']:8.1f} us"
+        f"   {d['backend_only_sync_median_ratio']:.2f}",
+        f"  FrontEnd.map + raw server (taskit frames): "
+        f"{d['pipelined_calls_per_s']['frontend_only_map']}/s "
+        f"({d['frontend_only_pipelined_ratio']:.2f} of the floor)",
         f"  1 MiB echo             floor {d['echo_1mib_mib_per_s']['floor']:7.1f} MiB/s "
         f"taskit {d['echo_1mib_mib_per_s']['taskit']:7.1f} MiB/s ratio {r['echo_ratio']:.2f}"
         "  (target >= 0.8)",
@@ -324,7 +396,7 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--serve", choices=("floor", "taskit"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=("floor", "taskit", "wire"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer calls, one round")
     p.add_argument("--sync", type=int, default=3000, help="sync calls per round and side")
@@ -333,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     if args.serve:
-        {"floor": _serve_floor, "taskit": _serve_taskit}[args.serve]()
+        {"floor": _serve_floor, "taskit": _serve_taskit, "wire": _serve_wire}[args.serve]()
         return
     if args.quick:
         args.sync, args.calls, args.echo, args.rounds = 1000, 20000, 30, 1

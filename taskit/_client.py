@@ -97,6 +97,7 @@ STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HEADER_UNPACK = HEADER.unpack
 _RESULT, _ERROR = int(Kind.RESULT), int(Kind.ERROR)
+_BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
 
 # Remote error type names the backend raises itself -> the exception class.
 _ERROR_CLASSES: dict[str, type[BackendProcessingError]] = {
@@ -481,6 +482,8 @@ class ClientCore:
     def on_message(self, endpoint: str, frames: Sequence[bytes]) -> Done:
         """Handle frames received from ``endpoint``; returns the calls resolved by them.
 
+        The body frame may be a ``memoryview`` (a driver's zero-copy receive).
+
         Malformed, badly signed or unknown-id replies are dropped and counted in
         :attr:`stats`; they never raise.
         """
@@ -506,6 +509,8 @@ class ClientCore:
             if codec is None:
                 self._bad_codec(call, codec_id, endpoint, done)
                 return done
+            if type(body) is memoryview and codec.wire_id not in _BUFFER_CODECS:
+                body = bytes(body)  # a driver's zero-copy buffer; this codec wants bytes
             try:
                 value = codec.decode(body)
             except DecodeError as e:
@@ -520,6 +525,8 @@ class ClientCore:
             if codec is None:
                 self._bad_codec(call, codec_id, endpoint, done)
                 return done
+            if type(body) is memoryview:
+                body = bytes(body)
             try:
                 type_name, args, tb = decode_error(codec, body)
             except (DecodeError, ProtocolError) as e:

@@ -75,6 +75,7 @@ _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 _DRAIN_ALL = 1 << 62
+_ZERO_COPY = 64 * 1024  # bodies from this size on are read without a copy
 
 _UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 _HANDSHAKE_FAILED = (
@@ -400,11 +401,11 @@ class FrontEnd:
                         batch.append(call)
                     exhausted = len(batch) < want
                     if batch:
-                        self._start_many(batch)
+                        self._start_many(batch, len(window))
                 if not window:
                     return
                 call, w = window.popleft()
-                value = self._wait(call, w, timeout)
+                value = self._wait(call, w, timeout, len(window))
                 bar.update()
                 yield value
         finally:
@@ -512,8 +513,9 @@ class FrontEnd:
             self._enqueue(call)
         return self._wait(call, w, timeout)
 
-    def _wait(self, call: PendingCall, w: _Waiter, timeout: float | None) -> Any:
-        """Block until ``w`` is resolved: drive the sockets when nobody else does."""
+    def _wait(self, call: PendingCall, w: _Waiter, timeout: float | None, own: int = 0) -> Any:
+        """Block until ``w`` is resolved: drive the sockets when nobody else does.
+        ``own``: calls this thread keeps in flight and will wait for next (``map``)."""
         me = threading.get_ident()
         while w.ok is None:
             if self._io_lock.acquire(False):
@@ -521,7 +523,7 @@ class FrontEnd:
                 try:
                     self._drive(w)
                 finally:
-                    self._release()
+                    self._release(own)
                 if w.ok is None and self._closed:
                     break
             elif self._leader == me:
@@ -563,7 +565,7 @@ class FrontEnd:
         else:
             self._enqueue(call)
 
-    def _start_many(self, calls: list[PendingCall]) -> None:
+    def _start_many(self, calls: list[PendingCall], own: int = 0) -> None:
         if self._closed:
             raise self._closed_error()
         if self._io_lock.acquire(False):
@@ -573,7 +575,7 @@ class FrontEnd:
                     self._core.submit(call)
                 self._flush()
             finally:
-                self._release()
+                self._release(own)
         elif self._leader == threading.get_ident():
             for call in calls:
                 self._core.submit(call)
@@ -612,10 +614,12 @@ class FrontEnd:
             if op.error is not None:
                 raise op.error
 
-    def _release(self) -> None:
+    def _release(self, own: int = 0) -> None:
+        """Give up the I/O lock; wake the background thread if calls other than the
+        ``own`` ones this thread will come back for (``map``) are left behind."""
         self._leader = None
         self._io_lock.release()
-        if self._inbox or self._core.calls:
+        if self._inbox or self._core.pending > own:
             self._bg_wake.set()  # work remains: the background thread drives it
 
     def _wake(self) -> None:
@@ -683,7 +687,8 @@ class FrontEnd:
                 frames = [f.bytes]
                 while f.more:
                     f = recv(zmq.NOBLOCK, copy=False)
-                    frames.append(f.bytes)
+                    # a large body is decoded straight from libzmq's buffer: no copy
+                    frames.append(f.bytes if len(f) < _ZERO_COPY else f.buffer)
             except zmq.Again:
                 return
             except zmq.ZMQError as e:
@@ -867,11 +872,12 @@ class FrontEnd:
     # -- background thread ---------------------------------------------------------
 
     def _bg_loop(self) -> None:
-        """Drive the sockets whenever calls are pending and no caller does; check
-        the monitors while idle."""
+        """Drive the sockets when a leader left calls behind (it sets ``_bg_wake``);
+        otherwise, every ``_IDLE_CHECK`` seconds, take one look at the monitors,
+        timers and replies already received."""
         me = threading.get_ident()
         while not self._closed:
-            self._bg_wake.wait(_IDLE_CHECK)
+            asked = self._bg_wake.wait(_IDLE_CHECK)
             self._bg_wake.clear()
             if self._closed:
                 break
@@ -879,16 +885,32 @@ class FrontEnd:
                 continue  # a leader is active; it wakes us when it leaves work behind
             self._leader = me
             try:
-                for link in list(self._links.values()):
-                    self._monitor_events(link)
-                self._drive(None)
+                if asked:
+                    self._drive(None)
+                else:
+                    self._housekeep()
             except Exception:  # keep serving other calls; this is a bug if it happens
                 _log.exception("taskit FrontEnd I/O thread error")
             finally:
                 self._leader = None
                 self._io_lock.release()
-            if self._inbox or self._core.calls:
-                self._bg_wake.set()
+            if self._inbox or (asked and self._core.calls):
+                self._bg_wake.set()  # arrived while we were leaving
+
+    def _housekeep(self) -> None:
+        """One non-blocking pass: monitor events, replies waiting, due timers, sends."""
+        for link in list(self._links.values()):
+            self._monitor_events(link)
+        for link in list(self._links.values()):
+            if link.sock in self._by_sock:
+                self._receive(link, None)
+        core = self._core
+        if core.timers:
+            self._resolve(core.tick())
+        if self._inbox:
+            self._drain_inbox()
+        if core.outbox:
+            self._flush()
 
     def _shutdown(self) -> None:
         """Fail what is pending and close every socket (with the I/O lock held)."""

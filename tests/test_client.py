@@ -359,3 +359,14 @@ def test_backoff_delay_grows_and_caps():
 def test_backend_up_state():
     core, _ = make(1)
     assert core.snapshot()[A]["state"] == UP and core.snapshot()[A]["connects"] == 1
+
+
+def test_memoryview_bodies_are_accepted():
+    for codec in (JSONCodec, MsgpackCodec):
+        core, _ = make(1, codec=codec)
+        c = core.new_call("echo", ("x" * 10,))
+        core.submit(c)
+        send_all(core)
+        frames = encode_result(codec, c.id, "y" * 100_000)
+        frames[2] = memoryview(frames[2])
+        assert core.on_message(A, frames)[0][2] == "y" * 100_000
