@@ -30,7 +30,6 @@ parent dies (``PR_SET_PDEATHSIG``), which works even while a job holds the GIL.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import pickle
 import queue
@@ -82,8 +81,9 @@ def _set_parent_death_signal() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # CDLL(None): the symbols already loaded (libc among them); cheaper
+        # than importing ctypes.util to look libc up.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except Exception:  # noqa: BLE001 - the pipe EOF and getppid checks remain
         pass
 

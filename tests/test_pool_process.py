@@ -423,6 +423,21 @@ def test_workers_exit_when_the_parent_is_sigkilled(busy):
         assert wait_dead(pids), f"orphaned workers still alive: {pids}"
 
 
+def parent_death_signal():
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    return value.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
+def test_workers_ask_the_kernel_for_sigkill_when_their_parent_dies(pool):
+    assert set(pool.map(lambda_free_pdeathsig, range(4))) == {signal.SIGKILL}
+
+
+def lambda_free_pdeathsig(_):
+    return parent_death_signal()
+
+
 def test_a_forgotten_process_pool_does_not_hang_exit():
     code = (
         f"import sys; sys.path.insert(0, {ROOT!r})\n"
