@@ -108,6 +108,9 @@ class _Retired(Exception):
 
 _NOTHING = object()  # "the call produced no single value to pass on"
 
+# results that are certainly not iterators: skips the (slower) ABC check on the hot path
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, set})
+
 
 class _Channel:
     """A bounded FIFO between threads that can be *closed* (end of stream:
@@ -410,7 +413,7 @@ class _Stage:
         w.n_in += 1
         try:
             rst = self.func(item)
-            if isinstance(rst, Iterator):
+            if type(rst) not in _PLAIN_TYPES and isinstance(rst, Iterator):
                 for value in rst:
                     if value is not EmptyRst:
                         sink(value)

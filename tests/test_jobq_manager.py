@@ -23,9 +23,16 @@ from taskit.errors import JobWorkerError, JobWorkerNotFound, TaskItError
 WAIT = 10  # seconds: upper bound for anything that should happen "soon"
 
 
+# events a failing test might leave unset: set at teardown so no thread stays blocked
+_UNBLOCK: list[threading.Event] = []
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads():
     yield
+    for event in _UNBLOCK:
+        event.set()
+    _UNBLOCK.clear()
     deadline = time.monotonic() + WAIT
     for t in threading.enumerate():
         if t.name.startswith("taskit-jobq-"):
@@ -42,12 +49,14 @@ class Gate:
         self.entered: queue.Queue = queue.Queue()
         self.permits = threading.Semaphore(0)
         self.opened = threading.Event()
+        _UNBLOCK.append(self.opened)
         self.threads: dict = {}
 
     def __call__(self, x):
         self.threads[x] = threading.get_ident()
         self.entered.put(x)
-        while not self.opened.is_set():
+        deadline = time.monotonic() + WAIT
+        while not self.opened.is_set() and time.monotonic() < deadline:
             if self.permits.acquire(timeout=0.05):
                 break
         return x
@@ -378,6 +387,7 @@ def test_grow_adds_threads_immediately():
 def _timeout_pipeline(block_from):
     got, rst = [], []
     release = threading.Event()
+    _UNBLOCK.append(release)
 
     def slow(x):
         got.append(x)
