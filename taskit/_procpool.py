@@ -242,13 +242,23 @@ class ProcessEngine:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
-        workers = [w for w in list(self._workers.values()) if not w.retiring]
-        running = sum(len(w.inflight) for w in list(self._workers.values()))
-        idle = sum(1 for w in workers if not w.inflight)
+        """Counts read without locking the manager: a consistent-enough snapshot.
+
+        ``running`` counts workers whose current job has started; jobs sent to
+        a worker but not started yet count as ``queued``.
+        """
+        everyone = list(self._workers.values())
+        live = [w for w in everyone if not w.retiring]
+        running = sent = 0
+        for w in everyone:
+            inflight = list(w.inflight)
+            sent += len(inflight)
+            if inflight and inflight[0].jid <= w.claim[0]:
+                running += 1
         return {
-            "workers": len(workers),
-            "idle": idle,
-            "queued": len(self._queue),
+            "workers": len(live),
+            "idle": sum(1 for w in live if not w.inflight),
+            "queued": len(self._queue) + sent - running,
             "running": running,
             "completed": self._completed,
             "failed": self._failed,
