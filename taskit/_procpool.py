@@ -88,6 +88,15 @@ def _stop_at_exit() -> None:
 atexit.register(_stop_at_exit)
 
 
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def default_start_method() -> str:
     """``forkserver`` where available (POSIX), else ``spawn``."""
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -555,26 +564,30 @@ class ProcessEngine:
         w.job_w.close()
         w.result_r.close()
         code = w.process.exitcode
-        if w.retiring and not w.inflight:
+        how = _describe_exit(code)
+        if w.retiring and code == 0:
+            # Retired (shrink, shutdown or a TerminationNotice): jobs it was sent
+            # after the stop, if any, were never started and go back to the queue.
             log.debug("%s: worker process %s exited", self._pool.name, w.process.pid)
-            return
-        how = (
-            f"was killed by {signal.Signals(-code).name}"
-            if code and code < 0
-            else f"exited with code {code}"
-        )
-        log.warning(
-            "%s: worker process %s %s; starting a replacement", self._pool.name, w.process.pid, how
-        )
-        if w.done == 0 and not w.inflight:
-            self._early_deaths += 1
-            if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
-                self._give_up(
-                    f"{self._early_deaths} worker processes in a row died at start "
-                    f"(last one {how}); check the initializer and toolbox_factory"
-                )
         else:
-            self._early_deaths = 0
+            log.warning(
+                "%s: worker process %s %s%s",
+                self._pool.name,
+                w.process.pid,
+                how,
+                "" if w.retiring or self._stopping else "; starting a replacement",
+            )
+            if w.done == 0 and not w.inflight:
+                self._early_deaths += 1
+                if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
+                    self._give_up(
+                        f"{self._early_deaths} worker processes in a row died at start "
+                        f"(last one {how}); check the initializer and toolbox_factory"
+                    )
+            else:
+                self._early_deaths = 0
+        if not w.inflight:
+            return
         started = w.claim[0]
         lost = [i for i in w.inflight if i.jid <= started]
         unstarted = [i for i in w.inflight if i.jid > started]

@@ -462,3 +462,15 @@ def test_suicidejob_in_a_process_pool_shrinks_it():
         assert p.size() == 1
         assert p.submit(sub, 4, 1).result(30) == 3
         assert p.stats()["workers"] == 1
+
+
+def test_jobs_sent_behind_a_suicidejob_are_kept_for_the_next_worker():
+    with WorkerPool(1, kind="process") as p:
+        p.map(sub, range(2000), range(2000))  # tiny jobs: the next ones travel in one batch
+        stop = p.put(SuicideJob())
+        after = [p.submit(sub, i, 0) for i in range(20)]
+        assert stop.result(30) is None
+        assert p.size() == 0
+        assert p.join(0.2) is False and not any(f.done() for f in after)
+        p.grow(1)
+        assert [f.result(30) for f in after] == list(range(20))
