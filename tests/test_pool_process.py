@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -474,3 +475,15 @@ def test_jobs_sent_behind_a_suicidejob_are_kept_for_the_next_worker():
         assert p.join(0.2) is False and not any(f.done() for f in after)
         p.grow(1)
         assert [f.result(30) for f in after] == list(range(20))
+
+
+def test_maxjobs_bounds_the_queue_of_a_process_pool(tmp_path):
+    with WorkerPool(1, kind="process", maxjobs=2) as p:
+        path = str(tmp_path / "started")
+        first = p.submit(sleep_then, path, 0.5, "first")
+        wait_for_file(path)  # it left the queue: two places are free
+        queued = [p.submit(sub, 1, 0), p.submit(sub, 2, 0)]
+        with pytest.raises(queue.Full):
+            p.put(SuicideJob(), block=False)
+        assert first.result(30) == "first"
+        assert [f.result(30) for f in queued] == [1, 2]
