@@ -17,6 +17,14 @@ One :class:`WorkerPool` serves local users and the backend:
   :class:`~taskit.errors.WorkerLostError` and is replaced, and the children
   exit on their own when this process dies, even by SIGKILL.
 
+Lifecycle: use ``with WorkerPool(...)`` or call :meth:`WorkerPool.shutdown`.
+A forgotten pool never hangs interpreter exit: thread workers are daemon
+threads, and process workers are told to stop at exit (running jobs finish,
+queued ones are cancelled). Future callbacks run in the worker thread (thread
+pools) or in the pool's manager thread (process pools): keep them short. As
+with any multiprocessing code, a script that starts a process pool must guard
+its entry point with ``if __name__ == "__main__":``.
+
 The classic interfaces are here too: workerpool's :class:`Job`,
 :class:`SimpleJob`, :class:`SuicideJob`, :class:`TerminationNotice`,
 :class:`Worker` and :class:`EquippedWorker` (one toolbox per worker, created
