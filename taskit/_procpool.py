@@ -246,6 +246,9 @@ class ProcessEngine:
         self._stopping = True
         self._wake()
 
+    def is_manager_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def wait_stopped(self, timeout: float | None = None) -> None:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)

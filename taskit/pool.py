@@ -495,7 +495,14 @@ class WorkerPool:
 
         Returns ``True`` when the pool is idle, ``False`` if ``timeout`` seconds
         passed first (``timeout=0`` only checks). Never hangs on a failed job.
+        Raises :class:`RuntimeError` when called from a process pool's future
+        callback (it runs in the manager thread, which join would wait for).
         """
+        if self._proc is not None and self._proc.is_manager_thread():
+            raise RuntimeError(
+                f"{self.name}.join() called from a future callback would deadlock: callbacks "
+                "of a process pool run in its manager thread; wait elsewhere"
+            )
         with self._idle_cond:
             self._joiners += 1
             try:

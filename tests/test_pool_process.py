@@ -487,3 +487,19 @@ def test_maxjobs_bounds_the_queue_of_a_process_pool(tmp_path):
             p.put(SuicideJob(), block=False)
         assert first.result(30) == "first"
         assert [f.result(30) for f in queued] == [1, 2]
+
+
+def test_join_from_a_callback_raises_instead_of_deadlocking(pool, tmp_path):
+    seen = []
+    f = pool.submit(sleep_then, str(tmp_path / "started"), 0.3, "ok")
+
+    def callback(_):
+        try:
+            pool.join(1)
+        except RuntimeError as e:
+            seen.append(str(e))
+
+    f.add_done_callback(callback)  # the job takes 0.3 s: attached before it is done
+    assert f.result(30) == "ok"
+    assert pool.join(30)
+    assert len(seen) == 1 and "deadlock" in seen[0]
