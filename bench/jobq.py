@@ -31,7 +31,8 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -84,7 +85,9 @@ def queue_pipeline(n: int, middle: Callable[[int], int]) -> None:
         while (x := q2.get()) is not _END:
             sub3(x)
 
-    threads = [threading.Thread(target=f, name=f"bench-q{i}") for i, f in enumerate((first, second, third))]
+    threads = [
+        threading.Thread(target=f, name=f"bench-q{i}") for i, f in enumerate((first, second, third))
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -699,16 +699,19 @@ class JobManager:
                 self._closing = True
                 self._head.close()
         last = self._stages[-1]
-        # the last stage finishes only after all upstream stages did
-        if deadline is None:
-            last.finished.wait()
-        elif not last.finished.wait(max(0.0, deadline - time.monotonic())):
+        try:
+            # the last stage finishes only after all upstream stages did
+            if deadline is None:
+                last.finished.wait()
+            elif not last.finished.wait(max(0.0, deadline - time.monotonic())):
+                self._abort()
+                return
+            for t in self._live_threads():
+                if t is not threading.current_thread():
+                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except BaseException:  # e.g. Ctrl-C while waiting: stop the pipeline too
             self._abort()
-            return
-        for t in self._live_threads():
-            if t is threading.current_thread():
-                continue
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            raise
 
     def _abort(self) -> None:
         with self._lock:

@@ -509,7 +509,7 @@ def test_long_run_memory_is_bounded(keep_order, n):
 
     def source():
         for i in range(n):
-            yield "%0250d" % i
+            yield f"{i:0250d}"
 
     def tally(s):
         count[0] += 1
@@ -524,3 +524,31 @@ def test_long_run_memory_is_bounded(keep_order, n):
     print(f"n={n} keep_order={keep_order}: tracemalloc peak {peak} bytes")
     assert peak < 4_000_000, f"peak {peak} bytes"
     assert peak < n * 250 / 3
+
+
+def test_context_manager_stops_at_once_on_error():
+    gate = Gate()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with jobq.JobManager([gate]) as jm:
+            for i in range(5):
+                jm.put(i)
+            gate.wait_entered()
+            raise RuntimeError("caller failed")
+    assert time.monotonic() - t0 < WAIT / 2
+    with pytest.raises(JobWorkerError):
+        jm.put(9)
+    gate.open()
+
+
+def test_stage_raising_base_exception_is_contained(caplog):
+    def picky(x):
+        if x == 2:
+            raise SystemExit("not in a worker thread")
+        return x
+
+    rst = []
+    with caplog.at_level(logging.ERROR, logger="taskit.jobq"):
+        jobq.run(range(5), [picky, rst.append])
+    assert rst == [0, 1, 3, 4]
+    assert "SystemExit" in caplog.text
