@@ -112,8 +112,8 @@ def child_main(
     init: bytes,
 ) -> None:
     """Entry point of a worker process (runs in the child)."""
+    from taskit._jobs import TerminationNotice, _call_initializers
     from taskit.errors import UnpicklableError, WorkerInitError
-    from taskit.pool import TerminationNotice, _call_initializers
 
     _set_parent_death_signal()
     # Our parent may have died before prctl took effect: then we were re-parented.

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 import time
@@ -44,6 +43,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
 from typing import Any
 
+from taskit._jobs import (
+    Job,
+    SimpleJob,
+    SuicideJob,
+    TerminationNotice,
+    _call_initializers,
+    current_toolbox,
+    default_size,
+)
 from taskit.errors import PoolShutdownError, WorkerInitError
 
 __all__ = [
@@ -61,116 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("taskit.pool")
-
-
-# --- the classic job interface (workerpool semantics, defects fixed) -------
-
-
-class TerminationNotice(Exception):
-    """Raised by a job to make the worker running it exit (workerpool semantics).
-
-    The job's future resolves to ``None`` and the pool's size drops by one;
-    the worker is not replaced.
-    """
-
-
-class Job:
-    """A unit of work: subclass and override :meth:`run`.
-
-    ``run()`` is called with no argument, or as ``run(toolbox=...)`` when the
-    pool has a ``toolbox_factory``. Its return value becomes the result of the
-    future that :meth:`WorkerPool.put` returned.
-    """
-
-    def run(self, toolbox: Any = None) -> Any:
-        return None
-
-
-class SuicideJob(Job):
-    """A job that stops the worker that takes it (after the jobs queued before it)."""
-
-    def run(self, toolbox: Any = None, **kw: Any) -> Any:
-        raise TerminationNotice()
-
-
-class SimpleJob(Job):
-    """Call ``method`` with ``args`` and put the return value on ``result``.
-
-    ``args`` as a list or tuple is passed positionally, as a dict by keyword;
-    any other type raises :class:`TypeError` when the job is created (the seed
-    library failed later, killing its worker). ``result`` is anything with a
-    ``put`` method (``None`` to only use the future); override :meth:`_return`
-    to deliver the value elsewhere. Works with and without a toolbox.
-    """
-
-    def __init__(self, result: Any, method: Callable[..., Any], args: Any = ()) -> None:
-        if not callable(method):
-            raise TypeError(f"SimpleJob needs a callable method, got {type(method).__name__}")
-        if not isinstance(args, (list, tuple, dict)):
-            raise TypeError(
-                "SimpleJob args must be a list/tuple (positional) or a dict (keyword), "
-                f"got {type(args).__name__}; wrap a single argument as [arg]"
-            )
-        self.result = result
-        self.method = method
-        self.args = args
-
-    def run(self, toolbox: Any = None) -> Any:
-        if isinstance(self.args, dict):
-            r = self.method(**self.args)
-        else:
-            r = self.method(*self.args)
-        self._return(r)
-        return r
-
-    def _return(self, r: Any) -> None:
-        if self.result is not None:
-            self.result.put(r)
-
-
-# --- per-worker state --------------------------------------------------------
-
-_local = threading.local()
-
-
-def current_toolbox() -> Any:
-    """The toolbox of the worker running the caller (thread or process worker).
-
-    Lets plain functions given to :meth:`WorkerPool.submit` reach the per-worker
-    resource that ``toolbox_factory`` built. Raises :class:`LookupError` when the
-    caller is not a pool worker with a toolbox.
-    """
-    try:
-        return _local.toolbox
-    except AttributeError:
-        raise LookupError(
-            "current_toolbox() was called outside a pool worker that has a toolbox; "
-            "pass toolbox_factory= to WorkerPool"
-        ) from None
-
-
-def _set_toolbox(toolbox: Any) -> None:
-    _local.toolbox = toolbox
-
-
-def default_size(kind: str) -> int:
-    """Default worker count: ``cpu_count()`` processes, ``min(32, cpu_count() + 4)`` threads."""
-    cpus = os.cpu_count() or 1
-    return cpus if kind == "process" else min(32, cpus + 4)
-
-
-def _call_initializers(
-    initializer: Callable[..., Any] | None,
-    initargs: tuple,
-    toolbox_factory: Callable[[], Any] | None,
-) -> Any:
-    """Run a worker's initializer then its toolbox factory, in the worker itself."""
-    if initializer is not None:
-        initializer(*initargs)
-    toolbox = toolbox_factory() if toolbox_factory is not None else None
-    if toolbox_factory is not None:
-        _set_toolbox(toolbox)
-    return toolbox
 
 
 # --- queue items ------------------------------------------------------------
@@ -745,105 +643,6 @@ def _check_count(n: Any, label: str) -> None:
         raise ValueError(f"{label} must be an int >= 0, not {n!r}")
 
 
-# --- the multiprocess worker library's model ------------------------------------
-
-
-class _Constant:
-    """A picklable factory returning its (per-worker unpickled) object."""
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __call__(self) -> Any:
-        return self.obj
-
-
-def _call_target(target: str, arguments: Any) -> Any:
-    """Run ``attributes.<target>(arguments)`` on the calling worker's attributes."""
-    from taskit.errors import UnknownTargetError
-
-    attributes = current_toolbox()
-    if isinstance(attributes, dict):
-        method = attributes.get(target)
-    elif target.startswith("_"):
-        method = None  # dunder and private methods are not jobs
-    else:
-        method = getattr(attributes, target, None)
-    if not callable(method):
-        raise UnknownTargetError(
-            f"unknown target {target!r}: the worker attributes "
-            f"({type(attributes).__name__}) have no such public method"
-        )
-    return method(arguments)
-
-
-class JobQueue:
-    """The job queue :func:`start_workers` returns.
-
-    ``put({"target": "method_name", "arguments": x})`` runs
-    ``attributes.method_name(x)`` in one of the worker processes and returns a
-    :class:`~concurrent.futures.Future` of its return value (the original
-    library had no result channel). ``put(False)`` -- the object ``False``
-    itself, not an equal value like ``0`` -- stops one worker after the jobs
-    queued before it; it is the only stop signal, and a job whose *arguments*
-    are ``False`` is an ordinary job. Anything else that is not such a dict
-    (``0``, ``None``, a dict without ``target``) fails only its own future with
-    :class:`TypeError` and is logged; no worker dies.
-    """
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-
-    def put(self, job: Any, block: bool = True, timeout: float | None = None) -> Future:
-        if job is False:
-            return self.pool.put(SuicideJob(), block, timeout)
-        if not isinstance(job, dict) or not isinstance(job.get("target"), str):
-            fut: Future = Future()
-            fut.set_exception(
-                TypeError(
-                    'a job is a dict {"target": "method_name", "arguments": ...}, '
-                    f"or False to stop one worker; got {job!r}"
-                )
-            )
-            log.error("start_workers: rejected malformed job %r", job)
-            return fut
-        return self.pool.submit(_call_target, job["target"], job.get("arguments"))
-
-    def put_nowait(self, job: Any) -> Future:
-        """``put(job, block=False)``, as on a multiprocessing queue."""
-        return self.put(job, block=False)
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until every job put so far is done; see :meth:`WorkerPool.join`."""
-        return self.pool.join(timeout)
-
-    def workers(self) -> int:
-        """How many workers are still running."""
-        return self.pool.stats()["workers"]
-
-    def close(self, wait: bool = True) -> None:
-        """Run what is queued, then stop every worker (no ``False`` needed)."""
-        self.pool.shutdown(wait=wait)
-
-    def __enter__(self) -> JobQueue:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def start_workers(
-    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
-) -> JobQueue:
-    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
-
-    ``attributes`` is an instance whose public methods are the jobs' targets
-    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
-    each child gets its own copy, so state changes stay in that worker.
-    Children exit when this process dies; :meth:`JobQueue.close` stops them
-    cleanly.
-    """
-    if isinstance(attributes, type):
-        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
-    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
-    return JobQueue(pool)
+# The multiprocess worker library's model lives in its own module; it builds
+# WorkerPools, so it is imported once WorkerPool exists.
+from taskit._startworkers import JobQueue, start_workers  # noqa: E402
