@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from taskit.errors import PortSpecError, TaskItError, TaskLoadError
+from taskit.errors import KeyFileError, PortSpecError, TaskItError, TaskLoadError
 from taskit.ports import expand, get_ports, parse_address
 from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
 
@@ -142,9 +142,9 @@ def _read_key(path: str | None) -> bytes | None:
     try:
         key = Path(path).read_bytes().strip()
     except OSError as e:
-        raise TaskItError(f"cannot read the key file {path!r}: {e.strerror}") from e
+        raise KeyFileError(f"cannot read the key file {path!r}: {e.strerror}") from e
     if not key:
-        raise TaskItError(f"the key file {path!r} is empty; put a long random secret in it")
+        raise KeyFileError(f"the key file {path!r} is empty; put a long random secret in it")
     return key
 
 
@@ -195,6 +195,12 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.target)
     codecs = _codec_names(args.codec) if args.codec else None
     key = _read_key(args.key_file)
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving on %s without --key-file: anyone who can reach these ports can call "
+            "every task and stop the backend; see doc/security.md",
+            args.host,
+        )
     if len(ports) > 1:
         return _supervise(args, ports)
     return _serve(args, tasks, ports[0], codecs, key)

@@ -46,6 +46,7 @@ __all__ = [
     # operations
     "PortSpecError",
     "TaskLoadError",
+    "KeyFileError",
 ]
 
 
@@ -280,3 +281,7 @@ class PortSpecError(TaskItError, ValueError):
 class TaskLoadError(TaskItError, ImportError):
     """``taskit backend MODULE[:ATTR]`` could not load tasks from what it was given
     (no such module or file, no such attribute, or nothing callable to serve)."""
+
+
+class KeyFileError(TaskItError, ValueError):
+    """A ``--key-file`` cannot be read or is empty (an empty key is never "no key")."""

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from taskit import cli
-from taskit.errors import TaskItError, TaskLoadError
+from taskit.errors import KeyFileError, TaskLoadError
 
 
 @pytest.fixture
@@ -167,11 +167,11 @@ def test_backend_with_a_bad_target_exits_1_with_the_reason(capsys):
 
 
 def test_key_file_must_exist_and_not_be_empty(tmp_path):
-    with pytest.raises(TaskItError, match="cannot read the key file"):
+    with pytest.raises(KeyFileError, match="cannot read the key file"):
         cli._read_key(str(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    with pytest.raises(TaskItError, match="is empty"):
+    with pytest.raises(KeyFileError, match="is empty"):
         cli._read_key(str(empty))
     good = tmp_path / "key"
     good.write_text("s3cret\n")
