@@ -378,12 +378,15 @@ def report(r: dict[str, Any]) -> str:
         f"   map {d['pipelined_calls_per_s']['map']:7d}/s ({d['pipelined_map_ratio']:.2f})"
         f"   ratio {r['pipelined_ratio']:.2f}  (target >= 0.5)",
         "  where the sync time goes (median, ratio to the floor):",
-        f"    raw client + raw server, taskit frames   {d['sync_median_us']['frames_only']:8.1f} us"
-        f"   {d['frames_only_sync_median_ratio']:.2f}",
-        f"    FrontEnd   + raw server, taskit frames   {d['sync_median_us']['frontend_only']:8.1f} us"
-        f"   {d['frontend_only_sync_median_ratio']:.2f}",
-        f"    raw client + BackEnd                     {d['sync_median_us']['backend_only']:8.1f} us"
-        f"   {d['backend_only_sync_median_ratio']:.2f}",
+    ]
+    med, rat = d["sync_median_us"], d
+    for label, key in (
+        ("raw client + raw server, taskit frames", "frames_only"),
+        ("FrontEnd   + raw server, taskit frames", "frontend_only"),
+        ("raw client + BackEnd                  ", "backend_only"),
+    ):
+        lines.append(f"    {label}   {med[key]:8.1f} us   {rat[key + '_sync_median_ratio']:.2f}")
+    lines += [
         f"  FrontEnd.map + raw server (taskit frames): "
         f"{d['pipelined_calls_per_s']['frontend_only_map']}/s "
         f"({d['frontend_only_pipelined_ratio']:.2f} of the floor)",

@@ -595,8 +595,8 @@ class ClientCore:
         call.on_wire = False
         if call.target is not None:
             b = self.backends.get(call.target)
-            if b is not None and b.state != UP:
-                b = None
+            if b is not None and b.state not in (UP, STOPPING):  # a stopping one still
+                b = None  # answers admin signals
         else:
             b = self.choose()
             if b is not None and call.refused_by and b.endpoint in call.refused_by:

@@ -196,6 +196,7 @@ class FrontEnd:
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
+        endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
         if curve_serverkey is not None and not zmq.has("curve"):
@@ -238,8 +239,13 @@ class FrontEnd:
         self._cb_pool_lock = threading.Lock()
         self._bg_wake = threading.Event()
         # Built before the thread starts, so no other thread can race us here.
-        for spec in backends:
-            self._connect(parse_backend(spec, default_port))
+        try:
+            for endpoint in endpoints:
+                self._connect(endpoint)
+        except BaseException:
+            self._closed = True
+            self._shutdown()
+            raise
         self._bg = threading.Thread(target=self._bg_loop, name="taskit-frontend-io", daemon=True)
         self._bg.start()
 

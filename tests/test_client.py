@@ -370,3 +370,15 @@ def test_memoryview_bodies_are_accepted():
         frames = encode_result(codec, c.id, "y" * 100_000)
         frames[2] = memoryview(frames[2])
         assert core.on_message(A, frames)[0][2] == "y" * 100_000
+
+
+def test_pinned_calls_reach_a_stopping_backend():
+    core, _ = make(2)
+    c = core.new_call("t")
+    core.submit(c)
+    send_all(core)
+    core.on_message(A, encode_error(JSONCodec, c.id, "Stopping", [], ""))
+    assert core.snapshot()[A]["state"] == STOPPING
+    sig = core.new_call("<status>", target=A)
+    core.submit(sig)
+    assert send_all(core)[sig.id][0] == A

@@ -422,3 +422,10 @@ def test_process_pool_backend(backends, frontends):
     fe = frontends([be.endpoint])
     pids = {fe.work("pid") for _ in range(4)}
     assert os.getpid() not in pids
+
+
+def test_bad_backend_spec_is_a_valueerror():
+    with pytest.raises(ValueError, match="a backend is"):
+        FrontEnd([("127.0.0.1", "not a port")])
+    with pytest.raises(ValueError):
+        FrontEnd(["tcp://no-port"])
