@@ -413,9 +413,10 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
             print(f"{name} --> stopped")
         elif args.command == "kill":
             print(f"{name} --> terminated")
-        else:  # tasks
+        else:  # tasks: the user's, not the admin signals every backend here serves
             names = answer if isinstance(answer, (list, tuple)) else [answer]
-            print(f"{name} --> {', '.join(map(str, names))}")
+            shown = [str(n) for n in names if not (str(n).startswith("<") and str(n).endswith(">"))]
+            print(f"{name} --> {', '.join(shown)}")
     return 1 if any(_is_down(a) for _, a in answers) else 0
 
 
