@@ -208,3 +208,25 @@ def test_taskitctl_and_port_expander_keep_the_original_command_lines(tmp_path):
         env=env(),
     )
     assert usage.returncode == 2 and "usage: taskitctl" in usage.stderr
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """The template unit parses (systemd-analyze verify), instantiated for one port."""
+    import shutil
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = tmp_path / "taskit@54543.service"
+    unit.write_text((ROOT / "daemonizing" / "taskit@.service").read_text())
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # Complaints about this machine (no 'taskit' user, no /srv/taskit) are not errors
+    # in the unit; anything about its own syntax is.
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if "taskit@" in line and ("Unknown" in line or "Invalid" in line or "Failed" in line)
+    ]
+    assert not problems, out.stdout + out.stderr
+    text = unit.read_text()
+    assert "--port %i" in text and "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
