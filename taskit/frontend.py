@@ -39,9 +39,19 @@ from typing import Any
 
 import zmq
 from zmq.backend import zmq_poll as _zmq_poll
-from zmq.utils.monitor import parse_monitor_message
 
 from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
+from taskit._dealer import (
+    CONNECT_RETRIED,
+    DISCONNECTED,
+    HANDSHAKE_FAILED,
+    UP_EVENT,
+    DealerSettings,
+    close_dealer,
+    curve_keys,
+    monitor_event,
+    open_dealer,
+)
 from taskit.codecs import JSONCodec, Signer
 from taskit.errors import (
     BackendLostError,
@@ -76,14 +86,6 @@ _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this oft
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 _DRAIN_ALL = 1 << 62
 _ZERO_COPY = 64 * 1024  # bodies from this size on are read without a copy
-
-_UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-_HANDSHAKE_FAILED = (
-    getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0)
-    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0)
-    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)
-)
-_MONITOR_EVENTS = _UP_EVENT | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _HANDSHAKE_FAILED
 
 
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
@@ -199,11 +201,6 @@ class FrontEnd:
         endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
-        if curve_serverkey is not None and not zmq.has("curve"):
-            raise NotImplementedError(
-                "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
-                "or drop curve_serverkey"
-            )
         self.default_port = default_port
         self.logger = logger
         self.timeout = timeout
@@ -211,7 +208,13 @@ class FrontEnd:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
-        self._curve = self._curve_keys(curve_serverkey, curve_publickey, curve_secretkey)
+        self._settings = DealerSettings(
+            connect_timeout=self.connect_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            max_message_size=max_message_size,
+            curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
+        )
         self._core = ClientCore(
             codec=codec,
             signer=Signer(key) if key is not None else None,
@@ -759,11 +762,11 @@ class FrontEnd:
                 return
             except zmq.ZMQError:
                 return
-            event = parse_monitor_message(msg)["event"]
-            if event & _UP_EVENT:
+            event = monitor_event(msg)
+            if event & UP_EVENT:
                 self._note(INFO, f"backend {link.endpoint} is up")
                 self._core.backend_up(link.endpoint)
-            elif event & zmq.EVENT_DISCONNECTED:
+            elif event & DISCONNECTED:
                 # Replies that arrived before the disconnect are still queued on the
                 # socket; read them first, so only truly unanswered calls are lost.
                 self._receive(link, None, _DRAIN_ALL)
@@ -772,9 +775,9 @@ class FrontEnd:
                 if link.sock in self._by_sock:  # not already replaced meanwhile
                     self._renew(link)
                 return  # the old monitor socket is closed
-            elif event & zmq.EVENT_CONNECT_RETRIED:
+            elif event & CONNECT_RETRIED:
                 self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
-            elif event & _HANDSHAKE_FAILED:
+            elif event & HANDSHAKE_FAILED:
                 self._note(
                     ERROR,
                     f"handshake with {link.endpoint} failed (check CURVE keys)",
@@ -791,39 +794,7 @@ class FrontEnd:
 
     def _open(self, endpoint: str) -> _Link:
         """A connected DEALER (and its monitor) for ``endpoint``; ValueError if unusable."""
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # Not IMMEDIATE: with it, libzmq drops a dead connection's pipe at once and
-        # can abort (fq.cpp "!_more") when that happens between two parts of a
-        # reply being read. Calls are routed only to connected backends anyway, and
-        # the socket is replaced on disconnect so nothing queued runs after a restart.
-        sock.setsockopt(zmq.SNDHWM, 0)  # the caller bounds what is in flight
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.connect_timeout * 1000)))
-        size = self.max_message_size
-        sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
-        if self.heartbeat_interval:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat_interval * 1000)))
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.heartbeat_timeout * 1000)))
-            sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(self.heartbeat_timeout * 1000), 6_553_500))
-        if "[" in endpoint:
-            sock.setsockopt(zmq.IPV6, 1)
-        if self._curve is not None:
-            server, public, secret = self._curve
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as e:
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
-            raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
-        return _Link(endpoint, sock, monitor)
+        return _Link(endpoint, *open_dealer(self._ctx, endpoint, self._settings))
 
     def _install(self, link: _Link) -> None:
         self._links[link.endpoint] = link
@@ -844,36 +815,13 @@ class FrontEnd:
             for item in self._poll_items
             if item[0] is not link.sock and item[0] is not link.monitor
         ]
-        try:
-            link.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        link.monitor.close(0)
-        link.sock.close(0)
+        close_dealer(link.sock, link.monitor)
 
     def _renew(self, link: _Link) -> None:
         """Replace a disconnected backend's socket: whatever it still queued for the
         old connection is dropped, never delivered to a restarted backend."""
         self._discard(link)
         self._install(self._open(link.endpoint))
-
-    @staticmethod
-    def _curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, bytes] | None:
-        if server is None:
-            if public is not None or secret is not None:
-                raise ValueError("curve_publickey/curve_secretkey need curve_serverkey too")
-            return None
-
-        def b(k: Any) -> bytes:
-            return k.encode() if isinstance(k, str) else bytes(k)
-
-        if secret is None:
-            if public is not None:
-                raise ValueError("curve_publickey needs its curve_secretkey")
-            public, secret = zmq.curve_keypair()
-        elif public is None:
-            public = zmq.curve_public(b(secret))
-        return b(server), b(public), b(secret)
 
     # -- background thread ---------------------------------------------------------
 

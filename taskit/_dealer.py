@@ -1,0 +1,140 @@
+"""A client's connection to one backend: a DEALER socket set up for taskit, plus
+its socket monitor. Shared by the FrontEnd (threads) and usable by any other
+driver of :class:`taskit._client.ClientCore`; it only builds sockets.
+
+Interface::
+
+    settings = DealerSettings(connect_timeout=2.0, heartbeat_interval=0.5,
+                              heartbeat_timeout=2.0, max_message_size=64 << 20,
+                              curve=curve_keys(server_public, None, None))
+    sock, monitor = open_dealer(ctx, "tcp://host:port", settings)  # ValueError if unusable
+    ... poll ``monitor``; for each message: ev = monitor_event(monitor.recv_multipart())
+        ev & UP_EVENT -> connected; ev & DOWN_EVENTS -> disconnected / cannot connect
+    close_dealer(sock, monitor)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+__all__ = [
+    "DealerSettings",
+    "open_dealer",
+    "close_dealer",
+    "curve_keys",
+    "monitor_event",
+    "UP_EVENT",
+    "DISCONNECTED",
+    "CONNECT_RETRIED",
+    "HANDSHAKE_FAILED",
+    "MONITOR_EVENTS",
+]
+
+# "Up" is the end of the ZMTP handshake (where libzmq has it), not the TCP connect:
+# only then does a sent message go to the backend rather than wait in a queue.
+UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+DISCONNECTED = zmq.EVENT_DISCONNECTED
+CONNECT_RETRIED = zmq.EVENT_CONNECT_RETRIED
+HANDSHAKE_FAILED = (
+    getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0)
+    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0)
+    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)
+)
+MONITOR_EVENTS = UP_EVENT | DISCONNECTED | CONNECT_RETRIED | HANDSHAKE_FAILED
+
+
+@dataclass(frozen=True)
+class DealerSettings:
+    """Socket options of every DEALER a client opens (seconds; None disables)."""
+
+    connect_timeout: float = 2.0
+    heartbeat_interval: float | None = 0.5
+    heartbeat_timeout: float = 2.0
+    max_message_size: int | None = 64 * 1024 * 1024
+    curve: tuple[bytes, bytes, bytes] | None = None  # (server public, our public, our secret)
+
+
+def curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, bytes] | None:
+    """Normalise CurveZMQ client keys: None without a server key; a client keypair is
+    generated when none is given. Raises ``ValueError`` for an incomplete set and
+    ``NotImplementedError`` when libzmq lacks CURVE."""
+    if server is None:
+        if public is not None or secret is not None:
+            raise ValueError("curve_publickey/curve_secretkey need curve_serverkey too")
+        return None
+    if not zmq.has("curve"):
+        raise NotImplementedError(
+            "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
+            "or drop curve_serverkey"
+        )
+
+    def b(k: Any) -> bytes:
+        return k.encode() if isinstance(k, str) else bytes(k)
+
+    if secret is None:
+        if public is not None:
+            raise ValueError("curve_publickey needs its curve_secretkey")
+        public, secret = zmq.curve_keypair()
+    elif public is None:
+        public = zmq.curve_public(b(secret))
+    return b(server), b(public), b(secret)
+
+
+def open_dealer(
+    ctx: zmq.Context, endpoint: str, settings: DealerSettings
+) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER connecting to ``endpoint`` and its monitor socket (PAIR).
+
+    Raises ``ValueError`` when libzmq refuses the endpoint (nothing is left open).
+    """
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Not IMMEDIATE: with it, libzmq drops a dead connection's pipe at once and
+    # can abort (fq.cpp "!_more") when that happens between two parts of a reply
+    # being read. Calls are routed only to connected backends anyway, and drivers
+    # replace the socket on disconnect so nothing queued runs after a restart.
+    sock.setsockopt(zmq.SNDHWM, 0)  # the caller bounds what is in flight
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a restarted backend rejoins within ~1 s
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(settings.connect_timeout * 1000)))
+    size = settings.max_message_size
+    sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
+    if settings.heartbeat_interval:
+        timeout_ms = max(1, int(settings.heartbeat_timeout * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(settings.heartbeat_interval * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout_ms, 6_553_500))
+    if "[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+    if settings.curve is not None:
+        server, public, secret = settings.curve
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        close_dealer(sock, monitor)
+        raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
+    return sock, monitor
+
+
+def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Stop the monitor and close both sockets at once (nothing lingers)."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(0)
+    sock.close(0)
+
+
+def monitor_event(frames: list[bytes]) -> int:
+    """The event number of one monitor message."""
+    return int(parse_monitor_message(frames)["event"])
