@@ -109,7 +109,9 @@ class _Retired(Exception):
 _NOTHING = object()  # "the call produced no single value to pass on"
 
 # results that are certainly not iterators: skips the (slower) ABC check on the hot path
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, set})
+_PLAIN_TYPES = frozenset(
+    {int, float, str, bytes, bool, type(None), tuple, list, dict, set}
+)
 
 
 class _Channel:
@@ -118,7 +120,15 @@ class _Channel:
     up and stops at once). ``queue.Queue`` has neither, hence this class.
     """
 
-    __slots__ = ("capacity", "_items", "_lock", "_not_empty", "_not_full", "_closed", "_aborted")
+    __slots__ = (
+        "capacity",
+        "_items",
+        "_lock",
+        "_not_empty",
+        "_not_full",
+        "_closed",
+        "_aborted",
+    )
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -169,6 +179,22 @@ class _Channel:
                     item = self._items.popleft()
                     self._not_full.notify()
                     return item
+                if self._closed:
+                    raise _Closed
+                self._not_empty.wait()
+
+    def get_all(self) -> list[Any]:
+        """Like :meth:`get` (no worker), but take every item that is there."""
+        with self._lock:
+            while True:
+                if self._aborted:
+                    raise _Aborted
+                items = self._items
+                if items:
+                    batch = list(items)
+                    items.clear()
+                    self._not_full.notify_all()
+                    return batch
                 if self._closed:
                     raise _Closed
                 self._not_empty.wait()
@@ -237,7 +263,9 @@ def _check_thread_num(n: Any, what: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{what} must be an int >= 1, got {n!r} ({type(n).__name__})")
     if n < 1:
-        raise ValueError(f"{what} must be >= 1, got {n}; a stage needs at least one thread")
+        raise ValueError(
+            f"{what} must be >= 1, got {n}; a stage needs at least one thread"
+        )
     return n
 
 
@@ -256,7 +284,9 @@ def _parse_spec(spec: Any, position: int) -> tuple[Callable[[Any], Any], int, An
         raise TypeError(f"worker #{position}: {func!r} is not callable")
     n = _check_thread_num(n, f"worker #{position} thread count")
     if dispatcher is not None and not callable(dispatcher):
-        raise TypeError(f"worker #{position}: dispatcher {dispatcher!r} is not callable")
+        raise TypeError(
+            f"worker #{position}: dispatcher {dispatcher!r} is not callable"
+        )
     return func, n, dispatcher
 
 
@@ -308,7 +338,9 @@ class _Stage:
             self._coord_cv = threading.Condition(self._slot_lock)
             self._room_cv = threading.Condition(self._slot_lock)
             self._head: _Slot | None = None
-        self._take_lock = threading.Lock()  # ordered mode: take + enqueue slot atomically
+        self._take_lock = (
+            threading.Lock()
+        )  # ordered mode: take + enqueue slot atomically
         self.channels: list[_Channel] = []
         if dispatcher is not None:
             self.channels = [_Channel(_STAGE_QUEUE_SIZE) for _ in range(n)]
@@ -347,7 +379,9 @@ class _Stage:
         return w
 
     def _spawn_helper(self, body: Callable[[], None], role: str) -> None:
-        t = threading.Thread(target=body, name=f"taskit-jobq-{self.index}-{role}", daemon=True)
+        t = threading.Thread(
+            target=body, name=f"taskit-jobq-{self.index}-{role}", daemon=True
+        )
         self.live += 1
         self.manager._register(t)
         t.start()
@@ -546,27 +580,29 @@ class _Stage:
         emit = self._emit
         try:
             while True:
-                slot = self.slots.get()
-                while True:
-                    with self._slot_lock:
-                        while not slot.items and not slot.done and not self._aborted:
-                            self._head = slot
-                            self._coord_cv.wait()
-                        if self._aborted:
-                            raise _Aborted
-                        items = slot.items
-                        if not items:  # done: generator items (if any) all went out
-                            value = slot.value
-                            break
-                        was_full = len(items) >= _SLOT_CAPACITY
-                        value = items.popleft()
-                        if was_full:
-                            self._room_cv.notify_all()
-                    emit(value)
-                if value is not _NOTHING:
-                    emit(value)
-                if self.dispatcher is not None:
-                    self._forwarded[slot.owner] += 1
+                for slot in self.slots.get_all():
+                    while True:
+                        with self._slot_lock:
+                            while (
+                                not slot.items and not slot.done and not self._aborted
+                            ):
+                                self._head = slot
+                                self._coord_cv.wait()
+                            if self._aborted:
+                                raise _Aborted
+                            items = slot.items
+                            if not items:  # done: generator items (if any) all went out
+                                value = slot.value
+                                break
+                            was_full = len(items) >= _SLOT_CAPACITY
+                            value = items.popleft()
+                            if was_full:
+                                self._room_cv.notify_all()
+                        emit(value)
+                    if value is not _NOTHING:
+                        emit(value)
+                    if self.dispatcher is not None:
+                        self._forwarded[slot.owner] += 1
         except (_Closed, _Aborted):
             pass
         finally:
@@ -590,13 +626,18 @@ class _Stage:
             "errors": errors + self._dispatch_errors,
         }
         if self.slots is not None:
-            entry["coordinator"] = {"size": self.slots.qsize(), "capa": self.slots.capacity}
+            entry["coordinator"] = {
+                "size": self.slots.qsize(),
+                "capa": self.slots.capacity,
+            }
         if self.dispatcher is not None:
             entry["dispatcher"] = [
                 {
                     "input": {"size": ch.qsize(), "capa": ch.capacity},
                     "output": {
-                        "size": self._completed[i] - self._forwarded[i] if self.ordered else 0,
+                        "size": self._completed[i] - self._forwarded[i]
+                        if self.ordered
+                        else 0,
                         "capa": self.slots.capacity if self.slots is not None else 0,
                     },
                 }
@@ -629,7 +670,9 @@ class JobManager:
             raise ValueError("workers is empty: give at least one stage function")
         queue_size = _check_thread_num(queue_size, "queue_size")
         if probe is not None and not isinstance(probe, dict):
-            raise TypeError(f"probe must be a dict (or None), got {type(probe).__name__}")
+            raise TypeError(
+                f"probe must be a dict (or None), got {type(probe).__name__}"
+            )
         self.keep_order = bool(keep_order)
         self._lock = threading.Lock()
         self._closing = False
@@ -641,7 +684,9 @@ class JobManager:
         inq = self._head
         for i, (func, n, dispatcher) in enumerate(specs):
             outq = _Channel(_STAGE_QUEUE_SIZE) if i < len(specs) - 1 else None
-            self._stages.append(_Stage(self, i, func, n, dispatcher, self.keep_order, inq, outq))
+            self._stages.append(
+                _Stage(self, i, func, n, dispatcher, self.keep_order, inq, outq)
+            )
             inq = outq  # type: ignore[assignment]
         self.probe = probe
         if probe is not None:
@@ -708,7 +753,11 @@ class JobManager:
                 return
             for t in self._live_threads():
                 if t is not threading.current_thread():
-                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    t.join(
+                        None
+                        if deadline is None
+                        else max(0.0, deadline - time.monotonic())
+                    )
         except BaseException:  # e.g. Ctrl-C while waiting: stop the pipeline too
             self._abort()
             raise
@@ -788,7 +837,9 @@ def stat(probe: dict[str, Any]) -> dict[str, Any]:
     see :meth:`JobManager.stat`. Raises ``ValueError`` for an unused probe."""
     manager = probe.get("manager") if isinstance(probe, dict) else None
     if not isinstance(manager, JobManager):
-        raise ValueError("this probe was not passed to jobq.run() or JobManager(probe=...)")
+        raise ValueError(
+            "this probe was not passed to jobq.run() or JobManager(probe=...)"
+        )
     return manager.stat()
 
 
@@ -814,7 +865,9 @@ def run(
     Returns ``None``: results exist only as the stages' side effects.
     """
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    manager = JobManager(workers, queue_size=queue_size, probe=probe, keep_order=keep_order)
+    manager = JobManager(
+        workers, queue_size=queue_size, probe=probe, keep_order=keep_order
+    )
     bar = None
     if progress:
         from taskit.progress import progress_bar
@@ -833,12 +886,16 @@ def run(
                 if not manager._put_until(element, deadline):
                     break
         except Exception:
-            manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            manager.join(
+                None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
             raise
         except BaseException:  # KeyboardInterrupt: stop now, do not drain
             manager.join(timeout=0)
             raise
-        manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        manager.join(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -861,10 +918,16 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
 
     tick_time = 5.0
 
-    def __init__(self, max_job_speed: float | Callable[[], float], job_step: float = 1) -> None:
+    def __init__(
+        self, max_job_speed: float | Callable[[], float], job_step: float = 1
+    ) -> None:
         if not callable(max_job_speed):
             self._check_speed(max_job_speed)
-        if isinstance(job_step, bool) or not isinstance(job_step, (int, float)) or job_step <= 0:
+        if (
+            isinstance(job_step, bool)
+            or not isinstance(job_step, (int, float))
+            or job_step <= 0
+        ):
             raise ValueError(f"job_step must be a positive number, got {job_step!r}")
         self.max_job_speed = max_job_speed
         self.job_step = job_step
@@ -877,9 +940,13 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
     @staticmethod
     def _check_speed(speed: Any) -> float:
         if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-            raise TypeError(f"max_job_speed must be a number or a callable, got {speed!r}")
+            raise TypeError(
+                f"max_job_speed must be a number or a callable, got {speed!r}"
+            )
         if not speed > 0:
-            raise ValueError(f"max_job_speed must be > 0 jobs per second, got {speed!r}")
+            raise ValueError(
+                f"max_job_speed must be > 0 jobs per second, got {speed!r}"
+            )
         return float(speed)
 
     def __call__(self, args: Any) -> Any:
@@ -887,7 +954,9 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
             speed = self.max_job_speed
             speed = self._check_speed(speed() if callable(speed) else speed)
         except Exception:
-            logger.warning("limit_job_speed: bad max_job_speed, job not limited", exc_info=True)
+            logger.warning(
+                "limit_job_speed: bad max_job_speed, job not limited", exc_info=True
+            )
             return args
         with self._lock:
             now = time.monotonic()
