@@ -265,12 +265,14 @@ def test_two_backends_share_load(backends, frontends):
     a = backends({"who": lambda: "a"})
     b = backends({"who": lambda: "b"})
     fe = frontends([a.endpoint, b.endpoint])
+    for be in (a, b):  # a pinned signal waits until that backend is connected
+        assert fe.get_tasks(be.endpoint) == "0"
     sync = [fe.work("who") for _ in range(40)]
     assert sync.count("a") == sync.count("b") == 20  # idle ties alternate
     many = [f.result(10) for f in [fe.submit("who") for _ in range(400)]]
     assert 100 <= many.count("a") <= 300, many.count("a")
     status = fe.backends_status()
-    assert status[a.endpoint]["answered"] + status[b.endpoint]["answered"] == 440
+    assert status[a.endpoint]["answered"] + status[b.endpoint]["answered"] == 442  # + 2 signals
 
 
 def test_one_backend_down_calls_go_to_other(backends, frontends):

@@ -171,6 +171,8 @@ def test_frozen_backend_detected_by_heartbeat(servers):
 def test_restarted_backend_rejoins(servers):
     a, b = servers("a"), servers("b")
     with FrontEnd([a.endpoint, b.endpoint], connect_timeout=5) as fe:
+        for s in (a, b):  # a pinned signal waits until that backend is connected
+            assert fe.send_signal(s.endpoint, "<status>") == "0"
         assert sorted(fe.work("who") for _ in range(4)) == ["a", "a", "b", "b"]
         a.kill()
         a.proc.wait(10)
