@@ -173,13 +173,21 @@ def test_stat_on_an_unused_probe_raises():
 # --- JobManager -------------------------------------------------------------
 
 
-def test_manager_put_join_in_order():
+def test_manager():
+    """jobq's test_manager: three 0.1 s jobs on one thread take about 0.3 s."""
+
+    def _sleep(x):
+        time.sleep(0.1)  # simulated work
+        return x
+
     rst = []
-    jm = jobq.JobManager([lambda x: x, rst.append])
+    t0 = time.monotonic()
+    jm = jobq.JobManager([_sleep, rst.append])
     for i in range(3):
         jm.put(i)
     jm.join()
     assert rst == [0, 1, 2]
+    assert 0.29 <= time.monotonic() - t0 < 3
 
 
 def test_manager_as_context_manager():
@@ -552,3 +560,25 @@ def test_stage_raising_base_exception_is_contained(caplog):
         jobq.run(range(5), [picky, rst.append])
     assert rst == [0, 1, 3, 4]
     assert "SystemExit" in caplog.text
+
+
+def test_abandoned_pipeline_does_not_block_interpreter_exit():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import threading\n"
+        "from taskit import jobq\n"
+        "never = threading.Event()\n"
+        "jm = jobq.JobManager([lambda x: never.wait(), print])\n"
+        "jm.put(1)\n"
+        "print('left without join')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "left without join"
