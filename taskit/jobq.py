@@ -109,9 +109,7 @@ class _Retired(Exception):
 _NOTHING = object()  # "the call produced no single value to pass on"
 
 # results that are certainly not iterators: skips the (slower) ABC check on the hot path
-_PLAIN_TYPES = frozenset(
-    {int, float, str, bytes, bool, type(None), tuple, list, dict, set}
-)
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, set})
 
 
 class _Channel:
@@ -263,9 +261,7 @@ def _check_thread_num(n: Any, what: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{what} must be an int >= 1, got {n!r} ({type(n).__name__})")
     if n < 1:
-        raise ValueError(
-            f"{what} must be >= 1, got {n}; a stage needs at least one thread"
-        )
+        raise ValueError(f"{what} must be >= 1, got {n}; a stage needs at least one thread")
     return n
 
 
@@ -284,9 +280,7 @@ def _parse_spec(spec: Any, position: int) -> tuple[Callable[[Any], Any], int, An
         raise TypeError(f"worker #{position}: {func!r} is not callable")
     n = _check_thread_num(n, f"worker #{position} thread count")
     if dispatcher is not None and not callable(dispatcher):
-        raise TypeError(
-            f"worker #{position}: dispatcher {dispatcher!r} is not callable"
-        )
+        raise TypeError(f"worker #{position}: dispatcher {dispatcher!r} is not callable")
     return func, n, dispatcher
 
 
@@ -338,9 +332,7 @@ class _Stage:
             self._coord_cv = threading.Condition(self._slot_lock)
             self._room_cv = threading.Condition(self._slot_lock)
             self._head: _Slot | None = None
-        self._take_lock = (
-            threading.Lock()
-        )  # ordered mode: take + enqueue slot atomically
+        self._take_lock = threading.Lock()  # ordered mode: take + enqueue slot atomically
         self.channels: list[_Channel] = []
         if dispatcher is not None:
             self.channels = [_Channel(_STAGE_QUEUE_SIZE) for _ in range(n)]
@@ -379,9 +371,7 @@ class _Stage:
         return w
 
     def _spawn_helper(self, body: Callable[[], None], role: str) -> None:
-        t = threading.Thread(
-            target=body, name=f"taskit-jobq-{self.index}-{role}", daemon=True
-        )
+        t = threading.Thread(target=body, name=f"taskit-jobq-{self.index}-{role}", daemon=True)
         self.live += 1
         self.manager._register(t)
         t.start()
@@ -583,9 +573,7 @@ class _Stage:
                 for slot in self.slots.get_all():
                     while True:
                         with self._slot_lock:
-                            while (
-                                not slot.items and not slot.done and not self._aborted
-                            ):
+                            while not slot.items and not slot.done and not self._aborted:
                                 self._head = slot
                                 self._coord_cv.wait()
                             if self._aborted:
@@ -635,9 +623,7 @@ class _Stage:
                 {
                     "input": {"size": ch.qsize(), "capa": ch.capacity},
                     "output": {
-                        "size": self._completed[i] - self._forwarded[i]
-                        if self.ordered
-                        else 0,
+                        "size": self._completed[i] - self._forwarded[i] if self.ordered else 0,
                         "capa": self.slots.capacity if self.slots is not None else 0,
                     },
                 }
@@ -652,7 +638,8 @@ class JobManager:
     ``workers`` are stage specs (see the module doc); ``queue_size`` bounds the
     input queue (``put`` blocks when it is full); ``probe`` is an optional dict
     that :func:`stat` can read; ``keep_order`` keeps every stage's output in
-    input order. Threads start at construction. Raises ``TypeError`` /
+    input order; ``probe["manager"]`` is set to this object. Threads start at
+    construction. Raises ``TypeError`` /
     ``ValueError`` for malformed specs. ``put``, ``join``, ``set_thread_num``
     and ``stat`` may be called from any thread. Usable as a context manager
     (``join()`` on normal exit, ``join(timeout=0)`` when an exception escapes).
@@ -670,9 +657,7 @@ class JobManager:
             raise ValueError("workers is empty: give at least one stage function")
         queue_size = _check_thread_num(queue_size, "queue_size")
         if probe is not None and not isinstance(probe, dict):
-            raise TypeError(
-                f"probe must be a dict (or None), got {type(probe).__name__}"
-            )
+            raise TypeError(f"probe must be a dict (or None), got {type(probe).__name__}")
         self.keep_order = bool(keep_order)
         self._lock = threading.Lock()
         self._closing = False
@@ -684,9 +669,7 @@ class JobManager:
         inq = self._head
         for i, (func, n, dispatcher) in enumerate(specs):
             outq = _Channel(_STAGE_QUEUE_SIZE) if i < len(specs) - 1 else None
-            self._stages.append(
-                _Stage(self, i, func, n, dispatcher, self.keep_order, inq, outq)
-            )
+            self._stages.append(_Stage(self, i, func, n, dispatcher, self.keep_order, inq, outq))
             inq = outq  # type: ignore[assignment]
         self.probe = probe
         if probe is not None:
@@ -753,11 +736,7 @@ class JobManager:
                 return
             for t in self._live_threads():
                 if t is not threading.current_thread():
-                    t.join(
-                        None
-                        if deadline is None
-                        else max(0.0, deadline - time.monotonic())
-                    )
+                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except BaseException:  # e.g. Ctrl-C while waiting: stop the pipeline too
             self._abort()
             raise
@@ -837,9 +816,7 @@ def stat(probe: dict[str, Any]) -> dict[str, Any]:
     see :meth:`JobManager.stat`. Raises ``ValueError`` for an unused probe."""
     manager = probe.get("manager") if isinstance(probe, dict) else None
     if not isinstance(manager, JobManager):
-        raise ValueError(
-            "this probe was not passed to jobq.run() or JobManager(probe=...)"
-        )
+        raise ValueError("this probe was not passed to jobq.run() or JobManager(probe=...)")
     return manager.stat()
 
 
@@ -865,9 +842,7 @@ def run(
     Returns ``None``: results exist only as the stages' side effects.
     """
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    manager = JobManager(
-        workers, queue_size=queue_size, probe=probe, keep_order=keep_order
-    )
+    manager = JobManager(workers, queue_size=queue_size, probe=probe, keep_order=keep_order)
     bar = None
     if progress:
         from taskit.progress import progress_bar
@@ -886,16 +861,12 @@ def run(
                 if not manager._put_until(element, deadline):
                     break
         except Exception:
-            manager.join(
-                None if deadline is None else max(0.0, deadline - time.monotonic())
-            )
+            manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             raise
         except BaseException:  # KeyboardInterrupt: stop now, do not drain
             manager.join(timeout=0)
             raise
-        manager.join(
-            None if deadline is None else max(0.0, deadline - time.monotonic())
-        )
+        manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         if bar is not None:
             bar.close()
@@ -918,16 +889,10 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
 
     tick_time = 5.0
 
-    def __init__(
-        self, max_job_speed: float | Callable[[], float], job_step: float = 1
-    ) -> None:
+    def __init__(self, max_job_speed: float | Callable[[], float], job_step: float = 1) -> None:
         if not callable(max_job_speed):
             self._check_speed(max_job_speed)
-        if (
-            isinstance(job_step, bool)
-            or not isinstance(job_step, (int, float))
-            or job_step <= 0
-        ):
+        if isinstance(job_step, bool) or not isinstance(job_step, (int, float)) or job_step <= 0:
             raise ValueError(f"job_step must be a positive number, got {job_step!r}")
         self.max_job_speed = max_job_speed
         self.job_step = job_step
@@ -940,13 +905,9 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
     @staticmethod
     def _check_speed(speed: Any) -> float:
         if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-            raise TypeError(
-                f"max_job_speed must be a number or a callable, got {speed!r}"
-            )
+            raise TypeError(f"max_job_speed must be a number or a callable, got {speed!r}")
         if not speed > 0:
-            raise ValueError(
-                f"max_job_speed must be > 0 jobs per second, got {speed!r}"
-            )
+            raise ValueError(f"max_job_speed must be > 0 jobs per second, got {speed!r}")
         return float(speed)
 
     def __call__(self, args: Any) -> Any:
@@ -954,9 +915,7 @@ class limit_job_speed:  # noqa: N801 -- jobq's public name
             speed = self.max_job_speed
             speed = self._check_speed(speed() if callable(speed) else speed)
         except Exception:
-            logger.warning(
-                "limit_job_speed: bad max_job_speed, job not limited", exc_info=True
-            )
+            logger.warning("limit_job_speed: bad max_job_speed, job not limited", exc_info=True)
             return args
         with self._lock:
             now = time.monotonic()
