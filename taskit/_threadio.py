@@ -1,0 +1,571 @@
+"""The FrontEnd's I/O engine: one DEALER per backend, driven by whichever thread
+needs it (leader/follower), with ``taskit-frontend-io`` as the fallback driver.
+
+ZeroMQ sockets are not thread-safe, so whoever touches them holds the *I/O
+lock*. A thread that makes a blocking call and finds the lock free becomes the
+*leader*: it sends its own call and polls the sockets itself until its reply
+arrives, resolving any other replies on the way -- a synchronous call costs no
+thread hand-off (a hand-off costs as much as a loopback round trip on a busy
+machine; ``bench/rpc.py`` measures the result). A thread that finds the lock
+taken queues its call and wakes the leader through a pipe. A leader that leaves
+calls of other threads behind wakes the background thread, which drives them
+until none remain; while idle, that thread takes a non-blocking look at the
+socket monitors, timers and replies every ``_IDLE_CHECK`` seconds.
+
+All routing, retry and reply decisions are the :class:`ClientCore`'s; this
+module only moves frames and wakes waiters. Private to :mod:`taskit.frontend`.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.backend import zmq_poll as _zmq_poll
+
+from taskit._client import ClientCore, PendingCall
+from taskit._dealer import (
+    CONNECT_RETRIED,
+    DISCONNECTED,
+    HANDSHAKE_FAILED,
+    UP_EVENT,
+    DealerSettings,
+    close_dealer,
+    monitor_event,
+    open_dealer,
+)
+from taskit.errors import CallTimeoutError, FrontEndClosedError
+from taskit.log import ERROR, INFO
+
+__all__ = ["ThreadedIO", "Waiter"]
+
+_log = logging.getLogger("taskit.frontend")
+
+_IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
+_LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
+_DRAIN_ALL = 1 << 62
+_ZERO_COPY = 64 * 1024  # bodies from this size on are read without a copy
+
+
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
+
+
+def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
+    """Send one message's frames (3, or 4 when signed) without blocking.
+
+    Direct ``send`` calls cost half of ``send_multipart``'s loop on the hot path.
+    Raises ``zmq.Again`` before anything is sent when there is no connected peer.
+    Frames above pyzmq's copy threshold (64 KiB) go out without a copy.
+    """
+    send(frames[0], _MORE)
+    send(frames[1], _MORE)
+    if len(frames) == 3:
+        send(frames[2], zmq.NOBLOCK)
+    else:
+        send(frames[2], _MORE)
+        send(frames[3], zmq.NOBLOCK)
+
+
+class Waiter:
+    """A blocking call's slot: ``ok`` is None until resolved; ``latch`` is released then.
+
+    Lighter than a Future (one lock, no condition): the hot path of ``work``.
+    """
+
+    __slots__ = ("latch", "ok", "value")
+
+    def __init__(self) -> None:
+        self.latch = threading.Lock()
+        self.latch.acquire()
+        self.ok: bool | None = None
+        self.value: Any = None
+
+
+class _Op:
+    """Work only the I/O leader may do (it touches sockets), queued like a call."""
+
+    __slots__ = ("fn", "done", "error")
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class _Link:
+    """One backend's DEALER socket and its monitor socket."""
+
+    __slots__ = ("endpoint", "sock", "monitor")
+
+    def __init__(self, endpoint: str, sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.monitor = monitor
+
+
+class ThreadedIO:
+    """Sockets and threads of one FrontEnd. ``call``/``wait``/``start``/``start_many``
+    /``as_leader`` may be called from any thread; ``note(importance, msg, level)``
+    reports connection events."""
+
+    def __init__(
+        self,
+        core: ClientCore,
+        settings: DealerSettings,
+        endpoints: list[str],
+        note: Callable[..., None],
+    ) -> None:
+        self._core = core
+        self._settings = settings
+        self._note = note
+        self._ctx = zmq.Context()
+        self._links: dict[str, _Link] = {}
+        self._by_sock: dict[Any, _Link] = {}  # DEALER -> link
+        self._by_monitor: dict[Any, _Link] = {}  # monitor PAIR -> link
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # zmq_poll items: (socket or fd, POLLIN); built by the leader only
+        self._poll_items: list[tuple[Any, int]] = [(self._wake_r, zmq.POLLIN)]
+        self._wake_armed = False  # a wake byte is in the pipe, not yet drained
+        self._fds_closed = False
+        self._inbox: collections.deque[PendingCall | _Op] = collections.deque()
+        self._io_lock = threading.Lock()
+        self._leader: int | None = None  # thread ident holding _io_lock
+        self._closed = False
+        self._bg_wake = threading.Event()
+        # Connected before the thread starts, so no other thread can race us here.
+        try:
+            for endpoint in endpoints:
+                self.connect(endpoint)
+        except BaseException:
+            self._closed = True
+            self._shutdown()
+            raise
+        self._bg = threading.Thread(target=self._bg_loop, name="taskit-frontend-io", daemon=True)
+        self._bg.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def links(self) -> int:
+        return len(self._links)
+
+    def call(self, call: PendingCall, w: Waiter, timeout: float | None) -> Any:
+        """Send ``call`` and block until its waiter ``w`` is resolved; its result or raise."""
+        if self._closed:
+            raise self._closed_error()
+        me = threading.get_ident()
+        if self._io_lock.acquire(False):
+            # Fast path: nobody drives the sockets, so this thread does.
+            self._leader = me
+            try:
+                self._core.submit(call)
+                self._drive(w)
+            finally:
+                self._release()
+            if w.ok is not None:
+                return self._outcome(w)
+        elif self._leader == me:  # called from a callback run by the leader itself
+            self._core.submit(call)
+            self._drive(w)
+            if w.ok is not None:
+                return self._outcome(w)
+        else:
+            self._enqueue(call)
+        return self.wait(call, w, timeout)
+
+    def close(self) -> None:
+        """Fail what is pending, close every socket, stop the I/O thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bg_wake.set()
+        self._wake()
+        if threading.current_thread() is not self._bg:
+            self._bg.join(5.0)
+        if self._leader == threading.get_ident():
+            self._shutdown()
+        else:
+            with self._io_lock:
+                self._shutdown()
+
+    def wait(self, call: PendingCall, w: Waiter, timeout: float | None, own: int = 0) -> Any:
+        """Block until ``w`` is resolved: drive the sockets when nobody else does.
+        ``own``: calls this thread keeps in flight and will wait for next (``map``)."""
+        me = threading.get_ident()
+        while w.ok is None:
+            if self._io_lock.acquire(False):
+                self._leader = me
+                try:
+                    self._drive(w)
+                finally:
+                    self._release(own)
+                if w.ok is None and self._closed:
+                    break
+            elif self._leader == me:
+                self._drive(w)
+                if w.ok is None:
+                    break
+            else:
+                # The leader resolves us (it enforces call deadlines); the wait's own
+                # limit is only a guard against a leader that died.
+                limit = None if timeout is None else timeout + 1.0
+                if w.latch.acquire(timeout=-1 if limit is None else limit):
+                    break
+                self.as_leader(lambda: self._core.cancel(call), wait=False)
+                raise CallTimeoutError(f"task {call.task!r} got no answer within {timeout:g} s")
+        if w.ok is None:
+            raise self._closed_error()
+        return self._outcome(w)
+
+    @staticmethod
+    def _outcome(w: Waiter) -> Any:
+        if w.ok:
+            return w.value
+        raise w.value
+
+    def start(self, call: PendingCall) -> None:
+        """Register and send ``call`` without waiting for its reply."""
+        if self._closed:
+            raise self._closed_error()
+        if self._io_lock.acquire(False):
+            self._leader = threading.get_ident()
+            try:
+                self._core.submit(call)
+                self._flush()
+            finally:
+                self._release()
+        elif self._leader == threading.get_ident():
+            self._core.submit(call)
+            self._flush()
+        else:
+            self._enqueue(call)
+
+    def start_many(self, calls: list[PendingCall], own: int = 0) -> None:
+        if self._closed:
+            raise self._closed_error()
+        if self._io_lock.acquire(False):
+            self._leader = threading.get_ident()
+            try:
+                for call in calls:
+                    self._core.submit(call)
+                self._flush()
+            finally:
+                self._release(own)
+        elif self._leader == threading.get_ident():
+            for call in calls:
+                self._core.submit(call)
+            self._flush()
+        else:
+            self._inbox.extend(calls)
+            self._wake()
+            self._try_lead()
+
+    def _enqueue(self, item: PendingCall | _Op) -> None:
+        self._inbox.append(item)
+        self._wake()
+        self._try_lead()
+
+    def _try_lead(self) -> None:
+        # The leader may have released the lock between our failed acquire and the
+        # append; then it may not have seen the item, so take over (or let bg do it).
+        if self._io_lock.acquire(False):
+            self._leader = threading.get_ident()
+            try:
+                self._drain_inbox()
+                self._flush()
+            finally:
+                self._release()
+
+    def as_leader(self, fn: Callable[[], Any], wait: bool = True) -> None:
+        """Run ``fn`` holding the I/O lock (directly, or queued for the leader)."""
+        if self._leader == threading.get_ident():
+            fn()
+            return
+        op = _Op(fn)
+        self._enqueue(op)
+        if wait:
+            if not op.done.wait(10.0):
+                raise FrontEndClosedError("the FrontEnd's I/O thread did not respond")
+            if op.error is not None:
+                raise op.error
+
+    def _release(self, own: int = 0) -> None:
+        """Give up the I/O lock; wake the background thread if calls other than the
+        ``own`` ones this thread will come back for (``map``) are left behind."""
+        self._leader = None
+        self._io_lock.release()
+        if self._inbox or self._core.pending > own:
+            self._bg_wake.set()  # work remains: the background thread drives it
+
+    def _wake(self) -> None:
+        """Interrupt the leader's poll (at most one byte in the pipe at a time)."""
+        if not self._wake_armed and not self._fds_closed:
+            self._wake_armed = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _closed_error(self) -> FrontEndClosedError:
+        return FrontEndClosedError("this FrontEnd is closed; create a new one to make calls")
+
+    # -- the I/O loop (only with the I/O lock held) --------------------------------
+
+    def _drive(self, until: Waiter | None) -> None:
+        """Move frames until ``until`` is resolved, or (None) until no call is pending."""
+        core = self._core
+        by_sock = self._by_sock
+        wake_r = self._wake_r
+        while True:
+            if self._closed:
+                return
+            if self._inbox:
+                self._drain_inbox()
+            if core.outbox:
+                self._flush()
+            if core.timers:
+                self._resolve(core.tick())
+            if until is not None:
+                if until.ok is not None:
+                    return
+            elif not core.calls and not self._inbox:
+                return
+            wake_at = core.next_wakeup() if core.timers else None
+            if wake_at is None:
+                ms = _LONGEST_POLL
+            else:
+                ms = min(_LONGEST_POLL, max(0, int((wake_at - time.monotonic()) * 1000) + 1))
+            for sock, _ in _zmq_poll(self._poll_items, ms):
+                link = by_sock.get(sock)
+                if link is not None:
+                    self._receive(link, until)
+                elif sock == wake_r:
+                    self._wake_armed = False  # before draining: a later wake writes again
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    mlink = self._by_monitor.get(sock)
+                    if mlink is not None:  # None: replaced earlier in this loop turn
+                        self._monitor_events(mlink)
+
+    def _receive(self, link: _Link, until: Waiter | None, limit: int = 256) -> None:
+        """Read what ``link`` has (poll said it is readable). Stops as soon as ``until``
+        is resolved, so a synchronous call never pays for a failed non-blocking read."""
+        recv, core, endpoint = link.sock.recv, self._core, link.endpoint
+        for _ in range(limit):  # bounded, so timers and sends get a turn
+            try:
+                # Frame objects tell whether more parts follow without a getsockopt
+                # call per part (measurably cheaper than recv_multipart).
+                f = recv(zmq.NOBLOCK, copy=False)
+                frames = [f.bytes]
+                while f.more:
+                    f = recv(zmq.NOBLOCK, copy=False)
+                    # a large body is decoded straight from libzmq's buffer: no copy
+                    frames.append(f.bytes if len(f) < _ZERO_COPY else f.buffer)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:
+                _log.warning("receive from %s failed: %s", endpoint, e)
+                return
+            done = core.on_message(endpoint, frames)
+            if done:
+                self._resolve(done)
+                if until is not None and until.ok is not None:
+                    return
+
+    def _flush(self) -> None:
+        core, links = self._core, self._links
+        for call in core.drain_outbox():
+            link = links[call.backend]  # type: ignore[index]
+            try:
+                _send(link.sock.send, core.frames_for(call))
+            except zmq.Again:
+                # IMMEDIATE: no connected peer, the connection just dropped; keep
+                # the replies it delivered before failing what is left on it
+                self._receive(link, None, _DRAIN_ALL)
+                self._resolve(core.send_failed(call))
+            except zmq.ZMQError as e:
+                self._resolve(core.send_failed(call))
+                _log.warning("send to %s failed: %s", link.endpoint, e)
+        if core.outbox:  # send_failed may have re-routed calls
+            self._flush()
+
+    def _drain_inbox(self) -> None:
+        inbox, core = self._inbox, self._core
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is _Op:
+                try:
+                    item.fn()
+                except BaseException as e:  # handed back to the thread that asked
+                    item.error = e
+                item.done.set()
+            else:
+                core.submit(item)
+
+    def _resolve(self, done: list) -> None:
+        for call, ok, value in done:
+            w = call.waiter
+            if type(w) is Waiter:
+                w.ok, w.value = ok, value
+                w.latch.release()
+            elif w is not None:
+                try:
+                    if ok:
+                        w.set_result(value)
+                    else:
+                        w.set_exception(value)
+                except Exception:  # noqa: BLE001 - a Future resolved elsewhere
+                    _log.debug("future of call %s was already resolved", call.id)
+
+    def _monitor_events(self, link: _Link) -> None:
+        while True:
+            try:
+                msg = link.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            event = monitor_event(msg)
+            if event & UP_EVENT:
+                self._note(INFO, f"backend {link.endpoint} is up")
+                self._core.backend_up(link.endpoint)
+            elif event & DISCONNECTED:
+                # Replies that arrived before the disconnect are still queued on the
+                # socket; read them first, so only truly unanswered calls are lost.
+                self._receive(link, None, _DRAIN_ALL)
+                self._note(ERROR, f"backend {link.endpoint} disconnected", logging.INFO)
+                self._resolve(self._core.backend_down(link.endpoint, "disconnected"))
+                if link.sock in self._by_sock:  # not already replaced meanwhile
+                    self._renew(link)
+                return  # the old monitor socket is closed
+            elif event & CONNECT_RETRIED:
+                self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
+            elif event & HANDSHAKE_FAILED:
+                self._note(
+                    ERROR,
+                    f"handshake with {link.endpoint} failed (check CURVE keys)",
+                    logging.WARNING,
+                )
+                self._resolve(self._core.backend_down(link.endpoint, "handshake failed"))
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint in self._core.backends:
+            return
+        link = self._open(endpoint)  # first, so a bad endpoint leaves no trace
+        self._core.add_backend(endpoint)
+        self._install(link)
+
+    def _open(self, endpoint: str) -> _Link:
+        """A connected DEALER (and its monitor) for ``endpoint``; ValueError if unusable."""
+        return _Link(endpoint, *open_dealer(self._ctx, endpoint, self._settings))
+
+    def _install(self, link: _Link) -> None:
+        self._links[link.endpoint] = link
+        self._by_sock[link.sock] = link
+        self._by_monitor[link.monitor] = link
+        # a new list, so a poll in progress elsewhere never sees it half-built
+        self._poll_items = [
+            (link.sock, zmq.POLLIN),
+            *self._poll_items,
+            (link.monitor, zmq.POLLIN),
+        ]
+
+    def _discard(self, link: _Link) -> None:
+        self._by_sock.pop(link.sock, None)
+        self._by_monitor.pop(link.monitor, None)
+        self._poll_items = [
+            item
+            for item in self._poll_items
+            if item[0] is not link.sock and item[0] is not link.monitor
+        ]
+        close_dealer(link.sock, link.monitor)
+
+    def _renew(self, link: _Link) -> None:
+        """Replace a disconnected backend's socket: whatever it still queued for the
+        old connection is dropped, never delivered to a restarted backend."""
+        self._discard(link)
+        self._install(self._open(link.endpoint))
+
+    # -- background thread ---------------------------------------------------------
+
+    def _bg_loop(self) -> None:
+        """Drive the sockets when a leader left calls behind (it sets ``_bg_wake``);
+        otherwise, every ``_IDLE_CHECK`` seconds, take one look at the monitors,
+        timers and replies already received."""
+        me = threading.get_ident()
+        while not self._closed:
+            asked = self._bg_wake.wait(_IDLE_CHECK)
+            self._bg_wake.clear()
+            if self._closed:
+                break
+            if not self._io_lock.acquire(False):
+                continue  # a leader is active; it wakes us when it leaves work behind
+            self._leader = me
+            try:
+                if asked:
+                    self._drive(None)
+                else:
+                    self._housekeep()
+            except Exception:  # keep serving other calls; this is a bug if it happens
+                _log.exception("taskit FrontEnd I/O thread error")
+            finally:
+                self._leader = None
+                self._io_lock.release()
+            if self._inbox or (asked and self._core.calls):
+                self._bg_wake.set()  # arrived while we were leaving
+
+    def _housekeep(self) -> None:
+        """One non-blocking pass: monitor events, replies waiting, due timers, sends."""
+        for link in list(self._links.values()):
+            self._monitor_events(link)
+        for link in list(self._links.values()):
+            if link.sock in self._by_sock:
+                self._receive(link, None)
+        core = self._core
+        if core.timers:
+            self._resolve(core.tick())
+        if self._inbox:
+            self._drain_inbox()
+        if core.outbox:
+            self._flush()
+
+    def _shutdown(self) -> None:
+        """Fail what is pending and close every socket (with the I/O lock held)."""
+        self._drain_inbox_on_close()
+        self._resolve(self._core.fail_all(self._closed_error()))
+        for link in list(self._links.values()):
+            self._discard(link)
+        self._links.clear()
+        self._by_sock.clear()
+        self._by_monitor.clear()
+        self._ctx.term()
+        self._fds_closed = True
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError as e:
+                if e.errno != errno.EBADF:
+                    raise
+
+    def _drain_inbox_on_close(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if type(item) is _Op:
+                item.error = self._closed_error()
+                item.done.set()
+            else:
+                self._core.submit(item)  # registered, so fail_all resolves it
