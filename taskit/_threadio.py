@@ -455,12 +455,13 @@ class ThreadedIO:
             elif event & CONNECT_RETRIED:
                 self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
             elif event & HANDSHAKE_FAILED:
-                self._note(
-                    ERROR,
-                    f"handshake with {link.endpoint} failed (check CURVE keys)",
-                    logging.WARNING,
-                )
-                self._resolve(self._core.backend_down(link.endpoint, "handshake failed"))
+                if self._settings.curve is not None:
+                    why = "handshake failed: check the CURVE keys"
+                    self._note(ERROR, f"{link.endpoint}: {why}", logging.WARNING)
+                else:  # e.g. a backend killed while we were connecting: not news
+                    why = "connection dropped during the handshake"
+                    self._note(INFO, f"{link.endpoint}: {why}", logging.INFO)
+                self._resolve(self._core.backend_down(link.endpoint, why))
 
     def connect(self, endpoint: str) -> None:
         if endpoint in self._core.backends:
