@@ -76,10 +76,13 @@ class FrontEnd:
 
     - ``timeout``: default seconds a call may take (None: no limit); a call
       that runs out raises :class:`CallTimeoutError` (a ``TimeoutError``).
-    - ``retries``: re-sends of a call whose backend was lost. 0 (default) is
-      *at-most-once*: a lost call fails with :class:`BackendLostError` and never
-      runs twice. N > 0 is *at-least-once*: it may run twice, so only for
-      idempotent tasks.
+    - ``retries``: re-sends of a call whose backend was lost (its connection
+      dropped, or heartbeats went unanswered). 0 (default) is *at-most-once*: a
+      lost call fails with :class:`BackendLostError` -- it may or may not have
+      run, but never runs twice. N > 0 is *at-least-once*: the call is re-sent to
+      a live backend, so it may run twice. The default is at-most-once because
+      only the caller knows whether a task is idempotent: running "charge the
+      card" twice is worse than an error the caller sees and can act on.
     - ``busy_retries``: re-sends after a ``Busy`` answer (backend queue full),
       with exponential backoff, before :class:`BusyError` is raised.
     - ``connect_timeout``: how long a call waits for a reachable backend
@@ -277,11 +280,13 @@ class FrontEnd:
         """Call ``task(*args)`` for each tuple of arguments drawn from ``iterables``
         (like the builtin ``map``) with many calls in flight; yield results in
         input order. The first failed call raises its exception when its result
-        is reached. ``progress=True`` draws a progress bar (tqdm, on a terminal).
-        Input is consumed lazily, at most a window of calls ahead.
+        is reached (arguments that cannot be encoded raise :class:`EncodeError`
+        when they are read, up to a window of calls ahead). Input is consumed
+        lazily. ``progress=True`` draws a progress bar (tqdm, on a terminal).
+        ``timeout`` applies to each call (default: the FrontEnd's).
         """
         total = None
-        if progress:
+        if progress and iterables:
             try:
                 total = min(len(it) for it in iterables)  # type: ignore[arg-type]
             except TypeError:
