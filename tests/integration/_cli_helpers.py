@@ -40,9 +40,14 @@ def pid():
 
 
 def hold(seconds):
-    """Block until released (or the bound passes): keeps a job in flight."""
+    """Block until release() (or the bound passes): keeps a job in flight."""
     _release.wait(seconds)
     return "held"
+
+
+def release():
+    """End every hold() now and from now on."""
+    _release.set()
 '''
 
 

@@ -188,7 +188,7 @@ def test_ctl_status_counts_jobs_in_flight(shared):
     port = shared.port
     # `call` blocks on hold(); run it in the background and watch status count it
     holder = subprocess.Popen(
-        [*TASKIT, "call", f"127.0.0.1:{port}", "hold", "2"],
+        [*TASKIT, "call", f"127.0.0.1:{port}", "hold", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env(),
@@ -197,12 +197,14 @@ def test_ctl_status_counts_jobs_in_flight(shared):
     try:
         wait_until(
             lambda: "up, 1 jobs running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
-            20,
+            60,
             "one job in flight",
         )
     finally:
-        out, _ = holder.communicate(timeout=30)
+        assert run(["call", f"127.0.0.1:{port}", "release"]).returncode == 0
+        out, _ = holder.communicate(timeout=60)
     assert out.strip() == "held"
+    assert run(["ctl", "status", "127.0.0.1", str(port)]).stdout.strip().endswith("0 jobs running")
 
 
 def test_top_once_and_bounded_iterations_show_the_rate(shared):
