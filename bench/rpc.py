@@ -27,7 +27,9 @@ Measured (the sides alternate in small chunks, so noise hits them alike):
 Attribution rows (not targets): a third server speaks taskit's frames with the
 floor's loop, so the cost of the wire format itself (raw client + raw server),
 of the FrontEnd alone (FrontEnd + raw server) and of the BackEnd alone (raw
-client + BackEnd) are each shown against the floor.
+client + BackEnd) are each shown against the floor. One more row measures the
+client design the FrontEnd rejected -- a dedicated I/O thread fed through a
+wake-up pipe, callers waiting on an Event -- against the same raw server.
 """
 
 from __future__ import annotations
@@ -255,6 +257,61 @@ class WireClient(FloorClient):
         return out
 
 
+class IOThreadClient(WireClient):
+    """The design the FrontEnd does *not* use, measured for comparison: one thread
+    owns the socket, callers hand calls to it through a wake-up pipe and wait on
+    an Event for the reply (two thread hand-offs per call)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        import collections
+
+        self.outbox: collections.deque = collections.deque()
+        self.waiting: dict[int, list] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        self.ids = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, name="bench-io", daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        zmq, sock = self.zmq, self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        while not self.stopping:
+            events = dict(poller.poll(1000))
+            if self.wake_r in events:
+                os.read(self.wake_r, 4096)
+            while self.outbox:
+                sock.send_multipart(self.outbox.popleft())
+            if sock in events:
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = sock.recv_multipart()
+                    slot = self.waiting.pop(self.header.unpack(frames[1])[2])
+                    slot[1] = self.unpackb(frames[2])
+                    slot[0].set()
+
+    def call(self, name: str, *args: Any) -> Any:
+        self.ids += 1
+        slot: list = [threading.Event(), None]
+        self.waiting[self.ids] = slot
+        self.outbox.append(
+            [self.magic, self.header.pack(1, 2, self.ids), self.packb([name, args, {}])]
+        )
+        os.write(self.wake_w, b"x")
+        slot[0].wait()
+        return slot[1]
+
+    def close(self) -> None:
+        self.stopping = True
+        os.write(self.wake_w, b"x")
+        self.thread.join()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        super().close()
+
+
 class TaskitClient:
     def __init__(self, port: int) -> None:
         from taskit.codecs import MsgpackCodec
@@ -316,7 +373,7 @@ def pct(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     servers = {kind: Server(kind) for kind in ("floor", "taskit", "wire")}
     payload = os.urandom(MiB)
-    kinds = ("floor", "taskit", "frontend_only", "backend_only", "frames_only")
+    kinds = ("floor", "taskit", "frontend_only", "backend_only", "frames_only", "io_thread_design")
     lat: dict[str, list[float]] = {k: [] for k in kinds}
     thr = {"floor": 0.0, "submit": 0.0, "map": 0.0, "frontend_only_map": 0.0, "frames_only": 0.0}
     mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0}
@@ -327,6 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frontend_only": TaskitClient(servers["wire"].port),
             "backend_only": WireClient(servers["taskit"].port),
             "frames_only": WireClient(servers["wire"].port),
+            "io_thread_design": IOThreadClient(servers["wire"].port),
         }
         try:
             for c in clients.values():  # warm up: connections, caches, allocators
@@ -370,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frontend_only_sync_median_ratio": round(us["frontend_only"][0] / floor_med, 3),
             "backend_only_sync_median_ratio": round(us["backend_only"][0] / floor_med, 3),
             "frames_only_sync_median_ratio": round(us["frames_only"][0] / floor_med, 3),
+            "io_thread_design_sync_median_ratio": round(us["io_thread_design"][0] / floor_med, 3),
             "pipelined_calls_per_s": {k: round(v) for k, v in thr.items()},
             "pipelined_submit_ratio": round(thr["submit"] / thr["floor"], 3),
             "pipelined_map_ratio": round(thr["map"] / thr["floor"], 3),
@@ -407,9 +466,10 @@ def report(r: dict[str, Any]) -> str:
     for label, key in (
         ("raw client + raw server, taskit frames", "frames_only"),
         ("FrontEnd   + raw server, taskit frames", "frontend_only"),
-        ("raw client + BackEnd                  ", "backend_only"),
+        ("raw client + BackEnd", "backend_only"),
+        ("I/O-thread client design + raw server", "io_thread_design"),
     ):
-        lines.append(f"    {label}   {med[key]:8.1f} us   {rat[key + '_sync_median_ratio']:.2f}")
+        lines.append(f"    {label:40} {med[key]:8.1f} us   {rat[key + '_sync_median_ratio']:.2f}")
     lines += [
         "  pipelined, raw server speaking taskit frames (ratio to the floor): raw client "
         f"{d['pipelined_calls_per_s']['frames_only']}/s ({d['frames_only_pipelined_ratio']:.2f}),"
