@@ -271,7 +271,9 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
     from taskit.supervisor import Supervisor
 
     base = [sys.executable, "-m", "taskit.cli", "backend", args.target, "--host", args.host]
-    base += ["--workers", str(args.workers), "--pool", args.pool, "--log-level", args.log_level]
+    base += ["--pool", args.pool, "--log-level", args.log_level]
+    if args.workers is not None:
+        base += ["--workers", str(args.workers)]
     if args.codec:
         base += ["--codec", args.codec]
     if args.key_file:
@@ -544,6 +546,16 @@ def _add_client_options(p: argparse.ArgumentParser, connect_timeout: float = 2.0
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def _ports_arg(text: str) -> str:
     try:
         get_ports(text)  # validate now so argparse reports it as a usage error
@@ -597,10 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=os.cpu_count() or 4,
+        type=_positive_int,
+        default=None,
         metavar="N",
-        help="worker threads/processes per backend (default: CPU count)",
+        help="worker threads/processes per backend (default: CPU count + 4 threads, "
+        "or CPU count processes)",
     )
     p.add_argument(
         "--pool",

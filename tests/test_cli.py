@@ -148,6 +148,7 @@ def test_usage_errors_exit_2_with_a_message(capsys):
         ["ctl", "restart", "h", "1"],
         ["backend", "m", "--port", "1", "--ports", "1-2"],
         ["top", "h", "1", "--once", "--iterations", "3"],
+        ["backend", "m", "--workers", "0"],
         [],
     ):
         with pytest.raises(SystemExit) as info:
