@@ -76,6 +76,20 @@ DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that
 _REPLY_HWM = 100_000
 _BATCH = 64  # requests read per wake-up before flags are checked again
 
+# Inline running ("auto"): a task whose last _QUALIFY runs each took under _FAST
+# seconds runs on the I/O thread itself, which saves the two thread wake-ups of
+# a pool hand-off (most of a loopback round trip). A run over _FAST sends it
+# back to the pool until it qualifies again; a run over _SLOW, or one that the
+# standby thread had to take over from, bars it for _PENALTY more runs.
+_QUALIFY = 8
+_FAST = 0.0002
+_SLOW = 0.002
+_PENALTY = 1000
+# A standby thread takes the socket over from an inline task running longer
+# than this, so a task that blocks unexpectedly never stalls the backend.
+_TAKEOVER = 0.01
+_DONE, _DEMOTED = "done", "demoted"
+
 # Plain ints and the unwrapped socket methods for the hot path (see _send_locked).
 _send = zmq.backend.Socket.send
 _get = zmq.backend.Socket.get
@@ -195,6 +209,7 @@ class BackEnd:
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         curve_secretkey: bytes | None = None,
         curve_publickey: bytes | None = None,
+        inline: Any = "auto",
     ) -> None:
         _check_tasks(tasks)
         self.tasks = tasks if isinstance(tasks, dict) else dict(tasks)
@@ -228,6 +243,16 @@ class BackEnd:
         else:
             raise ValueError(f"pool must be 'thread', 'process' or a WorkerPool, not {pool!r}")
         self._workers = workers
+        if inline == "auto":
+            self._inline_auto, self._inline_names = True, frozenset()
+        elif inline is False or inline is None:
+            self._inline_auto, self._inline_names = False, frozenset()
+        elif isinstance(inline, Iterable) and not isinstance(inline, (str, bytes)):
+            self._inline_auto, self._inline_names = False, frozenset(inline)
+        else:
+            raise ValueError(f"inline must be 'auto', False or a set of task names, not {inline!r}")
+        if self._pool_kind == "process":
+            self._inline_auto, self._inline_names = False, frozenset()
 
         self._lock = threading.Lock()  # guards the socket and every counter below
         self._state = _NEW
@@ -238,7 +263,13 @@ class BackEnd:
         self._router: zmq.Socket | None = None
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
-        self._io_ident: int | None = None
+        self._io_owner: int | None = None  # the thread now reading the socket
+        self._role_idents: set[int] = set()  # the I/O and standby threads
+        self._standby_thread: threading.Thread | None = None
+        self._inline_since = 0.0  # monotonic start of the inline task running, else 0
+        self._inline_seen = 0.0  # start of the latest inline task
+        self._speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
+        self._takeovers = 0
         self._in_flight = 0
         self._subtasks = 0
         self._started_at = 0.0
@@ -361,6 +392,10 @@ class BackEnd:
                 "dropped": dict(self._dropped),
                 "tasks": per_task,
                 "stopping": self._stopping,
+                "inline_tasks": sorted(
+                    n for n, f in self._speed.items() if f >= _QUALIFY and self._inline_auto
+                ) + sorted(self._inline_names),
+                "takeovers": self._takeovers,
             }
         pool = self._pool
         pstats = pool.stats() if pool is not None and hasattr(pool, "stats") else {}
@@ -449,9 +484,9 @@ class BackEnd:
         if not self.stop_server(wait=True, timeout=timeout):
             self.terminate_server()
             self._stopped.wait()
-        thread = self._thread
-        if thread is not None:
-            thread.join()
+        for thread in (self._thread, self._standby_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
 
     def __enter__(self) -> BackEnd:
         if self._state == _NEW:
@@ -468,7 +503,10 @@ class BackEnd:
 
     def _inside(self) -> bool:
         """True on this backend's I/O thread or while running one of its tasks."""
-        return threading.get_ident() == self._io_ident or getattr(_in_task, "backend", None) is self
+        return (
+            threading.get_ident() in self._role_idents
+            or getattr(_in_task, "backend", None) is self
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Runs between bytecodes of the main thread, maybe while it holds the lock:
@@ -543,15 +581,61 @@ class BackEnd:
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public or zmq.curve_public(secret))
 
     def _serve(self) -> None:
-        self._io_ident = threading.get_ident()
-        try:
-            self._loop()
-        except BaseException:  # a bug in the loop itself: say so, then release everything
-            _log.exception("backend I/O loop crashed on %s", self._endpoint)
-            self._terminating = True
-            raise
-        finally:
-            self._teardown()
+        """Body of the I/O thread (start()) or of main(): serve, then release everything."""
+        me = threading.get_ident()
+        self._role_idents.add(me)
+        self._io_owner = me
+        if self._inline_auto or self._inline_names:
+            self._standby_thread = threading.Thread(
+                target=self._roles, args=(False,), daemon=True,
+                name=f"taskit-backend-standby:{self.port or self._endpoint}",
+            )
+            self._standby_thread.start()
+        self._roles(True)
+
+    def _roles(self, reading: bool) -> None:
+        """Alternate between reading the socket and standing by, until serving ends.
+
+        The thread that finds serving over while reading tears everything down.
+        """
+        self._role_idents.add(threading.get_ident())
+        while True:
+            if reading:
+                try:
+                    outcome = self._loop()
+                except BaseException:  # a bug in the loop itself: say so, release everything
+                    _log.exception("backend I/O loop crashed on %s", self._endpoint)
+                    self._terminating = True
+                    outcome = _DONE
+                if outcome == _DONE:
+                    self._teardown()
+                    return
+                reading = False
+            else:
+                if not self._standby():
+                    return
+                reading = True
+
+    def _standby(self) -> bool:
+        """Watch inline tasks; take the socket over from one that runs too long.
+
+        Returns True once this thread owns the socket, False when serving ended.
+        """
+        me = threading.get_ident()
+        while True:
+            # Check often only while inline tasks are running; an idle backend sleeps.
+            recent = time.monotonic() - self._inline_seen < 1.0
+            if self._stopped.wait(_TAKEOVER / 2 if recent else 0.5):
+                return False
+            since = self._inline_since
+            if since and time.monotonic() - since > _TAKEOVER:
+                with self._lock:
+                    if self._inline_since != since or self._state != _RUNNING:
+                        continue
+                    self._io_owner = me
+                    self._takeovers += 1
+                _log.debug("standby thread took the socket over from a long inline task")
+                return True
 
     def _teardown(self) -> None:
         graceful = not self._terminating
@@ -593,7 +677,7 @@ class BackEnd:
 
     # -- internals: the I/O loop -----------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self) -> str:
         router = self._router
         assert router is not None
         lock = self._lock
@@ -604,23 +688,26 @@ class BackEnd:
         sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
         recv_multipart = router.recv_multipart
         handle = self._handle
+        me = threading.get_ident()
         while True:
             more = False
             for _ in range(_BATCH):
                 with lock:
                     if self._terminating:
-                        return
+                        return _DONE
                     try:
                         msg = recv_multipart(_NOBLOCK)
                     except zmq.Again:  # drained: the descriptor will signal the next one
                         break
                 handle(msg)
+                if self._io_owner != me:
+                    return _DEMOTED  # the standby took over during an inline task
             else:
                 more = True
             if self._terminating:
-                return
+                return _DONE
             if self._stopping and self._in_flight == 0 and self._subtasks == 0:
-                return
+                return _DONE
             if more:
                 continue
             for fd, _ in poller.poll(sleep_ms):
@@ -748,6 +835,18 @@ class BackEnd:
         with self._lock:
             self._in_flight += 1
         t0 = time.perf_counter()
+        if not pass_backend and (
+            name in self._inline_names
+            or (self._inline_auto and self._speed.get(name, 0) >= _QUALIFY)
+        ):
+            now = time.monotonic()
+            self._inline_seen = self._inline_since = now
+            self._run(ident, codec, call_id, name, fn, args, kwargs, t0)
+            with self._lock:
+                self._inline_since = 0.0
+                if self._io_owner != threading.get_ident():
+                    self._speed[name] = -_PENALTY  # it blocked the socket: keep it off
+            return
         try:
             if self._pool_kind == "process":
                 if pass_backend:
@@ -802,16 +901,19 @@ class BackEnd:
         fn: Callable, args: list, kwargs: dict, t0: float,
     ) -> None:
         _in_task.backend = self
+        start = time.perf_counter()
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
+            run_time = time.perf_counter() - start
             frames = self._error_frames(codec, call_id, name, e)
             ok = False
         else:
+            run_time = time.perf_counter() - start
             frames, ok = self._result_frames(codec, call_id, name, value)
         finally:
             _in_task.backend = None
-        self._reply(ident, frames, name, ok, t0)
+        self._reply(ident, frames, name, ok, t0, run_time)
 
     def _finish(self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any) -> None:
         try:
@@ -846,10 +948,21 @@ class BackEnd:
             _log.info("task %r failed: %s", name, tb.rstrip())
         return protocol.encode_error(codec, call_id, type_name, args, tb, self._signer)
 
-    def _reply(self, ident: bytes, frames: list[bytes], name: str, ok: bool, t0: float) -> None:
+    def _reply(
+        self, ident: bytes, frames: list[bytes], name: str, ok: bool, t0: float,
+        run_time: float | None = None,
+    ) -> None:
         """Send a task's reply from the thread that ran it, and account for it."""
         elapsed = time.perf_counter() - t0
         with self._lock:
+            if run_time is not None:
+                fast = self._speed.get(name, 0)
+                if run_time < _FAST:
+                    self._speed[name] = fast + 1 if fast < _QUALIFY else fast
+                elif run_time < _SLOW:
+                    self._speed[name] = min(fast, 0)
+                else:
+                    self._speed[name] = -_PENALTY
             self._send_locked(ident, frames)
             self._in_flight -= 1
             counts = self._per_task.get(name)

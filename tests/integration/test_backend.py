@@ -396,46 +396,79 @@ def test_max_pending_answers_busy_at_once(serve, client):
     assert c.call("add", 1, 2) == 3
 
 
+# --- inline running of quick tasks ----------------------------------------------------------
+
+
+def test_quick_tasks_run_inline_and_a_blocking_one_is_taken_over(serve, client):
+    released = threading.Event()
+    entered = threading.Event()
+
+    def maybe_wait(block):
+        if block:
+            entered.set()
+            released.wait(20)
+        return block
+
+    b = serve({"w": maybe_wait, "release": released.set}, workers=2)
+    c, c2 = client(b), client(b)
+    for _ in range(20):  # quick runs: "w" qualifies for the I/O thread
+        assert c.call("w", False) is False
+    assert "w" in c.call("<stats>")["inline_tasks"]
+    blocked = c.send("w", True)  # now blocks the thread that reads the socket...
+    assert entered.wait(10)
+    assert c2.call("release", timeout=10) is None  # ...yet the standby keeps serving
+    assert c.recv()[2:] == (blocked, True)
+    stats = c.call("<stats>")
+    assert stats["takeovers"] == 1 and "w" not in stats["inline_tasks"]
+    assert c.call("w", False) is False and b.running
+
+
+def test_inline_false_always_uses_the_pool(serve, client):
+    b = serve({"add": add}, inline=False)
+    c = client(b)
+    for _ in range(20):
+        c.call("add", 1, 2)
+    assert c.call("<stats>")["inline_tasks"] == []
+
+
 # --- graceful stop under load --------------------------------------------------------------
 
 
 def test_graceful_stop_under_load_answers_every_accepted_call(serve):
-    b = serve({"sq": lambda x: (time.sleep(0.001), x * x)[1]}, workers=4)
+    gate = threading.Event()
+
+    def sq(x):
+        gate.wait(30)
+        return x * x
+
+    b = serve({"sq": sq}, workers=4)
     clients = [RawClient(b.endpoint) for _ in range(4)]
-    results: dict[int, list] = {i: [] for i in range(4)}
-    started = threading.Barrier(5)
-
-    def hammer(i: int) -> None:
-        c = clients[i]
-        sent = {}
-        started.wait()
-        for n in range(400):
-            sent[c.send("sq", n)] = n
-        for _ in sent:
-            kind, _codec, call_id, value = c.recv(20)
-            results[i].append((kind, sent[call_id], value))
-
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    started.wait()
-    time.sleep(0.05)  # let some calls in before stopping (load, not synchronisation)
-    assert b.stop_server(wait=True, timeout=60)
-    for t in threads:
-        t.join(60)
     try:
-        answered = stopping = 0
-        for i in range(4):
-            assert len(results[i]) == 400  # every call got exactly one answer
-            for kind, n, value in results[i]:
-                if kind == Kind.RESULT:
-                    assert value == n * n
-                    answered += 1
-                else:
-                    assert value[0] == "Stopping"
-                    stopping += 1
-        assert answered > 0
+        sent: list[dict[int, int]] = []
+        for c in clients:
+            ids = {c.send("sq", n): n for n in range(300)}
+            # A ROUTER reads each peer in order: once <status> is answered, all 300 are accepted.
+            assert c.call("<status>") == str(300 * (len(sent) + 1))
+            sent.append(ids)
+        assert b.task_count == 1200
+        b.stop_server(wait=False)
+        for c in clients:  # new calls are refused while the accepted ones wait
+            with pytest.raises(RemoteError) as e:
+                c.call("sq", 1)
+            assert e.value.type == "Stopping"
+        assert b.running
+        gate.set()
+        for c, ids in zip(clients, sent):
+            got = {}
+            for _ in ids:
+                kind, _codec, call_id, value = c.recv(30)
+                assert kind == Kind.RESULT
+                got[call_id] = value
+            assert got == {call_id: n * n for call_id, n in ids.items()}
+        assert b.join(30) and not b.running
+        assert b.stats()["done"] == 1200 and b.stats()["refused"] == {"Stopping": 4}
     finally:
+        gate.set()
         for c in clients:
             c.close()
 
@@ -521,17 +554,20 @@ def _env() -> dict[str, str]:
 
 
 def _wait_answering(endpoint: str, proc: subprocess.Popen, timeout: float = 20.0) -> RawClient:
-    c = RawClient(endpoint)
+    """Probe until the backend answers; return a fresh client (no stale replies queued)."""
+    probe = RawClient(endpoint)
     deadline = time.monotonic() + timeout
-    while True:
-        c.send("<status>")
-        try:
-            c.recv(0.5)
-            return c
-        except TimeoutError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                c.close()
-                raise AssertionError(f"backend process did not answer (exit {proc.poll()})")
+    try:
+        while True:
+            probe.send("<status>")
+            try:
+                probe.recv(0.5)
+                return RawClient(endpoint)
+            except TimeoutError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"backend process did not answer (exit {proc.poll()})")
+    finally:
+        probe.close()
 
 
 SERVER = """
