@@ -1,0 +1,158 @@
+"""Regenerate doc/api.md from the code: every module's __all__, signatures and the
+first paragraph of each docstring.
+
+    python doc/gen_api.py > doc/api.md
+"""
+
+import importlib
+import inspect
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HEAD = """# API reference
+
+Every public name of every module — each module's `__all__` — with its
+signature and the first paragraph of its docstring (the docstrings state the
+full contract: what blocks, what raises, thread-safety). Generated from the
+code; the prose pages explain how the pieces fit: [index.md](index.md) (a
+tour), [operations.md](operations.md) (the `taskit` command and services),
+[protocol.md](protocol.md) (the wire format), [security.md](security.md).
+
+Layout (imports only point down this list): `errors` ← the local half
+(`simple`, `resync`, `log`, `threaded`, `pool`, `jobq`, `progress`) ← the
+distributed half (`codecs`, `protocol`, `common`, `backend`, `frontend`, `aio`,
+and the private sans-I/O client core `taskit._client` shared by the two front
+ends) ← operations (`cli`, `ports`, `supervisor`). Names starting with `_` are
+private and may change.
+
+"""
+MODS = [
+    ("taskit", "The package: version, every exception, and lazy shortcuts to the main names."),
+    ("taskit.simple", None),
+    ("taskit.resync", None),
+    ("taskit.log", None),
+    ("taskit.threaded", None),
+    ("taskit.pool", None),
+    ("taskit.jobq", None),
+    ("taskit.progress", None),
+    ("taskit.errors", None),
+    ("taskit.codecs", None),
+    ("taskit.protocol", None),
+    ("taskit.common", None),
+    ("taskit.backend", None),
+    ("taskit.frontend", None),
+    ("taskit.aio", None),
+    ("taskit.cli", None),
+    ("taskit.ports", None),
+    ("taskit.supervisor", None),
+]
+
+
+def first(doc):
+    if not doc:
+        return ""
+    para = inspect.cleandoc(doc).split("\n\n")[0]
+    text = " ".join(para.split())
+    text = re.sub(r":(class|func|meth|data|mod|attr|exc):`~?([^`]+)`", r"`\2`", text)
+    return text.replace("``", "`")
+
+
+def sig(obj):
+    try:
+        s = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+    s = s.replace("'", "")
+    s = re.sub(r"<class '?([\w.]+)'?>", lambda m: m.group(1).rsplit(".", 1)[-1], s)
+    s = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", s)
+    s = re.sub(r"<(\w+) object at 0x[0-9a-f]+>", r"\1()", s)
+    return s
+
+
+def members(cls):
+    rows = []
+    for k, v in cls.__dict__.items():
+        if k.startswith("_") and k not in ("__enter__", "__aenter__", "__iter__", "__call__"):
+            continue
+        if isinstance(v, property):
+            rows.append((k, "property", first(v.__doc__)))
+        elif isinstance(v, (staticmethod, classmethod)):
+            f = v.__func__
+            rows.append((k + sig(f), "method", first(f.__doc__)))
+        elif k == "__enter__":
+            rows.append(("with ...", "method", "a context manager: closes on exit."))
+        elif k == "__aenter__":
+            rows.append(("async with ...", "method", "an async context manager: closes on exit."))
+        elif inspect.isfunction(v):
+            prefix = (
+                "async "
+                if (inspect.iscoroutinefunction(v) or inspect.isasyncgenfunction(v))
+                else ""
+            )
+            rows.append(
+                (
+                    prefix + k + sig(v).replace("(self, ", "(").replace("(self)", "()"),
+                    "method",
+                    first(v.__doc__),
+                )
+            )
+    return rows
+
+
+out = []
+seen_exc = set()
+for m, blurb in MODS:
+    mod = importlib.import_module(m)
+    out.append(f"## `{m}`\n")
+    out.append((blurb or first(mod.__doc__)) + "\n")
+    names = list(mod.__all__)
+    if m == "taskit":
+        errs = [
+            n
+            for n in names
+            if inspect.isclass(getattr(mod, n)) and issubclass(getattr(mod, n), BaseException)
+        ]
+        names = [n for n in names if n not in errs]
+        out.append(
+            "Every exception of `taskit.errors` is also importable from `taskit` "
+            "(`from taskit import BackendLostError`). The other names are loaded on first use:\n"
+        )
+    for name in names:
+        obj = getattr(mod, name)
+        qual = f"{m}.{name}"
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            if (
+                obj.__module__ != m
+                and m != "taskit.errors"
+                and not obj.__module__.startswith("taskit._")
+            ):
+                out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
+                continue
+            bases = ", ".join(b.__name__ for b in obj.__bases__)
+            out.append(f"- **`{name}`**(`{bases}`) — {first(obj.__doc__)}")
+        elif inspect.isclass(obj):
+            if obj.__module__ != m and not obj.__module__.startswith("taskit._"):
+                out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
+                continue
+            out.append(f"\n### `{name}{sig(obj)}`\n\n{first(obj.__doc__)}\n")
+            for k, kind, doc in members(obj):
+                out.append(f"- `{k}`{' (property)' if kind == 'property' else ''} — {doc}")
+            out.append("")
+        elif callable(obj):
+            home = getattr(obj, "__module__", m)
+            if home != m and not home.startswith("taskit._"):
+                out.append(f"- `{name}` — `{home}.{name}`.")
+                continue
+            out.append(f"- `{name}{sig(obj)}` — {first(obj.__doc__)}")
+        else:
+            r = repr(obj)
+            if " at 0x" in r:
+                r = f"{type(obj).__name__}(...)"
+            if len(r) > 70:
+                r = type(obj).__name__
+            out.append(f"- `{name}` = `{r}`")
+    out.append("")
+print(HEAD + "\n".join(out).rstrip())
