@@ -20,6 +20,7 @@ full contract: what blocks, what raises, thread-safety). Generated from the
 code; the prose pages explain how the pieces fit: [index.md](index.md) (a
 tour), [operations.md](operations.md) (the `taskit` command and services),
 [protocol.md](protocol.md) (the wire format), [security.md](security.md).
+Regenerate it after changing a public name: `python doc/gen_api.py > doc/api.md`.
 
 Layout (imports only point down this list): `errors` ← the local half
 (`simple`, `resync`, `log`, `threaded`, `pool`, `jobq`, `progress`) ← the
