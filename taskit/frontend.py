@@ -314,7 +314,8 @@ class FrontEnd:
                     return
                 call, w = window.popleft()
                 value = self._io.wait(call, w, timeout, len(window))
-                bar.update()
+                if progress:
+                    bar.update()
                 yield value
         finally:
             bar.close()
