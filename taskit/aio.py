@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -64,7 +65,7 @@ _MAP_WINDOW = 1000  # calls map() keeps in flight
 # Which monitor events mean "usable" and "gone". A handshake (ZMTP, and CURVE
 # when set) must succeed before the backend can read a call, so wait for it.
 _UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-_DOWN_EVENTS = {
+_DOWN_EVENTS: dict[int, str] = {
     zmq.EVENT_DISCONNECTED: "disconnected",
     zmq.EVENT_CONNECT_RETRIED: "cannot connect",
 }
@@ -132,7 +133,7 @@ class _Backend:
         # need no future. ZeroMQ's descriptor is edge-triggered and any use may
         # consume the edge, so every raw use ends by checking EVENTS and reading
         # what is there (_drain): the waiting reader can then never miss a reply.
-        self.raw = zmq.Socket.shadow(sock.underlying)
+        self.raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         self.monitor = monitor
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -319,7 +320,7 @@ class AsyncFrontEnd:
                 elif isinstance(exc, BackendProcessingError):
                     if error_cb is None:
                         _log.error("task %r failed on the backend:\n%s", task, exc)
-                    elif error_cb is not False:
+                    elif callable(error_cb):  # False: ignore it
                         error_cb(exc)
                 else:
                     _log.error("task %r failed: %s: %s", task, type(exc).__name__, exc)
@@ -536,13 +537,13 @@ class AsyncFrontEnd:
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         call = self._core.new_call(task, args, kwargs, waiter=fut, timeout=timeout, target=target)
-        fut.add_done_callback(lambda f, c=call: self._forget(f, c))
+        fut.add_done_callback(functools.partial(self._forget, call=call))
         self._core.submit(call)
         self._flush()
         self._schedule()
         return fut
 
-    def _forget(self, fut: asyncio.Future[Any], call: PendingCall) -> None:
+    def _forget(self, fut: asyncio.Future[Any], *, call: PendingCall) -> None:
         if fut.cancelled() and not self._closed:
             self._core.cancel(call)
             self._schedule()
@@ -623,7 +624,7 @@ class AsyncFrontEnd:
     def _drain(self, b: _Backend) -> None:
         """Hand every reply already queued on ``b``'s socket to the core (no waiting)."""
         raw, core, endpoint = b.raw, self._core, b.endpoint
-        while raw.getsockopt(_EVENTS) & _POLLIN:
+        while cast(int, raw.getsockopt(_EVENTS)) & _POLLIN:
             self._resolve(core.on_message(endpoint, raw.recv_multipart(_NOBLOCK)))
 
     async def _watch(self, b: _Backend) -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["Supervisor"]
 
@@ -129,10 +130,10 @@ class Supervisor:
         """Start the children and supervise them until :meth:`stop` or until all
         exited cleanly. Returns 0. Installs SIGTERM/SIGINT/SIGCHLD handlers when
         called from the main thread (restoring the old ones on return)."""
-        old: dict[int, object] = {}
+        old: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                old[sig] = signal.signal(sig, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                old[signum] = signal.signal(signum, self._on_signal)
         try:
             for child in self._children:
                 self._spawn(child)
@@ -157,8 +158,8 @@ class Supervisor:
             self._terminate_all()
             return 0
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
 
     def _terminate_all(self) -> None:
         running = [c for c in self._children if c.proc is not None and c.proc.poll() is None]
