@@ -622,3 +622,35 @@ def test_example_worker(port):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- process pool -----------------------------------------------------------------------------
+
+
+def square(x):
+    return x * x
+
+
+def die():
+    os._exit(3)
+
+
+def test_process_pool_backend(serve, client):
+    tasks = {"square": square, "pid": os.getpid, "die": die, "fail": fail,
+             "with_backend": (lambda backend: 1, True)}
+    b = serve(tasks, pool="process", workers=2)
+    c = client(b)
+    assert c.call("square", 7, timeout=60) == 49
+    assert c.call("pid", timeout=30) != os.getpid()  # ran in a child process
+    with pytest.raises(RemoteError) as e:
+        c.call("fail", "in a child", timeout=30)
+    assert e.value.type == "ValueError" and e.value.remote_args == ["in a child"]
+    with pytest.raises(RemoteError) as e:
+        c.call("die", timeout=60)
+    assert e.value.type == "WorkerLostError"  # only that call fails...
+    assert c.call("square", 8, timeout=60) == 64  # ...and the pool replaced the worker
+    with pytest.raises(RemoteError) as e:
+        c.call("with_backend", timeout=10)
+    assert e.value.type == "TypeError" and "pool='thread'" in e.value.remote_args[0]
+    stats = c.call("<stats>")
+    assert stats["pool_kind"] == "process" and stats["inline_tasks"] == []
