@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import itertools
 import logging
@@ -37,9 +36,19 @@ from typing import Any, cast
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
+from taskit._dealer import (
+    CONNECT_RETRIED,
+    DISCONNECTED,
+    HANDSHAKE_FAILED,
+    UP_EVENT,
+    DealerSettings,
+    close_dealer,
+    curve_keys,
+    monitor_event,
+    open_dealer,
+)
 from taskit.codecs import JSONCodec, Signer
 from taskit.errors import (
     BackendLostError,
@@ -61,50 +70,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT = 2.0
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _MAP_WINDOW = 1000  # calls map() keeps in flight
-
-# Which monitor events mean "usable" and "gone". A handshake (ZMTP, and CURVE
-# when set) must succeed before the backend can read a call, so wait for it.
-_UP_EVENT = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-_DOWN_EVENTS: dict[int, str] = {
-    zmq.EVENT_DISCONNECTED: "disconnected",
-    zmq.EVENT_CONNECT_RETRIED: "cannot connect",
-}
-for _name, _why in (
-    ("EVENT_HANDSHAKE_FAILED_NO_DETAIL", "handshake failed"),
-    ("EVENT_HANDSHAKE_FAILED_PROTOCOL", "handshake failed (protocol)"),
-    ("EVENT_HANDSHAKE_FAILED_AUTH", "handshake failed (check CURVE keys)"),
-):
-    if hasattr(zmq, _name):
-        _DOWN_EVENTS[getattr(zmq, _name)] = _why
-_MONITOR_EVENTS = _UP_EVENT
-for _event in _DOWN_EVENTS:
-    _MONITOR_EVENTS |= _event
-
-
-def _curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, bytes] | None:
-    """``(server, public, secret)`` CURVE keys as bytes, generating this client's
-    keypair when only the server's key is given; None without CURVE."""
-    if server is None:
-        if public is not None or secret is not None:
-            raise ValueError("curve_publickey/curve_secretkey need curve_serverkey too")
-        return None
-    if not zmq.has("curve"):
-        raise NotImplementedError(
-            "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
-            "or drop curve_serverkey"
-        )
-
-    def as_bytes(k: Any) -> bytes:
-        return k.encode() if isinstance(k, str) else bytes(k)
-
-    if secret is None:
-        if public is not None:
-            raise ValueError("curve_publickey needs its curve_secretkey")
-        public, secret = zmq.curve_keypair()
-    elif public is None:
-        public = zmq.curve_public(as_bytes(secret))
-    return as_bytes(server), as_bytes(public), as_bytes(secret)
-
 
 # Plain ints: pyzmq's flag enums cost an arithmetic call per use on the hot path.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -184,7 +149,13 @@ class AsyncFrontEnd:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
-        self._curve = _curve_keys(curve_serverkey, curve_publickey, curve_secretkey)
+        self._settings = DealerSettings(
+            connect_timeout=self.connect_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            max_message_size=max_message_size,
+            curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
+        )
         self._core = ClientCore(
             codec=codec,
             signer=Signer(key) if key is not None else None,
@@ -464,41 +435,10 @@ class AsyncFrontEnd:
         self._install(self._open(endpoint))
 
     def _open(self, endpoint: str) -> _Backend:
-        """A connected DEALER and its monitor for ``endpoint`` (ValueError if unusable)."""
+        """A connected DEALER and its monitor for ``endpoint`` (ValueError if unusable),
+        with FrontEnd's socket options (taskit._dealer)."""
         assert self._ctx is not None
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # Not IMMEDIATE (as FrontEnd): libzmq can abort when an immediate pipe dies
-        # between two parts of a reply. The core routes calls only to connected
-        # backends, and a disconnected backend's socket is replaced (_renew), so
-        # nothing it queued runs after a restart.
-        sock.setsockopt(zmq.SNDHWM, 0)  # the caller bounds what is in flight
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.connect_timeout * 1000)))
-        size = self.max_message_size
-        sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
-        if self.heartbeat_interval:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat_interval * 1000)))
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.heartbeat_timeout * 1000)))
-            sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(self.heartbeat_timeout * 1000), 6_553_500))
-        if "[" in endpoint:
-            sock.setsockopt(zmq.IPV6, 1)
-        if self._curve is not None:
-            server, public, secret = self._curve
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as e:
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
-            self._core.backends.pop(endpoint, None)
-            raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
+        sock, monitor = open_dealer(self._ctx, endpoint, self._settings)
         return _Backend(endpoint, sock, monitor)
 
     def _install(self, b: _Backend) -> None:
@@ -517,10 +457,7 @@ class AsyncFrontEnd:
         for task in b.tasks:
             if task is not me:
                 task.cancel()
-        with contextlib.suppress(zmq.ZMQError):
-            b.sock.disable_monitor()
-        b.monitor.close(0)
-        b.sock.close(0)
+        close_dealer(b.sock, b.monitor)
 
     def _renew(self, b: _Backend) -> None:
         """Replace a disconnected backend's socket: whatever it still queued for the
@@ -631,14 +568,12 @@ class AsyncFrontEnd:
         core, endpoint = self._core, b.endpoint
         while True:
             try:
-                event = parse_monitor_message(await b.monitor.recv_multipart())["event"]
+                event = monitor_event(await b.monitor.recv_multipart())
             except zmq.ZMQError:
                 return
-            if event == _UP_EVENT:
+            if event & UP_EVENT:
                 core.backend_up(endpoint)
-            elif event in _DOWN_EVENTS:
-                if event == zmq.EVENT_CONNECT_RETRIED and core.backends[endpoint].state == DOWN:
-                    continue
+            elif event & DISCONNECTED:
                 # Replies the backend sent before it went (e.g. the answer to <stop>)
                 # arrived before this event. One may sit in the reader task's
                 # resolved-but-not-yet-resumed recv: yielding once lets the reader
@@ -647,12 +582,18 @@ class AsyncFrontEnd:
                 if self._closed:
                     return
                 self._drain(b)
-                self._resolve(core.backend_down(endpoint, _DOWN_EVENTS[event]))
-                if event == zmq.EVENT_DISCONNECTED:
-                    self._renew(b)
-                    self._flush()
-                    self._schedule()
-                    return  # the new socket has its own tasks
+                self._resolve(core.backend_down(endpoint, "disconnected"))
+                self._renew(b)
+                self._flush()
+                self._schedule()
+                return  # the new socket has its own tasks
+            elif event & CONNECT_RETRIED:
+                if core.backends[endpoint].state == DOWN:
+                    continue
+                self._resolve(core.backend_down(endpoint, "cannot connect"))
+            elif event & HANDSHAKE_FAILED:
+                _log.warning("handshake with %s failed (check CURVE keys)", endpoint)
+                self._resolve(core.backend_down(endpoint, "handshake failed"))
             else:
                 continue
             self._flush()

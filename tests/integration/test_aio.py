@@ -330,3 +330,21 @@ def test_an_async_front_end_belongs_to_one_loop(backends):
     with pytest.raises(RuntimeError, match="another event loop"):
         asyncio.run(use())
     fe.close()
+
+
+@pytest.mark.skipif(not __import__("zmq").has("curve"), reason="libzmq without CURVE")
+def test_curve_encryption(backends):
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    (b,) = backends(curve_secretkey=secret, curve_publickey=public)
+
+    async def main():
+        async with AsyncFrontEnd([addr(b)], curve_serverkey=public) as fe:
+            assert await fe.work("add", 20, 22) == 42
+        wrong_public, _ = zmq.curve_keypair()
+        async with AsyncFrontEnd([addr(b)], curve_serverkey=wrong_public, connect_timeout=1) as fe:
+            with pytest.raises(BackendNotAvailableError):  # the handshake never succeeds
+                await fe.work("add", 1, 1)
+
+    run(main())
