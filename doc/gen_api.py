@@ -26,7 +26,7 @@ Layout (imports only point down this list): `errors` ← the local half
 (`simple`, `resync`, `log`, `threaded`, `pool`, `jobq`, `progress`) ← the
 distributed half (`codecs`, `protocol`, `common`, `backend`, `frontend`, `aio`,
 and the private sans-I/O client core `taskit._client` shared by the two front
-ends) ← operations (`cli`, `ports`, `supervisor`). Names starting with `_` are
+ends) ← operations (`cli`, `loader`, `ports`, `supervisor`). Names starting with `_` are
 private and may change.
 
 """
@@ -47,6 +47,7 @@ MODS = [
     ("taskit.frontend", None),
     ("taskit.aio", None),
     ("taskit.cli", None),
+    ("taskit.loader", None),
     ("taskit.ports", None),
     ("taskit.supervisor", None),
 ]
