@@ -29,7 +29,7 @@ def random_wait(number):
 
 
 def error_maker():
-    assert False, "Why ever did you call this!?"
+    raise AssertionError("Why ever did you call this!?")
 
 
 class RTimeTermLogger(FileLogger):

@@ -38,12 +38,22 @@ from typing import Any
 import zmq
 
 from taskit import protocol
+from taskit._backend_parts import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Accounting,
+    accepted_codecs,
+    check_tasks,
+    configure_router,
+    make_endpoint,
+    parse_inline,
+    split_entry,
+)
 from taskit.codecs import JSONCodec, Signer, get_codec
 from taskit.errors import (
     BackendBindError,
     DecodeError,
     EncodeError,
-    InsecureCodecError,
     PoolShutdownError,
     ProtocolError,
     RemoteTaskError,
@@ -68,23 +78,8 @@ __all__ = [
 _log = logging.getLogger("taskit.backend")
 
 END_RESP = 0.5  # seconds: socket linger on close and the I/O thread's longest sleep
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that are dropped
-
-# Replies queued towards one peer before further replies to it are dropped (and
-# counted): a client that sends but never reads must not grow our memory forever.
-_REPLY_HWM = 100_000
 _BATCH = 64  # requests read per wake-up before flags are checked again
 
-# Inline running ("auto"): a task whose last _QUALIFY runs each took under _FAST
-# seconds runs on the I/O thread itself, which saves the two thread wake-ups of
-# a pool hand-off (most of a loopback round trip). A run over _FAST sends it
-# back to the pool until it qualifies again; a run over _SLOW, or one that the
-# standby thread had to take over from, bars it for _PENALTY more runs.
-_QUALIFY = 8
-_FAST = 0.0002
-_SLOW = 0.002
-_PENALTY = 1000
 # A standby thread takes the socket over from an inline task running longer
 # than this, so a task that blocks unexpectedly never stalls the backend.
 _TAKEOVER = 0.01
@@ -133,26 +128,6 @@ _READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
 _in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
-
-
-def _check_tasks(tasks: Any) -> None:
-    if not isinstance(tasks, Mapping):
-        raise TypeError(f"tasks must be a mapping of name -> callable, not {type(tasks).__name__}")
-    for name, entry in tasks.items():
-        if not isinstance(name, str):
-            raise TypeError(f"task names must be strings, got {name!r}")
-        fn = entry[0] if isinstance(entry, tuple) and len(entry) == 2 else entry
-        if not callable(fn):
-            raise TypeError(
-                f"task {name!r} must be a callable or a (callable, pass_backend) pair, "
-                f"got {entry!r}"
-            )
-
-
-def _split(entry: Any) -> tuple[Callable[..., Any], bool]:
-    if type(entry) is tuple:
-        return entry[0], bool(entry[1])
-    return entry, False
 
 
 class BackEnd:
@@ -211,7 +186,7 @@ class BackEnd:
         curve_publickey: bytes | None = None,
         inline: Any = "auto",
     ) -> None:
-        _check_tasks(tasks)
+        check_tasks(tasks)
         self.tasks = tasks if isinstance(tasks, dict) else dict(tasks)
         self.host = host
         self.port = port
@@ -219,14 +194,14 @@ class BackEnd:
         self.codec = get_codec(codec)
         self.end_resp = float(end_resp)
         self.tracebacks = bool(tracebacks)
-        self._endpoint = self._make_endpoint(endpoint, host, port)
+        self._endpoint = make_endpoint(endpoint, host, port)
         if max_pending is not None and (not isinstance(max_pending, int) or max_pending < 1):
             raise ValueError(f"max_pending must be an int >= 1 or None, not {max_pending!r}")
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.heartbeat = heartbeat
         self._signer = Signer(key) if key is not None else None
-        self._codecs = self._accepted_codecs(codecs, key is not None, insecure_pickle)
+        self._codecs = accepted_codecs(codecs, self.codec, key is not None, insecure_pickle)
         if curve_secretkey is not None and not zmq.has("curve"):
             raise NotImplementedError(
                 "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
@@ -243,14 +218,7 @@ class BackEnd:
         else:
             raise ValueError(f"pool must be 'thread', 'process' or a WorkerPool, not {pool!r}")
         self._workers = workers
-        if inline == "auto":
-            self._inline_auto, self._inline_names = True, frozenset()
-        elif inline is False or inline is None:
-            self._inline_auto, self._inline_names = False, frozenset()
-        elif isinstance(inline, Iterable) and not isinstance(inline, (str, bytes)):
-            self._inline_auto, self._inline_names = False, frozenset(inline)
-        else:
-            raise ValueError(f"inline must be 'auto', False or a set of task names, not {inline!r}")
+        self._inline_auto, self._inline_names = parse_inline(inline)
         if self._pool_kind == "process":
             self._inline_auto, self._inline_names = False, frozenset()
 
@@ -268,56 +236,9 @@ class BackEnd:
         self._standby_thread: threading.Thread | None = None
         self._inline_since = 0.0  # monotonic start of the inline task running, else 0
         self._inline_seen = 0.0  # start of the latest inline task
-        self._speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
-        self._takeovers = 0
-        self._in_flight = 0
-        self._subtasks = 0
         self._started_at = 0.0
-        self._done = 0
-        self._failed = 0
-        self._admin = 0
-        self._per_task: dict[str, list[float]] = {}  # name -> [calls, failed, total seconds]
-        self._refused: dict[str, int] = {}  # backend-raised error type -> count
-        self._dropped = {"bad_signature": 0, "malformed": 0, "reply_unroutable": 0, "reply_hwm": 0}
+        self._acct = Accounting()  # counters, under self._lock
         self._verbose = logger is not null_logger
-
-    # -- configuration helpers -------------------------------------------------------
-
-    @staticmethod
-    def _make_endpoint(endpoint: str | None, host: str, port: Any) -> str:
-        if endpoint is not None:
-            if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://")):
-                raise ValueError(
-                    f"endpoint must be 'tcp://host:port' or 'ipc:///path', not {endpoint!r}"
-                )
-            return endpoint
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int in 0..65535 (0 = any free port), not {port!r}")
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # an IPv6 address
-        return f"tcp://{host}:{port or '*'}"
-
-    def _accepted_codecs(
-        self, codecs: Iterable[Any] | None, keyed: bool, insecure_pickle: bool
-    ) -> dict[int, Any]:
-        if codecs is None:
-            chosen = [get_codec("json"), get_codec("msgpack"), self.codec]
-            if keyed or insecure_pickle:
-                chosen.append(get_codec("pickle"))
-        else:
-            if isinstance(codecs, (str, bytes)):
-                codecs = [codecs]
-            chosen = [get_codec(c) for c in codecs]
-            if not chosen:
-                raise ValueError("codecs must name at least one codec")
-        accepted = {c.wire_id: c for c in chosen}
-        if 3 in accepted and not (keyed or insecure_pickle):
-            raise InsecureCodecError(
-                "pickle runs code chosen by the sender while decoding: pass key=... (the same "
-                "on every FrontEnd) so only key holders are heard, or insecure_pickle=True on "
-                "a network you trust"
-            )
-        return accepted
 
     # -- public state ----------------------------------------------------------------
 
@@ -329,7 +250,7 @@ class BackEnd:
     @property
     def task_count(self) -> int:
         """Calls queued or running, plus running :meth:`subtask` calls."""
-        return self._in_flight + self._subtasks
+        return self._acct.in_flight + self._acct.subtasks
 
     @property
     def running(self) -> bool:
@@ -343,18 +264,18 @@ class BackEnd:
 
     def add_tasks(self, tasks: Mapping[str, Any] = {}) -> None:  # noqa: B006 (4.0 signature)
         """Serve more tasks (same forms as the constructor's). Thread-safe."""
-        _check_tasks(tasks)
+        check_tasks(tasks)
         self.tasks.update(tasks)
 
     def started_task(self) -> None:
         """Count one more running task (4.0 interface; prefer :meth:`subtask`)."""
         with self._lock:
-            self._subtasks += 1
+            self._acct.subtasks += 1
 
     def finished_task(self) -> None:
         """Count one task less (pairs with :meth:`started_task`)."""
         with self._lock:
-            self._subtasks -= 1
+            self._acct.subtasks -= 1
             if self._stopping:
                 self._wake_locked()
 
@@ -371,32 +292,14 @@ class BackEnd:
             self.finished_task()
 
     def stats(self) -> dict[str, Any]:
-        """What ``<stats>`` answers: a dict of plain values (see doc/protocol.md)."""
+        """What ``<stats>`` answers: a dict of plain values (see doc/protocol.md §9)."""
         with self._lock:
-            per_task = {
-                name: {
-                    "calls": int(c[0]),
-                    "failed": int(c[1]),
-                    "mean_latency": (c[2] / c[0]) if c[0] else 0.0,
-                }
-                for name, c in self._per_task.items()
-            }
-            out: dict[str, Any] = {
-                "uptime": time.monotonic() - self._started_at if self._started_at else 0.0,
-                "in_flight": self._in_flight,
-                "subtasks": self._subtasks,
-                "done": self._done,
-                "failed": self._failed,
-                "admin": self._admin,
-                "refused": dict(self._refused),
-                "dropped": dict(self._dropped),
-                "tasks": per_task,
-                "stopping": self._stopping,
-                "inline_tasks": sorted(
-                    n for n, f in self._speed.items() if f >= _QUALIFY and self._inline_auto
-                ) + sorted(self._inline_names),
-                "takeovers": self._takeovers,
-            }
+            out = self._acct.snapshot()
+            out["inline_tasks"] = sorted(
+                n for n in self._acct.speed if self._inline_auto and self._acct.quick(n)
+            ) + sorted(self._inline_names)
+        out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0
+        out["stopping"] = self._stopping
         pool = self._pool
         pstats = pool.stats() if pool is not None and hasattr(pool, "stats") else {}
         out["pool_kind"] = self._pool_kind
@@ -504,8 +407,7 @@ class BackEnd:
     def _inside(self) -> bool:
         """True on this backend's I/O thread or while running one of its tasks."""
         return (
-            threading.get_ident() in self._role_idents
-            or getattr(_in_task, "backend", None) is self
+            threading.get_ident() in self._role_idents or getattr(_in_task, "backend", None) is self
         )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -529,7 +431,14 @@ class BackEnd:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         try:
-            self._configure(sock)
+            configure_router(
+                sock,
+                self._endpoint,
+                self.end_resp,
+                self.max_message_size,
+                self.heartbeat,
+                self._curve,
+            )
             sock.bind(self._endpoint)
         except zmq.ZMQError as e:
             sock.close(0)
@@ -561,25 +470,6 @@ class BackEnd:
         _log.info("backend serving %d tasks on %s", len(self.tasks), bound)
         self._note(IMPORTANT, f"Serving on {bound}")
 
-    def _configure(self, sock: zmq.Socket) -> None:
-        sock.setsockopt(zmq.LINGER, int(self.end_resp * 1000))
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
-        sock.setsockopt(zmq.SNDHWM, _REPLY_HWM)
-        size = self.max_message_size
-        sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
-        if self._endpoint.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)
-        if self.heartbeat and zmq.zmq_version_info() >= (4, 2):
-            ivl = max(1, int(self.heartbeat * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
-        secret, public = self._curve
-        if secret is not None:
-            sock.setsockopt(zmq.CURVE_SERVER, 1)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public or zmq.curve_public(secret))
-
     def _serve(self) -> None:
         """Body of the I/O thread (start()) or of main(): serve, then release everything."""
         me = threading.get_ident()
@@ -587,7 +477,9 @@ class BackEnd:
         self._io_owner = me
         if self._inline_auto or self._inline_names:
             self._standby_thread = threading.Thread(
-                target=self._roles, args=(False,), daemon=True,
+                target=self._roles,
+                args=(False,),
+                daemon=True,
                 name=f"taskit-backend-standby:{self.port or self._endpoint}",
             )
             self._standby_thread.start()
@@ -633,7 +525,7 @@ class BackEnd:
                     if self._inline_since != since or self._state != _RUNNING:
                         continue
                     self._io_owner = me
-                    self._takeovers += 1
+                    self._acct.takeovers += 1
                 _log.debug("standby thread took the socket over from a long inline task")
                 return True
 
@@ -706,7 +598,7 @@ class BackEnd:
                 more = True
             if self._terminating:
                 return _DONE
-            if self._stopping and self._in_flight == 0 and self._subtasks == 0:
+            if self._stopping and self._acct.in_flight == 0 and self._acct.subtasks == 0:
                 return _DONE
             if more:
                 continue
@@ -734,17 +626,17 @@ class BackEnd:
             for i, frame in enumerate(frames):
                 _send(router, frame, _MORE if i < last else _DONTWAIT)
         except zmq.Again:
-            self._dropped["reply_hwm"] += 1
+            self._acct.drop("reply_hwm")
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
-                self._dropped["reply_unroutable"] += 1  # the client went away first
+                self._acct.drop("reply_unroutable")  # the client went away first
             else:
                 raise
 
     def _refuse(self, ident: bytes, codec: Any, call_id: int, type_name: str, msg: str) -> None:
         frames = protocol.encode_error(codec, call_id, type_name, [msg], "", self._signer)
         with self._lock:
-            self._refused[type_name] = self._refused.get(type_name, 0) + 1
+            self._acct.refuse(type_name)
             self._send_locked(ident, frames)
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
@@ -756,13 +648,13 @@ class BackEnd:
             m = protocol.unpack(frames, self._signer)
         except SignatureError:
             with self._lock:
-                self._dropped["bad_signature"] += 1
+                self._acct.drop("bad_signature")
             return
         except ProtocolError as e:
             call_id = protocol.peek_call_id(frames)
             if call_id is None:
                 with self._lock:
-                    self._dropped["malformed"] += 1
+                    self._acct.drop("malformed")
             else:
                 self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
             return
@@ -772,14 +664,20 @@ class BackEnd:
                 self._send(ident, protocol.pack(Kind.PONG, m.codec_id, call_id, b"", self._signer))
             else:
                 self._refuse(
-                    ident, JSONCodec, call_id, "ProtocolError",
+                    ident,
+                    JSONCodec,
+                    call_id,
+                    "ProtocolError",
                     f"a backend accepts CALL and PING messages, not {Kind(m.kind).name}",
                 )
             return
         codec = self._codecs.get(m.codec_id)
         if codec is None:
             self._refuse(
-                ident, JSONCodec, call_id, "CodecNotAllowed",
+                ident,
+                JSONCodec,
+                call_id,
+                "CodecNotAllowed",
                 f"codec id {m.codec_id} is not accepted here; this backend accepts "
                 + ", ".join(self.codecs),
             )
@@ -803,41 +701,52 @@ class BackEnd:
                 self._admin_reply(ident, codec, call_id, name, None)
             elif name in (STOP, KILL):
                 self._refuse(
-                    ident, codec, call_id, "UnknownTask",
+                    ident,
+                    codec,
+                    call_id,
+                    "UnknownTask",
                     f"admin signal {name!r} is not enabled on this backend "
                     "(serve ADMIN_TASKS from taskit.backend to enable it)",
                 )
             else:
                 self._refuse(
-                    ident, codec, call_id, "UnknownTask",
+                    ident,
+                    codec,
+                    call_id,
+                    "UnknownTask",
                     f"no task named {name!r} on this backend (ask '<tasks>' for the list)",
                 )
             return
-        fn, pass_backend = _split(entry)
+        fn, pass_backend = split_entry(entry)
         if fn in _ADMIN_FUNCS:
             self._admin_reply(ident, codec, call_id, name, fn)
             return
         if self._stopping:
             self._refuse(
-                ident, codec, call_id, "Stopping",
+                ident,
+                codec,
+                call_id,
+                "Stopping",
                 "this backend is stopping and accepts no new calls; use another backend",
             )
             return
         limit = self.max_pending
-        if limit is not None and self._in_flight >= limit:
+        if limit is not None and self._acct.in_flight >= limit:
             self._refuse(
-                ident, codec, call_id, "Busy",
+                ident,
+                codec,
+                call_id,
+                "Busy",
                 f"this backend has {limit} calls pending (max_pending); retry later or elsewhere",
             )
             return
         if self._verbose:
             self._note(INFO, f"Fulfilling task {name!r}")
         with self._lock:
-            self._in_flight += 1
+            self._acct.in_flight += 1
         t0 = time.perf_counter()
         if not pass_backend and (
-            name in self._inline_names
-            or (self._inline_auto and self._speed.get(name, 0) >= _QUALIFY)
+            name in self._inline_names or (self._inline_auto and self._acct.quick(name))
         ):
             now = time.monotonic()
             self._inline_seen = self._inline_since = now
@@ -845,23 +754,21 @@ class BackEnd:
             with self._lock:
                 self._inline_since = 0.0
                 if self._io_owner != threading.get_ident():
-                    self._speed[name] = -_PENALTY  # it blocked the socket: keep it off
+                    self._acct.bar(name)  # it blocked the socket: keep it off
             return
         try:
             if self._pool_kind == "process":
                 if pass_backend:
                     raise TypeError(f"task {name!r} wants the backend, which needs pool='thread'")
                 fut = self._pool.submit(fn, *args, **kwargs)
-                fut.add_done_callback(
-                    lambda f: self._finish(ident, codec, call_id, name, t0, f)
-                )
+                fut.add_done_callback(lambda f: self._finish(ident, codec, call_id, name, t0, f))
             else:
                 if pass_backend:
                     args = [self, *args]
                 self._pool.submit(self._run, ident, codec, call_id, name, fn, args, kwargs, t0)
         except PoolShutdownError:
             with self._lock:
-                self._in_flight -= 1
+                self._acct.in_flight -= 1
             self._refuse(ident, codec, call_id, "Stopping", "this backend's pool is shut down")
         except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
             frames = self._error_frames(codec, call_id, name, e)
@@ -881,9 +788,11 @@ class BackEnd:
         try:
             frames = protocol.encode_result(codec, call_id, value, self._signer)
         except EncodeError as e:
-            frames = protocol.encode_error(codec, call_id, "EncodeError", [str(e)], "", self._signer)
+            frames = protocol.encode_error(
+                codec, call_id, "EncodeError", [str(e)], "", self._signer
+            )
         with self._lock:
-            self._admin += 1
+            self._acct.admin += 1
             self._send_locked(ident, frames)
             if fn is task_stop:
                 self._stopping = True
@@ -897,8 +806,15 @@ class BackEnd:
     # -- internals: running tasks (pool threads) -------------------------------------
 
     def _run(
-        self, ident: bytes, codec: Any, call_id: int, name: str,
-        fn: Callable, args: list, kwargs: dict, t0: float,
+        self,
+        ident: bytes,
+        codec: Any,
+        call_id: int,
+        name: str,
+        fn: Callable,
+        args: list,
+        kwargs: dict,
+        t0: float,
     ) -> None:
         _in_task.backend = self
         start = time.perf_counter()
@@ -915,7 +831,9 @@ class BackEnd:
             _in_task.backend = None
         self._reply(ident, frames, name, ok, t0, run_time)
 
-    def _finish(self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any) -> None:
+    def _finish(
+        self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any
+    ) -> None:
         try:
             value = fut.result()
         except BaseException as e:
@@ -932,7 +850,9 @@ class BackEnd:
             msg = f"the result of task {name!r} cannot be sent with {codec.name}: {e}"
             if self._verbose:
                 self._note(ERROR, msg)
-            return protocol.encode_error(codec, call_id, "EncodeError", [msg], "", self._signer), False
+            return protocol.encode_error(
+                codec, call_id, "EncodeError", [msg], "", self._signer
+            ), False
 
     def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
         if isinstance(e, RemoteTaskError):
@@ -949,42 +869,27 @@ class BackEnd:
         return protocol.encode_error(codec, call_id, type_name, args, tb, self._signer)
 
     def _reply(
-        self, ident: bytes, frames: list[bytes], name: str, ok: bool, t0: float,
+        self,
+        ident: bytes,
+        frames: list[bytes],
+        name: str,
+        ok: bool,
+        t0: float,
         run_time: float | None = None,
     ) -> None:
         """Send a task's reply from the thread that ran it, and account for it."""
         elapsed = time.perf_counter() - t0
         with self._lock:
-            if run_time is not None:
-                fast = self._speed.get(name, 0)
-                if run_time < _FAST:
-                    self._speed[name] = fast + 1 if fast < _QUALIFY else fast
-                elif run_time < _SLOW:
-                    self._speed[name] = min(fast, 0)
-                else:
-                    self._speed[name] = -_PENALTY
             self._send_locked(ident, frames)
-            self._in_flight -= 1
-            counts = self._per_task.get(name)
-            if counts is None:
-                counts = self._per_task[name] = [0, 0, 0.0]
-            counts[0] += 1
-            counts[2] += elapsed
-            if ok:
-                self._done += 1
-            else:
-                self._failed += 1
-                counts[1] += 1
+            self._acct.finished(name, ok, elapsed, run_time)
             router = self._router
             # Our send may have eaten the edge that would wake the I/O thread.
             if router is not None and (
-                _get(router, _EVENTS) & _POLLIN
-                or (self._stopping and self._in_flight == 0)
+                _get(router, _EVENTS) & _POLLIN or (self._stopping and self._acct.in_flight == 0)
             ):
                 self._wake_locked()
         if self._verbose and ok:
             self._note(INFO, f"Finished fulfilling task {name!r}")
-
 
 
 def build_backend(

@@ -30,8 +30,11 @@ def add(a, b):
 
 
 def test_admin_tasks_have_the_original_shape():
-    assert ADMIN_TASKS == {STOP: (task_stop, True), KILL: (task_kill, True),
-                           STATUS: (task_count, True)}
+    assert ADMIN_TASKS == {
+        STOP: (task_stop, True),
+        KILL: (task_kill, True),
+        STATUS: (task_count, True),
+    }
     b = BackEnd({}, port=0)
     b.started_task()
     assert task_count(b) == "1"  # a string, as TaskIt 4.0 clients expect
@@ -51,8 +54,13 @@ def test_defaults_follow_taskit_4():
 def test_positional_arguments_of_the_original():
     log = []
     b = BackEnd({"add": add}, "0.0.0.0", 5555, log.append, MsgpackCodec, 0.1)
-    assert (b.host, b.port, b.log, b.codec, b.end_resp) == ("0.0.0.0", 5555, log.append,
-                                                            MsgpackCodec, 0.1)
+    assert (b.host, b.port, b.log, b.codec, b.end_resp) == (
+        "0.0.0.0",
+        5555,
+        log.append,
+        MsgpackCodec,
+        0.1,
+    )
     assert b.endpoint == "tcp://0.0.0.0:5555"
 
 
@@ -144,8 +152,7 @@ def test_build_backend_uses_sys_argv(monkeypatch):
 def test_stats_before_serving():
     stats = BackEnd({"add": add}, port=0).stats()
     assert stats["in_flight"] == 0 and stats["done"] == 0 and stats["uptime"] == 0.0
-    assert set(stats["dropped"]) == {"bad_signature", "malformed", "reply_unroutable",
-                                     "reply_hwm"}
+    assert set(stats["dropped"]) == {"bad_signature", "malformed", "reply_unroutable", "reply_hwm"}
 
 
 # --- doc/protocol.md's worked example is what the implementation produces ----------------

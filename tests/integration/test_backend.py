@@ -1,12 +1,7 @@
-"""BackEnd over real ZeroMQ sockets, driven by a raw DEALER speaking taskit.protocol.
-
-The raw client here (:class:`RawClient`) is also used by the security and fuzz
-tests: it is the "client in another language" view of the backend.
-"""
+"""BackEnd over real ZeroMQ sockets, driven by a raw DEALER speaking taskit.protocol."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import subprocess
@@ -14,109 +9,29 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-import zmq
 
 from taskit import protocol
 from taskit.backend import ADMIN_TASKS, BackEnd
-from taskit.codecs import JSONCodec, MsgpackCodec, Signer, get_codec
+from taskit.codecs import JSONCodec, MsgpackCodec
 from taskit.errors import BackendBindError
 from taskit.protocol import Kind
+from tests.integration._backend_helpers import RawClient, RemoteError, clients, serving
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class RemoteError(Exception):
-    def __init__(self, type_name: str, args: list, tb: str) -> None:
-        super().__init__(type_name, args)
-        self.type, self.remote_args, self.tb = type_name, args, tb
-
-
-class RawClient:
-    """A bare DEALER that speaks wire protocol v1 (one call at a time or pipelined)."""
-
-    def __init__(self, endpoint: str, key: bytes | None = None, **sockopts: Any) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        for opt, value in sockopts.items():
-            self.sock.setsockopt(getattr(zmq, opt.upper()), value)
-        self.sock.connect(endpoint)
-        self.signer = Signer(key) if key is not None else None
-        self.ids = itertools.count(1)
-
-    def send(self, task: str, *args: Any, codec: Any = MsgpackCodec, kwargs: dict | None = None,
-             sign: bool = True) -> int:
-        call_id = next(self.ids)
-        signer = self.signer if sign else None
-        self.sock.send_multipart(protocol.encode_call(codec, call_id, task, args, kwargs, signer))
-        return call_id
-
-    def send_raw(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames)
-
-    def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
-        """(kind, codec, call_id, value); ERROR values are (type, args, traceback)."""
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no reply within {timeout} s")
-        m = protocol.unpack(self.sock.recv_multipart(), self.signer)
-        codec = get_codec(m.codec_id)
-        if m.kind == Kind.ERROR:
-            return m.kind, codec, m.call_id, protocol.decode_error(codec, m.body)
-        if m.kind == Kind.PONG:
-            return m.kind, codec, m.call_id, None
-        return m.kind, codec, m.call_id, codec.decode(m.body)
-
-    def silent(self, timeout: float = 0.3) -> bool:
-        """True if nothing arrives within ``timeout`` (for messages that must be dropped)."""
-        return not self.sock.poll(int(timeout * 1000))
-
-    def call(self, task: str, *args: Any, timeout: float = 10.0, **kw: Any) -> Any:
-        call_id = self.send(task, *args, **kw)
-        kind, _codec, got_id, value = self.recv(timeout)
-        assert got_id == call_id
-        if kind == Kind.ERROR:
-            raise RemoteError(*value)
-        assert kind == Kind.RESULT
-        return value
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture
 def serve():
     """serve(tasks, **kw) -> a started BackEnd on a free port; stopped at teardown."""
-    started: list[BackEnd] = []
-
-    def _serve(tasks: dict, **kw: Any) -> BackEnd:
-        kw.setdefault("port", 0)
-        b = BackEnd(tasks, **kw).start()
-        started.append(b)
-        return b
-
-    yield _serve
-    for b in started:
-        b.terminate_server()
-        b.close(timeout=10)
+    yield from serving()
 
 
 @pytest.fixture
 def client():
-    made: list[RawClient] = []
-
-    def _client(backend_or_endpoint: Any, **kw: Any) -> RawClient:
-        ep = getattr(backend_or_endpoint, "endpoint", backend_or_endpoint)
-        c = RawClient(ep, **kw)
-        made.append(c)
-        return c
-
-    yield _client
-    for c in made:
-        c.close()
+    """client(backend, **kw) -> a RawClient, closed at teardown."""
+    yield from clients()
 
 
 def add(a, b):
@@ -442,23 +357,23 @@ def test_graceful_stop_under_load_answers_every_accepted_call(serve):
         return x * x
 
     b = serve({"sq": sq}, workers=4)
-    clients = [RawClient(b.endpoint) for _ in range(4)]
+    peers = [RawClient(b.endpoint) for _ in range(4)]
     try:
         sent: list[dict[int, int]] = []
-        for c in clients:
+        for c in peers:
             ids = {c.send("sq", n): n for n in range(300)}
             # A ROUTER reads each peer in order: once <status> is answered, all 300 are accepted.
             assert c.call("<status>") == str(300 * (len(sent) + 1))
             sent.append(ids)
         assert b.task_count == 1200
         b.stop_server(wait=False)
-        for c in clients:  # new calls are refused while the accepted ones wait
+        for c in peers:  # new calls are refused while the accepted ones wait
             with pytest.raises(RemoteError) as e:
                 c.call("sq", 1)
             assert e.value.type == "Stopping"
         assert b.running
         gate.set()
-        for c, ids in zip(clients, sent):
+        for c, ids in zip(peers, sent, strict=True):
             got = {}
             for _ in ids:
                 kind, _codec, call_id, value = c.recv(30)
@@ -469,7 +384,7 @@ def test_graceful_stop_under_load_answers_every_accepted_call(serve):
         assert b.stats()["done"] == 1200 and b.stats()["refused"] == {"Stopping": 4}
     finally:
         gate.set()
-        for c in clients:
+        for c in peers:
             c.close()
 
 
@@ -565,7 +480,9 @@ def _wait_answering(endpoint: str, proc: subprocess.Popen, timeout: float = 20.0
                 return RawClient(endpoint)
             except TimeoutError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"backend process did not answer (exit {proc.poll()})")
+                    raise AssertionError(
+                        f"backend process did not answer (exit {proc.poll()})"
+                    ) from None
     finally:
         probe.close()
 
@@ -604,7 +521,10 @@ def test_main_stops_gracefully_on_signal(port, sig):
 def test_example_worker(port):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "worker.py"), "127.0.0.1", str(port)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         c = _wait_answering(f"tcp://127.0.0.1:{port}", proc)
@@ -636,8 +556,13 @@ def die():
 
 
 def test_process_pool_backend(serve, client):
-    tasks = {"square": square, "pid": os.getpid, "die": die, "fail": fail,
-             "with_backend": (lambda backend: 1, True)}
+    tasks = {
+        "square": square,
+        "pid": os.getpid,
+        "die": die,
+        "fail": fail,
+        "with_backend": (lambda backend: 1, True),
+    }
     b = serve(tasks, pool="process", workers=2)
     c = client(b)
     assert c.call("square", 7, timeout=60) == 49

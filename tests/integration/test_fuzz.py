@@ -13,12 +13,24 @@ import time
 import tracemalloc
 
 import msgpack
+import pytest
 import zmq
 
 from taskit import protocol
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec, Signer, get_codec
 from taskit.protocol import HEADER, MAGIC, Kind
-from tests.integration.test_backend import RawClient, client, serve  # noqa: F401
+from tests.integration._backend_helpers import RawClient, clients, serving
+
+
+@pytest.fixture
+def serve():
+    yield from serving()
+
+
+@pytest.fixture
+def client():
+    yield from clients()
+
 
 KEY = b"fuzz key"
 TASKS = {"add": lambda a, b: a + b, "echo": lambda x: x}
@@ -47,7 +59,7 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
             j = rng.randint(0, len(data))
             data[j:j] = rng.randbytes(rng.randint(1, 8))
         elif op == 2 and data:  # truncate
-            del data[rng.randrange(len(data)):]
+            del data[rng.randrange(len(data)) :]
         else:  # drop or duplicate a frame
             if len(frames) > 1 and rng.random() < 0.5:
                 del frames[i]
@@ -76,25 +88,28 @@ def _message(rng: random.Random, call_id: int, signer: Signer | None) -> list[by
     elif kind == 5:  # random body in a real codec
         frames = [MAGIC, header, rng.randbytes(rng.randint(0, 200))]
     elif kind == 6:  # hostile but well-formed bodies
-        body = rng.choice([
-            b"\xdd\xff\xff\xff\xff",  # msgpack array claiming 4 G elements
-            b"\xdb\xff\xff\xff\xff",  # msgpack str claiming 4 GiB
-            b"[" * 50_000,  # JSON nesting deeper than the recursion limit
-            b"9" * 20_000,  # an integer too long to convert
-            msgpack.packb([1, 2, 3]),  # not [task, args, kwargs]
-            msgpack.packb(["add", {"a": 1}, {}]),  # args not a list
-            msgpack.packb(["add", [1, 2], {1: 2}]),  # kwargs keys not str
-            json.dumps([7, [], {}]).encode(),  # task name not a string
-            msgpack.packb(["add", [1], {}]),  # wrong arity: TypeError from the task
-        ])
+        body = rng.choice(
+            [
+                b"\xdd\xff\xff\xff\xff",  # msgpack array claiming 4 G elements
+                b"\xdb\xff\xff\xff\xff",  # msgpack str claiming 4 GiB
+                b"[" * 50_000,  # JSON nesting deeper than the recursion limit
+                b"9" * 20_000,  # an integer too long to convert
+                msgpack.packb([1, 2, 3]),  # not [task, args, kwargs]
+                msgpack.packb(["add", {"a": 1}, {}]),  # args not a list
+                msgpack.packb(["add", [1, 2], {1: 2}]),  # kwargs keys not str
+                json.dumps([7, [], {}]).encode(),  # task name not a string
+                msgpack.packb(["add", [1], {}]),  # wrong arity: TypeError from the task
+            ]
+        )
         frames = [MAGIC, HEADER.pack(Kind.CALL, 1 if body[:1] in b"[9" else 2, call_id), body]
     elif kind == 7:  # huge body (garbage, below the size limit)
         frames = [MAGIC, header, rng.randbytes(rng.randint(100_000, 200_000))]
     elif kind == 8:  # pickle: must be refused, never loaded
         frames = protocol.pack(Kind.CALL, PickleCodec.wire_id, call_id, b"\x80\x05garbage")
     elif kind == 9:  # messages a backend never expects, and PING
-        frames = protocol.pack(rng.choice([Kind.RESULT, Kind.ERROR, Kind.PONG, Kind.PING]),
-                               2, call_id, b"")
+        frames = protocol.pack(
+            rng.choice([Kind.RESULT, Kind.ERROR, Kind.PONG, Kind.PING]), 2, call_id, b""
+        )
     elif kind == 10:  # wrong number of frames
         frames = _valid(rng, call_id)
         frames = frames[: rng.randint(1, 2)] if rng.random() < 0.5 else frames + [b"x"] * 3

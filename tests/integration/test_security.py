@@ -13,7 +13,18 @@ from taskit.backend import ADMIN_TASKS, BackEnd
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import InsecureCodecError
 from taskit.protocol import Kind
-from tests.integration.test_backend import RawClient, RemoteError, client, serve  # noqa: F401
+from tests.integration._backend_helpers import RemoteError, clients, serving
+
+
+@pytest.fixture
+def serve():
+    yield from serving()
+
+
+@pytest.fixture
+def client():
+    yield from clients()
+
 
 KEY = b"a shared secret that only the operators know"
 TASKS = {"add": lambda a, b: a + b, "echo": lambda x: x, **ADMIN_TASKS}
@@ -155,8 +166,12 @@ def test_curve_encryption(serve, client):
     plain = client(b)  # no CURVE handshake: the connection never comes up
     plain.send("add", 1, 2)
     assert plain.silent(0.5)
-    wrong = client(b, curve_serverkey=zmq.curve_keypair()[0],
-                   curve_publickey=client_public, curve_secretkey=client_secret)
+    wrong = client(
+        b,
+        curve_serverkey=zmq.curve_keypair()[0],
+        curve_publickey=client_public,
+        curve_secretkey=client_secret,
+    )
     wrong.send("add", 1, 2)
     assert wrong.silent(0.5)
     assert c.call("add", 1, 1) == 2

@@ -1,0 +1,219 @@
+"""Pure parts of the BackEnd: option checking, socket options and accounting.
+
+Nothing here runs a thread or owns a socket; :mod:`taskit.backend` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import zmq
+
+from taskit.codecs import get_codec
+from taskit.errors import InsecureCodecError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_HEARTBEAT",
+    "check_tasks",
+    "split_entry",
+    "make_endpoint",
+    "accepted_codecs",
+    "parse_inline",
+    "configure_router",
+    "Accounting",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that are dropped
+
+# Replies queued towards one peer before further replies to it are dropped (and
+# counted): a client that sends but never reads must not grow our memory forever.
+REPLY_HWM = 100_000
+
+# Inline running ("auto"): a task whose last QUALIFY runs each took under FAST
+# seconds runs on the I/O thread itself, which saves the two thread wake-ups of
+# a pool hand-off (most of a loopback round trip). A run over FAST sends it
+# back to the pool until it qualifies again; a run over SLOW, or one that the
+# standby thread had to take over from, bars it for PENALTY more runs.
+QUALIFY = 8
+FAST = 0.0002
+SLOW = 0.002
+PENALTY = 1000
+
+
+def check_tasks(tasks: Any) -> None:
+    """Raise ``TypeError`` unless ``tasks`` maps str names to callables or (callable, flag)."""
+    if not isinstance(tasks, Mapping):
+        raise TypeError(f"tasks must be a mapping of name -> callable, not {type(tasks).__name__}")
+    for name, entry in tasks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"task names must be strings, got {name!r}")
+        fn = entry[0] if isinstance(entry, tuple) and len(entry) == 2 else entry
+        if not callable(fn):
+            raise TypeError(
+                f"task {name!r} must be a callable or a (callable, pass_backend) pair, "
+                f"got {entry!r}"
+            )
+
+
+def split_entry(entry: Any) -> tuple[Callable[..., Any], bool]:
+    """``(callable, pass_backend)`` of a tasks-dict value."""
+    if type(entry) is tuple:
+        return entry[0], bool(entry[1])
+    return entry, False
+
+
+def make_endpoint(endpoint: str | None, host: str, port: Any) -> str:
+    """The ZeroMQ endpoint to bind (``port=0`` -> ``*``). Raises ``ValueError``."""
+    if endpoint is not None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://")):
+            raise ValueError(
+                f"endpoint must be 'tcp://host:port' or 'ipc:///path', not {endpoint!r}"
+            )
+        return endpoint
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in 0..65535 (0 = any free port), not {port!r}")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return f"tcp://{host}:{port or '*'}"
+
+
+def accepted_codecs(
+    codecs: Iterable[Any] | None, default: Any, keyed: bool, insecure_pickle: bool
+) -> dict[int, Any]:
+    """wire id -> codec a backend accepts. Raises :class:`InsecureCodecError` for
+    pickle without a key or ``insecure_pickle``, ``ValueError`` for an empty set."""
+    if codecs is None:
+        chosen = [get_codec("json"), get_codec("msgpack"), default]
+        if keyed or insecure_pickle:
+            chosen.append(get_codec("pickle"))
+    else:
+        if isinstance(codecs, (str, bytes)):
+            codecs = [codecs]
+        chosen = [get_codec(c) for c in codecs]
+        if not chosen:
+            raise ValueError("codecs must name at least one codec")
+    accepted = {c.wire_id: c for c in chosen}
+    if get_codec("pickle").wire_id in accepted and not (keyed or insecure_pickle):
+        raise InsecureCodecError(
+            "pickle runs code chosen by the sender while decoding: pass key=... (the same "
+            "on every FrontEnd) so only key holders are heard, or insecure_pickle=True on "
+            "a network you trust"
+        )
+    return accepted
+
+
+def parse_inline(inline: Any) -> tuple[bool, frozenset[str]]:
+    """``(auto, names)`` from the ``inline`` option. Raises ``ValueError``."""
+    if inline == "auto":
+        return True, frozenset()
+    if inline is False or inline is None:
+        return False, frozenset()
+    if isinstance(inline, Iterable) and not isinstance(inline, (str, bytes)):
+        return False, frozenset(inline)
+    raise ValueError(f"inline must be 'auto', False or a set of task names, not {inline!r}")
+
+
+def configure_router(
+    sock: zmq.Socket,
+    endpoint: str,
+    linger: float,
+    max_message_size: int | None,
+    heartbeat: float | None,
+    curve: tuple[bytes | None, bytes | None],
+) -> None:
+    """Set a backend ROUTER's options (before bind)."""
+    sock.setsockopt(zmq.LINGER, int(linger * 1000))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
+    sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_size) if max_message_size else -1)
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    if heartbeat and zmq.zmq_version_info() >= (4, 2):
+        ivl = max(1, int(heartbeat * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
+    secret, public = curve
+    if secret is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public or zmq.curve_public(secret))
+
+
+class Accounting:
+    """The counters of one BackEnd, and which tasks are quick enough to run inline.
+
+    Not thread-safe by itself: the BackEnd calls it under its lock.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0  # calls accepted, not yet answered
+        self.subtasks = 0
+        self.done = 0
+        self.failed = 0
+        self.admin = 0
+        self.takeovers = 0
+        self.per_task: dict[str, list[float]] = {}  # name -> [calls, failed, total seconds]
+        self.refused: dict[str, int] = {}  # backend-raised error type -> count
+        self.dropped = {"bad_signature": 0, "malformed": 0, "reply_unroutable": 0, "reply_hwm": 0}
+        self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
+
+    def finished(self, name: str, ok: bool, elapsed: float, run_time: float | None) -> None:
+        """Account for a call answered after running (``run_time``: the task alone)."""
+        self.in_flight -= 1
+        counts = self.per_task.get(name)
+        if counts is None:
+            counts = self.per_task[name] = [0, 0, 0.0]
+        counts[0] += 1
+        counts[2] += elapsed
+        if ok:
+            self.done += 1
+        else:
+            self.failed += 1
+            counts[1] += 1
+        if run_time is not None:
+            fast = self.speed.get(name, 0)
+            if run_time < FAST:
+                self.speed[name] = fast + 1 if fast < QUALIFY else fast
+            elif run_time < SLOW:
+                self.speed[name] = min(fast, 0)
+            else:
+                self.speed[name] = -PENALTY
+
+    def quick(self, name: str) -> bool:
+        """True when ``name`` has earned running on the I/O thread."""
+        return self.speed.get(name, 0) >= QUALIFY
+
+    def bar(self, name: str) -> None:
+        """Keep ``name`` off the I/O thread for a long while (it blocked it)."""
+        self.speed[name] = -PENALTY
+
+    def refuse(self, type_name: str) -> None:
+        self.refused[type_name] = self.refused.get(type_name, 0) + 1
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The plain-data part of ``<stats>``."""
+        return {
+            "in_flight": self.in_flight,
+            "subtasks": self.subtasks,
+            "done": self.done,
+            "failed": self.failed,
+            "admin": self.admin,
+            "refused": dict(self.refused),
+            "dropped": dict(self.dropped),
+            "tasks": {
+                name: {
+                    "calls": int(c[0]),
+                    "failed": int(c[1]),
+                    "mean_latency": (c[2] / c[0]) if c[0] else 0.0,
+                }
+                for name, c in self.per_task.items()
+            },
+            "takeovers": self.takeovers,
+        }

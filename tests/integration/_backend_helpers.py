@@ -1,0 +1,116 @@
+"""A raw DEALER client speaking taskit.protocol, and serving/client fixtures' bodies.
+
+Used by the backend, security and fuzz tests: the "client in another language"
+view of a BackEnd. Not collected by pytest (no test_ prefix).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from taskit import protocol
+from taskit.backend import BackEnd
+from taskit.codecs import MsgpackCodec, Signer, get_codec
+from taskit.protocol import Kind
+
+
+class RemoteError(Exception):
+    def __init__(self, type_name: str, args: list, tb: str) -> None:
+        super().__init__(type_name, args)
+        self.type, self.remote_args, self.tb = type_name, args, tb
+
+
+class RawClient:
+    """A bare DEALER that speaks wire protocol v1 (one call at a time or pipelined)."""
+
+    def __init__(self, endpoint: str, key: bytes | None = None, **sockopts: Any) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        for opt, value in sockopts.items():
+            self.sock.setsockopt(getattr(zmq, opt.upper()), value)
+        self.sock.connect(endpoint)
+        self.signer = Signer(key) if key is not None else None
+        self.ids = itertools.count(1)
+
+    def send(
+        self,
+        task: str,
+        *args: Any,
+        codec: Any = MsgpackCodec,
+        kwargs: dict | None = None,
+        sign: bool = True,
+    ) -> int:
+        call_id = next(self.ids)
+        signer = self.signer if sign else None
+        self.sock.send_multipart(protocol.encode_call(codec, call_id, task, args, kwargs, signer))
+        return call_id
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
+        """(kind, codec, call_id, value); ERROR values are (type, args, traceback)."""
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no reply within {timeout} s")
+        m = protocol.unpack(self.sock.recv_multipart(), self.signer)
+        codec = get_codec(m.codec_id)
+        if m.kind == Kind.ERROR:
+            return m.kind, codec, m.call_id, protocol.decode_error(codec, m.body)
+        if m.kind == Kind.PONG:
+            return m.kind, codec, m.call_id, None
+        return m.kind, codec, m.call_id, codec.decode(m.body)
+
+    def silent(self, timeout: float = 0.3) -> bool:
+        """True if nothing arrives within ``timeout`` (for messages that must be dropped)."""
+        return not self.sock.poll(int(timeout * 1000))
+
+    def call(self, task: str, *args: Any, timeout: float = 10.0, **kw: Any) -> Any:
+        call_id = self.send(task, *args, **kw)
+        kind, _codec, got_id, value = self.recv(timeout)
+        assert got_id == call_id
+        if kind == Kind.ERROR:
+            raise RemoteError(*value)
+        assert kind == Kind.RESULT
+        return value
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def serving() -> Iterator[Callable[..., BackEnd]]:
+    """Body of a ``serve`` fixture: serve(tasks, **kw) -> a started BackEnd on a free
+    port; every one is terminated and closed at teardown."""
+    started: list[BackEnd] = []
+
+    def _serve(tasks: dict, **kw: Any) -> BackEnd:
+        kw.setdefault("port", 0)
+        b = BackEnd(tasks, **kw).start()
+        started.append(b)
+        return b
+
+    yield _serve
+    for b in started:
+        b.terminate_server()
+        b.close(timeout=10)
+
+
+def clients() -> Iterator[Callable[..., RawClient]]:
+    """Body of a ``client`` fixture: client(backend_or_endpoint, **kw) -> a RawClient,
+    closed at teardown."""
+    made: list[RawClient] = []
+
+    def _client(backend_or_endpoint: Any, **kw: Any) -> RawClient:
+        ep = getattr(backend_or_endpoint, "endpoint", backend_or_endpoint)
+        c = RawClient(ep, **kw)
+        made.append(c)
+        return c
+
+    yield _client
+    for c in made:
+        c.close()
