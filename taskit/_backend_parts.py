@@ -121,21 +121,24 @@ def configure_router(
     endpoint: str,
     linger: float,
     max_message_size: int | None,
-    heartbeat: float | None,
+    heartbeat: tuple[float | None, float | None],
     curve: tuple[bytes | None, bytes | None],
 ) -> None:
-    """Set a backend ROUTER's options (before bind)."""
+    """Set a backend ROUTER's options (before bind). ``heartbeat``: (interval, timeout)."""
     sock.setsockopt(zmq.LINGER, int(linger * 1000))
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
     sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_size) if max_message_size else -1)
     if endpoint.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
-    if heartbeat and zmq.zmq_version_info() >= (4, 2):
-        ivl = max(1, int(heartbeat * 1000))
+    interval, timeout = heartbeat
+    if interval and zmq.zmq_version_info() >= (4, 2):
+        ivl = max(1, int(interval * 1000))
+        tmo = max(ivl, int(timeout * 1000)) if timeout else 3 * ivl
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * ivl, 6_553_500))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, tmo)
+        # TTL: how long peers may keep us without hearing from us (max 6553.5 s).
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(tmo, 6_553_500))
     secret, public = curve
     if secret is not None:
         sock.setsockopt(zmq.CURVE_SERVER, 1)

@@ -149,8 +149,9 @@ class BackEnd:
     every incoming message (larger ones make ZeroMQ drop the connection).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
     drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
-    turn on CurveZMQ encryption. ``heartbeat`` (seconds, ``None`` = off)
-    sets ZMTP heartbeats so dead clients are noticed. ``logger`` is a TaskIt
+    turn on CurveZMQ encryption. ``heartbeat_interval`` (seconds, ``None`` =
+    off) and ``heartbeat_timeout`` (default 3x the interval) set ZMTP
+    heartbeats so dead clients are noticed and their memory freed. ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
     tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
     long closing waits to flush the last replies.
@@ -181,7 +182,8 @@ class BackEnd:
         insecure_pickle: bool = False,
         max_pending: int | None = None,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-        heartbeat: float | None = DEFAULT_HEARTBEAT,
+        heartbeat_interval: float | None = DEFAULT_HEARTBEAT,
+        heartbeat_timeout: float | None = None,
         curve_secretkey: bytes | None = None,
         curve_publickey: bytes | None = None,
         inline: Any = "auto",
@@ -199,7 +201,8 @@ class BackEnd:
             raise ValueError(f"max_pending must be an int >= 1 or None, not {max_pending!r}")
         self.max_pending = max_pending
         self.max_message_size = max_message_size
-        self.heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self._signer = Signer(key) if key is not None else None
         self._codecs = accepted_codecs(codecs, self.codec, key is not None, insecure_pickle)
         if curve_secretkey is not None and not zmq.has("curve"):
@@ -436,7 +439,7 @@ class BackEnd:
                 self._endpoint,
                 self.end_resp,
                 self.max_message_size,
-                self.heartbeat,
+                (self.heartbeat_interval, self.heartbeat_timeout),
                 self._curve,
             )
             sock.bind(self._endpoint)

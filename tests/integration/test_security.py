@@ -141,11 +141,15 @@ def test_max_message_size_none_means_unlimited(serve, client):
 
 
 def test_heartbeat_options_are_set_on_the_router(serve):
-    b = serve(TASKS, heartbeat=0.5)
+    b = serve(TASKS, heartbeat_interval=0.5)
     sock = b._router  # white-box: the options have no other observable effect in a test
     assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 500
     assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 1500
     assert sock.getsockopt(zmq.MAXMSGSIZE) == 64 * 1024 * 1024
+    b2 = serve(TASKS, heartbeat_interval=0.2, heartbeat_timeout=5.0)
+    assert b2._router.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 5000
+    b3 = serve(TASKS, heartbeat_interval=None)
+    assert b3._router.getsockopt(zmq.HEARTBEAT_IVL) == 0
 
 
 # --- CurveZMQ -----------------------------------------------------------------------------
