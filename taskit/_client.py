@@ -42,8 +42,10 @@ Semantics decided here:
   ``retries=N`` each is re-sent up to N times (**at-least-once**: it may run
   twice, so only use it for idempotent tasks).
 - **Busy / Stopping**: the backend refused the call without running it, so it
-  is always safe to re-send: ``Busy`` backs off exponentially (another backend
-  first, when one is up) up to ``busy_retries`` times, then raises
+  is always safe to re-send: after ``Busy`` the call goes to another backend
+  with room if there is one, else waits for the next answer from any backend
+  (a slot was freed: the oldest waiting call is re-sent) or for a jittered
+  exponential backoff, up to ``busy_retries`` times, then raises
   :class:`BusyError`; ``Stopping`` re-routes to another backend once per
   backend, else raises :class:`StoppingError`.
 - **Replies are trusted only in the client's own codec or JSON** (the backend's
@@ -53,8 +55,10 @@ Semantics decided here:
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -152,7 +156,7 @@ def _tcp(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
-def backoff_delay(attempt: int, base: float = 0.002, cap: float = 0.25) -> float:
+def backoff_delay(attempt: int, base: float = 0.001, cap: float = 0.05) -> float:
     """Seconds to wait before re-sending after ``attempt`` refusals (exponential, capped)."""
     return min(cap, base * (1 << min(attempt, 20)))
 
@@ -280,7 +284,7 @@ class ClientCore:
         codec: Any = "json",
         signer: Signer | None = None,
         retries: int = 0,
-        busy_retries: int = 20,
+        busy_retries: int = 50,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -300,6 +304,8 @@ class ClientCore:
         self.timers: list[tuple[float, int, int, str]] = []  # (when, seq, call id, what)
         self._seq = itertools.count()
         self._rr = 0
+        self._busy_waiting: collections.deque[PendingCall] = collections.deque()
+        self._jitter = random.Random().random
         # Replies are decoded only in codecs we chose to trust (never pickle unasked).
         json = get_codec("json")
         self._reply_codecs = {self.codec.wire_id: self.codec, json.wire_id: json}
@@ -520,6 +526,8 @@ class ClientCore:
                 b.answered += 1
                 b.busy_streak = 0
             self._finish(call, True, value, done)
+            if self._busy_waiting:
+                self._slot_freed()
         elif kind == _ERROR:
             codec = self._reply_codecs.get(codec_id)
             if codec is None:
@@ -542,6 +550,8 @@ class ClientCore:
                 self._finish(
                     call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
                 )
+                if self._busy_waiting:
+                    self._slot_freed()
         else:
             self.stats["bad_replies"] += 1
         return done
@@ -681,8 +691,23 @@ class ClientCore:
         other = self.choose()
         if other is not None and other.busy_until <= self.clock():
             self._route(call)  # another backend has room: go now
-        else:
-            self._timer(self.clock() + backoff_delay(call.busy_tries - 1), call, "resend")
+            return
+        # Wait for room: the next answer from a backend frees a slot and sends the
+        # oldest waiting call (_slot_freed); a jittered backoff timer is the fallback
+        # when no answer comes (the queue is full of other clients' calls). Re-sending
+        # every refused call on a timer alone makes them all collide again.
+        self._busy_waiting.append(call)
+        delay = backoff_delay(call.busy_tries - 1) * (0.5 + self._jitter())
+        self._timer(self.clock() + delay, call, "resend")
+
+    def _slot_freed(self) -> None:
+        """A backend answered a call: re-send the oldest call waiting after Busy."""
+        waiting = self._busy_waiting
+        while waiting:
+            call = waiting.popleft()
+            if not call.done and call.backend is None and call.id not in self._parked:
+                self._route(call)
+                return
 
     def _stopping(
         self, call: PendingCall, b: BackendState | None, args: Any, tb: str, done: Done

@@ -108,7 +108,7 @@ class FrontEnd:
         *,
         timeout: float | None = None,
         retries: int = 0,
-        busy_retries: int = 20,
+        busy_retries: int = 50,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,

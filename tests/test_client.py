@@ -353,7 +353,7 @@ def test_fail_all():
 
 def test_backoff_delay_grows_and_caps():
     delays = [backoff_delay(i) for i in range(12)]
-    assert delays == sorted(delays) and delays[-1] == 0.25 and delays[0] > 0
+    assert delays == sorted(delays) and delays[-1] == 0.05 and delays[0] > 0
 
 
 def test_backend_up_state():
@@ -382,3 +382,17 @@ def test_pinned_calls_reach_a_stopping_backend():
     sig = core.new_call("<status>", target=A)
     core.submit(sig)
     assert send_all(core)[sig.id][0] == A
+
+
+def test_busy_call_resent_when_a_slot_frees():
+    core, clock = make(1)
+    first, second = core.new_call("t"), core.new_call("t")
+    core.submit(first)
+    core.submit(second)
+    send_all(core)
+    assert core.on_message(A, encode_error(JSONCodec, second.id, "Busy", [], "")) == []
+    assert core.drain_outbox() == []  # waits: the only backend is full
+    # the answer to `first` frees a slot on A: `second` goes at once, no timer needed
+    assert reply_result(core, first, 1) == [(first, True, 1)]
+    assert send_all(core)[second.id][0] == A
+    assert reply_result(core, second, 2) == [(second, True, 2)]
