@@ -204,14 +204,18 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
 # --- taskit ctl -----------------------------------------------------------------
 
 
-def _query_all(
-    targets: list[tuple[str, int]], args: argparse.Namespace, admin: str
-) -> list[tuple[str, Any]]:
-    """``(host:port, answer)`` per target, asked concurrently; answer is the
-    exception when the backend did not answer."""
+def _ask_all(fe: Any, targets: list[tuple[str, int]], admin: str) -> list[tuple[str, Any]]:
+    """``(host:port, answer)`` per target, asked concurrently through ``fe``; the
+    answer is the exception (or ``'down'``) when the backend did not answer."""
+    from taskit._client import DOWN
     from taskit.errors import BackendLostError
 
-    def ask(fe: Any, target: tuple[str, int]) -> Any:
+    states = {ep: st["state"] for ep, st in fe.backends_status().items()}
+
+    def ask(target: tuple[str, int]) -> Any:
+        host, port = target
+        if admin not in (STOP, KILL) and states.get(f"tcp://{host}:{port}") == DOWN:
+            return "down"  # known down (e.g. on a previous refresh): do not wait for it
         try:
             if admin == STATUS:
                 return fe.get_tasks(target)
@@ -223,10 +227,17 @@ def _query_all(
         except (TimeoutError, TaskItError) as e:
             return e
 
-    with _frontend(targets, args) as fe:
-        with ThreadPoolExecutor(min(16, len(targets)), thread_name_prefix="taskit-cli") as ex:
-            answers = list(ex.map(lambda t: ask(fe, t), targets))
+    with ThreadPoolExecutor(min(16, len(targets)), thread_name_prefix="taskit-cli") as ex:
+        answers = list(ex.map(ask, targets))
     return [(f"{h}:{p}", a) for (h, p), a in zip(targets, answers, strict=True)]
+
+
+def _query_all(
+    targets: list[tuple[str, int]], args: argparse.Namespace, admin: str
+) -> list[tuple[str, Any]]:
+    """:func:`_ask_all` through a FrontEnd opened for this one question."""
+    with _frontend(targets, args) as fe:
+        return _ask_all(fe, targets, admin)
 
 
 def _is_down(answer: Any) -> bool:
@@ -419,21 +430,24 @@ def _cmd_top(args: argparse.Namespace) -> int:
     clear = sys.stdout.isatty() and not args.no_clear
     previous: dict[str, tuple[float, int]] = {}
     done = 0
-    try:
-        while True:
-            answers = _query_all(targets, args, STATS)
-            screen = _render_top(answers, previous, time.monotonic())
-            if clear:
-                sys.stdout.write("\x1b[H\x1b[2J")
-            print(screen, flush=True)
-            done += 1
-            if iterations and done >= iterations:
-                return 0
-            if not clear:
-                print(flush=True)
-            time.sleep(args.interval)  # display refresh period, not synchronisation
-    except KeyboardInterrupt:
-        return 0
+    # One FrontEnd for the whole session: connections stay up between refreshes,
+    # and a backend seen down is shown down at once until it comes back.
+    with _frontend(targets, args) as fe:
+        try:
+            while True:
+                answers = _ask_all(fe, targets, STATS)
+                screen = _render_top(answers, previous, time.monotonic())
+                if clear:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                print(screen, flush=True)
+                done += 1
+                if iterations and done >= iterations:
+                    return 0
+                if not clear:
+                    print(flush=True)
+                time.sleep(args.interval)  # display refresh period, not synchronisation
+        except KeyboardInterrupt:
+            return 0
 
 
 # --- the parser -------------------------------------------------------------------
