@@ -598,7 +598,12 @@ class BackEnd:
                     msg = [_recv(router, _NOBLOCK)]
                     while _get(router, _RCVMORE):
                         msg.append(_recv(router, _NOBLOCK))
-                handle(msg)
+                try:
+                    handle(msg)
+                except Exception:  # a bug, or a user codec raising oddly: never stop serving
+                    _log.exception("backend on %s could not handle a message", self._endpoint)
+                    with lock:
+                        self._acct.drop("malformed")
                 if self._io_owner != me:
                     return _DEMOTED  # the standby took over during an inline task
             else:
@@ -696,6 +701,9 @@ class BackEnd:
             return
         except ProtocolError as e:
             self._refuse(ident, codec, call_id, "ProtocolError", str(e))
+            return
+        except Exception as e:  # a user codec that raises something else than DecodeError
+            self._refuse(ident, codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
             return
         self._dispatch(ident, codec, call_id, name, args, kwargs)
 

@@ -579,3 +579,30 @@ def test_process_pool_backend(serve, client):
     assert e.value.type == "TypeError" and "pool='thread'" in e.value.remote_args[0]
     stats = c.call("<stats>")
     assert stats["pool_kind"] == "process" and stats["inline_tasks"] == []
+
+
+class BrittleCodec:
+    """A user codec whose decode raises something other than DecodeError."""
+
+    name = "brittle-test"
+    wire_id = 201
+
+    @staticmethod
+    def encode(obj):
+        return MsgpackCodec.encode(obj)
+
+    @staticmethod
+    def decode(data):
+        if data.startswith(b"\x93\xa4boom"):
+            raise TypeError("brittle")
+        return MsgpackCodec.decode(data)
+
+
+def test_a_user_codec_raising_oddly_never_stops_the_backend(serve, client):
+    b = serve(TASKS, codecs=["msgpack", BrittleCodec])
+    c = client(b)
+    assert c.call("add", 1, 2, codec=BrittleCodec) == 3
+    with pytest.raises(RemoteError) as e:
+        c.call("boom", codec=BrittleCodec)
+    assert e.value.type == "DecodeError" and "TypeError: brittle" in e.value.remote_args[0]
+    assert c.call("add", 2, 2, codec=BrittleCodec) == 4 and b.running
