@@ -362,8 +362,7 @@ class ThreadedIO:
                         self._monitor_events(mlink)
 
     def _receive(self, link: _Link, until: Waiter | None, limit: int = 256) -> None:
-        """Read what ``link`` has (poll said it is readable). Stops as soon as ``until``
-        is resolved, so a synchronous call never pays for a failed non-blocking read."""
+        """Read what ``link`` has (poll said it is readable), at most ``limit`` messages."""
         recv, core, endpoint = link.sock.recv, self._core, link.endpoint
         for _ in range(limit):  # bounded, so timers and sends get a turn
             try:
@@ -383,7 +382,10 @@ class ThreadedIO:
             done = core.on_message(endpoint, frames)
             if done:
                 self._resolve(done)
-                if until is not None and until.ok is not None:
+                # Our reply is in: stop if nothing else is awaited (a lone sync call
+                # saves a failed read); else read on while replies are queued, so a
+                # pipelined caller gets them in batches, not one poll per reply.
+                if until is not None and until.ok is not None and not core.calls:
                     return
 
     def _flush(self) -> None:
