@@ -645,8 +645,18 @@ class BackEnd:
             else:
                 raise
 
+    def _encode_error(
+        self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
+    ) -> list[bytes]:
+        """protocol.encode_error, falling back to JSON when a user codec raises oddly."""
+        try:
+            return protocol.encode_error(codec, call_id, type_name, args, tb, signer)
+        except Exception:
+            args = [repr(a) for a in args]
+            return protocol.encode_error(JSONCodec, call_id, type_name, args, tb, signer)
+
     def _refuse(self, ident: bytes, codec: Any, call_id: int, type_name: str, msg: str) -> None:
-        frames = protocol.encode_error(codec, call_id, type_name, [msg], "", self._signer)
+        frames = self._encode_error(codec, call_id, type_name, [msg], "", self._signer)
         with self._lock:
             self._acct.refuse(type_name)
             self._send_locked(ident, frames)
@@ -803,9 +813,7 @@ class BackEnd:
         try:
             frames = protocol.encode_result(codec, call_id, value, self._signer)
         except EncodeError as e:
-            frames = protocol.encode_error(
-                codec, call_id, "EncodeError", [str(e)], "", self._signer
-            )
+            frames = self._encode_error(codec, call_id, "EncodeError", [str(e)], "", self._signer)
         with self._lock:
             self._acct.admin += 1
             self._send_locked(ident, frames)
@@ -865,9 +873,7 @@ class BackEnd:
             msg = f"the result of task {name!r} cannot be sent with {codec.name}: {e}"
             if self._verbose:
                 self._note(ERROR, msg)
-            return protocol.encode_error(
-                codec, call_id, "EncodeError", [msg], "", self._signer
-            ), False
+            return self._encode_error(codec, call_id, "EncodeError", [msg], "", self._signer), False
 
     def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
         if isinstance(e, RemoteTaskError):
@@ -881,7 +887,7 @@ class BackEnd:
                 self._note(ERROR, tb)
         if tb and _log.isEnabledFor(logging.INFO):
             _log.info("task %r failed: %s", name, tb.rstrip())
-        return protocol.encode_error(codec, call_id, type_name, args, tb, self._signer)
+        return self._encode_error(codec, call_id, type_name, args, tb, self._signer)
 
     def _reply(
         self,

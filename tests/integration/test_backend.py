@@ -589,6 +589,8 @@ class BrittleCodec:
 
     @staticmethod
     def encode(obj):
+        if isinstance(obj, list) and obj and obj[0] == "KeyError":
+            raise RuntimeError("brittle encoder")
         return MsgpackCodec.encode(obj)
 
     @staticmethod
@@ -606,3 +608,8 @@ def test_a_user_codec_raising_oddly_never_stops_the_backend(serve, client):
         c.call("boom", codec=BrittleCodec)
     assert e.value.type == "DecodeError" and "TypeError: brittle" in e.value.remote_args[0]
     assert c.call("add", 2, 2, codec=BrittleCodec) == 4 and b.running
+    b.add_tasks({"keyerror": lambda: {}["x"]})
+    call_id = c.send("keyerror", codec=BrittleCodec)  # its ERROR cannot be encoded in the codec
+    _kind, codec, got_id, (type_name, _args, _tb) = c.recv()
+    assert (codec, got_id, type_name) == (JSONCodec, call_id, "KeyError")
+    assert c.call("<status>") == "0"
