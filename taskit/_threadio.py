@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
@@ -44,7 +45,7 @@ from taskit._dealer import (
 from taskit.errors import CallTimeoutError, FrontEndClosedError
 from taskit.log import ERROR, INFO
 
-__all__ = ["ThreadedIO", "Waiter"]
+__all__ = ["ThreadedIO", "Waiter", "CallFuture"]
 
 _log = logging.getLogger("taskit.frontend")
 
@@ -108,6 +109,28 @@ class _Link:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
+
+
+class CallFuture(Future):
+    """The :class:`concurrent.futures.Future` of a submitted call. ``result()`` and
+    ``exception()`` let the waiting thread drive the sockets itself when nobody
+    else does -- ``submit(...).result()`` then costs no thread hand-off."""
+
+    def __init__(self, io: ThreadedIO) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()  # a call on the wire cannot be taken back
+        self._io = io
+        self.ok: bool | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self.ok is None:
+            self._io.drive_for(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self.ok is None:
+            self._io.drive_for(self, timeout)
+        return super().exception(timeout)
 
 
 class ThreadedIO:
@@ -183,6 +206,20 @@ class ThreadedIO:
         else:
             self._enqueue(call)
         return self.wait(call, w, timeout)
+
+    def drive_for(self, fut: CallFuture, timeout: float | None) -> None:
+        """Drive the sockets until ``fut`` is resolved or ``timeout`` passes, if no other
+        thread is driving them (else return at once: the driver resolves ``fut``)."""
+        me = threading.get_ident()
+        if self._leader == me:
+            return  # inside a callback run by the driver: Future.result waits (documented)
+        if not self._io_lock.acquire(False):
+            return
+        self._leader = me
+        try:
+            self._drive(fut, None if timeout is None else time.monotonic() + timeout)
+        finally:
+            self._release()
 
     def close(self) -> None:
         """Fail what is pending, close every socket, stop the I/O thread (idempotent)."""
@@ -322,8 +359,9 @@ class ThreadedIO:
 
     # -- the I/O loop (only with the I/O lock held) --------------------------------
 
-    def _drive(self, until: Waiter | None) -> None:
-        """Move frames until ``until`` is resolved, or (None) until no call is pending."""
+    def _drive(self, until: Any, deadline: float | None = None) -> None:
+        """Move frames until ``until`` (a Waiter or CallFuture) is resolved or, when it
+        is None, until no call is pending; in any case no later than ``deadline``."""
         core = self._core
         by_sock = self._by_sock
         wake_r = self._wake_r
@@ -342,6 +380,10 @@ class ThreadedIO:
             elif not core.calls and not self._inbox:
                 return
             wake_at = core.next_wakeup() if core.timers else None
+            if deadline is not None:
+                if time.monotonic() >= deadline:
+                    return
+                wake_at = deadline if wake_at is None else min(wake_at, deadline)
             if wake_at is None:
                 ms = _LONGEST_POLL
             else:
@@ -425,6 +467,7 @@ class ThreadedIO:
                 w.ok, w.value = ok, value
                 w.latch.release()
             elif w is not None:
+                w.ok = ok  # CallFuture: lets a driving waiter see it without a lock
                 try:
                     if ok:
                         w.set_result(value)

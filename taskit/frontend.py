@@ -30,7 +30,7 @@ from typing import Any
 
 from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
 from taskit._dealer import DealerSettings, curve_keys
-from taskit._threadio import ThreadedIO, Waiter
+from taskit._threadio import CallFuture, ThreadedIO, Waiter
 from taskit.codecs import JSONCodec, Signer
 from taskit.errors import (
     BackendLostError,
@@ -261,11 +261,14 @@ class FrontEnd:
 
         Does not block on the network. The Future is already *running*, so
         ``cancel()`` returns False: a call on the wire cannot be taken back.
-        Its callbacks run in the thread that receives the reply; keep them short.
-        Raises :class:`EncodeError` at once for unencodable arguments.
+        Its ``result()``/``exception()`` drive the sockets from the waiting thread
+        when no other thread does. Done-callbacks run in the thread that receives
+        the reply: keep them short, and never wait there on another Future of this
+        FrontEnd (``work()`` is fine; so is :meth:`callback`, whose callbacks run
+        on their own threads). Raises :class:`EncodeError` at once for
+        unencodable arguments.
         """
-        fut: Future = Future()
-        fut.set_running_or_notify_cancel()
+        fut = CallFuture(self._io)
         call = self._core.new_call(task, args, kwargs, fut, self.timeout)
         self._io.start(call)
         return fut

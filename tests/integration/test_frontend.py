@@ -218,6 +218,20 @@ def test_timeout_is_a_timeouterror(backends, frontends):
     assert fe.work("add", 1, 2) == 3
 
 
+def test_future_result_waits_at_most_its_timeout(backends, frontends):
+    be = backends()
+    fe = frontends([be.endpoint])
+    fut = fe.submit("nap", 1.0, "late")
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.1)  # this thread drives the sockets meanwhile
+    with pytest.raises(TimeoutError):
+        fut.exception(timeout=0.1)
+    assert time.monotonic() - t < 0.9
+    assert fut.result(10) == "late"
+    assert fut.cancel() is False  # already on the wire
+
+
 def test_callback_and_ignore(backends, frontends):
     be = backends()
     fe = frontends([be.endpoint])
