@@ -155,7 +155,7 @@ def test_call_to_a_backend_that_is_down_fails_in_bounded_time():
 def test_ctl_status_tasks_and_stats(shared):
     port = shared.port
     down = free_port_range(1)
-    out = run(["ctl", "status", "127.0.0.1", f"{port},{down}", "--connect-timeout", "1"])
+    out = run(["ctl", "status", "127.0.0.1", f"{port},{down}", "--connect-timeout", "3"])
     assert out.stdout.splitlines() == [
         f"127.0.0.1:{port} --> up, 0 jobs running",
         f"127.0.0.1:{down} --> down",
