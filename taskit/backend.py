@@ -23,7 +23,6 @@ they work while every worker is busy.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -31,13 +30,25 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import zmq
 
-from taskit import protocol
+from taskit._backend_calls import (  # the raw socket calls are shared with the I/O loop
+    _EVENTS,
+    _NOBLOCK,
+    _POLLIN,
+    _RCVMORE,
+    ADMIN_TASKS,
+    CallHandler,
+    _get,
+    _recv,
+    in_task,
+    task_count,
+    task_kill,
+    task_stop,
+)
 from taskit._backend_parts import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -47,20 +58,11 @@ from taskit._backend_parts import (
     configure_router,
     make_endpoint,
     parse_inline,
-    split_entry,
 )
 from taskit.codecs import JSONCodec, Signer, get_codec
-from taskit.errors import (
-    BackendBindError,
-    DecodeError,
-    EncodeError,
-    PoolShutdownError,
-    ProtocolError,
-    RemoteTaskError,
-    SignatureError,
-)
-from taskit.log import ERROR, IMPORTANT, INFO, null_logger
-from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS, Kind
+from taskit.errors import BackendBindError
+from taskit.log import IMPORTANT, null_logger
+from taskit.protocol import DEFAULT_PORT
 
 __all__ = [
     "BackEnd",
@@ -85,54 +87,11 @@ _BATCH = 64  # requests read per wake-up before flags are checked again
 _TAKEOVER = 0.01
 _DONE, _DEMOTED = "done", "demoted"
 
-# Plain ints and the unwrapped socket methods for the hot path (see _send_locked).
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_DONTWAIT = int(zmq.DONTWAIT)
-_MORE = int(zmq.SNDMORE) | _DONTWAIT
-
-
-# --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
-
-
-def task_stop(backend: BackEnd) -> None:
-    """Admin task: stop ``backend`` gracefully (answer what it accepted, then exit)."""
-    backend.stop_server(wait=False)
-
-
-def task_kill(backend: BackEnd) -> None:
-    """Admin task: end ``backend`` now; calls still running are not answered."""
-    backend.terminate_server()
-
-
-def task_count(backend: BackEnd) -> str:
-    """Admin task: the backend's task count, as a string (what 4.0 clients expect)."""
-    return str(backend.task_count)
-
-
-#: Add to a backend's tasks (``tasks.update(ADMIN_TASKS)``) to enable the
-#: ``<stop>`` and ``<kill>`` signals; ``<status>``, ``<stats>`` and ``<tasks>``
-#: are always answered.
-ADMIN_TASKS: dict[str, tuple[Callable[..., Any], bool]] = {
-    STOP: (task_stop, True),
-    KILL: (task_kill, True),
-    STATUS: (task_count, True),
-}
-
-_ADMIN_FUNCS = frozenset((task_stop, task_kill, task_count))
-_READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
-
 # Life cycle of a BackEnd.
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
-_in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
 
-
-class BackEnd:
+class BackEnd(CallHandler):
     """A taskit server: exposes ``tasks`` (name -> callable) over ZeroMQ.
 
     ``tasks`` values are callables, or ``(callable, pass_backend)`` pairs;
@@ -412,7 +371,7 @@ class BackEnd:
     def _inside(self) -> bool:
         """True on this backend's I/O thread or while running one of its tasks."""
         return (
-            threading.get_ident() in self._role_idents or getattr(_in_task, "backend", None) is self
+            threading.get_ident() in self._role_idents or getattr(in_task, "backend", None) is self
         )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -620,297 +579,6 @@ class BackEnd:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
-
-    def _send(self, ident: bytes, frames: list[bytes]) -> None:
-        """Send one reply from the I/O thread (lock taken here)."""
-        with self._lock:
-            self._send_locked(ident, frames)
-
-    def _send_locked(self, ident: bytes, frames: list[bytes]) -> None:
-        router = self._router
-        if router is None:
-            return  # terminated meanwhile: nobody left to answer
-        try:
-            # The backend's send with int flags: pyzmq's send_multipart does enum
-            # arithmetic per frame, a measurable share of a loopback round trip.
-            _send(router, ident, _MORE)
-            last = len(frames) - 1
-            for i, frame in enumerate(frames):
-                _send(router, frame, _MORE if i < last else _DONTWAIT)
-        except zmq.Again:
-            self._acct.drop("reply_hwm")
-        except zmq.ZMQError as e:
-            if e.errno == errno.EHOSTUNREACH:
-                self._acct.drop("reply_unroutable")  # the client went away first
-            else:
-                raise
-
-    def _encode_error(
-        self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
-    ) -> list[bytes]:
-        """protocol.encode_error, falling back to JSON when a user codec raises oddly."""
-        try:
-            return protocol.encode_error(codec, call_id, type_name, args, tb, signer)
-        except Exception:
-            args = [repr(a) for a in args]
-            return protocol.encode_error(JSONCodec, call_id, type_name, args, tb, signer)
-
-    def _refuse(self, ident: bytes, codec: Any, call_id: int, type_name: str, msg: str) -> None:
-        frames = self._encode_error(codec, call_id, type_name, [msg], "", self._signer)
-        with self._lock:
-            self._acct.refuse(type_name)
-            self._send_locked(ident, frames)
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
-
-    def _handle(self, msg: list[bytes]) -> None:
-        """Parse one request and answer it, or hand it to the pool. Never raises for input."""
-        ident, frames = msg[0], msg[1:]
-        try:
-            m = protocol.unpack(frames, self._signer)
-        except SignatureError:
-            with self._lock:
-                self._acct.drop("bad_signature")
-            return
-        except ProtocolError as e:
-            call_id = protocol.peek_call_id(frames)
-            if call_id is None:
-                with self._lock:
-                    self._acct.drop("malformed")
-            else:
-                self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
-            return
-        call_id = m.call_id
-        if m.kind != Kind.CALL:
-            if m.kind == Kind.PING:
-                self._send(ident, protocol.pack(Kind.PONG, m.codec_id, call_id, b"", self._signer))
-            else:
-                self._refuse(
-                    ident,
-                    JSONCodec,
-                    call_id,
-                    "ProtocolError",
-                    f"a backend accepts CALL and PING messages, not {Kind(m.kind).name}",
-                )
-            return
-        codec = self._codecs.get(m.codec_id)
-        if codec is None:
-            self._refuse(
-                ident,
-                JSONCodec,
-                call_id,
-                "CodecNotAllowed",
-                f"codec id {m.codec_id} is not accepted here; this backend accepts "
-                + ", ".join(self.codecs),
-            )
-            return
-        try:
-            name, args, kwargs = protocol.decode_call(codec, m.body)
-        except DecodeError as e:
-            self._refuse(ident, codec, call_id, "DecodeError", str(e))
-            return
-        except ProtocolError as e:
-            self._refuse(ident, codec, call_id, "ProtocolError", str(e))
-            return
-        except Exception as e:  # a user codec that raises something else than DecodeError
-            self._refuse(ident, codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
-            return
-        self._dispatch(ident, codec, call_id, name, args, kwargs)
-
-    def _dispatch(
-        self, ident: bytes, codec: Any, call_id: int, name: str, args: list, kwargs: dict
-    ) -> None:
-        entry = self.tasks.get(name)
-        if entry is None:
-            if name in _READ_ONLY_SIGNALS:
-                self._admin_reply(ident, codec, call_id, name, None)
-            elif name in (STOP, KILL):
-                self._refuse(
-                    ident,
-                    codec,
-                    call_id,
-                    "UnknownTask",
-                    f"admin signal {name!r} is not enabled on this backend "
-                    "(serve ADMIN_TASKS from taskit.backend to enable it)",
-                )
-            else:
-                self._refuse(
-                    ident,
-                    codec,
-                    call_id,
-                    "UnknownTask",
-                    f"no task named {name!r} on this backend (ask '<tasks>' for the list)",
-                )
-            return
-        fn, pass_backend = split_entry(entry)
-        if fn in _ADMIN_FUNCS:
-            self._admin_reply(ident, codec, call_id, name, fn)
-            return
-        if self._stopping:
-            self._refuse(
-                ident,
-                codec,
-                call_id,
-                "Stopping",
-                "this backend is stopping and accepts no new calls; use another backend",
-            )
-            return
-        limit = self.max_pending
-        if limit is not None and self._acct.in_flight >= limit:
-            self._refuse(
-                ident,
-                codec,
-                call_id,
-                "Busy",
-                f"this backend has {limit} calls pending (max_pending); retry later or elsewhere",
-            )
-            return
-        if self._verbose:
-            self._note(INFO, f"Fulfilling task {name!r}")
-        with self._lock:
-            self._acct.in_flight += 1
-        t0 = time.perf_counter()
-        if not pass_backend and (
-            name in self._inline_names or (self._inline_auto and self._acct.quick(name))
-        ):
-            now = time.monotonic()
-            self._inline_seen = self._inline_since = now
-            self._run(ident, codec, call_id, name, fn, args, kwargs, t0)
-            with self._lock:
-                self._inline_since = 0.0
-                if self._io_owner != threading.get_ident():
-                    self._acct.bar(name)  # it blocked the socket: keep it off
-            return
-        try:
-            if self._pool_kind == "process":
-                if pass_backend:
-                    raise TypeError(f"task {name!r} wants the backend, which needs pool='thread'")
-                fut = self._pool.submit(fn, *args, **kwargs)
-                fut.add_done_callback(lambda f: self._finish(ident, codec, call_id, name, t0, f))
-            else:
-                if pass_backend:
-                    args = [self, *args]
-                self._pool.submit(self._run, ident, codec, call_id, name, fn, args, kwargs, t0)
-        except PoolShutdownError:
-            with self._lock:
-                self._acct.in_flight -= 1
-            self._refuse(ident, codec, call_id, "Stopping", "this backend's pool is shut down")
-        except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
-            frames = self._error_frames(codec, call_id, name, e)
-            self._reply(ident, frames, name, False, t0)
-
-    def _admin_reply(
-        self, ident: bytes, codec: Any, call_id: int, name: str, fn: Callable | None
-    ) -> None:
-        if fn is task_count or (fn is None and name == STATUS):
-            value: Any = str(self.task_count)
-        elif name == STATS and fn is None:
-            value = self.stats()
-        elif name == TASKS and fn is None:
-            value = sorted(self.tasks)
-        else:
-            value = None
-        try:
-            frames = protocol.encode_result(codec, call_id, value, self._signer)
-        except EncodeError as e:
-            frames = self._encode_error(codec, call_id, "EncodeError", [str(e)], "", self._signer)
-        with self._lock:
-            self._acct.admin += 1
-            self._send_locked(ident, frames)
-            if fn is task_stop:
-                self._stopping = True
-            elif fn is task_kill:
-                self._terminating = True
-        if fn is task_stop or fn is task_kill:
-            what = "stop" if fn is task_stop else "kill"
-            _log.info("backend on %s received %s", self._endpoint, name)
-            self._note(IMPORTANT, f"Received {what} signal")
-
-    # -- internals: running tasks (pool threads) -------------------------------------
-
-    def _run(
-        self,
-        ident: bytes,
-        codec: Any,
-        call_id: int,
-        name: str,
-        fn: Callable,
-        args: list,
-        kwargs: dict,
-        t0: float,
-    ) -> None:
-        _in_task.backend = self
-        start = time.perf_counter()
-        try:
-            value = fn(*args, **kwargs)
-        except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
-            run_time = time.perf_counter() - start
-            frames = self._error_frames(codec, call_id, name, e)
-            ok = False
-        else:
-            run_time = time.perf_counter() - start
-            frames, ok = self._result_frames(codec, call_id, name, value)
-        finally:
-            _in_task.backend = None
-        self._reply(ident, frames, name, ok, t0, run_time)
-
-    def _finish(
-        self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any
-    ) -> None:
-        try:
-            value = fut.result()
-        except BaseException as e:
-            frames = self._error_frames(codec, call_id, name, e)
-            ok = False
-        else:
-            frames, ok = self._result_frames(codec, call_id, name, value)
-        self._reply(ident, frames, name, ok, t0)
-
-    def _result_frames(self, codec: Any, call_id: int, name: str, value: Any) -> tuple[list, bool]:
-        try:
-            return protocol.encode_result(codec, call_id, value, self._signer), True
-        except Exception as e:
-            msg = f"the result of task {name!r} cannot be sent with {codec.name}: {e}"
-            if self._verbose:
-                self._note(ERROR, msg)
-            return self._encode_error(codec, call_id, "EncodeError", [msg], "", self._signer), False
-
-    def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
-        if isinstance(e, RemoteTaskError):
-            type_name, args, tb = e.type, [str(e).split("\n\n", 1)[0]], e.remote_traceback
-        else:
-            type_name, args = type(e).__name__, list(e.args)
-            tb = "".join(traceback.format_exception(e)) if self.tracebacks else ""
-        if self._verbose:
-            self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}{tuple(args)!r}")
-            if tb:
-                self._note(ERROR, tb)
-        if tb and _log.isEnabledFor(logging.INFO):
-            _log.info("task %r failed: %s", name, tb.rstrip())
-        return self._encode_error(codec, call_id, type_name, args, tb, self._signer)
-
-    def _reply(
-        self,
-        ident: bytes,
-        frames: list[bytes],
-        name: str,
-        ok: bool,
-        t0: float,
-        run_time: float | None = None,
-    ) -> None:
-        """Send a task's reply from the thread that ran it, and account for it."""
-        elapsed = time.perf_counter() - t0
-        with self._lock:
-            self._send_locked(ident, frames)
-            self._acct.finished(name, ok, elapsed, run_time)
-            router = self._router
-            # Our send may have eaten the edge that would wake the I/O thread.
-            if router is not None and (
-                _get(router, _EVENTS) & _POLLIN or (self._stopping and self._acct.in_flight == 0)
-            ):
-                self._wake_locked()
-        if self._verbose and ok:
-            self._note(INFO, f"Finished fulfilling task {name!r}")
 
 
 def build_backend(
