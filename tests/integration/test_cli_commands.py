@@ -27,7 +27,8 @@ from tests.integration._cli_helpers import (
 pytest.importorskip("taskit.frontend", reason="the FrontEnd has not landed yet")
 pytest.importorskip("taskit.backend", reason="the BackEnd has not landed yet")
 
-SERVING = re.compile(r"serving \d+ tasks .* on tcp://127\.0\.0\.1:(\d+)")
+# the command's own start-up line, one per backend process (the BackEnd logs another)
+SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks \(.*\) on tcp://127\.0\.0\.1:(\d+)")
 
 
 class Backend:
@@ -53,7 +54,7 @@ class Backend:
         def ports():
             if self.proc.poll() is not None:
                 raise AssertionError(f"backend exited {self.proc.returncode}:\n{self.log()}")
-            found = [int(p) for p in SERVING.findall(self.log())]
+            found = sorted({int(p) for p in SERVING.findall(self.log())})
             return found if len(found) >= count else None
 
         return wait_until(ports, 60, "backend serving")
