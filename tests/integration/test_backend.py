@@ -613,3 +613,15 @@ def test_a_user_codec_raising_oddly_never_stops_the_backend(serve, client):
     _kind, codec, got_id, (type_name, _args, _tb) = c.recv()
     assert (codec, got_id, type_name) == (JSONCodec, call_id, "KeyError")
     assert c.call("<status>") == "0"
+
+
+def test_a_given_pool_is_used_and_left_running(serve, client):
+    from taskit.pool import WorkerPool
+
+    with WorkerPool(3, name="shared-pool") as pool:
+        b = serve({"name": lambda: threading.current_thread().name}, pool=pool, inline=False)
+        c = client(b)
+        assert c.call("name").startswith("shared-pool")
+        assert c.call("<stats>")["pool_size"] == 3
+        b.close()
+        assert pool.submit(lambda: 42).result(10) == 42  # the BackEnd did not shut it down
