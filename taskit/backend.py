@@ -10,11 +10,17 @@ used from several threads when every use is serialised by a lock (a lock is
 the full memory barrier libzmq asks for). The I/O thread reads requests under
 that lock and, between reads, sleeps in ``poll()`` on the socket's file
 descriptor *without* holding it. A pool worker that finishes a task takes the
-lock and sends its reply itself: on the hot path the I/O thread is woken once
-per request, never for the reply (a thread wake-up costs about as much as a
-whole loopback round trip on a busy machine). Because any use of the socket
-may consume the descriptor's edge, whoever used it last checks ``EVENTS`` and
-wakes the I/O thread through a pipe when a request is waiting.
+lock and sends its reply itself, so the I/O thread is never woken for a
+reply. Because any use of the socket may consume the descriptor's edge,
+whoever used it last checks ``EVENTS`` and wakes the I/O thread through a
+pipe when a request is waiting.
+
+Quick tasks run inline. A thread wake-up costs about as much as a whole
+loopback round trip on a busy machine, and a pool hand-off costs one. So a
+task whose recent runs were all very short (see ``_backend_parts.QUALIFY``)
+runs on the I/O thread itself (``inline="auto"``). If such a task blocks
+after all, a standby thread notices within ``_TAKEOVER`` seconds and takes
+over reading the socket; the task is sent back to the pool for a long while.
 
 Admin signals (``<status> <stats> <tasks>``, and ``<stop> <kill>`` when
 enabled through :data:`ADMIN_TASKS`) are answered by the I/O thread itself, so
@@ -116,6 +122,14 @@ class BackEnd(CallHandler):
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
     tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
     long closing waits to flush the last replies.
+
+    ``inline``: ``"auto"`` (quick tasks run on the I/O thread, see above),
+    ``False`` (always the pool), or a set of task names always run inline.
+
+    Anything a task raises, even ``SystemExit`` or ``KeyboardInterrupt``,
+    becomes an ERROR reply and the backend keeps serving: a caller must not
+    be able to end the server by making a task exit (that is what ``<stop>``
+    and signals are for).
 
     Serve with :meth:`start` (background thread) or :meth:`main` (blocks);
     end with :meth:`stop_server` (graceful), :meth:`terminate_server` (now)
