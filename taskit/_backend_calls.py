@@ -347,7 +347,10 @@ class CallHandler:
             type_name, args = type(e).__name__, list(e.args)
             tb = "".join(traceback.format_exception(e)) if self.tracebacks else ""
         if self._verbose:
-            self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}{tuple(args)!r}")
+            self._note(
+                ERROR,
+                f"Error while fulfilling task {name!r}: {type_name}({', '.join(map(repr, args))})",
+            )
             if tb:
                 self._note(ERROR, tb)
         if tb and _log.isEnabledFor(logging.INFO):
