@@ -32,20 +32,22 @@ producer: memory does not grow with the input length.
 
 Threads are daemon threads named ``taskit-jobq-...``: an abandoned pipeline
 never blocks interpreter exit.
+
+This module is the public API and wires the stages together; how a stage runs
+its threads and keeps its output in order is :mod:`taskit._stages`' concern,
+the queues between threads :mod:`taskit._channel`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import operator
-import reprlib
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from taskit._channel import Aborted, Channel, Closed
+from taskit._stages import STAGE_QUEUE_SIZE, EmptyRst, Stage, ThreadSet, callable_name
 from taskit.errors import JobWorkerError, JobWorkerNotFound
 
 __all__ = [
@@ -62,199 +64,6 @@ __all__ = [
 logger = logging.getLogger("taskit.jobq")
 
 DEFAULT_QUEUE_SIZE = 1024
-_STAGE_QUEUE_SIZE = 1024  # capacity of the queues between stages (jobq's value)
-_SLOT_CAPACITY = 64  # items a generator may run ahead of the coordinator, per element
-
-_repr = reprlib.Repr()
-_repr.maxstring = 80
-_repr.maxother = 80
-
-
-class _EmptyRstType:
-    """The type of :data:`EmptyRst` (a single instance, compared with ``is``)."""
-
-    _instance: _EmptyRstType | None = None
-
-    def __new__(cls) -> _EmptyRstType:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "jobq.EmptyRst"
-
-    def __reduce__(self) -> str:
-        return "EmptyRst"
-
-
-EmptyRst = _EmptyRstType()
-"""Return this from a stage function to pass nothing to the next stage."""
-
-# Private control-flow signals: never visible to users, never confused with data
-# (any user value, including None, False, 0 or EmptyRst, is a normal element).
-
-
-class _Closed(Exception):
-    """The channel is closed and drained: end of stream."""
-
-
-class _Aborted(Exception):
-    """The pipeline was stopped (join timeout): drop everything, exit."""
-
-
-class _Retired(Exception):
-    """This worker thread was retired by set_thread_num."""
-
-
-_NOTHING = object()  # "the call produced no single value to pass on"
-
-# results that are certainly not iterators: skips the (slower) ABC check on the hot path
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, set})
-
-
-class _Channel:
-    """A bounded FIFO between threads that can be *closed* (end of stream:
-    getters drain what is left, then stop) and *aborted* (every waiter wakes
-    up and stops at once). ``queue.Queue`` has neither, hence this class.
-    """
-
-    __slots__ = (
-        "capacity",
-        "_items",
-        "_lock",
-        "_not_empty",
-        "_not_full",
-        "_closed",
-        "_aborted",
-    )
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: deque[Any] = deque()
-        self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
-        self._closed = False
-        self._aborted = False
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    def put(self, item: Any, deadline: float | None = None) -> bool:
-        """Append ``item``, blocking while full. False if ``deadline`` (a
-        ``time.monotonic()`` value) passed first. Raises _Aborted/_Closed."""
-        with self._lock:
-            while len(self._items) >= self.capacity:
-                if self._aborted:
-                    raise _Aborted
-                if self._closed:
-                    raise _Closed
-                if deadline is None:
-                    self._not_full.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._not_full.wait(left)
-            if self._aborted:
-                raise _Aborted
-            if self._closed:
-                raise _Closed
-            self._items.append(item)
-            self._not_empty.notify()
-            return True
-
-    def get(self, worker: _Worker | None = None) -> Any:
-        """Take the oldest item, blocking while empty. Raises _Aborted,
-        _Retired (``worker`` was retired) or _Closed (closed and drained)."""
-        with self._lock:
-            while True:
-                if self._aborted:
-                    raise _Aborted
-                if worker is not None and worker.retired:
-                    raise _Retired
-                if self._items:
-                    item = self._items.popleft()
-                    self._not_full.notify()
-                    return item
-                if self._closed:
-                    raise _Closed
-                self._not_empty.wait()
-
-    def get_all(self) -> list[Any]:
-        """Like :meth:`get` (no worker), but take every item that is there."""
-        with self._lock:
-            while True:
-                if self._aborted:
-                    raise _Aborted
-                items = self._items
-                if items:
-                    batch = list(items)
-                    items.clear()
-                    self._not_full.notify_all()
-                    return batch
-                if self._closed:
-                    raise _Closed
-                self._not_empty.wait()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._not_empty.notify_all()
-            self._not_full.notify_all()  # a put racing with close must not sleep forever
-
-    def abort(self) -> None:
-        with self._lock:
-            self._aborted = True
-            self._items.clear()  # dropped: nobody will consume them
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
-
-    def wake_getters(self) -> None:
-        """Make blocked getters re-check their worker's ``retired`` flag."""
-        with self._lock:
-            self._not_empty.notify_all()
-
-
-class _Worker:
-    """One thread of a stage, with counters only that thread writes."""
-
-    __slots__ = ("index", "thread", "retired", "n_in", "n_out", "errors")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.thread: threading.Thread | None = None
-        self.retired = False
-        self.n_in = 0
-        self.n_out = 0
-        self.errors = 0
-
-
-class _Slot:
-    """The output of one element in an ordered stage: filled by the worker
-    that runs it, emptied in input order by the stage's coordinator.
-
-    ``items`` holds what a generator yielded so far (made on first use: most
-    elements give one ``value``, set with ``done``)."""
-
-    __slots__ = ("items", "value", "done", "owner")
-
-    def __init__(self, owner: int = 0) -> None:
-        self.items: deque[Any] | None = None
-        self.value: Any = _NOTHING
-        self.done = False
-        self.owner = owner
-
-
-def _callable_name(func: Any) -> str:
-    """``module:name`` for stats; robust to builtins, partials and objects."""
-    if isinstance(func, functools.partial):
-        return f"functools.partial({_callable_name(func.func)})"
-    module = getattr(func, "__module__", None) or "builtin"
-    name = getattr(func, "__name__", None) or getattr(func, "__qualname__", None)
-    if name is None:  # a callable object: name its class
-        name = type(func).__name__
-    return f"{module}:{name}"
 
 
 def _check_thread_num(n: Any, what: str) -> int:
@@ -267,15 +76,14 @@ def _check_thread_num(n: Any, what: str) -> int:
 
 def _parse_spec(spec: Any, position: int) -> tuple[Callable[[Any], Any], int, Any]:
     """Normalise a worker spec to ``(func, n, dispatcher)`` or raise."""
-    if isinstance(spec, tuple):
-        if not 1 <= len(spec) <= 3:
-            raise ValueError(
-                f"worker #{position}: a tuple spec is (func, n) or (func, n, dispatcher),"
-                f" got {len(spec)} items"
-            )
-        func, n, dispatcher = spec + (1, None)[len(spec) - 1 :]
-    else:
-        func, n, dispatcher = spec, 1, None
+    if not isinstance(spec, tuple):
+        spec = (spec,)
+    if not 1 <= len(spec) <= 3:
+        raise ValueError(
+            f"worker #{position}: a tuple spec is (func, n) or (func, n, dispatcher),"
+            f" got {len(spec)} items"
+        )
+    func, n, dispatcher = spec + (None, 1, None)[len(spec) :]  # pad with the defaults
     if not callable(func):
         raise TypeError(f"worker #{position}: {func!r} is not callable")
     n = _check_thread_num(n, f"worker #{position} thread count")
@@ -284,352 +92,16 @@ def _parse_spec(spec: Any, position: int) -> tuple[Callable[[Any], Any], int, An
     return func, n, dispatcher
 
 
-class _Stage:
-    """One stage: ``func`` run by ``n`` threads between ``inq`` and ``outq``.
+def _deadline(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` value ``timeout`` seconds from now (a negative
+    timeout counts as 0); ``None`` (wait forever) stays ``None``."""
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
 
-    Modes: *plain* (threads share inq and write outq directly), *ordered*
-    (keep_order: threads take elements under a lock, each into a slot, and a
-    coordinator thread forwards slots in order) and *dispatch* (a dispatcher
-    thread routes each element to one thread's own channel; a coordinator
-    restores order). The last stage needs no coordinator: its output is
-    discarded, so there is nothing to order.
-    """
 
-    def __init__(
-        self,
-        manager: JobManager,
-        index: int,
-        func: Callable[[Any], Any],
-        n: int,
-        dispatcher: Callable[[Any], Any] | None,
-        keep_order: bool,
-        inq: _Channel,
-        outq: _Channel | None,
-    ) -> None:
-        self.manager = manager
-        self.index = index
-        self.func = func
-        self.dispatcher = dispatcher
-        self.inq = inq
-        self.outq = outq
-        self.target = n
-        self.name = _callable_name(func)
-        self.on_done: Callable[[int], None] | None = None
-        self.lock = threading.Lock()
-        self.workers: list[_Worker] = []
-        self.live = 0  # threads of this stage not yet exited (all kinds)
-        self._next_index = 0
-        self._aborted = False
-        # counters folded in from exited workers (guarded by self.lock)
-        self._done_in = self._done_out = self._done_errors = 0
-        self._dispatch_errors = 0  # written by the dispatcher thread only
-        self.finished = threading.Event()  # all output produced (or aborted)
-        self.ordered = (keep_order or dispatcher is not None) and outq is not None
-        self.slots: _Channel | None = None
-        if self.ordered:
-            self.slots = _Channel(_STAGE_QUEUE_SIZE)
-            self._slot_lock = threading.Lock()
-            self._coord_cv = threading.Condition(self._slot_lock)
-            self._room_cv = threading.Condition(self._slot_lock)
-            self._head: _Slot | None = None
-        self._take_lock = threading.Lock()  # ordered mode: take + enqueue slot atomically
-        self.channels: list[_Channel] = []
-        if dispatcher is not None:
-            self.channels = [_Channel(_STAGE_QUEUE_SIZE) for _ in range(n)]
-            self._completed = [0] * n  # written by worker i only
-            self._forwarded = [0] * n  # written by the coordinator only
-
-    # -- lifecycle -----------------------------------------------------------
-
-    def start(self) -> None:
-        with self.lock:
-            if self.dispatcher is not None:
-                for i in range(self.target):
-                    self._spawn(self._run_dispatched, i)
-                self._spawn_helper(self._run_dispatcher, "dispatch")
-            else:
-                body = self._run_ordered if self.ordered else self._run_plain
-                for _ in range(self.target):
-                    self._spawn(body, None)
-            if self.ordered:
-                self._spawn_helper(self._run_coordinator, "coord")
-
-    def _spawn(self, body: Callable[[_Worker], None], index: int | None) -> _Worker:
-        # caller holds self.lock
-        w = _Worker(self._next_index if index is None else index)
-        self._next_index += 1
-        w.thread = threading.Thread(
-            target=body,
-            args=(w,),
-            name=f"taskit-jobq-{self.index}-{getattr(self.func, '__name__', 'stage')}-{w.index}",
-            daemon=True,
-        )
-        self.workers.append(w)
-        self.live += 1
-        self.manager._register(w.thread)
-        w.thread.start()
-        return w
-
-    def _spawn_helper(self, body: Callable[[], None], role: str) -> None:
-        t = threading.Thread(target=body, name=f"taskit-jobq-{self.index}-{role}", daemon=True)
-        self.live += 1
-        self.manager._register(t)
-        t.start()
-
-    def _exit(self, w: _Worker | None, closes_output: bool = False) -> None:
-        """Bookkeeping when any thread of this stage ends.
-
-        With ``closes_output``, the last element thread out closes what it
-        writes to (the next stage's input, or the slots of the coordinator).
-        Non-retired threads only stop at end of stream and set_thread_num keeps
-        at least one, so "no element thread left" means no more output can come.
-        """
-        with self.lock:
-            if w is not None:
-                self._done_in += w.n_in
-                self._done_out += w.n_out
-                self._done_errors += w.errors
-                self.workers.remove(w)
-            self.live -= 1
-            last = self.live == 0
-            no_workers = not self.workers
-        if closes_output and no_workers and not self._aborted:
-            if self.ordered:
-                assert self.slots is not None
-                self.slots.close()
-            elif self.outq is not None:
-                self.outq.close()
-        self.manager._unregister(threading.current_thread())
-        if last:
-            self.finished.set()
-
-    def set_thread_num(self, n: int) -> None:
-        with self.lock:
-            active = [w for w in self.workers if not w.retired]
-            body = self._run_ordered if self.ordered else self._run_plain
-            for _ in range(n - len(active)):
-                self._spawn(body, None)
-            for w in active[: max(0, len(active) - n)]:  # the oldest go first
-                w.retired = True
-            self.target = n
-        self.inq.wake_getters()  # a retired thread waiting for input leaves now
-
-    def abort(self) -> None:
-        self._aborted = True
-        for ch in (self.inq, self.outq, self.slots, *self.channels):
-            if ch is not None:
-                ch.abort()
-        if self.ordered:
-            with self._slot_lock:
-                self._coord_cv.notify_all()
-                self._room_cv.notify_all()
-
-    # -- running one element -------------------------------------------------
-
-    def _emit(self, value: Any) -> None:
-        if self.outq is not None:
-            self.outq.put(value)
-
-    def _call(self, w: _Worker, item: Any, sink: Callable[[Any], None]) -> Any:
-        """Run ``func(item)``. Iterator results go item by item to ``sink``;
-        a single value is returned (``_NOTHING`` when there is none). Errors are
-        logged and counted; only _Aborted propagates."""
-        w.n_in += 1
-        try:
-            rst = self.func(item)
-            if type(rst) not in _PLAIN_TYPES and isinstance(rst, Iterator):
-                for value in rst:
-                    if value is not EmptyRst:
-                        sink(value)
-                return _NOTHING
-            return _NOTHING if rst is EmptyRst else rst
-        except _Aborted:
-            raise
-        except BaseException:
-            # a stage must survive anything its function does; the element is dropped
-            w.errors += 1
-            logger.error(
-                "jobq stage %s raised on element %s; element dropped",
-                self.name,
-                _repr.repr(item),
-                exc_info=True,
-            )
-            return _NOTHING
-        finally:
-            w.n_out += 1
-            if self.on_done is not None:
-                self.on_done(1)
-
-    def _run_plain(self, w: _Worker) -> None:
-        get, call, emit = self.inq.get, self._call, self._emit
-        try:
-            while True:
-                item = get(w)
-                value = call(w, item, emit)
-                if value is not _NOTHING:
-                    emit(value)
-        except (_Closed, _Retired, _Aborted):
-            pass
-        finally:
-            self._exit(w, closes_output=True)
-
-    def _run_ordered(self, w: _Worker) -> None:
-        assert self.slots is not None
-        get, call, slots = self.inq.get, self._call, self.slots
-        try:
-            while True:
-                with self._take_lock:
-                    # taking and queueing the slot together is what fixes the order
-                    item = get(w)
-                    slot = _Slot()
-                    slots.put(slot)
-                value = call(w, item, functools.partial(self._push, slot))
-                self._finish_slot(slot, value)
-        except (_Closed, _Retired, _Aborted):
-            pass
-        finally:
-            self._exit(w, closes_output=True)
-
-    # -- dispatcher mode -----------------------------------------------------
-
-    def _run_dispatcher(self) -> None:
-        assert self.dispatcher is not None
-        n = len(self.channels)
-        try:
-            while True:
-                item = self.inq.get()
-                try:
-                    index = operator.index(self.dispatcher(item)) % n
-                except BaseException:
-                    self._dispatch_errors += 1
-                    logger.error(
-                        "jobq dispatcher of stage %s raised on element %s (it must return"
-                        " an int); element dropped",
-                        self.name,
-                        _repr.repr(item),
-                        exc_info=True,
-                    )
-                    continue
-                slot = None
-                if self.ordered:
-                    assert self.slots is not None
-                    slot = _Slot(index)
-                    self.slots.put(slot)
-                self.channels[index].put((item, slot))
-        except (_Closed, _Aborted):
-            pass
-        finally:
-            if not self._aborted:
-                for ch in self.channels:
-                    ch.close()
-                if self.slots is not None:
-                    self.slots.close()
-            self._exit(None)
-
-    def _run_dispatched(self, w: _Worker) -> None:
-        chan = self.channels[w.index]
-        call = self._call
-        try:
-            while True:
-                item, slot = chan.get()
-                if slot is None:  # last stage: results are discarded
-                    call(w, item, self._emit)
-                    continue
-                value = call(w, item, functools.partial(self._push, slot))
-                self._finish_slot(slot, value)
-                self._completed[w.index] += 1
-        except (_Closed, _Aborted):
-            pass
-        finally:
-            self._exit(w)
-
-    # -- ordered output ------------------------------------------------------
-
-    def _push(self, slot: _Slot, value: Any) -> None:
-        """Add one generator item to ``slot``, waiting while the slot is full."""
-        with self._slot_lock:
-            if slot.items is None:
-                slot.items = deque()
-            while len(slot.items) >= _SLOT_CAPACITY and not self._aborted:
-                self._room_cv.wait()
-            if self._aborted:
-                raise _Aborted
-            slot.items.append(value)
-            if slot is self._head:
-                self._coord_cv.notify()
-
-    def _finish_slot(self, slot: _Slot, value: Any) -> None:
-        with self._slot_lock:
-            slot.value = value
-            slot.done = True
-            if slot is self._head:
-                self._coord_cv.notify()
-
-    def _run_coordinator(self) -> None:
-        assert self.slots is not None
-        emit = self._emit
-        try:
-            while True:
-                for slot in self.slots.get_all():
-                    while True:
-                        with self._slot_lock:
-                            while not slot.items and not slot.done and not self._aborted:
-                                self._head = slot
-                                self._coord_cv.wait()
-                            if self._aborted:
-                                raise _Aborted
-                            items = slot.items
-                            if not items:  # done: generator items (if any) all went out
-                                value = slot.value
-                                break
-                            was_full = len(items) >= _SLOT_CAPACITY
-                            value = items.popleft()
-                            if was_full:
-                                self._room_cv.notify_all()
-                        emit(value)
-                    if value is not _NOTHING:
-                        emit(value)
-                    if self.dispatcher is not None:
-                        self._forwarded[slot.owner] += 1
-        except (_Closed, _Aborted):
-            pass
-        finally:
-            if not self._aborted and self.outq is not None:
-                self.outq.close()
-            self._exit(None)
-
-    # -- stats ---------------------------------------------------------------
-
-    def stat(self) -> dict[str, Any]:
-        with self.lock:
-            n_in = self._done_in + sum(w.n_in for w in self.workers)
-            n_out = self._done_out + sum(w.n_out for w in self.workers)
-            errors = self._done_errors + sum(w.errors for w in self.workers)
-        entry: dict[str, Any] = {
-            "name": self.name,
-            "input": {"size": self.inq.qsize(), "capa": self.inq.capacity},
-            "nr_worker": self.target,
-            "in": n_in,
-            "out": n_out,
-            "errors": errors + self._dispatch_errors,
-        }
-        if self.slots is not None:
-            entry["coordinator"] = {
-                "size": self.slots.qsize(),
-                "capa": self.slots.capacity,
-            }
-        if self.dispatcher is not None:
-            entry["dispatcher"] = [
-                {
-                    "input": {"size": ch.qsize(), "capa": ch.capacity},
-                    "output": {
-                        "size": self._completed[i] - self._forwarded[i] if self.ordered else 0,
-                        "capa": self.slots.capacity if self.slots is not None else 0,
-                    },
-                }
-                for i, ch in enumerate(self.channels)
-            ]
-        return entry
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value), never
+    negative; ``None`` (no deadline) stays ``None``."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class JobManager:
@@ -639,9 +111,9 @@ class JobManager:
     input queue (``put`` blocks when it is full); ``probe`` is an optional dict
     that :func:`stat` can read; ``keep_order`` keeps every stage's output in
     input order; ``probe["manager"]`` is set to this object. Threads start at
-    construction. Raises ``TypeError`` /
-    ``ValueError`` for malformed specs. ``put``, ``join``, ``set_thread_num``
-    and ``stat`` may be called from any thread. Usable as a context manager
+    construction. Raises ``TypeError`` / ``ValueError`` for malformed specs.
+    ``put``, ``join``, ``set_thread_num`` and ``stat`` may be called from any
+    thread. Usable as a context manager
     (``join()`` on normal exit, ``join(timeout=0)`` when an exception escapes).
     """
 
@@ -662,32 +134,21 @@ class JobManager:
         self._lock = threading.Lock()
         self._closing = False
         self._aborted = False
-        self._threads: set[threading.Thread] = set()
-        self._threads_lock = threading.Lock()
-        self._head = _Channel(queue_size)
-        self._stages: list[_Stage] = []
-        inq = self._head
-        for i, (func, n, dispatcher) in enumerate(specs):
-            outq = _Channel(_STAGE_QUEUE_SIZE) if i < len(specs) - 1 else None
-            self._stages.append(_Stage(self, i, func, n, dispatcher, self.keep_order, inq, outq))
-            inq = outq  # type: ignore[assignment]
+        self._threads = ThreadSet()
+        self._head = Channel(queue_size)
+        # stage i writes the queue stage i + 1 reads; the last one writes nowhere
+        between = [Channel(STAGE_QUEUE_SIZE) for _ in specs[1:]]
+        inqs = [self._head, *between]
+        outqs: list[Channel | None] = [*between, None]
+        self._stages = [
+            Stage(self._threads, i, func, n, dispatcher, self.keep_order, inqs[i], outqs[i])
+            for i, (func, n, dispatcher) in enumerate(specs)
+        ]
         self.probe = probe
         if probe is not None:
             probe["manager"] = self
         for stage in self._stages:
             stage.start()
-
-    def _register(self, thread: threading.Thread) -> None:
-        with self._threads_lock:
-            self._threads.add(thread)
-
-    def _unregister(self, thread: threading.Thread) -> None:
-        with self._threads_lock:
-            self._threads.discard(thread)
-
-    def _live_threads(self) -> list[threading.Thread]:
-        with self._threads_lock:
-            return list(self._threads)
 
     # -- feeding -------------------------------------------------------------
 
@@ -698,7 +159,7 @@ class JobManager:
         """
         try:
             self._head.put(args)
-        except (_Closed, _Aborted):
+        except (Closed, Aborted):
             raise JobWorkerError(
                 "this JobManager is joined and takes no more input; create a new one"
             ) from None
@@ -706,7 +167,7 @@ class JobManager:
     def _put_until(self, args: Any, deadline: float | None) -> bool:
         try:
             return self._head.put(args, deadline)
-        except (_Closed, _Aborted):
+        except (Closed, Aborted):
             return False
 
     # -- finishing -----------------------------------------------------------
@@ -719,7 +180,7 @@ class JobManager:
         thread quits as soon as its current element is done and whatever is
         still queued is dropped. Calling it again is harmless.
         """
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        deadline = _deadline(timeout)
         with self._lock:
             if self._aborted:
                 return
@@ -729,14 +190,12 @@ class JobManager:
         last = self._stages[-1]
         try:
             # the last stage finishes only after all upstream stages did
-            if deadline is None:
-                last.finished.wait()
-            elif not last.finished.wait(max(0.0, deadline - time.monotonic())):
+            if not last.finished.wait(_remaining(deadline)):
                 self._abort()
                 return
-            for t in self._live_threads():
+            for t in self._threads.snapshot():
                 if t is not threading.current_thread():
-                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    t.join(_remaining(deadline))
         except BaseException:  # e.g. Ctrl-C while waiting: stop the pipeline too
             self._abort()
             raise
@@ -780,7 +239,7 @@ class JobManager:
                     break
             else:
                 raise JobWorkerNotFound(
-                    f"{_callable_name(worker)} is not a stage of this JobManager;"
+                    f"{callable_name(worker)} is not a stage of this JobManager;"
                     " pass the function given in workers"
                 )
             if stage.dispatcher is not None:
@@ -841,7 +300,7 @@ def run(
     tqdm bar of elements through the first stage (see :mod:`taskit.progress`).
     Returns ``None``: results exist only as the stages' side effects.
     """
-    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    deadline = _deadline(timeout)
     manager = JobManager(workers, queue_size=queue_size, probe=probe, keep_order=keep_order)
     bar = None
     if progress:
@@ -861,12 +320,12 @@ def run(
                 if not manager._put_until(element, deadline):
                     break
         except Exception:
-            manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            manager.join(_remaining(deadline))
             raise
         except BaseException:  # KeyboardInterrupt: stop now, do not drain
             manager.join(timeout=0)
             raise
-        manager.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        manager.join(_remaining(deadline))
     finally:
         if bar is not None:
             bar.close()
