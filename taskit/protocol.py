@@ -14,8 +14,9 @@ A message is a ZeroMQ multipart message (after any ROUTER envelope)::
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from taskit.codecs import Signer, get_codec
 from taskit.errors import DecodeError, EncodeError, ProtocolError, SignatureError
@@ -171,7 +172,9 @@ def decode_call(codec: Any, body: bytes) -> tuple[str, list[Any], dict[str, Any]
     return task, list(args), kwargs
 
 
-def encode_result(codec: Any, call_id: int, value: Any, signer: Signer | None = None) -> list[bytes]:
+def encode_result(
+    codec: Any, call_id: int, value: Any, signer: Signer | None = None
+) -> list[bytes]:
     """Frames of a RESULT. Raises :class:`EncodeError` when ``value`` is unencodable."""
     return pack(Kind.RESULT, codec.wire_id, call_id, codec.encode(value), signer)
 
