@@ -372,9 +372,15 @@ class CallHandler:
             self._send_locked(ident, frames)
             self._acct.finished(name, ok, elapsed, run_time)
             router = self._router
-            # Our send may have eaten the edge that would wake the I/O thread.
-            if router is not None and (
-                _get(router, _EVENTS) & _POLLIN or (self._stopping and self._acct.in_flight == 0)
+            # A worker's send may have eaten the edge that would wake the I/O thread
+            # (the I/O thread itself, after an inline task, checks EVENTS anyway).
+            if (
+                router is not None
+                and threading.get_ident() != self._io_owner
+                and (
+                    _get(router, _EVENTS) & _POLLIN
+                    or (self._stopping and self._acct.in_flight == 0)
+                )
             ):
                 self._wake_locked()
         if self._verbose and ok:
