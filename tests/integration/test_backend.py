@@ -628,3 +628,35 @@ def test_a_given_pool_is_used_and_left_running(serve, client):
         assert c.call("<stats>")["pool_size"] == 3
         b.close()
         assert pool.submit(lambda: 42).result(10) == 42  # the BackEnd did not shut it down
+
+
+BLOCKING_SERVER = """
+import sys, threading
+from taskit.backend import BackEnd
+BackEnd({"block": lambda: threading.Event().wait(60)}, port=int(sys.argv[1])).main()
+print("main returned", flush=True)
+"""
+
+
+def test_a_second_signal_ends_at_once(port):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKING_SERVER, str(port)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        c = _wait_answering(f"tcp://127.0.0.1:{port}", proc)
+        c.send("block")
+        assert c.call("<status>") == "1"
+        proc.send_signal(signal.SIGTERM)  # graceful: waits for "block"...
+        assert c.call("<stats>")["stopping"] is True
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # ...unless told twice
+        out, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 30 and "main returned" in out
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
