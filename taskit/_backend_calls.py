@@ -23,7 +23,6 @@ from taskit._backend_parts import split_entry
 from taskit.codecs import JSONCodec
 from taskit.errors import (
     DecodeError,
-    EncodeError,
     PoolShutdownError,
     ProtocolError,
     RemoteTaskError,
@@ -77,8 +76,16 @@ ADMIN_TASKS: dict[str, tuple[Callable[..., Any], bool]] = {
     STATUS: (task_count, True),
 }
 
-_ADMIN_FUNCS = frozenset((task_stop, task_kill, task_count))
 _READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
+
+
+def _safe_repr(obj: Any) -> str:
+    """repr() that never raises (a task's exception arguments are arbitrary objects)."""
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__} object (repr failed)>"
+
 
 in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
 
@@ -105,10 +112,11 @@ class CallHandler:
         except zmq.Again:
             self._acct.drop("reply_hwm")
         except zmq.ZMQError as e:
-            if e.errno == errno.EHOSTUNREACH:
-                self._acct.drop("reply_unroutable")  # the client went away first
-            else:
-                raise
+            # EHOSTUNREACH: the client went away first. Anything else is unexpected,
+            # but must not leave the call counted in flight forever.
+            self._acct.drop("reply_unroutable")
+            if e.errno != errno.EHOSTUNREACH:
+                _log.error("backend could not send a reply: %s", e)
 
     def _encode_error(
         self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
@@ -117,7 +125,7 @@ class CallHandler:
         try:
             return protocol.encode_error(codec, call_id, type_name, args, tb, signer)
         except Exception:
-            args = [repr(a) for a in args]
+            args = [_safe_repr(a) for a in args]
             return protocol.encode_error(JSONCodec, call_id, type_name, args, tb, signer)
 
     def _refuse(self, ident: bytes, codec: Any, call_id: int, type_name: str, msg: str) -> None:
@@ -208,7 +216,7 @@ class CallHandler:
                 )
             return
         fn, pass_backend = split_entry(entry)
-        if fn in _ADMIN_FUNCS:
+        if fn is task_stop or fn is task_kill or fn is task_count:  # identity: fn may not hash
             self._admin_reply(ident, codec, call_id, name, fn)
             return
         if self._stopping:
@@ -277,7 +285,7 @@ class CallHandler:
             value = None
         try:
             frames = protocol.encode_result(codec, call_id, value, self._signer)
-        except EncodeError as e:
+        except Exception as e:  # EncodeError, or a user codec failing oddly
             frames = self._encode_error(codec, call_id, "EncodeError", [str(e)], "", self._signer)
         with self._lock:
             self._acct.admin += 1
@@ -347,10 +355,8 @@ class CallHandler:
             type_name, args = type(e).__name__, list(e.args)
             tb = "".join(traceback.format_exception(e)) if self.tracebacks else ""
         if self._verbose:
-            self._note(
-                ERROR,
-                f"Error while fulfilling task {name!r}: {type_name}({', '.join(map(repr, args))})",
-            )
+            shown = ", ".join(map(_safe_repr, args))
+            self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")
             if tb:
                 self._note(ERROR, tb)
         if tb and _log.isEnabledFor(logging.INFO):

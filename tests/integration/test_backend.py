@@ -660,3 +660,32 @@ def test_a_second_signal_ends_at_once(port):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _Unhashable:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self):
+        return "called"
+
+
+class _BadRepr:
+    def __repr__(self):
+        raise RuntimeError("no repr for you")
+
+
+def test_odd_callables_and_exception_arguments(serve, client):
+    def raise_bad_repr():
+        raise ValueError(_BadRepr())
+
+    events = []
+    b = serve(
+        {"unhashable": _Unhashable(), "badrepr": raise_bad_repr},
+        logger=lambda level, msg: events.append(msg),
+    )
+    c = client(b)
+    assert c.call("unhashable") == "called"
+    with pytest.raises(RemoteError) as e:
+        c.call("badrepr")
+    assert e.value.type == "ValueError" and "repr failed" in e.value.remote_args[0]
+    assert c.call("<status>") == "0"
