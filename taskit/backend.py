@@ -440,9 +440,22 @@ class BackEnd(CallHandler):
         if self._pool is None:
             from taskit.pool import WorkerPool
 
-            self._pool = WorkerPool(
-                self._workers, kind=self._pool_kind, name=f"taskit-backend-{self.port or 'ipc'}"
-            )
+            try:
+                self._pool = WorkerPool(
+                    self._workers,
+                    kind=self._pool_kind,
+                    name=f"taskit-backend-{self.port or 'ipc'}",
+                )
+            except BaseException:
+                sock.close(0)
+                ctx.term()
+                for fd in (self._wake_r, self._wake_w):
+                    os.close(fd)
+                self._wake_r = self._wake_w = -1
+                with self._lock:
+                    self._state = _STOPPED
+                    self._stopped.set()
+                raise
         self._ctx, self._router = ctx, sock
         self._started_at = time.monotonic()
         _log.info("backend serving %d tasks on %s", len(self.tasks), bound)
@@ -468,7 +481,14 @@ class BackEnd(CallHandler):
 
         The thread that finds serving over while reading tears everything down.
         """
-        self._role_idents.add(threading.get_ident())
+        me = threading.get_ident()
+        self._role_idents.add(me)
+        try:
+            self._alternate(reading)
+        finally:
+            self._role_idents.discard(me)  # thread idents are reused after a thread ends
+
+    def _alternate(self, reading: bool) -> None:
         while True:
             if reading:
                 try:
