@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kinds = ("floor", "taskit", "frontend_only", "backend_only", "frames_only", "io_thread_design")
     lat: dict[str, list[float]] = {k: [] for k in kinds}
     thr = {"floor": 0.0, "submit": 0.0, "map": 0.0, "frontend_only_map": 0.0, "frames_only": 0.0}
-    mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0}
+    mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0, "frontend_only": 0.0}
     try:
         clients: dict[str, Any] = {
             "floor": FloorClient(servers["floor"].port),
@@ -435,6 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frontend_only_pipelined_ratio": round(thr["frontend_only_map"] / thr["floor"], 3),
             "frames_only_pipelined_ratio": round(thr["frames_only"] / thr["floor"], 3),
             "echo_1mib_mib_per_s": {k: round(v, 1) for k, v in mib.items()},
+            "frontend_only_echo_ratio": round(mib["frontend_only"] / mib["floor"], 3),
             "params": {
                 "sync": args.sync,
                 "calls": args.calls,
@@ -478,6 +479,9 @@ def report(r: dict[str, Any]) -> str:
         f"  1 MiB echo             floor {d['echo_1mib_mib_per_s']['floor']:7.1f} MiB/s "
         f"taskit {d['echo_1mib_mib_per_s']['taskit']:7.1f} MiB/s ratio {r['echo_ratio']:.2f}"
         "  (target >= 0.8)",
+        "    FrontEnd + raw server, taskit frames   "
+        f"{d['echo_1mib_mib_per_s']['frontend_only']:7.1f} MiB/s  "
+        f"{d['frontend_only_echo_ratio']:.2f}",
     ]
     return "\n".join(lines)
 
