@@ -52,7 +52,7 @@ _log = logging.getLogger("taskit.frontend")
 _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _DRAIN_ALL = 1 << 62
-_ZERO_COPY = 64 * 1024  # bodies from this size on are read without a copy
+_ZERO_COPY = 64 * 1024  # bodies from this size on are sent and read without a copy
 
 
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
@@ -61,16 +61,21 @@ _MORE = zmq.SNDMORE | zmq.NOBLOCK
 def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
     """Send one message's frames (3, or 4 when signed) without blocking.
 
-    Direct ``send`` calls cost half of ``send_multipart``'s loop on the hot path.
-    Raises ``zmq.Again`` before anything is sent when there is no connected peer.
-    Frames above pyzmq's copy threshold (64 KiB) go out without a copy.
+    ``send`` is pyzmq's base ``Socket.send`` (the sugar wrapper adds a Python call
+    per frame on the hot path). A large body goes out without a copy: libzmq
+    reads it straight from the bytes object. Raises ``zmq.Again`` before anything
+    is sent when the message cannot be queued.
     """
     send(frames[0], _MORE)
     send(frames[1], _MORE)
-    if len(frames) == 3:
-        send(frames[2], zmq.NOBLOCK)
+    body = frames[2]
+    last = len(frames) == 3
+    flags = zmq.NOBLOCK if last else _MORE
+    if len(body) < _ZERO_COPY:
+        send(body, flags)
     else:
-        send(frames[2], _MORE)
+        send(body, flags, False)
+    if not last:
         send(frames[3], zmq.NOBLOCK)
 
 
@@ -103,12 +108,16 @@ class _Op:
 class _Link:
     """One backend's DEALER socket and its monitor socket."""
 
-    __slots__ = ("endpoint", "sock", "monitor")
+    __slots__ = ("endpoint", "sock", "monitor", "send")
 
     def __init__(self, endpoint: str, sock: zmq.Socket, monitor: zmq.Socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
+        self.send = _BASE_SEND.__get__(sock)  # see _send
+
+
+_BASE_SEND = zmq.backend.Socket.send
 
 
 class CallFuture(Future):
@@ -435,7 +444,7 @@ class ThreadedIO:
         for call in core.drain_outbox():
             link = links[call.backend]  # type: ignore[index]
             try:
-                _send(link.sock.send, core.frames_for(call))
+                _send(link.send, core.frames_for(call))
             except zmq.Again:
                 # IMMEDIATE: no connected peer, the connection just dropped; keep
                 # the replies it delivered before failing what is left on it

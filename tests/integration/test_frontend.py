@@ -445,3 +445,14 @@ def test_bad_backend_spec_is_a_valueerror():
         FrontEnd([("127.0.0.1", "not a port")])
     with pytest.raises(ValueError):
         FrontEnd(["tcp://no-port"])
+
+
+def test_large_payloads_round_trip(backends, frontends):
+    be = backends()
+    fe = frontends([be.endpoint], codec=MsgpackCodec)
+    payload = os.urandom(3 * 1024 * 1024)  # sent and received without a copy
+    assert fe.work("echo", payload) == payload
+    futures = [fe.submit("echo", payload[i:]) for i in range(0, 400_000, 100_000)]
+    assert [f.result(30) for f in futures] == [payload[i:] for i in range(0, 400_000, 100_000)]
+    fe_json = frontends([be.endpoint])  # a JSON body above the zero-copy size
+    assert fe_json.work("echo", "x" * 200_000) == "x" * 200_000
