@@ -1,0 +1,52 @@
+"""The package's public face and the dependency direction DESIGN.md promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import taskit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_public_name_resolves():
+    for name in taskit.__all__:
+        assert getattr(taskit, name) is not None, name
+    assert taskit.DEFAULT_PORT == 54543
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        taskit.nope  # noqa: B018
+
+
+def _modules_loaded_by(statement: str) -> set[str]:
+    code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
+    return set(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize("module", ["simple", "resync", "log", "threaded", "pool", "jobq"])
+def test_the_local_half_never_imports_the_distributed_half(module):
+    loaded = _modules_loaded_by(f"import taskit.{module}")
+    distributed = {"zmq", "taskit.protocol", "taskit.backend", "taskit.frontend", "taskit.aio"}
+    assert not loaded & distributed
+
+
+def test_the_frontend_never_imports_the_backend():
+    loaded = _modules_loaded_by("import taskit.frontend, taskit.aio")
+    assert "taskit.backend" not in loaded
+    assert "taskit.pool" not in loaded
+
+
+def test_errors_import_nothing_from_taskit():
+    loaded = _modules_loaded_by("import taskit.errors")
+    assert {m for m in loaded if m.startswith("taskit.")} == {"taskit.errors"}
