@@ -45,7 +45,6 @@ from taskit._backend_calls import (  # the raw socket calls are shared with the 
     _EVENTS,
     _NOBLOCK,
     _POLLIN,
-    _RCVMORE,
     ADMIN_TASKS,
     CallHandler,
     _get,
@@ -212,7 +211,7 @@ class BackEnd(CallHandler):
         self._io_owner: int | None = None  # the thread now reading the socket
         self._role_idents: set[int] = set()  # the I/O and standby threads
         self._standby_thread: threading.Thread | None = None
-        self._inline_since = 0.0  # monotonic start of the inline task running, else 0
+        self._inline_since = 0.0  # perf_counter() start of the inline task running, else 0
         self._inline_seen = 0.0  # start of the latest inline task
         self._started_at = 0.0
         self._acct = Accounting()  # counters, under self._lock
@@ -514,11 +513,12 @@ class BackEnd(CallHandler):
         me = threading.get_ident()
         while True:
             # Check often only while inline tasks are running; an idle backend sleeps.
-            recent = time.monotonic() - self._inline_seen < 1.0
+            # _inline_seen and _inline_since are time.perf_counter() values.
+            recent = time.perf_counter() - self._inline_seen < 1.0
             if self._stopped.wait(_TAKEOVER / 2 if recent else 0.5):
                 return False
             since = self._inline_since
-            if since and time.monotonic() - since > _TAKEOVER:
+            if since and time.perf_counter() - since > _TAKEOVER:
                 with self._lock:
                     if self._inline_since != since or self._state != _RUNNING:
                         continue
@@ -588,9 +588,13 @@ class BackEnd(CallHandler):
                     # and leaves the descriptor armed for the next request.
                     if not _get(router, _EVENTS) & _POLLIN:
                         break
-                    msg = [_recv(router, _NOBLOCK)]
-                    while _get(router, _RCVMORE):
-                        msg.append(_recv(router, _NOBLOCK))
+                    # Frames, not bytes: a Frame carries its RCVMORE flag, read in C,
+                    # where each getsockopt(RCVMORE) from Python costs an enum lookup.
+                    frame = _recv(router, _NOBLOCK, False)
+                    msg = [frame]
+                    while frame.more:
+                        frame = _recv(router, _NOBLOCK, False)
+                        msg.append(frame)
                 try:
                     handle(msg)
                 except Exception:  # a bug, or a user codec raising oddly: never stop serving

@@ -79,6 +79,10 @@ class Kind(IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack
+_pack_header = HEADER.pack
+_CALL, _RESULT = int(Kind.CALL), int(Kind.RESULT)
 
 
 class Message(NamedTuple):
@@ -88,11 +92,14 @@ class Message(NamedTuple):
     body: bytes
 
 
+_new_message = tuple.__new__
+
+
 def pack(
     kind: int, codec_id: int, call_id: int, body: bytes = b"", signer: Signer | None = None
 ) -> list[bytes]:
     """Build the frames of one message (signed when ``signer`` is given)."""
-    frames = [MAGIC, HEADER.pack(kind, codec_id, call_id), body]
+    frames = [MAGIC, _pack_header(kind, codec_id, call_id), body]
     if signer is not None:
         frames.append(signer.sign(frames))
     return frames
@@ -132,12 +139,15 @@ def unpack(frames: Sequence[bytes], signer: Signer | None = None) -> Message:
                 f"unsupported protocol version {magic[4]}; this peer speaks version {VERSION}"
             )
         raise ProtocolError("not a taskit message (bad magic frame)")
-    if len(header) != HEADER.size:
+    if len(header) != _HEADER_SIZE:
         raise ProtocolError(f"header must be {HEADER.size} bytes, got {len(header)}")
-    kind, codec_id, call_id = HEADER.unpack(header)
+    kind, codec_id, call_id = _unpack_header(header)
     if kind not in _KINDS:
         raise ProtocolError(f"unknown message kind {kind}")
-    return Message(kind, codec_id, call_id, bytes(body))
+    if type(body) is not bytes:
+        body = bytes(body)
+    # tuple.__new__ skips the Python-level NamedTuple constructor (per-message hot path).
+    return _new_message(Message, (kind, codec_id, call_id, body))
 
 
 def encode_call(
@@ -165,18 +175,23 @@ def decode_call(codec: Any, body: bytes) -> tuple[str, list[Any], dict[str, Any]
     task, args, kwargs = value
     if not isinstance(task, str):
         raise ProtocolError(f"task name must be a string, got {type(task).__name__}")
-    if not isinstance(args, (list, tuple)):
-        raise ProtocolError(f"args must be a list, got {type(args).__name__}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if type(args) is not list:  # a fresh list from the decoder is returned as is
+        if not isinstance(args, (list, tuple)):
+            raise ProtocolError(f"args must be a list, got {type(args).__name__}")
+        args = list(args)
+    if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
         raise ProtocolError("kwargs must be a map with string keys")
-    return task, list(args), kwargs
+    return task, args, kwargs
 
 
 def encode_result(
     codec: Any, call_id: int, value: Any, signer: Signer | None = None
 ) -> list[bytes]:
     """Frames of a RESULT. Raises :class:`EncodeError` when ``value`` is unencodable."""
-    return pack(Kind.RESULT, codec.wire_id, call_id, codec.encode(value), signer)
+    body = codec.encode(value)
+    if signer is None:  # pack() inlined: this is on every reply's path
+        return [MAGIC, _pack_header(_RESULT, codec.wire_id, call_id), body]
+    return pack(_RESULT, codec.wire_id, call_id, body, signer)
 
 
 def encode_error(
