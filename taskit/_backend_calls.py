@@ -46,6 +46,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _DONTWAIT = int(zmq.DONTWAIT)
 _MORE = int(zmq.SNDMORE) | _DONTWAIT
+_CALL = int(Kind.CALL)
 
 
 # --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
@@ -162,7 +163,7 @@ class CallHandler:
                 self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
             return
         call_id = m.call_id
-        if m.kind != Kind.CALL:
+        if m.kind != _CALL:
             if m.kind == Kind.PING:
                 self._send(ident, protocol.pack(Kind.PONG, m.codec_id, call_id, b"", self._signer))
             else:
@@ -324,18 +325,16 @@ class CallHandler:
         with lock:
             self._acct.in_flight += 1
         # The standby thread compares these with time.perf_counter() (see _standby).
+        # No in_task mark: this thread is one of the backend's own (_inside() knows it).
         self._inline_seen = self._inline_since = start = clock()
-        in_task.backend = self
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
             run_time = clock() - start
-            in_task.backend = None
             frames = self._error_frames(codec, call_id, name, e)
             ok = False
         else:
             run_time = clock() - start
-            in_task.backend = None
             try:
                 frames, ok = protocol.encode_result(codec, call_id, value, self._signer), True
             except Exception:

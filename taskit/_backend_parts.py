@@ -180,7 +180,8 @@ class Accounting:
         if run_time is not None:
             fast = self.speed.get(name, 0)
             if run_time < FAST:
-                self.speed[name] = fast + 1 if fast < QUALIFY else fast
+                if fast < QUALIFY:
+                    self.speed[name] = fast + 1
             elif run_time < SLOW:
                 self.speed[name] = min(fast, 0)
             else:
