@@ -20,7 +20,7 @@ import zmq
 
 from taskit import protocol
 from taskit._backend_parts import QUALIFY, split_entry
-from taskit.codecs import JSONCodec
+from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
     DecodeError,
     PoolShutdownError,
@@ -47,6 +47,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _DONTWAIT = int(zmq.DONTWAIT)
 _MORE = int(zmq.SNDMORE) | _DONTWAIT
 _CALL = int(Kind.CALL)
+_BIG = 64 * 1024  # frames at least this long are received and sent without a copy
 
 
 # --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
@@ -106,14 +107,17 @@ class CallHandler:
             # The backend's send with int flags: pyzmq's send_multipart does enum
             # arithmetic per frame, a measurable share of a loopback round trip.
             _send(router, ident, _MORE)
+            # A big body goes zero-copy: ZeroMQ keeps a reference to the bytes object
+            # until it is sent, rather than a copy in a freshly faulted-in buffer.
             if len(frames) == 3:  # unsigned: unrolled, the loop costs as much as a send
                 _send(router, frames[0], _MORE)
                 _send(router, frames[1], _MORE)
-                _send(router, frames[2], _DONTWAIT)
+                body = frames[2]
+                _send(router, body, _DONTWAIT, len(body) < _BIG)
             else:
                 last = len(frames) - 1
                 for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT)
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < _BIG)
         except zmq.Again:
             self._acct.drop("reply_hwm")
         except zmq.ZMQError as e:
@@ -145,11 +149,15 @@ class CallHandler:
         """Parse one request (a list of ``zmq.Frame``, routing id first) and answer it,
         or hand it to the pool. Never raises for input."""
         if len(msg) == 4:  # the usual unsigned request: no list comprehension
-            ident, frames = msg[0].bytes, [msg[1].bytes, msg[2].bytes, msg[3].bytes]
+            body = msg[3]
+            # A big body stays in ZeroMQ's buffer, for a codec that reads any buffer
+            # (a copy of a fresh MiB costs more in page faults than in copying).
+            body = body.bytes if len(body) < _BIG else body.buffer
+            ident, frames = msg[0].bytes, [msg[1].bytes, msg[2].bytes, body]
         else:
             ident, frames = msg[0].bytes, [f.bytes for f in msg[1:]]
         try:
-            m = protocol.unpack(frames, self._signer)
+            m = protocol._unpack(frames, self._signer, False)
         except SignatureError:
             with self._lock:
                 self._acct.drop("bad_signature")
@@ -186,8 +194,11 @@ class CallHandler:
                 + ", ".join(self.codecs),
             )
             return
+        body = m.body
+        if type(body) is not bytes and codec is not MsgpackCodec and codec is not PickleCodec:
+            body = bytes(body)  # other codecs (json, users') are promised bytes
         try:
-            name, args, kwargs = protocol.decode_call(codec, m.body)
+            name, args, kwargs = protocol.decode_call(codec, body)
         except DecodeError as e:
             self._refuse(ident, codec, call_id, "DecodeError", str(e))
             return

@@ -122,6 +122,12 @@ def unpack(frames: Sequence[bytes], signer: Signer | None = None) -> Message:
     missing or wrong (check this first: nothing unsigned is read further), and
     :class:`ProtocolError` for anything else malformed. Does not decode the body.
     """
+    return _unpack(frames, signer, True)
+
+
+def _unpack(frames: Sequence[Any], signer: Signer | None, body_bytes: bool) -> Message:
+    """:func:`unpack`; with ``body_bytes`` false a body given as another bytes-like
+    object (a view of ZeroMQ's buffer) is kept as it is, not copied."""
     n = len(frames)
     if signer is not None:
         if n != 4:
@@ -144,7 +150,7 @@ def unpack(frames: Sequence[bytes], signer: Signer | None = None) -> Message:
     kind, codec_id, call_id = _unpack_header(header)
     if kind not in _KINDS:
         raise ProtocolError(f"unknown message kind {kind}")
-    if type(body) is not bytes:
+    if body_bytes and type(body) is not bytes:
         body = bytes(body)
     # tuple.__new__ skips the Python-level NamedTuple constructor (per-message hot path).
     return _new_message(Message, (kind, codec_id, call_id, body))
