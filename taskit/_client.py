@@ -100,7 +100,8 @@ STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HEADER_UNPACK = HEADER.unpack
-_RESULT, _ERROR = int(Kind.RESULT), int(Kind.ERROR)
+_HEADER_PACK = HEADER.pack
+_RESULT, _ERROR, _CALL = int(Kind.RESULT), int(Kind.ERROR), int(Kind.CALL)
 _BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
 
 # Remote error type names the backend raises itself -> the exception class.
@@ -309,6 +310,7 @@ class ClientCore:
         # Replies are decoded only in codecs we chose to trust (never pickle unasked).
         json = get_codec("json")
         self._reply_codecs = {self.codec.wire_id: self.codec, json.wire_id: json}
+        self._wire_id = self.codec.wire_id
         self.stats = {"late_replies": 0, "bad_replies": 0, "bad_signatures": 0}
 
     # -- backends ---------------------------------------------------------------
@@ -449,6 +451,8 @@ class ClientCore:
         b = self.backends.get(call.backend or "")
         if b is not None:
             b.sent += 1
+        if self.signer is None:  # pack() inlined: the hot path
+            return [MAGIC, _HEADER_PACK(_CALL, call.codec.wire_id, call.id), call.body]
         return pack(Kind.CALL, call.codec.wire_id, call.id, call.body, self.signer)
 
     def send_failed(self, call: PendingCall) -> Done:
@@ -508,8 +512,30 @@ class ClientCore:
             if kind != Kind.PONG:
                 self.stats["late_replies"] += 1
             return []
-        done: Done = []
         b = self.backends.get(call.backend or "")
+        if kind == _RESULT and codec_id == self._wire_id and b is not None and not call.done:
+            # the hot path: a result in our own codec for a call on a known backend
+            # (what _finish and _detach do, inlined)
+            codec = self.codec
+            if type(body) is memoryview and codec_id not in _BUFFER_CODECS:
+                body = bytes(body)
+            try:
+                value = codec.decode(body)
+            except DecodeError as e:
+                done: Done = []
+                self._finish(call, False, e, done)
+                return done
+            b.answered += 1
+            b.busy_streak = 0
+            call.done = True
+            del self.calls[call_id]
+            b.calls.pop(call_id, None)
+            if self._parked:
+                self._parked.pop(call_id, None)
+            if self._busy_waiting:
+                self._slot_freed()
+            return [(call, True, value)]
+        done = []
         if kind == _RESULT:
             codec = self._reply_codecs.get(codec_id)
             if codec is None:
@@ -607,6 +633,10 @@ class ClientCore:
             b = self.backends.get(call.target)
             if b is not None and b.state not in (UP, STOPPING):  # a stopping one still
                 b = None  # answers admin signals
+        elif len(self._blist) == 1 and not call.refused_by:  # the hot path: choose() inlined
+            b = self._blist[0]
+            if b.state != UP:
+                b = None
         else:
             b = self.choose()
             if b is not None and call.refused_by and b.endpoint in call.refused_by:

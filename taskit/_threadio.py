@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import _base as _futures_base
 from typing import Any
 
 import zmq
@@ -118,6 +119,7 @@ class _Link:
 
 
 _BASE_SEND = zmq.backend.Socket.send
+_RUNNING = getattr(_futures_base, "RUNNING", "RUNNING")
 
 
 class CallFuture(Future):
@@ -127,7 +129,10 @@ class CallFuture(Future):
 
     def __init__(self, io: ThreadedIO) -> None:
         super().__init__()
-        self.set_running_or_notify_cancel()  # a call on the wire cannot be taken back
+        # Running from the start: a call on the wire cannot be taken back. Set directly,
+        # as set_running_or_notify_cancel() would on a new Future (no lock needed: no
+        # other thread sees this one yet).
+        self._state = _RUNNING
         self._io = io
         self.ok: bool | None = None
 
@@ -248,6 +253,11 @@ class ThreadedIO:
     def wait(self, call: PendingCall, w: Waiter, timeout: float | None, own: int = 0) -> Any:
         """Block until ``w`` is resolved: drive the sockets when nobody else does.
         ``own``: calls this thread keeps in flight and will wait for next (``map``)."""
+        ok = w.ok
+        if ok is not None:  # already resolved (map's calls usually are): no lock, no drive
+            if ok:
+                return w.value
+            raise w.value
         me = threading.get_ident()
         while w.ok is None:
             if self._io_lock.acquire(False):
@@ -351,7 +361,7 @@ class ThreadedIO:
         ``own`` ones this thread will come back for (``map``) are left behind."""
         self._leader = None
         self._io_lock.release()
-        if self._inbox or self._core.pending > own:
+        if (self._inbox or self._core.pending > own):
             self._bg_wake.set()  # work remains: the background thread drives it
 
     def _wake(self) -> None:
@@ -415,6 +425,7 @@ class ThreadedIO:
     def _receive(self, link: _Link, until: Waiter | None, limit: int = 256) -> None:
         """Read what ``link`` has (poll said it is readable), at most ``limit`` messages."""
         recv, core, endpoint = link.sock.recv, self._core, link.endpoint
+        on_message = core.on_message
         for _ in range(limit):  # bounded, so timers and sends get a turn
             try:
                 # Frame objects tell whether more parts follow without a getsockopt
@@ -430,9 +441,15 @@ class ThreadedIO:
             except zmq.ZMQError as e:
                 _log.warning("receive from %s failed: %s", endpoint, e)
                 return
-            done = core.on_message(endpoint, frames)
+            done = on_message(endpoint, frames)
             if done:
-                self._resolve(done)
+                if len(done) == 1 and type(done[0][0].waiter) is Waiter:  # _resolve inlined
+                    call, ok, value = done[0]
+                    w = call.waiter
+                    w.ok, w.value = ok, value
+                    w.latch.release()
+                else:
+                    self._resolve(done)
                 # Our reply is in: stop if nothing else is awaited (a lone sync call
                 # saves a failed read); else read on while replies are queued, so a
                 # pipelined caller gets them in batches, not one poll per reply.
