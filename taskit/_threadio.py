@@ -458,10 +458,18 @@ class ThreadedIO:
 
     def _flush(self) -> None:
         core, links = self._core, self._links
+        frames_for = core.frames_for
         for call in core.drain_outbox():
             link = links[call.backend]  # type: ignore[index]
             try:
-                _send(link.send, core.frames_for(call))
+                frames = frames_for(call)
+                if len(frames) == 3 and len(frames[2]) < _ZERO_COPY:
+                    send = link.send  # _send inlined: the hot path (small, unsigned)
+                    send(frames[0], _MORE)
+                    send(frames[1], _MORE)
+                    send(frames[2], zmq.NOBLOCK)
+                else:
+                    _send(link.send, frames)
             except zmq.Again:
                 # IMMEDIATE: no connected peer, the connection just dropped; keep
                 # the replies it delivered before failing what is left on it
