@@ -10,7 +10,11 @@ machine; ``bench/rpc.py`` measures the result). A thread that finds the lock
 taken queues its call and wakes the leader through a pipe. A leader that leaves
 calls of other threads behind wakes the background thread, which drives them
 until none remain; while idle, that thread takes a non-blocking look at the
-socket monitors, timers and replies every ``_IDLE_CHECK`` seconds.
+socket monitors, timers and replies every ``_IDLE_CHECK`` seconds. User threads
+come first: a thread waiting on a submitted call's Future makes the background
+thread step down and drives itself (reading replies in batches rather than
+waiting for a hand-off per reply), and the background thread stays away while
+a user thread has waited on Futures within the last ``_USER_GRACE`` seconds.
 
 All routing, retry and reply decisions are the :class:`ClientCore`'s; this
 module only moves frames and wakes waiters. Private to :mod:`taskit.frontend`.
@@ -51,6 +55,7 @@ __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
 _log = logging.getLogger("taskit.frontend")
 
 _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
+_USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _DRAIN_ALL = 1 << 62
 _ZERO_COPY = 64 * 1024  # bodies from this size on are sent and read without a copy
@@ -178,6 +183,13 @@ class ThreadedIO:
         self._leader: int | None = None  # thread ident holding _io_lock
         self._closed = False
         self._bg_wake = threading.Event()
+        self._stopped = threading.Event()  # set on close: ends the background thread's pauses
+        # User threads drive the sockets more cheaply than a hand-off to the background
+        # thread: while one submits in a burst or waits for results, the background
+        # thread stays away (``_defer_until``) or steps down (``_yield``).
+        self._defer_until = 0.0
+        self._yield = False
+        self._bg_ident: int | None = None
         # Connected before the thread starts, so no other thread can race us here.
         try:
             for endpoint in endpoints:
@@ -227,8 +239,17 @@ class ThreadedIO:
         me = threading.get_ident()
         if self._leader == me:
             return  # inside a callback run by the driver: Future.result waits (documented)
+        self._defer_until = time.monotonic() + _USER_GRACE
         if not self._io_lock.acquire(False):
-            return
+            if self._leader != self._bg_ident or self._bg_ident is None:
+                return  # a user thread drives: it resolves fut
+            # The background thread drives: ask it to step down (it checks between
+            # polls) and take over, so a run of result() calls reads replies in batches
+            # instead of waiting for a hand-off per reply. Else wait as usual.
+            self._yield = True
+            self._wake()
+            if not self._io_lock.acquire(timeout=0.05):
+                return
         self._leader = me
         try:
             self._drive(fut, None if timeout is None else time.monotonic() + timeout)
@@ -240,6 +261,7 @@ class ThreadedIO:
         if self._closed:
             return
         self._closed = True
+        self._stopped.set()
         self._bg_wake.set()
         self._wake()
         if threading.current_thread() is not self._bg:
@@ -297,6 +319,8 @@ class ThreadedIO:
         if self._io_lock.acquire(False):
             self._leader = threading.get_ident()
             try:
+                if self._inbox:  # queued while the background thread was stepping down
+                    self._drain_inbox()
                 self._core.submit(call)
                 self._flush()
             finally:
@@ -382,11 +406,13 @@ class ThreadedIO:
         """Move frames until ``until`` (a Waiter or CallFuture) is resolved or, when it
         is None, until no call is pending; in any case no later than ``deadline``."""
         core = self._core
-        by_sock = self._by_sock
-        wake_r = self._wake_r
         while True:
             if self._closed:
                 return
+            if self._yield:  # a user thread wants to drive (drive_for)
+                self._yield = False
+                if self._leader == self._bg_ident:
+                    return
             if self._inbox:
                 self._drain_inbox()
             if core.outbox:
@@ -407,20 +433,25 @@ class ThreadedIO:
                 ms = _LONGEST_POLL
             else:
                 ms = min(_LONGEST_POLL, max(0, int((wake_at - time.monotonic()) * 1000) + 1))
-            for sock, _ in _zmq_poll(self._poll_items, ms):
-                link = by_sock.get(sock)
-                if link is not None:
-                    self._receive(link, until)
-                elif sock == wake_r:
-                    self._wake_armed = False  # before draining: a later wake writes again
-                    try:
-                        os.read(wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                else:
-                    mlink = self._by_monitor.get(sock)
-                    if mlink is not None:  # None: replaced earlier in this loop turn
-                        self._monitor_events(mlink)
+            self._handle(_zmq_poll(self._poll_items, ms), until)
+
+    def _handle(self, events: list, until: Any) -> None:
+        """Serve what one poll found readable."""
+        by_sock = self._by_sock
+        for sock, _ in events:
+            link = by_sock.get(sock)
+            if link is not None:
+                self._receive(link, until)
+            elif sock == self._wake_r:
+                self._wake_armed = False  # before draining: a later wake writes again
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                mlink = self._by_monitor.get(sock)
+                if mlink is not None:  # None: replaced earlier in this loop turn
+                    self._monitor_events(mlink)
 
     def _receive(self, link: _Link, until: Waiter | None, limit: int = 256) -> None:
         """Read what ``link`` has (poll said it is readable), at most ``limit`` messages."""
@@ -586,10 +617,18 @@ class ThreadedIO:
         """Drive the sockets when a leader left calls behind (it sets ``_bg_wake``);
         otherwise, every ``_IDLE_CHECK`` seconds, take one look at the monitors,
         timers and replies already received."""
-        me = threading.get_ident()
+        me = self._bg_ident = threading.get_ident()
         while not self._closed:
             asked = self._bg_wake.wait(_IDLE_CHECK)
             self._bg_wake.clear()
+            # A user thread busy submitting or collecting results drives the sockets
+            # itself, in batches; taking over would cost a thread hand-off per reply.
+            # Not a synchronisation wait: stay away until it has been idle a moment.
+            while not self._closed:
+                left = self._defer_until - time.monotonic()
+                if left <= 0:
+                    break
+                self._stopped.wait(left)
             if self._closed:
                 break
             if not self._io_lock.acquire(False):
