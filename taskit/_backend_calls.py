@@ -146,16 +146,17 @@ class CallHandler:
             _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
 
     def _handle(self, msg: list[Any]) -> None:
-        """Parse one request (a list of ``zmq.Frame``, routing id first) and answer it,
-        or hand it to the pool. Never raises for input."""
+        """Parse one request (the routing id as bytes, then ``zmq.Frame`` objects) and
+        answer it, or hand it to the pool. Never raises for input."""
+        ident = msg[0]
         if len(msg) == 4:  # the usual unsigned request: no list comprehension
             body = msg[3]
             # A big body stays in ZeroMQ's buffer, for a codec that reads any buffer
             # (a copy of a fresh MiB costs more in page faults than in copying).
             body = body.bytes if len(body) < _BIG else body.buffer
-            ident, frames = msg[0].bytes, [msg[1].bytes, msg[2].bytes, body]
+            frames = [msg[1].bytes, msg[2].bytes, body]
         else:
-            ident, frames = msg[0].bytes, [f.bytes for f in msg[1:]]
+            frames = [f.bytes for f in msg[1:]]
         try:
             m = protocol._unpack(frames, self._signer, False)
         except SignatureError:

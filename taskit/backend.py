@@ -92,6 +92,9 @@ _BATCH = 64  # requests read per wake-up before flags are checked again
 _TAKEOVER = 0.01
 _DONE, _DEMOTED = "done", "demoted"
 
+# How the I/O loop reads the next request (see _loop).
+_TRY, _CHECK, _BACKLOG = 0, 1, 2
+
 # Life cycle of a BackEnd.
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
@@ -572,37 +575,43 @@ class BackEnd(CallHandler):
         assert router is not None
         lock = self._lock
         poller = select.poll()
-        poller.register(router.getsockopt(zmq.FD), select.POLLIN)
+        zmq_fd = router.getsockopt(zmq.FD)
+        poller.register(zmq_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_r = self._wake_r
         sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
         handle = self._handle
         me = threading.get_ident()
+        # How to read next. An empty recv raises, which costs more than checking
+        # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
+        # _TRY when a request is likely (the socket's descriptor woke us, or many
+        # are queued), _CHECK right after the first one of a wake-up (sync callers
+        # send one at a time), _BACKLOG (try) once a second one was there. Either
+        # way, before sleeping the descriptor is left armed for the next request.
+        state = _CHECK
         while True:
             more = False
-            # One request per wake-up (sync callers): checking EVENTS costs less than the
-            # exception of an empty recv. Once two requests were waiting (pipelined
-            # callers), just try to read: the one exception at the end of the batch
-            # costs less than checking EVENTS before every request. Either way the
-            # descriptor is left armed for the next request.
-            probe = 0
             for _ in range(_BATCH):
                 with lock:
                     if self._terminating:
                         return _DONE
-                    if probe < 2:
+                    # The routing id as bytes: a ROUTER always has more frames after it.
+                    if state == _CHECK:
                         if not _get(router, _EVENTS) & _POLLIN:
                             break
-                        probe += 1
-                        frame = _recv(router, _NOBLOCK, False)
+                        msg = [_recv(router, _NOBLOCK)]
+                        state = _BACKLOG
                     else:
                         try:
-                            frame = _recv(router, _NOBLOCK, False)
+                            msg = [_recv(router, _NOBLOCK)]
                         except zmq.Again:
                             break
-                    # Frames, not bytes: a Frame carries its RCVMORE flag, read in C,
-                    # where each getsockopt(RCVMORE) from Python costs an enum lookup.
-                    msg = [frame]
+                        if state == _TRY:
+                            state = _CHECK
+                    # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
+                    # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
+                    frame = _recv(router, _NOBLOCK, False)
+                    msg.append(frame)
                     while frame.more:
                         frame = _recv(router, _NOBLOCK, False)
                         msg.append(frame)
@@ -621,13 +630,17 @@ class BackEnd(CallHandler):
             if self._stopping and self._acct.in_flight == 0 and self._acct.subtasks == 0:
                 return _DONE
             if more:
+                state = _BACKLOG
                 continue
+            state = _CHECK
             for fd, _ in poller.poll(sleep_ms):
                 if fd == wake_r:
                     try:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
+                elif fd == zmq_fd:
+                    state = _TRY
 
 
 def build_backend(
