@@ -12,8 +12,9 @@ that lock and, between reads, sleeps in ``poll()`` on the socket's file
 descriptor *without* holding it. A pool worker that finishes a task takes the
 lock and sends its reply itself, so the I/O thread is never woken for a
 reply. Because any use of the socket may consume the descriptor's edge,
-whoever used it last checks ``EVENTS`` and wakes the I/O thread through a
-pipe when a request is waiting.
+whoever used it last checks ``EVENTS`` (the I/O thread: or reads until
+EAGAIN) and a worker wakes the I/O thread through a pipe when a request is
+waiting.
 
 Quick tasks run inline. A thread wake-up costs about as much as a whole
 loopback round trip on a busy machine, and a pool hand-off costs one. So a
