@@ -12,8 +12,8 @@ ZeroMQ can do: a DEALER client and a one-thread ROUTER loop that
 msgpack-decodes ``[name, args, kwargs]``, calls the function and
 msgpack-encodes the result, both using pyzmq's cheapest calls (a plain
 ``recv`` per frame, the base ``send``: ``recv_multipart``/``send_multipart``
-cost a getsockopt and a wrapper call per frame, which would flatter taskit). taskit is ``BackEnd(...)`` with its defaults and
-``FrontEnd(codec=MsgpackCodec)``.
+cost a getsockopt and a wrapper call per frame, which would flatter taskit).
+taskit is ``BackEnd(...)`` with its defaults and ``FrontEnd(codec=MsgpackCodec)``.
 
 Measured (the sides alternate in small chunks, so noise hits them alike):
 
@@ -29,7 +29,7 @@ Measured (the sides alternate in small chunks, so noise hits them alike):
 Attribution rows (not targets): a third server speaks taskit's frames with the
 floor's loop, so the cost of the wire format itself (raw client + raw server),
 of the FrontEnd alone (FrontEnd + raw server) and of the BackEnd alone (raw
-client + BackEnd) are each shown against the floor. One more row measures the
+client + BackEnd; sync and pipelined) are each shown against the floor. One more row measures the
 client design the FrontEnd rejected -- a dedicated I/O thread fed through a
 wake-up pipe, callers waiting on an Event -- against the same raw server.
 """
@@ -398,7 +398,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = os.urandom(MiB)
     kinds = ("floor", "taskit", "frontend_only", "backend_only", "frames_only", "io_thread_design")
     lat: dict[str, list[float]] = {k: [] for k in kinds}
-    thr = {"floor": 0.0, "submit": 0.0, "map": 0.0, "frontend_only_map": 0.0, "frames_only": 0.0}
+    thr = {
+        "floor": 0.0,
+        "submit": 0.0,
+        "map": 0.0,
+        "frontend_only_map": 0.0,
+        "frames_only": 0.0,
+        "backend_only": 0.0,
+    }
     mib: dict[str, float] = {"floor": 0.0, "taskit": 0.0, "frontend_only": 0.0}
     try:
         clients: dict[str, Any] = {
@@ -427,6 +434,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 thr["frames_only"] = max(
                     thr["frames_only"], rate(clients["frames_only"].pipelined, args.calls)
+                )
+                thr["backend_only"] = max(
+                    thr["backend_only"], rate(clients["backend_only"].pipelined, args.calls)
                 )
                 for _ in range(max(1, args.echo // 10)):
                     for kind in mib:
@@ -457,6 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "pipelined_map_ratio": round(thr["map"] / thr["floor"], 3),
             "frontend_only_pipelined_ratio": round(thr["frontend_only_map"] / thr["floor"], 3),
             "frames_only_pipelined_ratio": round(thr["frames_only"] / thr["floor"], 3),
+            "backend_only_pipelined_ratio": round(thr["backend_only"] / thr["floor"], 3),
             "echo_1mib_mib_per_s": {k: round(v, 1) for k, v in mib.items()},
             "frontend_only_echo_ratio": round(mib["frontend_only"] / mib["floor"], 3),
             "params": {
@@ -499,6 +510,8 @@ def report(r: dict[str, Any]) -> str:
         f"{d['pipelined_calls_per_s']['frames_only']}/s ({d['frames_only_pipelined_ratio']:.2f}),"
         f" FrontEnd.map {d['pipelined_calls_per_s']['frontend_only_map']}/s "
         f"({d['frontend_only_pipelined_ratio']:.2f})",
+        "  pipelined, raw client (taskit frames) + BackEnd: "
+        f"{d['pipelined_calls_per_s']['backend_only']}/s ({d['backend_only_pipelined_ratio']:.2f})",
         f"  1 MiB echo             floor {d['echo_1mib_mib_per_s']['floor']:7.1f} MiB/s "
         f"taskit {d['echo_1mib_mib_per_s']['taskit']:7.1f} MiB/s ratio {r['echo_ratio']:.2f}"
         "  (target >= 0.8)",

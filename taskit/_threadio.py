@@ -385,7 +385,7 @@ class ThreadedIO:
         ``own`` ones this thread will come back for (``map``) are left behind."""
         self._leader = None
         self._io_lock.release()
-        if (self._inbox or self._core.pending > own):
+        if self._inbox or self._core.pending > own:
             self._bg_wake.set()  # work remains: the background thread drives it
 
     def _wake(self) -> None:
