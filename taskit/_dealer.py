@@ -21,6 +21,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from taskit._client import ClientCore
+from taskit.codecs import Signer
+
 __all__ = [
     "DealerSettings",
     "open_dealer",
@@ -138,3 +141,49 @@ def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
 def monitor_event(frames: list[bytes]) -> int:
     """The event number of one monitor message."""
     return int(parse_monitor_message(frames)["event"])
+
+
+def configure_client(
+    client: Any,
+    *,
+    codec: Any,
+    timeout: float | None,
+    retries: int,
+    busy_retries: int,
+    connect_timeout: float,
+    heartbeat_interval: float | None,
+    heartbeat_timeout: float,
+    key: bytes | str | None,
+    curve_serverkey: Any,
+    curve_publickey: Any,
+    curve_secretkey: Any,
+    max_message_size: int | None,
+) -> None:
+    """Check and store the options FrontEnd and AsyncFrontEnd share, and build
+    their ``_settings`` (DealerSettings) and ``_core`` (ClientCore).
+
+    Raises ``ValueError`` for a bad timeout or key set, ``NotImplementedError``
+    when CURVE keys are given but libzmq lacks CURVE.
+    """
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
+    client.timeout = timeout
+    client.connect_timeout = float(connect_timeout)
+    client.heartbeat_interval = heartbeat_interval
+    client.heartbeat_timeout = heartbeat_timeout
+    client.max_message_size = max_message_size
+    client._settings = DealerSettings(
+        connect_timeout=client.connect_timeout,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        max_message_size=max_message_size,
+        curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
+    )
+    client._core = ClientCore(
+        codec=codec,
+        signer=Signer(key) if key is not None else None,
+        retries=retries,
+        busy_retries=busy_retries,
+        connect_timeout=client.connect_timeout,
+    )
+    client.codec = client._core.codec

@@ -37,19 +37,18 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
+from taskit._client import DOWN, PendingCall, parse_backend
 from taskit._dealer import (
     CONNECT_RETRIED,
     DISCONNECTED,
     HANDSHAKE_FAILED,
     UP_EVENT,
-    DealerSettings,
     close_dealer,
-    curve_keys,
+    configure_client,
     monitor_event,
     open_dealer,
 )
-from taskit.codecs import JSONCodec, Signer
+from taskit.codecs import JSONCodec
 from taskit.errors import (
     BackendLostError,
     BackendNotAvailableError,
@@ -141,29 +140,22 @@ class AsyncFrontEnd:
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
         self.default_port = default_port
-        self.timeout = timeout
-        self.connect_timeout = float(connect_timeout)
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_message_size = max_message_size
-        self._settings = DealerSettings(
-            connect_timeout=self.connect_timeout,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            max_message_size=max_message_size,
-            curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
-        )
-        self._core = ClientCore(
+        configure_client(
+            self,
             codec=codec,
-            signer=Signer(key) if key is not None else None,
+            timeout=timeout,
             retries=retries,
             busy_retries=busy_retries,
-            connect_timeout=self.connect_timeout,
+            connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            key=key,
+            curve_serverkey=curve_serverkey,
+            curve_publickey=curve_publickey,
+            curve_secretkey=curve_secretkey,
+            max_message_size=max_message_size,
         )
-        self.codec = self._core.codec
         self._ctx: zmq.asyncio.Context | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sockets: dict[str, _Backend] = {}

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
-from taskit._dealer import DealerSettings, curve_keys
+from taskit._client import DOWN, PendingCall, parse_backend
+from taskit._dealer import configure_client
 from taskit._threadio import CallFuture, ThreadedIO, Waiter
-from taskit.codecs import JSONCodec, Signer
+from taskit.codecs import JSONCodec
 from taskit.errors import (
     BackendLostError,
     BackendNotAvailableError,
@@ -121,30 +121,23 @@ class FrontEnd:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
         endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
         self.default_port = default_port
         self.logger = logger
-        self.timeout = timeout
-        self.connect_timeout = float(connect_timeout)
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_message_size = max_message_size
-        self._settings = DealerSettings(
-            connect_timeout=self.connect_timeout,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            max_message_size=max_message_size,
-            curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
-        )
-        self._core = ClientCore(
+        configure_client(
+            self,
             codec=codec,
-            signer=Signer(key) if key is not None else None,
+            timeout=timeout,
             retries=retries,
             busy_retries=busy_retries,
-            connect_timeout=self.connect_timeout,
+            connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            key=key,
+            curve_serverkey=curve_serverkey,
+            curve_publickey=curve_publickey,
+            curve_secretkey=curve_secretkey,
+            max_message_size=max_message_size,
         )
-        self.codec = self._core.codec
         self._cb_pool: ThreadPoolExecutor | None = None
         self._cb_pool_lock = threading.Lock()
         self._io = ThreadedIO(self._core, self._settings, endpoints, self._note)
