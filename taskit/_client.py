@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from taskit.codecs import Signer, get_codec
+from taskit.codecs import Signer, as_body, get_codec
 from taskit.errors import (
     BackendLostError,
     BackendNotAvailableError,
@@ -426,6 +426,8 @@ class ClientCore:
         Does not touch the table, so it may run outside the driver's lock.
         """
         body = self.codec.encode([task, list(args), kwargs or {}])
+        if type(body) is not bytes:
+            body = as_body(self.codec, body)
         deadline = None if timeout is None else self.clock() + timeout
         return PendingCall(next(self._ids), task, body, self.codec, waiter, deadline, target)
 

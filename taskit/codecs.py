@@ -32,6 +32,7 @@ __all__ = [
     "get_codec",
     "registered_codecs",
     "Signer",
+    "as_body",
 ]
 
 
@@ -136,6 +137,23 @@ class PickleCodec:
             return pickle.loads(data)
         except Exception as e:
             raise DecodeError(f"not a valid pickle: {type(e).__name__}: {e}") from e
+
+
+def as_body(codec: Any, body: Any) -> bytes:
+    """``body`` (what ``codec.encode`` returned) as bytes for the wire.
+
+    Call sites check ``type(body) is bytes`` first, so this only runs for user
+    codecs: a ``str`` (what TaskIt 4.0 codecs returned) is sent as UTF-8,
+    anything else that is not bytes-like raises :class:`EncodeError`.
+    """
+    if isinstance(body, str):
+        return body.encode()
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    raise EncodeError(
+        f"codec {getattr(codec, 'name', codec)!r} returned {type(body).__name__}; "
+        "encode() must return bytes (or str)"
+    )
 
 
 _BY_ID: dict[int, Any] = {}

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from taskit.codecs import Signer, get_codec
-from taskit.errors import DecodeError, EncodeError, ProtocolError, SignatureError
+from taskit.codecs import Signer, as_body, get_codec
+from taskit.errors import ProtocolError, SignatureError
 
 __all__ = [
     "MAGIC",
@@ -166,6 +166,8 @@ def encode_call(
 ) -> list[bytes]:
     """Frames of a CALL of ``task``. Raises :class:`EncodeError` for unencodable arguments."""
     body = codec.encode([task, list(args), kwargs or {}])
+    if type(body) is not bytes:
+        body = as_body(codec, body)
     return pack(Kind.CALL, codec.wire_id, call_id, body, signer)
 
 
@@ -195,6 +197,8 @@ def encode_result(
 ) -> list[bytes]:
     """Frames of a RESULT. Raises :class:`EncodeError` when ``value`` is unencodable."""
     body = codec.encode(value)
+    if type(body) is not bytes:
+        body = as_body(codec, body)
     if signer is None:  # pack() inlined: this is on every reply's path
         return [MAGIC, _pack_header(_RESULT, codec.wire_id, call_id), body]
     return pack(_RESULT, codec.wire_id, call_id, body, signer)
@@ -211,14 +215,17 @@ def encode_error(
     """Frames of an ERROR. Never raises for unencodable ``args``: they fall back to reprs,
     and a codec that fails entirely falls back to JSON."""
     args = list(args)
-    try:
-        body = codec.encode([type_name, args, remote_traceback])
-    except (EncodeError, DecodeError):
+    for attempt in (args, [repr(a) for a in args]):
         try:
-            body = codec.encode([type_name, [repr(a) for a in args], remote_traceback])
-        except (EncodeError, DecodeError):
-            codec = get_codec("json")
-            body = codec.encode([type_name, [repr(a) for a in args], remote_traceback])
+            body = codec.encode([type_name, attempt, remote_traceback])
+            if type(body) is not bytes:
+                body = as_body(codec, body)
+            break
+        except Exception:  # an ERROR must always go out, whatever the codec does
+            continue
+    else:
+        codec = get_codec("json")
+        body = codec.encode([type_name, [repr(a) for a in args], remote_traceback])
     return pack(Kind.ERROR, codec.wire_id, call_id, body, signer)
 
 
