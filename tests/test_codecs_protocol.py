@@ -95,7 +95,7 @@ class StrJSON:
     """A TaskIt 4.0-style codec: encode returns str."""
 
     name = "strjson-test"
-    wire_id = 201
+    wire_id = 231
 
     @staticmethod
     def encode(obj):
@@ -116,7 +116,7 @@ def test_a_codec_returning_str_is_sent_as_utf8():
 def test_a_codec_returning_nonsense_is_an_encode_error_but_errors_still_go_out():
     class Bad:
         name = "bad-test"
-        wire_id = 202
+        wire_id = 232
         encode = staticmethod(lambda obj: 42)
         decode = staticmethod(json.loads)
 
