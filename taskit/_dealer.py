@@ -26,6 +26,10 @@ from taskit.codecs import Signer
 
 __all__ = [
     "DealerSettings",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "open_dealer",
     "close_dealer",
     "curve_keys",
@@ -36,6 +40,12 @@ __all__ = [
     "HANDSHAKE_FAILED",
     "MONITOR_EVENTS",
 ]
+
+# Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
+DEFAULT_CONNECT_TIMEOUT = 2.0  # a call waits this long for some backend to be reachable
+DEFAULT_HEARTBEAT_INTERVAL = 0.5  # between ZMTP PINGs
+DEFAULT_HEARTBEAT_TIMEOUT = 2.0  # a backend silent this long is declared lost
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 # "Up" is the end of the ZMTP handshake (where libzmq has it), not the TCP connect:
 # only then does a sent message go to the backend rather than wait in a queue.
@@ -54,10 +64,10 @@ MONITOR_EVENTS = UP_EVENT | DISCONNECTED | CONNECT_RETRIED | HANDSHAKE_FAILED
 class DealerSettings:
     """Socket options of every DEALER a client opens (seconds; None disables)."""
 
-    connect_timeout: float = 2.0
-    heartbeat_interval: float | None = 0.5
-    heartbeat_timeout: float = 2.0
-    max_message_size: int | None = 64 * 1024 * 1024
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE
     curve: tuple[bytes, bytes, bytes] | None = None  # (server public, our public, our secret)
 
 

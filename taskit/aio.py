@@ -40,6 +40,10 @@ import zmq.asyncio
 from taskit._client import DOWN, PendingCall, parse_backend
 from taskit._dealer import (
     CONNECT_RETRIED,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
     DISCONNECTED,
     HANDSHAKE_FAILED,
     UP_EVENT,
@@ -63,11 +67,6 @@ __all__ = ["AsyncFrontEnd"]
 
 _log = logging.getLogger("taskit.aio")
 
-# The same defaults as taskit.frontend (not imported: aio depends on the core only).
-DEFAULT_CONNECT_TIMEOUT = 2.0
-DEFAULT_HEARTBEAT_INTERVAL = 0.5
-DEFAULT_HEARTBEAT_TIMEOUT = 2.0
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 
 # Plain ints: pyzmq's flag enums cost an arithmetic call per use on the hot path.

@@ -29,7 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from taskit._client import DOWN, PendingCall, parse_backend
-from taskit._dealer import configure_client
+from taskit._dealer import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    configure_client,
+)
 from taskit._threadio import CallFuture, ThreadedIO, Waiter
 from taskit.codecs import JSONCodec
 from taskit.errors import (
@@ -56,10 +62,6 @@ __all__ = [
 
 _log = logging.getLogger("taskit.frontend")
 
-DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds a call waits for some backend to be reachable
-DEFAULT_HEARTBEAT_INTERVAL = 0.5  # seconds between ZMTP PINGs
-DEFAULT_HEARTBEAT_TIMEOUT = 2.0  # a backend silent this long is declared lost
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 
 
