@@ -424,10 +424,16 @@ def test_backends_status_tracks_states(backends, frontends):
 
 
 def test_lost_call_on_backend_terminate(backends, frontends):
-    be = backends()
+    started = threading.Event()
+
+    def nap_started(seconds):
+        started.set()
+        time.sleep(seconds)  # simulated work, cut short by the terminate
+
+    be = backends({"nap": nap_started})
     fe = frontends([be.endpoint], connect_timeout=0.5)
     fut = fe.submit("nap", 5)
-    time.sleep(0.2)  # let the call reach the backend (not synchronisation of a result)
+    assert started.wait(10)  # the call is running in the backend
     be.terminate_server()
     with pytest.raises(BackendLostError):
         fut.result(10)
