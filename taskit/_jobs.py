@@ -109,10 +109,6 @@ def current_toolbox() -> Any:
         ) from None
 
 
-def _set_toolbox(toolbox: Any) -> None:
-    _local.toolbox = toolbox
-
-
 def default_size(kind: str) -> int:
     """Default worker count: ``cpu_count()`` processes, ``min(32, cpu_count() + 4)`` threads."""
     cpus = os.cpu_count() or 1
@@ -127,7 +123,7 @@ def _call_initializers(
     """Run a worker's initializer then its toolbox factory, in the worker itself."""
     if initializer is not None:
         initializer(*initargs)
-    toolbox = toolbox_factory() if toolbox_factory is not None else None
-    if toolbox_factory is not None:
-        _set_toolbox(toolbox)
+    if toolbox_factory is None:
+        return None
+    toolbox = _local.toolbox = toolbox_factory()
     return toolbox
