@@ -323,6 +323,18 @@ class ClientCore:
         self._blist.append(b)
         return True
 
+    def known(self, spec: Any, default_port: int = DEFAULT_PORT) -> str:
+        """The endpoint of ``spec`` (any form :func:`parse_backend` takes) when it is one
+        of this client's backends. Raises ``ValueError('No such backend!')`` otherwise
+        (TaskIt 4.0's message, malformed specs included)."""
+        try:
+            endpoint = parse_backend(spec, default_port)
+        except ValueError:
+            raise ValueError("No such backend!") from None
+        if endpoint not in self.backends:
+            raise ValueError("No such backend!")
+        return endpoint
+
     def backend_up(self, endpoint: str) -> None:
         """The connection to ``endpoint`` is ready: parked calls may go out."""
         b = self.backends.get(endpoint)

@@ -316,7 +316,7 @@ class AsyncFrontEnd:
         ``ValueError('No such backend!')`` for a backend not added here,
         :class:`BackendNotAvailableError` when it cannot be reached within the
         connect timeout, :class:`BackendProcessingError` when it refuses."""
-        endpoint = self._known(backend)
+        endpoint = self._core.known(backend, self.default_port)
         t = self.timeout if timeout is None else timeout
         return await self._submit(signal, (), {}, t, endpoint)
 
@@ -339,7 +339,7 @@ class AsyncFrontEnd:
     async def get_tasks(self, backend: Any) -> str:
         """The backend's count of queued and running tasks as a string, or ``'down'``
         (at once when known down, else within ``connect_timeout``)."""
-        endpoint = self._known(backend)
+        endpoint = self._core.known(backend, self.default_port)
         if self._core.backends[endpoint].state == DOWN:
             return "down"
         try:
@@ -399,15 +399,6 @@ class AsyncFrontEnd:
     def _check_open(self) -> None:
         if self._closed:
             raise self._closed_error()
-
-    def _known(self, backend: Any) -> str:
-        try:
-            endpoint = parse_backend(backend, self.default_port)
-        except ValueError:
-            raise ValueError("No such backend!") from None
-        if endpoint not in self._core.backends:
-            raise ValueError("No such backend!")
-        return endpoint
 
     def _start(self) -> None:
         self._check_open()

@@ -196,7 +196,7 @@ class FrontEnd:
         :class:`BackendNotAvailableError` when it cannot be reached within the
         connect timeout, :class:`BackendProcessingError` when it refuses.
         """
-        endpoint = self._known(backend)
+        endpoint = self._core.known(backend, self.default_port)
         return self._call(signal, (), None, timeout, target=endpoint)
 
     def send_stop(self, backend: Any) -> Any:
@@ -223,7 +223,7 @@ class FrontEnd:
         Answers ``'down'`` at once for a backend known to be down, else within
         ``connect_timeout`` at most. Raises ``ValueError`` for an unknown backend.
         """
-        endpoint = self._known(backend)
+        endpoint = self._core.known(backend, self.default_port)
         state = self._core.backends[endpoint].state
         if state == DOWN:
             return "down"
@@ -365,15 +365,6 @@ class FrontEnd:
         return f"<FrontEnd {state}, {self._core.pending} pending>"
 
     # -- calls ---------------------------------------------------------------------
-
-    def _known(self, backend: Any) -> str:
-        try:
-            endpoint = parse_backend(backend, self.default_port)
-        except ValueError:
-            raise ValueError("No such backend!") from None
-        if endpoint not in self._core.backends:
-            raise ValueError("No such backend!")
-        return endpoint
 
     def _call(
         self,
