@@ -375,6 +375,8 @@ class CallHandler:
         kwargs: dict,
         t0: float,
     ) -> None:
+        # Kept apart from _run_inline on purpose: a shared helper would add a call per
+        # message on the inline hot path, and the two differ in marks, locking and reply.
         in_task.backend = self
         start = time.perf_counter()
         try:

@@ -485,6 +485,12 @@ def _ports_arg(text: str) -> str:
     return text
 
 
+def _add_targets(p: argparse.ArgumentParser, ports_help: str | None = None) -> None:
+    """The HOST PORTS positionals of ctl, ports and top (PORTS validated by _ports_arg)."""
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("ports", metavar="PORTS", type=_ports_arg, help=ports_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``taskit`` argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -572,10 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("command", choices=("stop", "kill", "status", "stats", "tasks"))
-    p.add_argument("host", metavar="HOST")
-    p.add_argument(
-        "ports", metavar="PORTS", type=_ports_arg, help="54543, 54543,54545 or 54543-54546"
-    )
+    _add_targets(p, ports_help="54543, 54543,54545 or 54543-54546")
     p.add_argument("--json", action="store_true", help="stats: print one JSON object")
     _add_client_options(p)
     p.set_defaults(func=_cmd_ctl)
@@ -613,8 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="expand a port list into HOST:PORT lines",
         description="The port expander: 'taskit ports HOST 54543-54545' prints HOST:PORT lines.",
     )
-    p.add_argument("host", metavar="HOST")
-    p.add_argument("ports", metavar="PORTS", type=_ports_arg)
+    _add_targets(p)
     p.set_defaults(func=_cmd_ports)
 
     p = sub.add_parser(
@@ -622,8 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="live view of backends: jobs in flight, done, failed, rate",
         description="Refresh a table of backend statistics until Ctrl-C (or --iterations).",
     )
-    p.add_argument("host", metavar="HOST")
-    p.add_argument("ports", metavar="PORTS", type=_ports_arg)
+    _add_targets(p)
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="refresh period")
     bound = p.add_mutually_exclusive_group()
     bound.add_argument("--once", action="store_true", help="print one table and exit")
