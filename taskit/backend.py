@@ -189,9 +189,7 @@ class BackEnd(CallHandler):
                 "or drop curve_secretkey"
             )
         self._curve = (curve_secretkey, curve_publickey)
-        if isinstance(pool, str):
-            if pool not in ("thread", "process"):
-                raise ValueError(f"pool must be 'thread', 'process' or a WorkerPool, not {pool!r}")
+        if isinstance(pool, str) and pool in ("thread", "process"):
             self._pool_kind, self._pool, self._owns_pool = pool, None, True
         elif callable(getattr(pool, "submit", None)):
             self._pool_kind = getattr(pool, "kind", "thread")
