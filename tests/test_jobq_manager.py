@@ -444,7 +444,16 @@ def test_timeout_covers_an_endless_input():
 
 
 def test_default_timeout_is_not_too_large():
-    jobq.run(range(1), [lambda x: time.sleep(0.02)])
+    done = []
+
+    def work(x):
+        time.sleep(0.02)  # simulated work
+        done.append(x)
+
+    t0 = time.monotonic()
+    jobq.run(range(1), [work])
+    assert done == [0]  # the element ran to its end (no default deadline cut it)
+    assert time.monotonic() - t0 < 10  # and run() returned once it was done
 
 
 # --- limit_job_speed -------------------------------------------------------------

@@ -44,8 +44,10 @@ def test_threaded_many_at_once():
     barrier = threading.Barrier(n + 1)
     threads = [threaded(barrier.wait, (WAIT,)) for _ in range(n)]
     barrier.wait(WAIT)  # only passes when all n threads run concurrently
+    assert len({t.ident for t in threads}) == n
     for t in threads:
         t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_allocate_lock_and_error_match_thread_module():
