@@ -214,9 +214,8 @@ class AsyncFrontEnd:
     ) -> Any:
         """Like :meth:`work` with explicit ``args``/``kwargs``, so per-call options such
         as ``timeout`` (default: the front end's) never clash with task arguments."""
-        return await self._submit(
-            task, tuple(args), kwargs or {}, self.timeout if timeout is None else timeout, None
-        )
+        t = self.timeout if timeout is None else timeout
+        return await self._submit(task, args, kwargs, t, None)  # new_call copies args
 
     async def map(
         self,

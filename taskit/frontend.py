@@ -43,7 +43,6 @@ from taskit.errors import (
     BackendNotAvailableError,
     BackendProcessingError,
     CallTimeoutError,
-    FrontEndClosedError,
 )
 from taskit.log import ERROR, null_logger
 from taskit.progress import progress_bar
@@ -377,9 +376,8 @@ class FrontEnd:
         if timeout is None:
             timeout = self.timeout
         w = Waiter()
-        call = self._core.new_call(task, tuple(args), kwargs, w, timeout, target)
-        if self._io.closed:
-            raise FrontEndClosedError("this FrontEnd is closed; create a new one to make calls")
+        # new_call copies args into the body list; io.call raises FrontEndClosedError
+        call = self._core.new_call(task, args, kwargs, w, timeout, target)
         return self._io.call(call, w, timeout)
 
     # -- callbacks and logging -----------------------------------------------------
