@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from taskit.errors import ResultAlreadySetError, ResyncError, ResyncWaitTimeout
+from taskit.threaded import _start_daemon
 
 __all__ = ["Mediator", "Resyncer", "ResyncWaitTimeout", "ResultAlreadySetError", "ResyncError"]
 
@@ -145,8 +146,7 @@ class Resyncer:
             if self._thread is not None:
                 raise ResyncError("this Resyncer was already started; create a new one per call")
             name = f"taskit-resync-{getattr(self.func, '__name__', 'call')}"
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+            self._thread = _start_daemon(name, self._run)
         return self
 
     def started(self) -> bool:

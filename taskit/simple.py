@@ -37,6 +37,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Literal
 
+from taskit.threaded import _start_daemon
+
 __all__ = ["null_cb", "taskit", "Task"]
 
 _log = logging.getLogger("taskit.simple")
@@ -72,14 +74,7 @@ class Task:
         return getattr(self, "__name__", type(self).__name__)
 
     def _start(self, target: Callable[..., None], *args: Any) -> threading.Thread:
-        thread = threading.Thread(
-            target=target,
-            args=args,
-            name=f"taskit-simple-{self._name()}-{next(_counter)}",
-            daemon=True,
-        )
-        thread.start()
-        return thread
+        return _start_daemon(f"taskit-simple-{self._name()}-{next(_counter)}", target, args)
 
     def _do_cb(
         self, cb: Callable[[Any], Any], error_cb: ErrorCallback, args: tuple, kw: dict

@@ -41,9 +41,20 @@ def threaded(
         raise TypeError(f"threaded(): args must be a tuple or list, not {type(args).__name__}")
     if kw is not None and not isinstance(kw, Mapping):
         raise TypeError(f"threaded(): kw must be a mapping, not {type(kw).__name__}")
-    name = f"taskit-threaded-{next(_counter)}"
-    thread = threading.Thread(
-        target=func, args=tuple(args), kwargs=dict(kw or {}), name=name, daemon=True
-    )
+    return _start_daemon(f"taskit-threaded-{next(_counter)}", func, tuple(args), dict(kw or {}))
+
+
+def _start_daemon(
+    name: str,
+    target: Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> threading.Thread:
+    """Start and return a daemon thread running ``target(*args, **kwargs)``.
+
+    The one place the local half starts a fire-and-forget thread
+    (:func:`threaded`, :mod:`taskit.simple`, :class:`taskit.resync.Resyncer`).
+    """
+    thread = threading.Thread(target=target, args=args, kwargs=kwargs, name=name, daemon=True)
     thread.start()
     return thread
