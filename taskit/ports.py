@@ -58,10 +58,9 @@ def get_ports(spec: str | int) -> list[int]:
                     f"range {part.strip()!r} names {last - first + 1} ports; "
                     f"at most {MAX_PORTS} are allowed"
                 )
-            chunk = range(first, last + 1)
         else:
-            chunk = range(_port(part, spec), _port(part, spec) + 1)
-        for port in chunk:
+            first = last = _port(part, spec)
+        for port in range(first, last + 1):
             if port not in seen:
                 seen.add(port)
                 ports.append(port)
