@@ -404,26 +404,24 @@ def _join_jobq_threads():
             t.join(WAIT)
 
 
-def test_timeout_before_first_result():
-    got, rst, release, slow = _timeout_pipeline(block_from=0)
+@pytest.mark.parametrize(
+    "block_from, timeout, got_after, rst_after",
+    [
+        # the busy thread finished 0 and took nothing else; downstream had already quit
+        (0, 0.2, [0], []),
+        (1, 0.5, [0, 1], [0]),
+    ],
+    ids=["before-first-result", "after-first-result"],
+)
+def test_timeout_stops_the_pipeline(block_from, timeout, got_after, rst_after):
+    got, rst, release, slow = _timeout_pipeline(block_from=block_from)
     t0 = time.monotonic()
-    jobq.run(range(10), [slow, rst.append], timeout=0.2)
-    assert 0.19 <= time.monotonic() - t0 < 3
+    jobq.run(range(10), [slow, rst.append], timeout=timeout)
+    assert timeout - 0.01 <= time.monotonic() - t0 < 3
     release.set()
     _join_jobq_threads()
-    assert got == [0]  # the busy thread finished 0 and took nothing else
-    assert rst == []  # downstream had already quit
-
-
-def test_timeout_after_first_result():
-    got, rst, release, slow = _timeout_pipeline(block_from=1)
-    t0 = time.monotonic()
-    jobq.run(range(10), [slow, rst.append], timeout=0.5)
-    assert 0.49 <= time.monotonic() - t0 < 3
-    release.set()
-    _join_jobq_threads()
-    assert got == [0, 1]
-    assert rst == [0]
+    assert got == got_after
+    assert rst == rst_after
 
 
 def test_timeout_zero_returns_at_once():
