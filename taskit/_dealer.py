@@ -1,6 +1,7 @@
 """A client's connection to one backend: a DEALER socket set up for taskit, plus
-its socket monitor. Shared by the FrontEnd (threads) and usable by any other
-driver of :class:`taskit._client.ClientCore`; it only builds sockets.
+its socket monitor, and the option checks, defaults and core set-up
+(:func:`configure_client`) that FrontEnd (threads) and AsyncFrontEnd (asyncio)
+share. Usable by any other driver of :class:`taskit._client.ClientCore`.
 
 Interface::
 
@@ -33,6 +34,7 @@ __all__ = [
     "open_dealer",
     "close_dealer",
     "curve_keys",
+    "configure_client",
     "monitor_event",
     "UP_EVENT",
     "DISCONNECTED",

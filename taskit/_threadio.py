@@ -502,8 +502,8 @@ class ThreadedIO:
                 else:
                     _send(link.send, frames)
             except zmq.Again:
-                # IMMEDIATE: no connected peer, the connection just dropped; keep
-                # the replies it delivered before failing what is left on it
+                # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
+                # the replies the socket holds before failing what is left on it
                 self._receive(link, None, _DRAIN_ALL)
                 self._resolve(core.send_failed(call))
             except zmq.ZMQError as e:
@@ -545,9 +545,7 @@ class ThreadedIO:
         while True:
             try:
                 msg = link.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # zmq.Again (nothing queued) included, or closed
                 return
             event = monitor_event(msg)
             if event & UP_EVENT:
