@@ -372,15 +372,16 @@ class WorkerPool:
         the calls not yet started are cancelled.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:  # seconds until the deadline; None: no limit
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         submit = self.submit
         futures = [submit(fn, *args) for args in zip(*iterables, strict=False)]
         try:
             if ordered:
-                if deadline is None:
-                    return [f.result() for f in futures]
-                return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return [f.result() for f in as_completed(futures, timeout=left)]
+                return [f.result(left()) for f in futures]
+            return [f.result() for f in as_completed(futures, timeout=left())]
         except BaseException:
             for f in futures:
                 f.cancel()
