@@ -229,17 +229,11 @@ def test_ports_command():
 # --- taskit backend life cycle ----------------------------------------------------
 
 
-def test_ctl_stop_ends_the_backend_cleanly(start):
+@pytest.mark.parametrize("command, outcome", [("stop", "stopped"), ("kill", "terminated")])
+def test_ctl_stop_and_kill_end_the_backend(start, command, outcome):
     b = start("cli_tasks.py", "--port", "0")
-    out = run(["ctl", "stop", "127.0.0.1", str(b.ports[0])])
-    assert out.stdout.strip() == f"127.0.0.1:{b.ports[0]} --> stopped"
-    assert b.proc.wait(30) == 0
-
-
-def test_ctl_kill_terminates_the_backend(start):
-    b = start("cli_tasks.py", "--port", "0")
-    out = run(["ctl", "kill", "127.0.0.1", str(b.ports[0])])
-    assert out.stdout.strip() == f"127.0.0.1:{b.ports[0]} --> terminated"
+    out = run(["ctl", command, "127.0.0.1", str(b.ports[0])])
+    assert out.stdout.strip() == f"127.0.0.1:{b.ports[0]} --> {outcome}"
     assert b.proc.wait(30) == 0
 
 
