@@ -48,7 +48,6 @@ class _Child:
         self.started = 0.0
         self.backoff = 0.0
         self.restart_at: float | None = None
-        self.restarts = 0
         self.done = False
 
 
@@ -116,7 +115,6 @@ class Supervisor:
         else:
             child.backoff = min(self._max_backoff, max(self._first_backoff, child.backoff * 2))
         child.restart_at = now + child.backoff
-        child.restarts += 1
         log.warning("%s died (%s); restarting in %.1f s", child.name, how, child.backoff)
 
     def _on_signal(self, signum: int, frame: object) -> None:
