@@ -274,9 +274,8 @@ class BackEnd(CallHandler):
         """What ``<stats>`` answers: a dict of plain values (see doc/protocol.md §9)."""
         with self._lock:
             out = self._acct.snapshot()
-            out["inline_tasks"] = sorted(
-                n for n in self._acct.speed if self._inline_auto and self._acct.quick(n)
-            ) + sorted(self._inline_names)
+            quick = sorted(filter(self._acct.quick, self._acct.speed)) if self._inline_auto else []
+            out["inline_tasks"] = quick + sorted(self._inline_names)
         out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0
         out["stopping"] = self._stopping
         pool = self._pool
@@ -330,9 +329,7 @@ class BackEnd(CallHandler):
         True when serving has ended.
         """
         with self._lock:
-            if self._state == _NEW:
-                self._state = _STOPPED
-                self._stopped.set()
+            if self._end_unstarted_locked():
                 return True
             self._stopping = True
             self._wake_locked()
@@ -343,9 +340,7 @@ class BackEnd(CallHandler):
     def terminate_server(self) -> None:
         """End now: stop reading, close the socket; running calls go unanswered. Returns at once."""
         with self._lock:
-            if self._state == _NEW:
-                self._state = _STOPPED
-                self._stopped.set()
+            if self._end_unstarted_locked():
                 return
             self._terminating = True
             self._wake_locked()
@@ -382,6 +377,14 @@ class BackEnd(CallHandler):
         return f"<BackEnd {self._endpoint} {self._state} tasks={len(self.tasks)}>"
 
     # -- internals: setup and teardown -----------------------------------------------
+
+    def _end_unstarted_locked(self) -> bool:
+        """Mark a BackEnd that never bound as stopped; True if it was one. Holds the lock."""
+        if self._state != _NEW:
+            return False
+        self._state = _STOPPED
+        self._stopped.set()
+        return True
 
     def _inside(self) -> bool:
         """True on this backend's I/O thread or while running one of its tasks."""
