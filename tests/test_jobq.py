@@ -348,7 +348,8 @@ def test_dispatcher_job_manager():
         assert len(st["dispatcher"]) == 3
         for d in st["dispatcher"]:
             assert set(d) == {"input", "output"}
-            assert d["input"]["capa"] > 0 and d["input"]["size"] >= 0
+            assert 0 <= d["input"]["size"] <= d["input"]["capa"]
+            assert d["input"]["capa"] > 0
             assert d["output"]["size"] >= 0
     jm.join()
     _check_affinity(by_tid, ordered)

@@ -100,7 +100,8 @@ def test_probe_single_thread():
     gate.wait_entered()
     st = jobq.stat(probe)
     assert st["doing"] == 1  # working on the 1st
-    assert st["workers"][0]["input"]["size"] >= 0 and st["workers"][0]["input"]["capa"] > 0
+    assert 0 <= st["workers"][0]["input"]["size"] <= st["workers"][0]["input"]["capa"]
+    assert st["workers"][0]["input"]["capa"] > 0
     gate.release()
     gate.wait_entered()
     st = jobq.stat(probe)["workers"][0]
