@@ -490,7 +490,12 @@ class ThreadedIO:
     def _flush(self) -> None:
         core, links = self._core, self._links
         frames_for = core.frames_for
+        failed = False
         for call in core.drain_outbox():
+            if failed and (
+                call.done or call.backend is None or any(c is call for c in core.outbox)
+            ):
+                continue  # a send_failed above settled, parked or re-routed it
             link = links[call.backend]  # type: ignore[index]
             try:
                 frames = frames_for(call)
@@ -504,9 +509,11 @@ class ThreadedIO:
             except zmq.Again:
                 # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
                 # the replies the socket holds before failing what is left on it
+                failed = True
                 self._receive(link, None, _DRAIN_ALL)
                 self._resolve(core.send_failed(call))
             except zmq.ZMQError as e:
+                failed = True
                 self._resolve(core.send_failed(call))
                 _log.warning("send to %s failed: %s", link.endpoint, e)
         if core.outbox:  # send_failed may have re-routed calls

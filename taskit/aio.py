@@ -230,7 +230,7 @@ class AsyncFrontEnd:
         exception when its result is reached; calls not yet answered when the
         consumer stops are forgotten. ``progress=True`` draws a progress bar."""
         total = None
-        if progress:
+        if progress and iterables:
             try:
                 total = min(len(it) for it in iterables)  # type: ignore[arg-type]
             except TypeError:

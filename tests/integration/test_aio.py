@@ -88,6 +88,17 @@ def test_work_submit_call_map(backends):
     run(main())
 
 
+def test_map_over_nothing_yields_nothing_even_with_progress(backends):
+    (b,) = backends()
+
+    async def main():
+        async with AsyncFrontEnd([addr(b)]) as fe:
+            assert [r async for r in fe.map("add", progress=True)] == []
+            assert [r async for r in fe.map("add", [], [], progress=True)] == []
+
+    run(main())
+
+
 def test_many_concurrent_calls_get_their_own_results(backends):
     (b,) = backends(workers=4)
 
