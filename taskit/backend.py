@@ -94,7 +94,11 @@ _TAKEOVER = 0.01
 _DONE, _DEMOTED = "done", "demoted"
 
 # How the I/O loop reads the next request (see _loop).
-_TRY, _CHECK, _BACKLOG = 0, 1, 2
+_TRY, _CHECK, _BACKLOG, _WAIT = 0, 1, 2, 3
+# The longest blocking read of the I/O loop (the socket's RCVTIMEO): after this
+# long without a request it sleeps in poll() again, where a stop or a worker's
+# wake-up reaches it at once. Also the longest a stop waits on a busy socket.
+_WAIT_MS = 10
 
 # Life cycle of a BackEnd.
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
@@ -421,6 +425,7 @@ class BackEnd(CallHandler):
                 (self.heartbeat_interval, self.heartbeat_timeout),
                 self._curve,
             )
+            sock.setsockopt(zmq.RCVTIMEO, _WAIT_MS)  # bounds the I/O loop's blocking reads
             sock.bind(self._endpoint)
         except zmq.ZMQError as e:
             sock.close(0)
@@ -590,33 +595,49 @@ class BackEnd(CallHandler):
         # are queued), _CHECK right after the first one of a wake-up (sync callers
         # send one at a time), _BACKLOG (try) once a second one was there. Either
         # way, before sleeping the descriptor is left armed for the next request.
+        # And _WAIT while no call is in a worker's hands: then no other thread
+        # touches the socket, so this one waits in a plain blocking recv (bounded by
+        # RCVTIMEO, _WAIT_MS), without the lock -- much cheaper per request than
+        # poll() + EVENTS + a non-blocking recv, and it wakes sooner.
         state = _CHECK
         while True:
             more = False
             for _ in range(_BATCH):
-                with lock:
-                    if self._terminating:
-                        return _DONE
-                    # The routing id as bytes: a ROUTER always has more frames after it.
-                    if state == _CHECK:
-                        if not _get(router, _EVENTS) & _POLLIN:
-                            break
-                        msg = [_recv(router, _NOBLOCK)]
-                        state = _BACKLOG
-                    else:
-                        try:
-                            msg = [_recv(router, _NOBLOCK)]
-                        except zmq.Again:
-                            break
-                        if state == _TRY:
-                            state = _CHECK
-                    # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
-                    # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
+                if state == _WAIT:
+                    try:
+                        msg = [_recv(router, 0)]
+                    except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
+                        state = _CHECK
+                        break
                     frame = _recv(router, _NOBLOCK, False)
                     msg.append(frame)
                     while frame.more:
                         frame = _recv(router, _NOBLOCK, False)
                         msg.append(frame)
+                else:
+                    with lock:
+                        if self._terminating:
+                            return _DONE
+                        # The routing id as bytes: a ROUTER always has more frames after it.
+                        if state == _CHECK:
+                            if not _get(router, _EVENTS) & _POLLIN:
+                                break
+                            msg = [_recv(router, _NOBLOCK)]
+                            state = _BACKLOG
+                        else:
+                            try:
+                                msg = [_recv(router, _NOBLOCK)]
+                            except zmq.Again:
+                                break
+                            if state == _TRY:
+                                state = _CHECK
+                        # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
+                        # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
+                        frame = _recv(router, _NOBLOCK, False)
+                        msg.append(frame)
+                        while frame.more:
+                            frame = _recv(router, _NOBLOCK, False)
+                            msg.append(frame)
                 try:
                     handle(msg)
                 except Exception:  # a bug, or a user codec raising oddly: never stop serving
@@ -625,6 +646,13 @@ class BackEnd(CallHandler):
                         self._acct.drop("malformed")
                 if self._io_owner != me:
                     return _DEMOTED  # the standby took over during an inline task
+                # Checked under the lock: a worker's reply and its in_flight decrement
+                # happen in one hold of it, so 0 means no other thread will send.
+                with lock:
+                    if self._acct.in_flight == 0 and not (self._stopping or self._terminating):
+                        state = _WAIT
+                    elif state == _WAIT:
+                        state = _BACKLOG
             else:
                 more = True
             if self._terminating:

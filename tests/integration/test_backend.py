@@ -349,6 +349,48 @@ def test_inline_false_always_uses_the_pool(serve, client):
     assert c.call("<stats>")["inline_tasks"] == []
 
 
+def test_inline_and_pool_replies_interleave_without_loss(serve, client):
+    """While no call is in a worker's hands the I/O thread waits in a blocking recv
+    without the lock; workers' replies must still all reach their callers."""
+
+    def slow(x):
+        time.sleep(0.0005)  # simulated work: keeps calls in the pool's hands
+        return -x
+
+    b = serve({"add": add, "slow": slow}, workers=4)
+    peers = [client(b) for _ in range(4)]
+    for _ in range(20):  # "add" qualifies to run inline
+        peers[0].call("add", 1, 2)
+    assert "add" in peers[0].call("<stats>")["inline_tasks"]
+    expected: list[dict[int, int]] = []
+    for c in peers:
+        ids = {}
+        for n in range(300):
+            if n % 3 == 0:
+                ids[c.send("slow", n)] = -n
+            else:
+                ids[c.send("add", n, 1)] = n + 1
+        expected.append(ids)
+    for c, ids in zip(peers, expected, strict=True):
+        got = {}
+        for _ in ids:
+            kind, _codec, call_id, value = c.recv(30)
+            assert kind == Kind.RESULT
+            got[call_id] = value
+        assert got == ids
+    assert b.task_count == 0
+
+
+def test_stop_after_sync_calls_is_prompt(serve, client):
+    b = serve(TASKS)
+    c = client(b)
+    for n in range(50):  # the I/O thread now waits in its blocking read
+        assert c.call("add", n, 1) == n + 1
+    t = time.monotonic()
+    assert b.stop_server(timeout=10)
+    assert time.monotonic() - t < 2.0  # bounded by the blocking read's timeout, not longer
+
+
 # --- graceful stop under load --------------------------------------------------------------
 
 
