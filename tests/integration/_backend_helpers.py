@@ -65,6 +65,15 @@ class RawClient:
             return m.kind, codec, m.call_id, None
         return m.kind, codec, m.call_id, codec.decode(m.body)
 
+    def results(self, n: int, timeout: float = 30.0) -> dict[int, Any]:
+        """The next ``n`` replies, all RESULTs, as {call id: value}."""
+        got = {}
+        for _ in range(n):
+            kind, _codec, call_id, value = self.recv(timeout)
+            assert kind == Kind.RESULT, value
+            got[call_id] = value
+        return got
+
     def silent(self, timeout: float = 0.3) -> bool:
         """True if nothing arrives within ``timeout`` (for messages that must be dropped)."""
         return not self.sock.poll(int(timeout * 1000))

@@ -75,11 +75,7 @@ def test_pipelined_calls_are_matched_by_id(serve, client):
     c = client(b)
     slow_id = c.send("slow", "s")
     fast_ids = {c.send("fast", i): i for i in range(20)}
-    got = {}
-    for _ in range(20):  # the fast ones overtake the blocked one
-        _k, _c, call_id, value = c.recv()
-        got[call_id] = value
-    assert got == fast_ids
+    assert c.results(20) == fast_ids  # the fast ones overtake the blocked one
     gate.set()
     assert c.recv()[2:] == (slow_id, "s")
 
@@ -372,12 +368,7 @@ def test_inline_and_pool_replies_interleave_without_loss(serve, client):
                 ids[c.send("add", n, 1)] = n + 1
         expected.append(ids)
     for c, ids in zip(peers, expected, strict=True):
-        got = {}
-        for _ in ids:
-            kind, _codec, call_id, value = c.recv(30)
-            assert kind == Kind.RESULT
-            got[call_id] = value
-        assert got == ids
+        assert c.results(len(ids)) == ids
     assert b.task_count == 0
 
 
@@ -419,12 +410,7 @@ def test_graceful_stop_under_load_answers_every_accepted_call(serve):
         assert b.running
         gate.set()
         for c, ids in zip(peers, sent, strict=True):
-            got = {}
-            for _ in ids:
-                kind, _codec, call_id, value = c.recv(30)
-                assert kind == Kind.RESULT
-                got[call_id] = value
-            assert got == {call_id: n * n for call_id, n in ids.items()}
+            assert c.results(len(ids)) == {call_id: n * n for call_id, n in ids.items()}
         assert b.join(30) and not b.running
         assert b.stats()["done"] == 1200 and b.stats()["refused"] == {"Stopping": 4}
     finally:
