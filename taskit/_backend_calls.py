@@ -32,16 +32,19 @@ from taskit.log import ERROR, IMPORTANT, INFO
 from taskit.protocol import KILL, STATS, STATUS, STOP, TASKS, Kind
 
 if TYPE_CHECKING:
+    from taskit._backend_parts import Accounting
     from taskit.backend import BackEnd
+    from taskit.codecs import Signer
 
 __all__ = ["ADMIN_TASKS", "task_stop", "task_kill", "task_count", "CallHandler", "in_task"]
 
 _log = logging.getLogger("taskit.backend")
 
 # Plain ints and the unwrapped socket methods for the hot path (see _send_locked).
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
+# Typed loosely: pyzmq's stubs overload them on literal flags, which int flags miss.
+_send: Callable[..., Any] = zmq.backend.Socket.send
+_recv: Callable[..., Any] = zmq.backend.Socket.recv
+_get: Callable[..., Any] = zmq.backend.Socket.get
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _DONTWAIT = int(zmq.DONTWAIT)
@@ -93,6 +96,42 @@ in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
 
 class CallHandler:
     """Mixin of :class:`~taskit.backend.BackEnd`: from a received message to its reply."""
+
+    # The BackEnd's state this half uses (set in BackEnd.__init__; declared for type
+    # checkers only: bare annotations create no class attributes).
+    tasks: dict[str, Any]
+    tracebacks: bool
+    max_pending: int | None
+    _lock: threading.Lock
+    _router: zmq.Socket | None
+    _acct: Accounting
+    _signer: Signer | None
+    _codecs: dict[int, Any]
+    _endpoint: str
+    _pool_kind: str
+    _pool: Any
+    _inline_auto: bool
+    _inline_names: frozenset[str]
+    _inline_since: float
+    _inline_seen: float
+    _io_owner: int | None
+    _stopping: bool
+    _terminating: bool
+    _verbose: bool
+
+    if TYPE_CHECKING:  # BackEnd's methods and properties this half calls
+
+        @property
+        def task_count(self) -> int: ...
+
+        @property
+        def codecs(self) -> list[str]: ...
+
+        def stats(self) -> dict[str, Any]: ...
+
+        def _note(self, importance: str, msg: str) -> None: ...
+
+        def _wake_locked(self) -> None: ...
 
     def _send(self, ident: bytes, frames: list[bytes]) -> None:
         """Send one reply from the I/O thread (lock taken here)."""

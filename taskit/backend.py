@@ -317,7 +317,7 @@ class BackEnd(CallHandler):
             self.join()
             return
         self._bind()
-        restore: dict[int, Any] = {}
+        restore: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 restore[sig] = signal.signal(sig, self._on_signal)
@@ -585,7 +585,7 @@ class BackEnd(CallHandler):
         lock = self._lock
         poller = select.poll()
         zmq_fd = router.getsockopt(zmq.FD)
-        poller.register(zmq_fd, select.POLLIN)
+        poller.register(zmq_fd, select.POLLIN)  # type: ignore[arg-type]  # FD is an int
         poller.register(self._wake_r, select.POLLIN)
         wake_r = self._wake_r
         sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
