@@ -60,7 +60,7 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from taskit.codecs import Signer, as_body, get_codec
@@ -426,7 +426,7 @@ class ClientCore:
     def new_call(
         self,
         task: str,
-        args: Sequence[Any] = (),
+        args: Iterable[Any] = (),
         kwargs: dict[str, Any] | None = None,
         waiter: Any = None,
         timeout: float | None = None,
@@ -729,7 +729,10 @@ class ClientCore:
         call.busy_tries += 1
         if call.busy_tries > self.busy_retries:
             self._finish(
-                call, False, BusyError("Busy", args, tb, call.task, b and b.endpoint), done
+                call,
+                False,
+                BusyError("Busy", args, tb, call.task, b and b.endpoint),  # type: ignore[arg-type]
+                done,
             )
             return
         other = self.choose()
@@ -767,7 +770,10 @@ class ClientCore:
             call.refused_by.add(b.endpoint)
         if self._choose_excluding(call.refused_by or set()) is None:
             self._finish(
-                call, False, StoppingError("Stopping", args, tb, call.task, b and b.endpoint), done
+                call,
+                False,
+                StoppingError("Stopping", args, tb, call.task, b and b.endpoint),  # type: ignore[arg-type]
+                done,
             )
         else:
             self._route(call)

@@ -466,7 +466,7 @@ class ThreadedIO:
                 while f.more:
                     f = recv(zmq.NOBLOCK, copy=False)
                     # a large body is decoded straight from libzmq's buffer: no copy
-                    frames.append(f.bytes if len(f) < _ZERO_COPY else f.buffer)
+                    frames.append(f.bytes if len(f) < _ZERO_COPY else f.buffer)  # type: ignore[arg-type]
             except zmq.Again:
                 return
             except zmq.ZMQError as e:
@@ -530,7 +530,7 @@ class ThreadedIO:
                     item.error = e
                 item.done.set()
             else:
-                core.submit(item)
+                core.submit(item)  # type: ignore[arg-type]  # not an _Op: a PendingCall
 
     def _resolve(self, done: list) -> None:
         for call, ok, value in done:
@@ -692,4 +692,4 @@ class ThreadedIO:
                 item.error = self._closed_error()
                 item.done.set()
             else:
-                self._core.submit(item)  # registered, so fail_all resolves it
+                self._core.submit(item)  # type: ignore[arg-type]  # registered, so fail_all resolves it

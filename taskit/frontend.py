@@ -28,12 +28,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from taskit._client import DOWN, PendingCall, parse_backend
+from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
 from taskit._dealer import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DealerSettings,
     configure_client,
 )
 from taskit._threadio import CallFuture, ThreadedIO, Waiter
@@ -99,6 +100,16 @@ class FrontEnd:
 
     Thread-safety: every method may be called from any number of threads.
     """
+
+    # Set by configure_client() in __init__ (declared here for type checkers).
+    timeout: float | None
+    connect_timeout: float
+    heartbeat_interval: float | None
+    heartbeat_timeout: float
+    max_message_size: int | None
+    codec: Any
+    _settings: DealerSettings
+    _core: ClientCore
 
     def __init__(
         self,
@@ -234,7 +245,7 @@ class FrontEnd:
     def add_backends(self, *backends: Any) -> None:
         """Connect to more backends (same forms as the constructor). Blocks until done."""
         endpoints = [parse_backend(b, self.default_port) for b in backends]
-        self._io.as_leader(lambda: [self._io.connect(ep) for ep in endpoints])
+        self._io.as_leader(lambda: [self._io.connect(ep) for ep in endpoints])  # type: ignore[func-returns-value]
 
     # -- modern API ----------------------------------------------------------------
 
@@ -318,7 +329,7 @@ class FrontEnd:
             bar.close()
             if window and not self._io.closed:  # abandoned by the consumer: forget them
                 calls = [c for c, _ in window]
-                self._io.as_leader(lambda: [self._core.cancel(c) for c in calls], wait=False)
+                self._io.as_leader(lambda: [self._core.cancel(c) for c in calls], wait=False)  # type: ignore[func-returns-value]
 
     def backends_status(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "for": seconds,
