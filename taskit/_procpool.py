@@ -227,7 +227,7 @@ class ProcessEngine:
             with self._count_lock:
                 self._failed += 1
             return False
-        item.args = item.kwargs = None  # the payload is what travels
+        item.args = item.kwargs = None  # type: ignore[assignment]  # the payload is what travels
         item.sent = False
         return True
 
@@ -348,7 +348,7 @@ class ProcessEngine:
         gate = ctx.Lock()
         # With forkserver the child's parent is the fork server, not us.
         expected_ppid = os.getpid() if self.start_method == "spawn" else 0
-        process = ctx.Process(
+        process = ctx.Process(  # type: ignore[attr-defined]  # typeshed's BaseContext lacks it
             target=pw.child_main,
             args=(job_r, result_w, claim, gate, expected_ppid, self._init),
             name=f"{self._pool.name}-{self._wid}",
@@ -419,7 +419,7 @@ class ProcessEngine:
             if room <= 0:
                 break
             k = min(room, -(-len(q) // len(live)))
-            batch = []
+            batch: list[_WorkItem] = []
             while len(batch) < k and q:
                 item = q.popleft()
                 if not item.sent:

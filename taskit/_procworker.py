@@ -64,8 +64,9 @@ def encode_exception(e: BaseException) -> bytes:
     module = type(e).__module__
     if module not in ("builtins", "__main__", "__mp_main__"):
         name = f"{module}.{name}"
+    blob: bytes | None
     try:
-        blob: bytes | None = _dumps(e, _PROTO)
+        blob = _dumps(e, _PROTO)
         _loads(blob)
     except Exception:  # noqa: BLE001 - fall back to RemoteTaskError in the parent
         blob = None

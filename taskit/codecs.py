@@ -173,6 +173,7 @@ def register(codec: Any) -> Any:
         raise ValueError(f"codec {name!r} needs an int 'wire_id' in 1..255, got {wire_id!r}")
     if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
         raise ValueError(f"codec {name!r} needs encode() and decode()")
+    key: Any  # a wire id in _BY_ID, a name in _BY_NAME
     for table, key in ((_BY_ID, wire_id), (_BY_NAME, name)):
         if table.get(key, codec) is not codec:
             raise ValueError(f"codec {key!r} is already registered as {table[key]!r}")
@@ -190,7 +191,7 @@ def get_codec(codec: Any) -> Any:
         found = _BY_NAME.get(codec.lower())
     elif isinstance(codec, int):
         found = _BY_ID.get(codec)
-    elif _BY_ID.get(getattr(codec, "wire_id", None)) is codec:
+    elif _BY_ID.get(getattr(codec, "wire_id", None)) is codec:  # type: ignore[arg-type]
         found = codec
     else:
         return register(codec)  # a user's codec object: registering validates it

@@ -79,6 +79,9 @@ class _WorkItem:
 
     # payload/jid/sent are only set by the process engine (unset slots cost nothing).
     __slots__ = ("future", "fn", "args", "kwargs", "is_job", "payload", "jid", "sent")
+    payload: bytes
+    jid: int
+    sent: bool
 
     def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
         self.future = future
@@ -618,7 +621,7 @@ class WorkerPool:
 
     def _drain_queue(self) -> list[_WorkItem]:
         """Take every job out of the thread queue (lock held)."""
-        items = []
+        items: list[_WorkItem] = []
         while True:
             try:
                 item = self._queue.get_nowait()
