@@ -102,6 +102,8 @@ class CallHandler:
     tasks: dict[str, Any]
     tracebacks: bool
     max_pending: int | None
+    max_message_size: int | None
+    _reply_limit: int
     _lock: threading.Lock
     _router: zmq.Socket | None
     _acct: Accounting
@@ -390,6 +392,9 @@ class CallHandler:
                 frames, ok = protocol.encode_result(codec, call_id, value, self._signer), True
             except Exception:
                 frames, ok = self._result_frames(codec, call_id, name, value)
+            else:
+                if len(frames[2]) > self._reply_limit:
+                    frames, ok = self._oversized(codec, call_id, name, len(frames[2])), False
         elapsed = clock() - start
         with lock:
             self._inline_since = 0.0
@@ -445,12 +450,27 @@ class CallHandler:
 
     def _result_frames(self, codec: Any, call_id: int, name: str, value: Any) -> tuple[list, bool]:
         try:
-            return protocol.encode_result(codec, call_id, value, self._signer), True
+            frames = protocol.encode_result(codec, call_id, value, self._signer)
         except Exception as e:
             msg = f"the result of task {name!r} cannot be sent with {codec.name}: {e}"
             if self._verbose:
                 self._note(ERROR, msg)
             return self._encode_error(codec, call_id, "EncodeError", [msg], "", self._signer), False
+        if len(frames[2]) > self._reply_limit:
+            return self._oversized(codec, call_id, name, len(frames[2])), False
+        return frames, True
+
+    def _oversized(self, codec: Any, call_id: int, name: str, size: int) -> list[bytes]:
+        """The EncodeError answering a result over ``max_message_size``: a client with
+        the same limit would drop the connection (and every call on it) on it."""
+        msg = (
+            f"the result of task {name!r} is {size} bytes, over this backend's "
+            f"max_message_size ({self.max_message_size} bytes); return less, or raise "
+            "max_message_size on both sides"
+        )
+        if self._verbose:
+            self._note(ERROR, msg)
+        return self._encode_error(codec, call_id, "EncodeError", [msg], "", self._signer)
 
     def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
         if isinstance(e, RemoteTaskError):

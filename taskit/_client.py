@@ -72,6 +72,7 @@ from taskit.errors import (
     CallTimeoutError,
     CodecNotAllowedError,
     DecodeError,
+    MessageTooLargeError,
     ProtocolError,
     SignatureError,
     StoppingError,
@@ -288,8 +289,12 @@ class ClientCore:
         busy_retries: int = 50,
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        max_body: int | None = None,
     ) -> None:
         self.codec = get_codec(codec)
+        # A call whose body is larger is refused: a backend with this limit would drop
+        # the connection, failing every call in flight on it (None: no limit).
+        self.max_body = max_body
         self.signer = signer
         self.retries = max(0, int(retries))
         self.busy_retries = max(0, int(busy_retries))
@@ -432,7 +437,8 @@ class ClientCore:
         timeout: float | None = None,
         target: str | None = None,
     ) -> PendingCall:
-        """A call, its body encoded now. Raises :class:`EncodeError` (nothing registered).
+        """A call, its body encoded now. Raises :class:`EncodeError`, or
+        :class:`MessageTooLargeError` over ``max_body`` (nothing registered).
 
         ``target`` pins it to one backend endpoint (no load balancing, no re-sends).
         Does not touch the table, so it may run outside the driver's lock.
@@ -440,6 +446,14 @@ class ClientCore:
         body = self.codec.encode([task, list(args), kwargs or {}])
         if type(body) is not bytes:
             body = as_body(self.codec, body)
+        limit = self.max_body
+        if limit is not None and len(body) > limit:
+            raise MessageTooLargeError(
+                f"the arguments of task {task!r} encode to {len(body)} bytes, over "
+                f"max_message_size ({limit} bytes): a backend with that limit would drop "
+                "the connection and every call on it; send less, or raise "
+                "max_message_size on both sides"
+            )
         deadline = None if timeout is None else self.clock() + timeout
         return PendingCall(next(self._ids), task, body, self.codec, waiter, deadline, target)
 

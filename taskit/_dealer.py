@@ -197,5 +197,6 @@ def configure_client(
         retries=retries,
         busy_retries=busy_retries,
         connect_timeout=client.connect_timeout,
+        max_body=max_message_size,
     )
     client.codec = client._core.codec

@@ -122,7 +122,9 @@ class BackEnd(CallHandler):
     json and msgpack, plus ``codec``, plus pickle when ``key`` or
     ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
     running (more get a ``Busy`` error at once); ``max_message_size`` bounds
-    every incoming message (larger ones make ZeroMQ drop the connection).
+    every incoming message (larger ones make ZeroMQ drop the connection) and
+    every reply (a larger result is answered with an ``EncodeError``, since a
+    client with the same limit would drop the connection).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
     drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
     turn on CurveZMQ encryption. ``heartbeat_interval`` (seconds, ``None`` =
@@ -185,6 +187,8 @@ class BackEnd(CallHandler):
             raise ValueError(f"max_pending must be an int >= 1 or None, not {max_pending!r}")
         self.max_pending = max_pending
         self.max_message_size = max_message_size
+        # replies are bounded too: a client with the same limit would drop a larger one
+        self._reply_limit = sys.maxsize if max_message_size is None else int(max_message_size)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._signer = Signer(key) if key is not None else None

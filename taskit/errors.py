@@ -27,6 +27,7 @@ __all__ = [
     # distributed half
     "CodecError",
     "EncodeError",
+    "MessageTooLargeError",
     "DecodeError",
     "UnknownCodecError",
     "ProtocolError",
@@ -157,6 +158,12 @@ class CodecError(TaskItError):
 
 class EncodeError(CodecError, ValueError):
     """A value cannot be carried by the chosen codec (the message names its type)."""
+
+
+class MessageTooLargeError(EncodeError):
+    """A call's encoded arguments exceed the client's ``max_message_size``: it is
+    refused before sending, since a backend would drop the whole connection (and
+    every call in flight on it) on an oversized message."""
 
 
 class DecodeError(CodecError, ValueError):

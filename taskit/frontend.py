@@ -96,7 +96,10 @@ class FrontEnd:
     - ``curve_serverkey`` (the backend's public key) and optionally
       ``curve_publickey``/``curve_secretkey`` (this client's keypair, generated
       when omitted): CurveZMQ encryption.
-    - ``max_message_size``: largest reply accepted (bytes; None: no limit).
+    - ``max_message_size``: largest reply accepted and largest call sent (bytes;
+      None: no limit). A call over it raises :class:`MessageTooLargeError` at
+      once: a backend with that limit would drop the connection, and with it
+      every call in flight there. Keep it equal to the backends'.
 
     Thread-safety: every method may be called from any number of threads.
     """

@@ -24,6 +24,7 @@ from taskit.errors import (
     CodecNotAllowedError,
     DecodeError,
     EncodeError,
+    MessageTooLargeError,
     StoppingError,
     UnknownTaskError,
 )
@@ -111,6 +112,16 @@ def test_encode_error_is_raised_at_creation():
     core_mp, _ = make(1, codec=MsgpackCodec)
     with pytest.raises(EncodeError, match="64 bits"):
         core_mp.new_call("double", (9**9999,))
+
+
+def test_a_call_over_max_body_is_refused_before_anything_is_registered():
+    core, _ = make(1, codec=MsgpackCodec, max_body=100)
+    with pytest.raises(MessageTooLargeError, match=r"task 'echo' encode to \d+ bytes"):
+        core.new_call("echo", (b"x" * 200,))
+    assert core.pending == 0 and not core.outbox
+    call = core.new_call("echo", (b"x" * 50,))  # under the limit: as usual
+    core.submit(call)
+    assert list(send_all(core)) == [call.id]
 
 
 def test_least_in_flight_then_round_robin():

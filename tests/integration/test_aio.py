@@ -22,6 +22,7 @@ from taskit.errors import (
     CallTimeoutError,
     EncodeError,
     FrontEndClosedError,
+    MessageTooLargeError,
     UnknownTaskError,
 )
 from tests.integration._cli_helpers import TASKIT, TASKS_SOURCE, env, wait_until
@@ -128,6 +129,9 @@ def test_remote_errors_carry_type_args_traceback_task_backend(backends):
                 await fe.work("nope")
             with pytest.raises(EncodeError):
                 fe.submit("add", {1, 2}, 3)  # JSON cannot carry a set: refused at once
+        async with AsyncFrontEnd([addr(b)], max_message_size=1024) as fe:
+            with pytest.raises(MessageTooLargeError, match="max_message_size"):
+                fe.submit("add", "x" * 2000, "y")  # over the limit: refused before sending
             assert await fe.work("add", 1, 1) == 2  # still serving
 
     run(main())

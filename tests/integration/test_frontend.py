@@ -24,6 +24,7 @@ from taskit.errors import (
     CodecNotAllowedError,
     EncodeError,
     FrontEndClosedError,
+    MessageTooLargeError,
     UnknownTaskError,
 )
 from taskit.frontend import FrontEnd
@@ -149,6 +150,32 @@ def test_codec_round_trips(codec, values, backends, frontends):
     for v in values:
         assert fe.work("echo", v) == v
     assert fe.work("echo", (1, 2)) == [1, 2]  # tuples come back as lists (documented)
+
+
+def test_oversized_calls_and_results_are_refused_and_lose_nothing(backends, frontends):
+    """A message over the limit would make ZeroMQ drop the whole connection (every
+    call in flight on it): the FrontEnd refuses such a call before sending it, the
+    BackEnd answers an oversized result with an EncodeError."""
+    gate = threading.Event()
+    be = backends(
+        {**TASKS, "held": lambda: gate.wait(30), "blob": lambda n: b"z" * n},
+        max_message_size=64 * 1024,
+    )
+    fe = frontends([be.endpoint], codec=MsgpackCodec, max_message_size=64 * 1024)
+    held = fe.submit("held")  # in flight on the same connection throughout
+    with pytest.raises(MessageTooLargeError, match="max_message_size") as info:
+        fe.work("echo", b"x" * (100 * 1024))
+    assert isinstance(info.value, EncodeError)  # refused like any unsendable argument
+    with pytest.raises(BackendProcessingError, match="max_message_size") as remote:
+        fe.work("blob", 100 * 1024)
+    assert remote.value.type == "EncodeError"
+    assert fe.work("blob", 1000) == b"z" * 1000
+    gate.set()
+    assert held.result(10) is True  # nothing in flight was lost
+    stats = be.stats()
+    assert stats["dropped"]["malformed"] == 0 and stats["in_flight"] == 0
+    unlimited = frontends([be.endpoint], codec=MsgpackCodec, max_message_size=None)
+    assert unlimited.work("echo", b"y" * 1000) == b"y" * 1000
 
 
 def test_codecs_refuse_clearly(backends, frontends):
