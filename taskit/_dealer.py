@@ -35,6 +35,7 @@ __all__ = [
     "close_dealer",
     "curve_keys",
     "configure_client",
+    "ConfiguredClient",
     "monitor_event",
     "UP_EVENT",
     "DISCONNECTED",
@@ -155,8 +156,22 @@ def monitor_event(frames: list[bytes]) -> int:
     return int(parse_monitor_message(frames)["event"])
 
 
+class ConfiguredClient:
+    """Base of FrontEnd and AsyncFrontEnd: the attributes configure_client() sets
+    (annotations only, for type checkers; nothing at run time)."""
+
+    timeout: float | None
+    connect_timeout: float
+    heartbeat_interval: float | None
+    heartbeat_timeout: float
+    max_message_size: int | None
+    codec: Any
+    _settings: DealerSettings
+    _core: ClientCore
+
+
 def configure_client(
-    client: Any,
+    client: ConfiguredClient,
     *,
     codec: Any,
     timeout: float | None,

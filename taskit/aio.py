@@ -37,7 +37,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
+from taskit._client import DOWN, PendingCall, parse_backend
 from taskit._dealer import (
     CONNECT_RETRIED,
     DEFAULT_CONNECT_TIMEOUT,
@@ -47,7 +47,7 @@ from taskit._dealer import (
     DISCONNECTED,
     HANDSHAKE_FAILED,
     UP_EVENT,
-    DealerSettings,
+    ConfiguredClient,
     close_dealer,
     configure_client,
     monitor_event,
@@ -102,7 +102,7 @@ class _Backend:
         self.tasks: list[asyncio.Task[None]] = []
 
 
-class AsyncFrontEnd:
+class AsyncFrontEnd(ConfiguredClient):
     """Call tasks on backends from asyncio, with FrontEnd's semantics.
 
     Same arguments as :class:`taskit.frontend.FrontEnd` (less the TaskIt
@@ -119,16 +119,6 @@ class AsyncFrontEnd:
     Sockets are created when a running event loop first uses the front end
     (``async with``, or the first call); from then on it belongs to that loop.
     """
-
-    # Set by configure_client() in __init__ (declared here for type checkers).
-    timeout: float | None
-    connect_timeout: float
-    heartbeat_interval: float | None
-    heartbeat_timeout: float
-    max_message_size: int | None
-    codec: Any
-    _settings: DealerSettings
-    _core: ClientCore
 
     def __init__(
         self,

@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from taskit._client import DOWN, ClientCore, PendingCall, parse_backend
+from taskit._client import DOWN, PendingCall, parse_backend
 from taskit._dealer import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
-    DealerSettings,
+    ConfiguredClient,
     configure_client,
 )
 from taskit._threadio import CallFuture, ThreadedIO, Waiter
@@ -65,7 +65,7 @@ _log = logging.getLogger("taskit.frontend")
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 
 
-class FrontEnd:
+class FrontEnd(ConfiguredClient):
     """A client of one or more taskit backends (TaskIt 4.0 compatible).
 
     ``backends``: ``"host"`` (``default_port``), ``"host:port"``, ``("host", port)``,
@@ -103,16 +103,6 @@ class FrontEnd:
 
     Thread-safety: every method may be called from any number of threads.
     """
-
-    # Set by configure_client() in __init__ (declared here for type checkers).
-    timeout: float | None
-    connect_timeout: float
-    heartbeat_interval: float | None
-    heartbeat_timeout: float
-    max_message_size: int | None
-    codec: Any
-    _settings: DealerSettings
-    _core: ClientCore
 
     def __init__(
         self,
