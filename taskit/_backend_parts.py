@@ -1,14 +1,18 @@
-"""Pure parts of the BackEnd: option checking, socket options and accounting.
+"""Parts of the BackEnd: option checking, socket options, accounting, and the
+CurveZMQ client allow-list.
 
-Nothing here runs a thread or owns a socket; :mod:`taskit.backend` does.
+Nothing here owns a socket or runs the backend's threads; :mod:`taskit.backend`
+does (the allow-list's ZAP thread is pyzmq's).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import zmq
+import zmq.utils.z85
 
 from taskit.codecs import get_codec
 from taskit.errors import InsecureCodecError
@@ -22,6 +26,7 @@ __all__ = [
     "accepted_codecs",
     "parse_inline",
     "configure_router",
+    "CurveAllowList",
     "Accounting",
 ]
 
@@ -151,6 +156,54 @@ def configure_router(
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, public or zmq.curve_public(secret))
+
+
+class CurveAllowList:
+    """The CurveZMQ clients a backend admits: a ZAP handler (pyzmq's
+    ``ThreadAuthenticator``, on the backend's own context) asks :meth:`callback`
+    about each client's public key during the handshake; others never connect.
+
+    ``keys``: the clients' public keys, Z85 (40 characters, bytes or str).
+    Raises ``ValueError`` for a key that is not one.
+    """
+
+    def __init__(self, keys: Iterable[bytes | str]) -> None:
+        self.keys = frozenset(self._z85(k) for k in keys)
+        self.denied = 0  # handshakes refused (read by stats(); one writer thread)
+        self._auth: Any = None
+
+    @staticmethod
+    def _z85(key: bytes | str) -> bytes:
+        k = key.encode("ascii") if isinstance(key, str) else bytes(key)
+        try:
+            ok = len(k) == 40 and len(zmq.utils.z85.decode(k)) == 32
+        except (ValueError, KeyError, UnicodeError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"curve_clients takes Z85 public keys (40 characters, as "
+                f"zmq.curve_keypair() returns), not {key!r}"
+            )
+        return k
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        self.denied += 1
+        return False
+
+    def start(self, ctx: zmq.Context) -> None:
+        """Serve ZAP on ``ctx`` (before the ROUTER binds)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("taskit.backend.zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=self)
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
 
 class Accounting:

@@ -61,6 +61,7 @@ from taskit._backend_parts import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
     Accounting,
+    CurveAllowList,
     accepted_codecs,
     check_tasks,
     configure_router,
@@ -127,7 +128,9 @@ class BackEnd(CallHandler):
     client with the same limit would drop the connection).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
     drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
-    turn on CurveZMQ encryption. ``heartbeat_interval`` (seconds, ``None`` =
+    turn on CurveZMQ encryption, and ``curve_clients`` (Z85 public keys)
+    admits only those clients (others fail the handshake; counted in
+    ``<stats>`` as ``dropped["curve_denied"]``). ``heartbeat_interval`` (seconds, ``None`` =
     off) and ``heartbeat_timeout`` (default 3x the interval) set ZMTP
     heartbeats so dead clients are noticed and their memory freed. ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
@@ -172,6 +175,7 @@ class BackEnd(CallHandler):
         heartbeat_timeout: float | None = None,
         curve_secretkey: bytes | None = None,
         curve_publickey: bytes | None = None,
+        curve_clients: Iterable[bytes | str] | None = None,
         inline: Any = "auto",
     ) -> None:
         check_tasks(tasks)
@@ -199,6 +203,12 @@ class BackEnd(CallHandler):
                 "or drop curve_secretkey"
             )
         self._curve = (curve_secretkey, curve_publickey)
+        if curve_clients is not None and curve_secretkey is None:
+            raise ValueError(
+                "curve_clients needs curve_secretkey: the allow-list is checked in the "
+                "CurveZMQ handshake"
+            )
+        self._allow = CurveAllowList(curve_clients) if curve_clients is not None else None
         if isinstance(pool, str) and pool in ("thread", "process"):
             self._pool_kind, self._pool, self._owns_pool = pool, None, True
         elif callable(getattr(pool, "submit", None)):
@@ -286,6 +296,8 @@ class BackEnd(CallHandler):
             out = self._acct.snapshot()
             quick = sorted(filter(self._acct.quick, self._acct.speed)) if self._inline_auto else []
             out["inline_tasks"] = quick + sorted(self._inline_names)
+        if self._allow is not None:
+            out["dropped"]["curve_denied"] = self._allow.denied
         out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0
         out["stopping"] = self._stopping
         pool = self._pool
@@ -421,6 +433,8 @@ class BackEnd(CallHandler):
                 raise RuntimeError("this BackEnd has already served; create a new one")
             self._state = _RUNNING
         ctx = zmq.Context()
+        if self._allow is not None:
+            self._allow.start(ctx)  # ZAP must be served before the ROUTER binds
         sock = ctx.socket(zmq.ROUTER)
         try:
             configure_router(
@@ -434,8 +448,7 @@ class BackEnd(CallHandler):
             sock.setsockopt(zmq.RCVTIMEO, _WAIT_MS)  # bounds the I/O loop's blocking reads
             sock.bind(self._endpoint)
         except zmq.ZMQError as e:
-            sock.close(0)
-            ctx.term()
+            self._release(ctx, sock)
             with self._lock:
                 self._state = _STOPPED
                 self._stopped.set()
@@ -462,8 +475,7 @@ class BackEnd(CallHandler):
                     name=f"taskit-backend-{self.port or 'ipc'}",
                 )
             except BaseException:
-                sock.close(0)
-                ctx.term()
+                self._release(ctx, sock)
                 for fd in (self._wake_r, self._wake_w):
                     os.close(fd)
                 self._wake_r = self._wake_w = -1
@@ -555,7 +567,7 @@ class BackEnd(CallHandler):
             if fd >= 0:
                 os.close(fd)
         if self._ctx is not None:
-            self._ctx.term()
+            self._release(self._ctx)
             self._ctx = None
         if self._owns_pool and self._pool is not None:
             self._pool.shutdown(wait=graceful, cancel_pending=not graceful)
@@ -565,6 +577,14 @@ class BackEnd(CallHandler):
         _log.info("backend on %s %s", self._endpoint, how)
         self._note(IMPORTANT, f"Server {how}")
         self._stopped.set()
+
+    def _release(self, ctx: zmq.Context, sock: zmq.Socket | None = None) -> None:
+        """Close ``sock`` at once (if given), stop the ZAP handler, end ``ctx``."""
+        if sock is not None:
+            sock.close(0)
+        if self._allow is not None:
+            self._allow.stop()
+        ctx.term()
 
     def _wake_locked(self) -> None:
         fd = self._wake_w

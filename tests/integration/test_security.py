@@ -11,7 +11,8 @@ import zmq
 from taskit import protocol
 from taskit.backend import ADMIN_TASKS, BackEnd
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
-from taskit.errors import InsecureCodecError
+from taskit.errors import BackendNotAvailableError, InsecureCodecError
+from taskit.frontend import FrontEnd
 from taskit.protocol import Kind
 from tests.integration._backend_helpers import RemoteError, clients, serving
 
@@ -179,6 +180,62 @@ def test_curve_encryption(serve, client):
     wrong.send("add", 1, 2)
     assert wrong.silent(0.5)
     assert c.call("add", 1, 1) == 2
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")
+def test_curve_clients_admits_only_the_listed_keys(serve, client):
+    server_public, server_secret = zmq.curve_keypair()
+    listed_public, listed_secret = zmq.curve_keypair()
+    other_public, other_secret = zmq.curve_keypair()
+    b = serve(
+        TASKS,
+        curve_secretkey=server_secret,
+        curve_publickey=server_public,
+        curve_clients=[listed_public.decode()],  # str or bytes
+    )
+    listed = client(
+        b,
+        curve_serverkey=server_public,
+        curve_publickey=listed_public,
+        curve_secretkey=listed_secret,
+    )
+    assert listed.call("add", 20, 22) == 42
+    stranger = client(  # knows the server key, but its own key is not listed
+        b,
+        curve_serverkey=server_public,
+        curve_publickey=other_public,
+        curve_secretkey=other_secret,
+    )
+    stranger.send("add", 1, 2)
+    assert stranger.silent(0.5)
+    assert listed.call("add", 1, 1) == 2
+    assert b.stats()["dropped"]["curve_denied"] >= 1
+    # A FrontEnd with an unlisted key finds no reachable backend, in bounded time.
+    with FrontEnd(
+        [b.endpoint],
+        connect_timeout=1.0,
+        curve_serverkey=server_public,
+        curve_publickey=other_public,
+        curve_secretkey=other_secret,
+    ) as fe:
+        with pytest.raises(BackendNotAvailableError):
+            fe.work("add", 1, 2)
+    with FrontEnd(
+        [b.endpoint],
+        curve_serverkey=server_public,
+        curve_publickey=listed_public,
+        curve_secretkey=listed_secret,
+    ) as fe:
+        assert fe.work("add", 2, 3) == 5
+
+
+def test_curve_clients_needs_the_server_key_and_z85_keys():
+    with pytest.raises(ValueError, match="curve_secretkey"):
+        BackEnd(TASKS, port=0, curve_clients=[zmq.curve_keypair()[0]])
+    if zmq.has("curve"):
+        _, secret = zmq.curve_keypair()
+        with pytest.raises(ValueError, match="Z85"):
+            BackEnd(TASKS, port=0, curve_secretkey=secret, curve_clients=["not a key"])
 
 
 @pytest.mark.skipif(zmq.has("curve"), reason="only meaningful when libzmq lacks CURVE")
