@@ -55,6 +55,48 @@ def _read_key(path: str | None) -> bytes | None:
     return key
 
 
+_Z85 = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
+
+
+def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
+    """Z85 CurveZMQ keys (40 characters), one per line of ``path``; blank lines and
+    comment lines (starting with '#' and not a key: '#' is a Z85 character) are
+    skipped. Raises KeyFileError naming the file and the line."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeError) as e:
+        raise KeyFileError(f"cannot read the {what} file {path!r}: {e}") from e
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        is_key = len(text) == 40 and all(c in _Z85 for c in text)
+        if not text or (text.startswith("#") and not is_key):
+            continue
+        if not is_key:
+            raise KeyFileError(
+                f"{path!r} line {number}: a {what} is 40 Z85 characters "
+                "(as 'taskit keygen' writes), not this"
+            )
+        keys.append(text.encode("ascii"))
+    if not keys:
+        raise KeyFileError(f"the {what} file {path!r} holds no key")
+    return keys
+
+
+def _curve_secret(path: str | None) -> bytes | None:
+    """The one CurveZMQ secret key in ``path`` (None without a path)."""
+    if path is None:
+        return None
+    keys = _read_curve_keys(path, "CurveZMQ secret key")
+    if len(keys) != 1:
+        raise KeyFileError(f"{path!r} must hold exactly one CurveZMQ secret key")
+    return keys[0]
+
+
 def _codec_names(text: str) -> list[str]:
     from taskit.codecs import get_codec
 
@@ -85,6 +127,16 @@ def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) ->
         kwargs["key"] = key
     if getattr(args, "connect_timeout", None) is not None:
         kwargs["connect_timeout"] = args.connect_timeout
+    if getattr(args, "curve_server_key", None):
+        kwargs["curve_serverkey"] = args.curve_server_key
+        secret = _curve_secret(args.curve_secret_file)
+        if secret is not None:
+            import zmq
+
+            kwargs["curve_secretkey"] = secret
+            kwargs["curve_publickey"] = zmq.curve_public(secret)
+    elif getattr(args, "curve_secret_file", None):
+        raise TaskItError("--curve-secret-file needs --curve-server-key (the backend's public key)")
     return FrontEnd(list(addresses), **kwargs)
 
 
@@ -102,6 +154,7 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.target)
     codecs = _codec_names(args.codec) if args.codec else None
     key = _read_key(args.key_file)
+    curve = _backend_curve(args)
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "serving on %s without --key-file: anyone who can reach these ports can call "
@@ -110,7 +163,22 @@ def _cmd_backend(args: argparse.Namespace) -> int:
         )
     if len(ports) > 1:
         return _supervise(args, ports)
-    return _serve(args, tasks, ports[0], codecs, key)
+    return _serve(args, tasks, ports[0], codecs, key, curve)
+
+
+def _backend_curve(args: argparse.Namespace) -> dict[str, Any]:
+    """BackEnd keyword arguments for --curve-secret-file / --curve-clients-file."""
+    secret = _curve_secret(args.curve_secret_file)
+    if secret is None:
+        if args.curve_clients_file:
+            raise TaskItError("--curve-clients-file needs --curve-secret-file")
+        return {}
+    import zmq
+
+    curve: dict[str, Any] = {"curve_secretkey": secret, "curve_publickey": zmq.curve_public(secret)}
+    if args.curve_clients_file:
+        curve["curve_clients"] = _read_curve_keys(args.curve_clients_file, "CurveZMQ public key")
+    return curve
 
 
 def _write_pid_file(path: str | None) -> None:
@@ -134,6 +202,7 @@ def _serve(
     port: int,
     codecs: list[str] | None,
     key: bytes | None,
+    curve: dict[str, Any],
 ) -> int:
     from taskit.backend import ADMIN_TASKS, BackEnd
 
@@ -144,7 +213,7 @@ def _serve(
         kwargs["codecs"] = codecs
     if key is not None:
         kwargs["key"] = key
-    backend = BackEnd(served, args.host, port, **kwargs)
+    backend = BackEnd(served, args.host, port, **kwargs, **curve)
     backend.start()  # returns once bound, so the line below means "ready"
     _write_pid_file(args.pid_file)
 
@@ -183,8 +252,13 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
         base += ["--workers", str(args.workers)]
     if args.codec:
         base += ["--codec", args.codec]
-    if args.key_file:
-        base += ["--key-file", os.path.abspath(args.key_file)]
+    for option, path in (
+        ("--key-file", args.key_file),
+        ("--curve-secret-file", args.curve_secret_file),
+        ("--curve-clients-file", args.curve_clients_file),
+    ):
+        if path:
+            base += [option, os.path.abspath(path)]
     env = dict(os.environ)
     # The children must import the same taskit and find the same task module we did,
     # whatever way this process found them (console script, -m, PYTHONPATH).
@@ -381,6 +455,24 @@ def _cmd_call(args: argparse.Namespace) -> int:
 # --- taskit ports ---------------------------------------------------------------
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    import zmq
+
+    if not zmq.has("curve"):
+        raise TaskItError("this libzmq was built without CURVE: no CurveZMQ keys to make")
+    public, secret = zmq.curve_keypair()
+    secret_path, public_path = Path(f"{args.name}.key"), Path(f"{args.name}.pub")
+    for path in (secret_path, public_path):
+        if path.exists():
+            raise TaskItError(f"{path} exists; remove it or choose another NAME")
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# CurveZMQ secret key: keep it private\n{secret.decode()}\n")
+    public_path.write_text(f"{public.decode()}\n")
+    print(public.decode())
+    return 0
+
+
 def _cmd_ports(args: argparse.Namespace) -> int:
     for line in expand(args.host, args.ports):
         print(line)
@@ -455,6 +547,16 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 def _add_client_options(p: argparse.ArgumentParser, connect_timeout: float = 2.0) -> None:
     p.add_argument("--key-file", metavar="F", help="shared HMAC key (the backend's --key-file)")
+    p.add_argument(
+        "--curve-server-key",
+        metavar="KEY",
+        help="CurveZMQ: the backend's public key (Z85, its keygen .pub file's line)",
+    )
+    p.add_argument(
+        "--curve-secret-file",
+        metavar="F",
+        help="CurveZMQ: this client's secret key file (default: a fresh key pair)",
+    )
     p.add_argument(
         "--codec", metavar="NAME", help="codec of the requests (json or msgpack; default json)"
     )
@@ -553,6 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--key-file", metavar="F", help="shared HMAC key: every message must be signed")
     p.add_argument(
+        "--curve-secret-file",
+        metavar="F",
+        help="CurveZMQ: encrypt every connection with this secret key (see 'taskit keygen')",
+    )
+    p.add_argument(
+        "--curve-clients-file",
+        metavar="F",
+        help="CurveZMQ: admit only the client public keys in F (one per line)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -618,6 +730,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_targets(p)
     p.set_defaults(func=_cmd_ports)
+
+    p = sub.add_parser(
+        "keygen",
+        help="write a CurveZMQ key pair: NAME.key (secret) and NAME.pub",
+        description=(
+            "Write a new CurveZMQ key pair: NAME.key holds the secret key (mode 0600; give "
+            "it to 'taskit backend --curve-secret-file' or a client's --curve-secret-file) "
+            "and NAME.pub the public key, which is also printed (the backend's goes to "
+            "clients' --curve-server-key, a client's into the backend's --curve-clients-file). "
+            "Existing files are never overwritten."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="path and name of the pair, e.g. keys/backend")
+    p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser(
         "top",

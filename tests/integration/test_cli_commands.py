@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import zmq
 
 from tests.integration._cli_helpers import (
     TASKIT,
@@ -310,6 +311,89 @@ def test_a_key_file_is_required_to_talk_to_a_keyed_backend(start, workdir):
     assert refused.returncode == 1
     status = run(["ctl", "status", "127.0.0.1", str(b.ports[0]), "--key-file", str(key)])
     assert "up, 0 jobs running" in status.stdout
+
+
+def test_keygen_writes_a_private_secret_and_a_public_key(workdir):
+    out = run(["keygen", str(workdir / "backend")])
+    assert out.returncode == 0, out.stderr
+    secret, public = workdir / "backend.key", workdir / "backend.pub"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert public.read_text().strip() == out.stdout.strip() and len(out.stdout.strip()) == 40
+    secret_line = [ln for ln in secret.read_text().splitlines() if len(ln) == 40][-1]
+    assert zmq.curve_public(secret_line.encode()) == out.stdout.strip().encode()
+    again = run(["keygen", str(workdir / "backend")])
+    assert again.returncode == 1 and "exists" in again.stderr  # never overwritten
+    assert secret.read_text().endswith(secret_line + "\n")
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")
+def test_curve_backend_admits_only_listed_clients(start, workdir):
+    keys = {
+        name: run(["keygen", str(workdir / name)]).stdout.strip()
+        for name in ("backend", "ops", "stranger")
+    }
+    (workdir / "clients").write_text(f"# who may call\n{keys['ops']}\n")
+    b = start(
+        "cli_tasks.py",
+        "--port",
+        "0",
+        "--curve-secret-file",
+        str(workdir / "backend.key"),
+        "--curve-clients-file",
+        str(workdir / "clients"),
+    )
+    addr = f"127.0.0.1:{b.ports[0]}"
+    as_ops = [
+        "--curve-server-key",
+        keys["backend"],
+        "--curve-secret-file",
+        str(workdir / "ops.key"),
+    ]
+    ok = run(["call", addr, "add", "1", "2", *as_ops])
+    assert ok.returncode == 0 and ok.stdout == "3\n", ok.stderr
+    status = run(["ctl", "status", "127.0.0.1", str(b.ports[0]), *as_ops])
+    assert "up, 0 jobs running" in status.stdout
+    for who in (["--curve-secret-file", str(workdir / "stranger.key")], []):
+        refused = run(
+            [
+                "call",
+                addr,
+                "add",
+                "1",
+                "2",
+                "--curve-server-key",
+                keys["backend"],
+                "--connect-timeout",
+                "1",
+                "--timeout",
+                "3",
+                *who,
+            ]
+        )
+        assert refused.returncode == 1
+    plain = run(["call", addr, "add", "1", "2", "--connect-timeout", "1", "--timeout", "3"])
+    assert plain.returncode == 1
+
+
+def test_curve_key_files_are_checked(start, workdir):
+    (workdir / "bad.key").write_text("not a key\n")
+    out = run(
+        ["backend", "cli_tasks.py", "--port", "0", "--curve-secret-file", str(workdir / "bad.key")],
+        cwd=workdir,
+    )
+    assert out.returncode == 1 and "line 1" in out.stderr
+    out = run(
+        [
+            "backend",
+            "cli_tasks.py",
+            "--port",
+            "0",
+            "--curve-clients-file",
+            str(workdir / "bad.key"),
+        ],
+        cwd=workdir,
+    )
+    assert out.returncode == 1 and "--curve-secret-file" in out.stderr
 
 
 def test_process_pool_backend_runs_tasks_in_other_processes(start):
