@@ -6,8 +6,10 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import zmq
 
 from tests.integration._cli_helpers import (
     ROOT,
@@ -119,6 +121,33 @@ def test_taskitd_start_status_restart_stop(service):
     assert not service["pidfile"].exists()
     assert taskitd(service, "status").returncode == 3
     assert "serving" in service["log"].read_text()  # the backends' log went to TASKITD_LOG
+
+
+@needs_distributed
+@pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")
+def test_taskitd_controls_curve_backends_with_its_ctl_options(service):
+    d = service["dir"]
+    keys = {n: run(["keygen", str(d / n)]).stdout.strip() for n in ("backend", "ops")}
+    (d / "clients").write_text(keys["ops"] + "\n")
+    config = Path(service["env"]["TASKITD_CONFIG"])
+    config.write_text(
+        config.read_text().replace(
+            "TASKIT_OPTIONS='--workers 2 --grace 10'",
+            "TASKIT_OPTIONS='--workers 2 --grace 10 --curve-secret-file backend.key "
+            "--curve-clients-file clients'\n"
+            f"TASKIT_CTL_OPTIONS='--curve-server-key {keys['backend']} "
+            "--curve-secret-file ops.key'",
+        )
+    )
+    p1, _ = service["ports"]
+    started = taskitd(service, "start")
+    assert started.returncode == 0, started.stdout + started.stderr + service["log"].read_text()
+    assert f"127.0.0.1:{p1} --> up, 0 jobs running" in started.stdout
+    plain = run(["call", f"127.0.0.1:{p1}", "add", "1", "2", "--connect-timeout", "1"])
+    assert plain.returncode == 1  # no CurveZMQ keys: the backend is out of reach
+    stopped = taskitd(service, "stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert f"127.0.0.1:{p1} --> stopped" in stopped.stdout
 
 
 @needs_distributed
