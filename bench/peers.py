@@ -38,9 +38,7 @@ import importlib.util
 import itertools
 import json
 import os
-import selectors
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -54,6 +52,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     # Run as a script from a checkout, taskit is importable without install.
     sys.path.insert(0, ROOT)
+
+from _child import BenchError, ChildServer, announce  # noqa: E402 (after the sys.path set-up)
 
 LIBS = ("floor", "taskit", "zerorpc", "pyro5", "rpyc")
 MODULES = {
@@ -72,7 +72,6 @@ DISTS = {
 }
 HOST = "127.0.0.1"
 CALL_TIMEOUT = 30.0  # seconds any single call may take before the library is given up
-READY_TIMEOUT = 30.0  # seconds a child server has to report its port
 
 
 PAYLOAD = b"x" * 65536
@@ -86,26 +85,9 @@ def echo(x: Any) -> Any:
     return x
 
 
-class BenchError(Exception):
-    """A library could not be measured; the message says why."""
-
-
 # --------------------------------------------------------------------------
 # Servers: each runs in a child process, prints "PORT n" once listening, and
 # exits when its stdin reaches EOF (the parent closes it, or dies).
-
-
-def _exit_on_eof() -> None:
-    def watch() -> None:
-        sys.stdin.buffer.read()
-        os._exit(0)
-
-    threading.Thread(target=watch, name="peers-stdin-watch", daemon=True).start()
-
-
-def _ready(port: int) -> None:
-    sys.stdout.write(f"PORT {port}\n")
-    sys.stdout.flush()
 
 
 def _serve_floor() -> None:
@@ -117,8 +99,7 @@ def _serve_floor() -> None:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port(f"tcp://{HOST}")
-    _exit_on_eof()
-    _ready(port)
+    announce(port)
     packb, unpackb = msgpack.packb, msgpack.unpackb
     while True:
         ident, body = sock.recv_multipart()
@@ -131,7 +112,7 @@ def _serve_taskit() -> None:
 
     backend = BackEnd({"add": add, "echo": echo}, host=HOST, port=0)
     backend.start()
-    _ready(backend.port)
+    announce(backend.port, exit_on_eof=False)
     try:
         sys.stdin.buffer.read()
     finally:
@@ -153,8 +134,7 @@ def _serve_zerorpc() -> None:
     server = zerorpc.Server(Methods())
     bound = server.bind(f"tcp://{HOST}:*")
     port = int(bound[0].addr.rsplit(":", 1)[1])
-    _exit_on_eof()
-    _ready(port)
+    announce(port)
     server.run()
 
 
@@ -171,8 +151,7 @@ def _serve_pyro5() -> None:
 
     daemon = Daemon(host=HOST, port=0)
     daemon.register(Calc, "calc")
-    _exit_on_eof()
-    _ready(daemon.sock.getsockname()[1])
+    announce(daemon.sock.getsockname()[1])
     daemon.requestLoop()
 
 
@@ -188,8 +167,7 @@ def _serve_rpyc() -> None:
             return x
 
     server = ThreadedServer(CalcService, hostname=HOST, port=0)
-    _exit_on_eof()
-    _ready(server.port)
+    announce(server.port)
     server.start()
 
 
@@ -200,82 +178,6 @@ SERVERS: dict[str, Callable[[], None]] = {
     "pyro5": _serve_pyro5,
     "rpyc": _serve_rpyc,
 }
-
-
-class ServerProcess:
-    """A child process serving ``add`` for one library; stop() always ends it."""
-
-    def __init__(self, lib: str) -> None:
-        self.lib = lib
-        self.port = 0
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self._stderr = _TempLog()
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", lib],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr.file,
-            env=env,
-        )
-        try:
-            self.port = self._read_port()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read_port(self) -> int:
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            if not sel.select(READY_TIMEOUT):
-                raise BenchError(f"server did not report a port in {READY_TIMEOUT:.0f}s")
-            line = self.proc.stdout.readline().decode(errors="replace").strip()
-        finally:
-            sel.close()
-        if not line.startswith("PORT "):
-            self.proc.wait(5)
-            raise BenchError(
-                f"server failed to start: {self._stderr.tail() or line or 'no output'}"
-            )
-        return int(line.split()[1])
-
-    def stop(self) -> None:
-        """Close stdin (the server exits on EOF), then terminate, then kill, by pid."""
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        for step in (None, self.proc.terminate, self.proc.kill):
-            if step is not None:
-                step()
-            try:
-                self.proc.wait(5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
-class _TempLog:
-    """Child stderr goes to a temp file (never a pipe that could fill up)."""
-
-    def __init__(self) -> None:
-        import tempfile
-
-        self.file = tempfile.TemporaryFile()
-
-    def tail(self, n: int = 400) -> str:
-        self.file.seek(0)
-        text = self.file.read().decode(errors="replace").strip()
-        return " | ".join(text[-n:].splitlines()[-3:])
-
-    def close(self) -> None:
-        self.file.close()
 
 
 # --------------------------------------------------------------------------
@@ -612,14 +514,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "floor" not in libs:
         libs.insert(0, "floor")
     results: dict[str, dict[str, Any]] = {}
-    servers: dict[str, ServerProcess] = {}
+    servers: dict[str, ChildServer] = {}
     best: dict[str, dict[str, Any]] = {}
     try:
         for lib in libs:
             reason = _skip_reason(lib)
             if reason is None:
                 try:
-                    servers[lib] = ServerProcess(lib)
+                    servers[lib] = ChildServer(__file__, lib)
                 except BenchError as e:
                     reason = str(e)
             if reason is not None:

@@ -51,9 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -64,8 +62,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _child import ChildServer, announce  # noqa: E402 (after the sys.path set-up)
+
 HOST = "127.0.0.1"
-READY_TIMEOUT = 30.0
 MiB = 1024 * 1024
 
 __all__: list[str] = []
@@ -83,14 +82,6 @@ FUNCS = {"add": add, "echo": echo}
 
 
 # -- servers (child processes) ---------------------------------------------------
-
-
-def _exit_on_eof() -> None:
-    def watch() -> None:
-        sys.stdin.buffer.read()
-        os._exit(0)
-
-    threading.Thread(target=watch, name="rpc-bench-stdin", daemon=True).start()
 
 
 def _serve_floor() -> None:
@@ -129,9 +120,7 @@ def _router() -> Any:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
-    port = sock.bind_to_random_port(f"tcp://{HOST}")
-    _exit_on_eof()
-    print(f"PORT {port}", flush=True)
+    announce(sock.bind_to_random_port(f"tcp://{HOST}"))
     return sock
 
 
@@ -165,7 +154,7 @@ def _serve_taskit() -> None:
 
     backend = BackEnd(FUNCS, host=HOST, port=0)
     backend.start()
-    print(f"PORT {backend.port}", flush=True)
+    announce(backend.port, exit_on_eof=False)
     try:
         sys.stdin.buffer.read()
     finally:
@@ -179,50 +168,6 @@ SERVERS = {
     "taskit": _serve_taskit,
     "wire": _serve_wire,
 }
-
-
-class Server:
-    """A server child process; :meth:`stop` always ends it (by pid)."""
-
-    def __init__(self, kind: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        try:
-            self.port = self._read_port()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read_port(self) -> int:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(READY_TIMEOUT):
-                raise RuntimeError("bench server did not start")
-            line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"bench server failed to start: {line!r}")
-        return int(line.split()[1])
-
-    def stop(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        for step in (None, self.proc.terminate, self.proc.kill):
-            if step is not None:
-                step()
-            try:
-                self.proc.wait(5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 # -- clients -----------------------------------------------------------------------
@@ -435,7 +380,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    servers = {kind: Server(kind) for kind in ("floor", "strict", "taskit", "wire")}
+    servers = {kind: ChildServer(__file__, kind) for kind in ("floor", "strict", "taskit", "wire")}
     payload = os.urandom(MiB)
     kinds = (
         "floor",
