@@ -635,6 +635,8 @@ class BackEnd(CallHandler):
                     except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
                         state = _CHECK
                         break
+                    # The rest as in the locked branch below (inlined in both: a helper
+                    # would cost a call per request on the hot path).
                     frame = _recv(router, _NOBLOCK, False)
                     msg.append(frame)
                     while frame.more:

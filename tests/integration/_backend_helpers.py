@@ -1,4 +1,4 @@
-"""A raw DEALER client speaking taskit.protocol, and serving/client fixtures' bodies.
+"""A raw DEALER client speaking taskit.protocol (the ``client`` fixture's, in conftest.py).
 
 Used by the backend, security and fuzz tests: the "client in another language"
 view of a BackEnd. Not collected by pytest (no test_ prefix).
@@ -7,13 +7,11 @@ view of a BackEnd. Not collected by pytest (no test_ prefix).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
 
 from taskit import protocol
-from taskit.backend import BackEnd
 from taskit.codecs import MsgpackCodec, Signer, get_codec
 from taskit.protocol import Kind
 
@@ -90,36 +88,3 @@ class RawClient:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
-
-
-def serving() -> Iterator[Callable[..., BackEnd]]:
-    """Body of a ``serve`` fixture: serve(tasks, **kw) -> a started BackEnd on a free
-    port; every one is terminated and closed at teardown."""
-    started: list[BackEnd] = []
-
-    def _serve(tasks: dict, **kw: Any) -> BackEnd:
-        kw.setdefault("port", 0)
-        b = BackEnd(tasks, **kw).start()
-        started.append(b)
-        return b
-
-    yield _serve
-    for b in started:
-        b.terminate_server()
-        b.close(timeout=10)
-
-
-def clients() -> Iterator[Callable[..., RawClient]]:
-    """Body of a ``client`` fixture: client(backend_or_endpoint, **kw) -> a RawClient,
-    closed at teardown."""
-    made: list[RawClient] = []
-
-    def _client(backend_or_endpoint: Any, **kw: Any) -> RawClient:
-        ep = getattr(backend_or_endpoint, "endpoint", backend_or_endpoint)
-        c = RawClient(ep, **kw)
-        made.append(c)
-        return c
-
-    yield _client
-    for c in made:
-        c.close()

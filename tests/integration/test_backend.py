@@ -17,21 +17,9 @@ from taskit.backend import ADMIN_TASKS, BackEnd
 from taskit.codecs import JSONCodec, MsgpackCodec
 from taskit.errors import BackendBindError
 from taskit.protocol import Kind
-from tests.integration._backend_helpers import RawClient, RemoteError, clients, serving
+from tests.integration._backend_helpers import RawClient, RemoteError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def serve():
-    """serve(tasks, **kw) -> a started BackEnd on a free port; stopped at teardown."""
-    yield from serving()
-
-
-@pytest.fixture
-def client():
-    """client(backend, **kw) -> a RawClient, closed at teardown."""
-    yield from clients()
 
 
 def add(a, b):

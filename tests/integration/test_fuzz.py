@@ -13,24 +13,12 @@ import time
 import tracemalloc
 
 import msgpack
-import pytest
 import zmq
 
 from taskit import protocol
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec, Signer, get_codec
 from taskit.protocol import HEADER, MAGIC, Kind
-from tests.integration._backend_helpers import RawClient, clients, serving
-
-
-@pytest.fixture
-def serve():
-    yield from serving()
-
-
-@pytest.fixture
-def client():
-    yield from clients()
-
+from tests.integration._backend_helpers import RawClient
 
 KEY = b"fuzz key"
 TASKS = {"add": lambda a, b: a + b, "echo": lambda x: x}

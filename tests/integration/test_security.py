@@ -14,18 +14,7 @@ from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import BackendNotAvailableError, InsecureCodecError
 from taskit.frontend import FrontEnd
 from taskit.protocol import Kind
-from tests.integration._backend_helpers import RemoteError, clients, serving
-
-
-@pytest.fixture
-def serve():
-    yield from serving()
-
-
-@pytest.fixture
-def client():
-    yield from clients()
-
+from tests.integration._backend_helpers import RemoteError
 
 KEY = b"a shared secret that only the operators know"
 TASKS = {"add": lambda a, b: a + b, "echo": lambda x: x, **ADMIN_TASKS}
