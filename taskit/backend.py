@@ -14,9 +14,10 @@ lock and sends its reply itself, so the I/O thread is never woken for a
 reply. Because any use of the socket may consume the descriptor's edge,
 whoever used it last checks ``EVENTS`` (the I/O thread: or reads until
 EAGAIN) and a worker wakes the I/O thread through a pipe when a request is
-waiting. While no call is in a worker's hands, no other thread can touch the
-socket: then the I/O thread waits in a plain blocking ``recv`` (bounded by
-``RCVTIMEO``), which wakes sooner and costs less per request than ``poll()``.
+waiting. While no call is in a worker's hands, no other thread needs the
+socket: then the I/O thread waits in a plain blocking ``recv`` under the lock
+(bounded by ``RCVTIMEO``), which wakes sooner and costs less per request than
+``poll()``.
 
 Quick tasks run inline. A thread wake-up costs about as much as a whole
 loopback round trip on a busy machine, and a pool hand-off costs one. So a
@@ -100,7 +101,8 @@ _DONE, _DEMOTED = "done", "demoted"
 _TRY, _CHECK, _BACKLOG, _WAIT = 0, 1, 2, 3
 # The longest blocking read of the I/O loop (the socket's RCVTIMEO): after this
 # long without a request it sleeps in poll() again, where a stop or a worker's
-# wake-up reaches it at once. Also the longest a stop waits on a busy socket.
+# wake-up reaches it at once. Also the longest a stop, or any other thread
+# wanting the backend's lock, waits on a busy socket.
 _WAIT_MS = 10
 
 # Life cycle of a BackEnd.
@@ -621,51 +623,43 @@ class BackEnd(CallHandler):
         # are queued), _CHECK right after the first one of a wake-up (sync callers
         # send one at a time), _BACKLOG (try) once a second one was there. Either
         # way, before sleeping the descriptor is left armed for the next request.
-        # And _WAIT while no call is in a worker's hands: then no other thread
-        # touches the socket, so this one waits in a plain blocking recv (bounded by
-        # RCVTIMEO, _WAIT_MS), without the lock -- much cheaper per request than
-        # poll() + EVENTS + a non-blocking recv, and it wakes sooner.
+        # And _WAIT while no call is in a worker's hands: no other thread needs the
+        # socket then, so this one waits in a plain blocking recv (bounded by RCVTIMEO,
+        # _WAIT_MS) holding the lock -- much cheaper per request than poll() + EVENTS
+        # + a non-blocking recv, and it wakes sooner.
         state = _CHECK
         while True:
             more = False
             for _ in range(_BATCH):
-                if state == _WAIT:
-                    try:
-                        msg = [_recv(router, 0)]
-                    except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
-                        state = _CHECK
-                        break
-                    # The rest as in the locked branch below (inlined in both: a helper
-                    # would cost a call per request on the hot path).
+                with lock:
+                    if self._terminating:
+                        return _DONE
+                    # The routing id as bytes: a ROUTER always has more frames after it.
+                    if state == _WAIT:
+                        try:
+                            msg = [_recv(router, 0)]
+                        except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
+                            state = _CHECK
+                            break
+                    elif state == _CHECK:
+                        if not _get(router, _EVENTS) & _POLLIN:
+                            break
+                        msg = [_recv(router, _NOBLOCK)]
+                        state = _BACKLOG
+                    else:
+                        try:
+                            msg = [_recv(router, _NOBLOCK)]
+                        except zmq.Again:
+                            break
+                        if state == _TRY:
+                            state = _CHECK
+                    # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
+                    # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
                     frame = _recv(router, _NOBLOCK, False)
                     msg.append(frame)
                     while frame.more:
                         frame = _recv(router, _NOBLOCK, False)
                         msg.append(frame)
-                else:
-                    with lock:
-                        if self._terminating:
-                            return _DONE
-                        # The routing id as bytes: a ROUTER always has more frames after it.
-                        if state == _CHECK:
-                            if not _get(router, _EVENTS) & _POLLIN:
-                                break
-                            msg = [_recv(router, _NOBLOCK)]
-                            state = _BACKLOG
-                        else:
-                            try:
-                                msg = [_recv(router, _NOBLOCK)]
-                            except zmq.Again:
-                                break
-                            if state == _TRY:
-                                state = _CHECK
-                        # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
-                        # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
-                        frame = _recv(router, _NOBLOCK, False)
-                        msg.append(frame)
-                        while frame.more:
-                            frame = _recv(router, _NOBLOCK, False)
-                            msg.append(frame)
                 try:
                     handle(msg)
                 except Exception:  # a bug, or a user codec raising oddly: never stop serving
@@ -675,7 +669,7 @@ class BackEnd(CallHandler):
                 if self._io_owner != me:
                     return _DEMOTED  # the standby took over during an inline task
                 # Checked under the lock: a worker's reply and its in_flight decrement
-                # happen in one hold of it, so 0 means no other thread will send.
+                # happen in one hold of it, so 0 means no worker will wait for the lock.
                 with lock:
                     if self._acct.in_flight == 0 and not (self._stopping or self._terminating):
                         state = _WAIT

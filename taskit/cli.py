@@ -55,11 +55,6 @@ def _read_key(path: str | None) -> bytes | None:
     return key
 
 
-_Z85 = frozenset(
-    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-)
-
-
 def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
     """Z85 CurveZMQ keys (40 characters), one per line of ``path``; blank lines and
     comment lines (starting with '#' and not a key: '#' is a Z85 character) are
@@ -70,10 +65,12 @@ def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeError) as e:
         raise KeyFileError(f"cannot read the {what} file {path!r}: {e}") from e
+    from zmq.utils.z85 import Z85CHARS  # '#' is one of them: a key may start with it
+
     keys = []
     for number, line in enumerate(lines, 1):
         text = line.strip()
-        is_key = len(text) == 40 and all(c in _Z85 for c in text)
+        is_key = len(text) == 40 and text.isascii() and set(text.encode()) <= set(Z85CHARS)
         if not text or (text.startswith("#") and not is_key):
             continue
         if not is_key:

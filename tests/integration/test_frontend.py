@@ -13,7 +13,7 @@ from concurrent.futures import Future, wait
 import pytest
 import zmq
 
-from taskit.backend import ADMIN_TASKS, BackEnd
+from taskit.backend import ADMIN_TASKS
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
     BackendLostError,
@@ -58,22 +58,16 @@ TASKS = {"add": add, "fail": fail, "echo": echo, "nap": nap, "a_set": a_set}
 
 
 @pytest.fixture
-def backends():
-    """A factory of started BackEnds (threads); all are closed at the end."""
-    made: list[BackEnd] = []
+def backends(serve):
+    """A factory of started BackEnds (threads) serving TASKS by default; all are
+    closed at the end (by conftest's ``serve``)."""
 
     def make(tasks=None, **kw):
         kw.setdefault("host", "127.0.0.1")
-        kw.setdefault("port", 0)
         kw.setdefault("codecs", ["json", "msgpack"])
-        be = BackEnd(dict(tasks or TASKS), **kw).start()
-        made.append(be)
-        return be
+        return serve(dict(tasks or TASKS), **kw)
 
-    yield make
-    for be in made:
-        be.terminate_server()
-        be.close(timeout=5)
+    return make
 
 
 @pytest.fixture
