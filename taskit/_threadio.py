@@ -142,14 +142,27 @@ class CallFuture(Future):
         self.ok: bool | None = None
 
     def result(self, timeout: float | None = None) -> Any:
+        """The call's result, as :meth:`concurrent.futures.Future.result`: waits at
+        most ``timeout`` seconds in all (driving the sockets included)."""
         if self.ok is None:
-            self._io.drive_for(self, timeout)
+            timeout = self._drive(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As :meth:`concurrent.futures.Future.exception`; waits at most ``timeout``."""
         if self.ok is None:
-            self._io.drive_for(self, timeout)
+            timeout = self._drive(timeout)
         return super().exception(timeout)
+
+    def _drive(self, timeout: float | None) -> float | None:
+        """Drive the sockets for up to ``timeout``; the part of it left to wait for
+        another driver (one deadline for both waits, not ``timeout`` each)."""
+        if timeout is None:
+            self._io.drive_for(self, None)
+            return None
+        deadline = time.monotonic() + timeout
+        self._io.drive_for(self, timeout)
+        return max(0.0, deadline - time.monotonic())
 
 
 class ThreadedIO:
