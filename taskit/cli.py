@@ -37,6 +37,9 @@ __all__ = ["main", "build_parser", "load_tasks", "parse_value"]
 log = logging.getLogger("taskit.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+# `taskit call` gives up after this many seconds unless --timeout says otherwise: a
+# shell user is never left waiting without a word.
+CALL_TIMEOUT = 60.0
 
 
 # --- shared helpers ---------------------------------------------------------------
@@ -714,7 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 1)"
+        "--timeout",
+        type=float,
+        default=CALL_TIMEOUT,
+        metavar="S",
+        help=f"give up after S seconds (default {CALL_TIMEOUT:g}; exit 1)",
     )
     p.add_argument("--default-port", type=int, default=DEFAULT_PORT, help=argparse.SUPPRESS)
     _add_client_options(p, connect_timeout=5.0)  # a backend started just before

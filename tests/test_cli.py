@@ -222,3 +222,11 @@ def test_module_runs_as_a_script():
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout.split() == ["h:1", "h:2"]
+
+
+def test_call_has_a_default_timeout():
+    # A shell user is never left waiting without a word (issue 16): a call that gets no
+    # answer ends after --timeout, 60 s unless told otherwise.
+    args = cli.build_parser().parse_args(["call", "127.0.0.1", "add"])
+    assert args.timeout == cli.CALL_TIMEOUT == 60.0
+    assert cli.build_parser().parse_args(["call", "h", "t", "--timeout", "2"]).timeout == 2.0
