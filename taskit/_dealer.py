@@ -23,6 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from taskit._client import ClientCore
+from taskit._curve import check_pair, curve_key
 from taskit.codecs import Signer
 
 __all__ = [
@@ -75,8 +76,10 @@ class DealerSettings:
 
 
 def curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, bytes] | None:
-    """Normalise CurveZMQ client keys: None without a server key; a client keypair is
-    generated when none is given. Raises ``ValueError`` for an incomplete set and
+    """Check and normalise CurveZMQ client keys (each 40 Z85 characters or 32 raw
+    bytes; returned as Z85): None without a server key; a client keypair is
+    generated when none is given. Raises ``ValueError`` for a malformed key, a
+    public key that is not the secret key's half or an incomplete set, and
     ``NotImplementedError`` when libzmq lacks CURVE."""
     if server is None:
         if public is not None or secret is not None:
@@ -87,17 +90,18 @@ def curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, byt
             "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
             "or drop curve_serverkey"
         )
-
-    def b(k: Any) -> bytes:
-        return k.encode() if isinstance(k, str) else bytes(k)
-
+    server = curve_key("curve_serverkey", server)
     if secret is None:
         if public is not None:
             raise ValueError("curve_publickey needs its curve_secretkey")
         public, secret = zmq.curve_keypair()
-    elif public is None:
-        public = zmq.curve_public(b(secret))
-    return b(server), b(public), b(secret)
+        return server, public, secret
+    secret = curve_key("curve_secretkey", secret, secret=True)
+    if public is None:
+        return server, zmq.curve_public(secret), secret
+    public = curve_key("curve_publickey", public)
+    check_pair(public, secret, "curve_publickey", "curve_secretkey")
+    return server, public, secret
 
 
 def open_dealer(
@@ -108,6 +112,16 @@ def open_dealer(
     Raises ``ValueError`` when libzmq refuses the endpoint (nothing is left open).
     """
     sock = ctx.socket(zmq.DEALER)
+    try:
+        return sock, _setup(sock, endpoint, settings)
+    except BaseException:
+        sock.close(0)  # an open socket would block Context.term() for ever
+        raise
+
+
+def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings) -> zmq.Socket:
+    """Set ``sock``'s options, start its monitor and connect it; the monitor socket.
+    On failure nothing but ``sock`` is left open (the caller closes it)."""
     sock.setsockopt(zmq.LINGER, 0)
     # Not IMMEDIATE: with it, libzmq drops a dead connection's pipe at once and
     # can abort (fq.cpp "!_more") when that happens between two parts of a reply
@@ -135,10 +149,16 @@ def open_dealer(
     monitor = sock.get_monitor_socket(MONITOR_EVENTS)
     try:
         sock.connect(endpoint)
-    except zmq.ZMQError as e:
-        close_dealer(sock, monitor)
-        raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
-    return sock, monitor
+    except BaseException as e:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
+        if isinstance(e, zmq.ZMQError):
+            raise ValueError(f"cannot connect to backend {endpoint}: {e}") from e
+        raise
+    return monitor
 
 
 def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:

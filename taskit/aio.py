@@ -362,7 +362,9 @@ class AsyncFrontEnd(ConfiguredClient):
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Replies dropped: ``late_replies``, ``bad_replies``, ``bad_signatures``."""
+        """Replies dropped: ``late_replies`` (after a timeout), ``bad_replies``,
+        ``bad_signatures`` (wrong or missing HMAC); and ``refused_signatures``: calls
+        the backend refused for their signature (failed with AuthenticationError)."""
         return dict(self._core.stats)
 
     # -- life cycle -------------------------------------------------------------------
@@ -406,8 +408,13 @@ class AsyncFrontEnd(ConfiguredClient):
         if self._loop is None:
             self._loop = loop
             self._ctx = zmq.asyncio.Context()
-            for endpoint in self._core.backends:
-                self._connect(endpoint)
+            try:
+                for endpoint in self._core.backends:
+                    self._connect(endpoint)
+            except BaseException:
+                self._release()  # close what opened, so no term() can block
+                self._loop = None
+                raise
         elif self._loop is not loop:
             raise RuntimeError(
                 "this AsyncFrontEnd belongs to another event loop; create one per loop"

@@ -69,6 +69,7 @@ from taskit._backend_parts import (
     make_endpoint,
     parse_inline,
 )
+from taskit._curve import check_pair, curve_key
 from taskit.codecs import JSONCodec, Signer, get_codec
 from taskit.errors import BackendBindError
 from taskit.log import IMPORTANT, null_logger
@@ -109,6 +110,22 @@ _WAIT_MS = 10
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
 
+
+def _curve_keys(secret: Any, public: Any) -> tuple[bytes | None, bytes | None]:
+    """The backend's CURVE keys checked up front (40 Z85 characters or 32 raw bytes
+    each, and a pair) as Z85: libzmq would only refuse them with a bare EINVAL at
+    bind time. Raises ``ValueError`` naming the option."""
+    if secret is None:
+        if public is not None:
+            raise ValueError("curve_publickey needs its curve_secretkey")
+        return None, None
+    secret = curve_key("curve_secretkey", secret, secret=True)
+    if public is None:
+        return secret, None
+    public = curve_key("curve_publickey", public)
+    check_pair(public, secret, "curve_publickey", "curve_secretkey")
+    return secret, public
+
 class BackEnd(CallHandler):
     """A taskit server: exposes ``tasks`` (name -> callable) over ZeroMQ.
 
@@ -129,7 +146,8 @@ class BackEnd(CallHandler):
     every reply (a larger result is answered with an ``EncodeError``, since a
     client with the same limit would drop the connection).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
-    drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
+    drops those that do not; ``curve_secretkey``/``curve_publickey`` (40 Z85
+    characters or 32 raw bytes each; a malformed key is a ``ValueError`` at once)
     turn on CurveZMQ encryption, and ``curve_clients`` (Z85 public keys)
     admits only those clients (others fail the handshake; counted in
     ``<stats>`` as ``dropped["curve_denied"]``). ``heartbeat_interval`` (seconds, ``None`` =
@@ -175,8 +193,8 @@ class BackEnd(CallHandler):
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat_interval: float | None = DEFAULT_HEARTBEAT,
         heartbeat_timeout: float | None = None,
-        curve_secretkey: bytes | None = None,
-        curve_publickey: bytes | None = None,
+        curve_secretkey: bytes | str | None = None,
+        curve_publickey: bytes | str | None = None,
         curve_clients: Iterable[bytes | str] | None = None,
         inline: Any = "auto",
     ) -> None:
@@ -204,7 +222,7 @@ class BackEnd(CallHandler):
                 "this libzmq was built without CURVE; install a pyzmq wheel with libsodium "
                 "or drop curve_secretkey"
             )
-        self._curve = (curve_secretkey, curve_publickey)
+        self._curve = _curve_keys(curve_secretkey, curve_publickey)
         if curve_clients is not None and curve_secretkey is None:
             raise ValueError(
                 "curve_clients needs curve_secretkey: the allow-list is checked in the "

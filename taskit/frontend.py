@@ -92,10 +92,13 @@ class FrontEnd(ConfiguredClient):
     - ``heartbeat_interval`` / ``heartbeat_timeout``: ZMTP heartbeats; a
       backend silent for ``heartbeat_timeout`` is lost.
     - ``key``: shared secret; every message is signed (HMAC-SHA256) and
-      replies not signed with it are dropped.
+      replies not signed with it are dropped. A call the backend refuses for
+      its signature (the keys differ, or one side has none) raises
+      :class:`AuthenticationError`.
     - ``curve_serverkey`` (the backend's public key) and optionally
       ``curve_publickey``/``curve_secretkey`` (this client's keypair, generated
-      when omitted): CurveZMQ encryption.
+      when omitted): CurveZMQ encryption. Each key is 40 Z85 characters or 32
+      raw bytes; anything else raises ``ValueError`` at once.
     - ``max_message_size``: largest reply accepted and largest call sent (bytes;
       None: no limit). A call over it raises :class:`MessageTooLargeError` at
       once: a backend with that limit would drop the connection, and with it
@@ -346,7 +349,8 @@ class FrontEnd(ConfiguredClient):
     @property
     def dropped(self) -> dict[str, int]:
         """Replies dropped: ``late_replies`` (after a timeout), ``bad_replies``,
-        ``bad_signatures`` (wrong or missing HMAC)."""
+        ``bad_signatures`` (wrong or missing HMAC); and ``refused_signatures``: calls
+        the backend refused for their signature (failed with AuthenticationError)."""
         return dict(self._core.stats)
 
     def close(self) -> None:
