@@ -186,6 +186,25 @@ class CallHandler:
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
 
+    def _unauthenticated(self, ident: bytes, frames: list[Any]) -> None:
+        """A message whose signature this backend cannot check (it has a key and the
+        signature is missing or wrong, or it has none and the message is signed):
+        never read further nor run; counted as ``dropped["bad_signature"]``. A CALL
+        is answered with the fixed, unsigned JSON ERROR ``Unauthenticated`` (its text
+        says which side lacks the key, nothing depends on the key), so the caller
+        gets an AuthenticationError rather than waiting forever."""
+        call_id = protocol.peek_call_id(frames)
+        frames_out = None
+        if call_id is not None and frames[1][0] == _CALL:
+            why = protocol.KEY_DIFFERS if self._signer is not None else protocol.NO_KEY_HERE
+            frames_out = protocol.encode_error(
+                JSONCodec, call_id, protocol.UNAUTHENTICATED, [why], "", None
+            )
+        with self._lock:
+            self._acct.drop("bad_signature")
+            if frames_out is not None:
+                self._send_locked(ident, frames_out)
+
     def _handle(self, msg: list[Any]) -> None:
         """Parse one request (the routing id as bytes, then ``zmq.Frame`` objects) and
         answer it, or hand it to the pool. Never raises for input."""
@@ -201,8 +220,7 @@ class CallHandler:
         try:
             m = protocol._unpack(frames, self._signer, False)
         except SignatureError:
-            with self._lock:
-                self._acct.drop("bad_signature")
+            self._unauthenticated(ident, frames)
             return
         except ProtocolError as e:
             call_id = protocol.peek_call_id(frames)

@@ -65,6 +65,7 @@ from typing import Any
 
 from taskit.codecs import Signer, as_body, get_codec
 from taskit.errors import (
+    AuthenticationError,
     BackendLostError,
     BackendNotAvailableError,
     BackendProcessingError,
@@ -79,7 +80,18 @@ from taskit.errors import (
     TaskItError,
     UnknownTaskError,
 )
-from taskit.protocol import DEFAULT_PORT, HEADER, MAGIC, Kind, decode_error, pack, unpack
+from taskit.protocol import (
+    DEFAULT_PORT,
+    HEADER,
+    MAGIC,
+    NO_KEY_HERE,
+    UNAUTHENTICATED,
+    Kind,
+    decode_error,
+    pack,
+    peek_call_id,
+    unpack,
+)
 
 __all__ = [
     "ClientCore",
@@ -103,6 +115,7 @@ _SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HEADER_UNPACK = HEADER.unpack
 _HEADER_PACK = HEADER.pack
 _RESULT, _ERROR, _CALL = int(Kind.RESULT), int(Kind.ERROR), int(Kind.CALL)
+_JSON_ID = get_codec("json").wire_id
 _BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
 
 # Remote error type names the backend raises itself -> the exception class.
@@ -316,7 +329,14 @@ class ClientCore:
         json = get_codec("json")
         self._reply_codecs = {self.codec.wire_id: self.codec, json.wire_id: json}
         self._wire_id = self.codec.wire_id
-        self.stats = {"late_replies": 0, "bad_replies": 0, "bad_signatures": 0}
+        # Replies dropped unread (late, malformed, badly signed), and calls the backend
+        # refused for their signature (failed with AuthenticationError).
+        self.stats = {
+            "late_replies": 0,
+            "bad_replies": 0,
+            "bad_signatures": 0,
+            "refused_signatures": 0,
+        }
 
     # -- backends ---------------------------------------------------------------
 
@@ -531,9 +551,10 @@ class ClientCore:
         else:
             try:
                 kind, codec_id, call_id, body = unpack(frames, self.signer)
-            except ProtocolError as e:
-                key = "bad_signatures" if isinstance(e, SignatureError) else "bad_replies"
-                self.stats[key] += 1
+            except SignatureError:
+                return self._unverified(endpoint, frames)
+            except ProtocolError:
+                self.stats["bad_replies"] += 1
                 return []
         call = self.calls.get(call_id)
         if call is None:
@@ -594,7 +615,9 @@ class ClientCore:
             except (DecodeError, ProtocolError) as e:
                 self._finish(call, False, e, done)
                 return done
-            if type_name == "Busy" and call.target is None:
+            if type_name == UNAUTHENTICATED:
+                self._refused_signature(call, endpoint, args, done)
+            elif type_name == "Busy" and call.target is None:
                 self._busy(call, b, args, tb, done)
             elif type_name == "Stopping" and call.target is None:
                 self._stopping(call, b, args, tb, done)
@@ -691,16 +714,28 @@ class ClientCore:
         self._parked[call.id] = call
 
     def _not_available(self, call: PendingCall) -> TaskItError:
+        """The error of a call that found no backend up within ``connect_timeout``;
+        it names each backend's last connection error (a refused handshake says so)."""
         if call.target is not None:
-            where = f"backend {call.target} is"
+            where = f"backend {call.target} is not reachable"
+            named = [b for b in self._blist if b.endpoint == call.target]
+        elif len(self._blist) == 1:
+            where = f"backend {self._blist[0].endpoint} is not reachable"
+            named = self._blist
         elif self.backends:
-            where = f"none of the backends ({', '.join(self.backends)}) is"
+            where = f"none of the backends ({', '.join(self.backends)}) is reachable"
+            named = self._blist
         else:
             return BackendNotAvailableError(
                 "this FrontEnd has no backends; pass backends= or call add_backends()"
             )
+        errors = [b for b in named if b.last_error]
+        if len(errors) == 1 and len(named) == 1:
+            why = f"; last error: {errors[0].last_error}"
+        else:
+            why = "".join(f"; {b.endpoint}: {b.last_error}" for b in errors)
         return BackendNotAvailableError(
-            f"{where} reachable (waited {self.connect_timeout:g} s for task {call.task!r}); "
+            f"{where} (waited {self.connect_timeout:g} s for task {call.task!r}{why}); "
             "start a backend there or check host, port and keys"
         )
 
@@ -726,6 +761,56 @@ class ClientCore:
             DecodeError(
                 f"backend {endpoint} answered task {call.task!r} in codec id {codec_id}, "
                 f"which this client does not accept (it sent {self.codec.name!r})"
+            ),
+            done,
+        )
+
+    def _unverified(self, endpoint: str, frames: Sequence[Any]) -> Done:
+        """A reply whose signature does not check out (missing, wrong, or present where
+        this client has no key): never decoded for a value, dropped and counted. One
+        exception, so that a key mismatch is an error rather than a hang: the
+        backend's refusal of our signature (an unsigned JSON ERROR ``Unauthenticated``
+        for one of our calls on that backend, see protocol.UNAUTHENTICATED) fails that
+        call with :class:`AuthenticationError`. A forger can do no more with it than
+        by cutting the connection: fail a call, never complete one."""
+        self.stats["bad_signatures"] += 1
+        call_id = peek_call_id(frames)
+        call = None if call_id is None else self.calls.get(call_id)
+        if call is None or call.backend != endpoint or len(frames) != 3:
+            return []
+        kind, codec_id, _ = _HEADER_UNPACK(frames[1])
+        json = self._reply_codecs.get(_JSON_ID)
+        if kind != _ERROR or codec_id != _JSON_ID or json is None or len(frames[2]) > 1024:
+            return []
+        try:
+            type_name, args, _ = decode_error(json, bytes(frames[2]))
+        except (DecodeError, ProtocolError):
+            return []
+        if type_name != UNAUTHENTICATED:
+            return []
+        done: Done = []
+        self._refused_signature(call, endpoint, args, done)
+        return done
+
+    def _refused_signature(self, call: PendingCall, endpoint: str, args: Any, done: Done) -> None:
+        """The backend at ``endpoint`` refused ``call``'s signature (it did not run)."""
+        if self.signer is None:
+            why = "this client has no key: pass key= with the backend's key"
+        elif args and args[0] == NO_KEY_HERE:
+            why = "the backend has none: give it the same key, or drop key= here"
+        else:
+            why = "the backend's key is not this client's key="
+        self.stats["refused_signatures"] += 1
+        b = self.backends.get(endpoint)
+        if b is not None:
+            b.failed += 1
+            b.last_error = "refused the signature: the keys differ, or one side has none"
+        self._finish(
+            call,
+            False,
+            AuthenticationError(
+                f"backend {endpoint} refused the signature of task {call.task!r}: the keys "
+                f"differ, or one side has none ({why})"
             ),
             done,
         )

@@ -35,6 +35,7 @@ __all__ = [
     "FrontEndError",
     "BackendNotAvailableError",
     "BackendLostError",
+    "AuthenticationError",
     "CallTimeoutError",
     "FrontEndClosedError",
     "BackendProcessingError",
@@ -179,7 +180,8 @@ class ProtocolError(TaskItError):
 
 
 class SignatureError(ProtocolError):
-    """A message's HMAC signature is missing or wrong (only when a shared key is set)."""
+    """A message's HMAC signature is missing or wrong (this peer has a shared key), or
+    present where this peer has no key to check it."""
 
 
 class FrontEndError(TaskItError):
@@ -195,6 +197,13 @@ class BackendLostError(FrontEndError):
 
     The call may or may not have run there (at-most-once); pass ``retries=`` to
     the FrontEnd to re-send such calls to another backend.
+    """
+
+
+class AuthenticationError(FrontEndError):
+    """The backend refused the call's signature: the FrontEnd's ``key=`` and the
+    backend's differ, or one side has none. The call did not run. The message
+    says which side lacks the key when that is known; give both sides the same key.
     """
 
 

@@ -35,6 +35,9 @@ __all__ = [
     "TASKS",
     "ADMIN_SIGNALS",
     "ERROR_TYPES",
+    "UNAUTHENTICATED",
+    "KEY_DIFFERS",
+    "NO_KEY_HERE",
     "pack",
     "unpack",
     "peek_call_id",
@@ -67,7 +70,15 @@ ERROR_TYPES = (
     "Busy",
     "Stopping",
     "ProtocolError",
+    "Unauthenticated",
 )
+
+# The ERROR a backend answers a CALL whose signature it cannot check, unsigned, in
+# JSON, with one of these two fixed messages (so a client can tell which side lacks
+# the key; nothing in it depends on the key). See doc/protocol.md.
+UNAUTHENTICATED = "Unauthenticated"
+KEY_DIFFERS = "this backend has a key; the call's signature is missing or made with another key"
+NO_KEY_HERE = "this backend has no key; it cannot check a signed call"
 
 
 class Kind(IntEnum):
@@ -119,8 +130,9 @@ def unpack(frames: Sequence[bytes], signer: Signer | None = None) -> Message:
     """Parse and check the frames of one message.
 
     Raises :class:`SignatureError` when a key is set and the signature is
-    missing or wrong (check this first: nothing unsigned is read further), and
-    :class:`ProtocolError` for anything else malformed. Does not decode the body.
+    missing or wrong (check this first: nothing unsigned is read further) or when
+    no key is set and the message is signed, and :class:`ProtocolError` for
+    anything else malformed. Does not decode the body.
     """
     return _unpack(frames, signer, True)
 
@@ -136,7 +148,7 @@ def _unpack(frames: Sequence[Any], signer: Signer | None, body_bytes: bool) -> M
             raise SignatureError("message signature does not match the shared key")
     elif n != 3:
         if n == 4:
-            raise ProtocolError("message is signed but this peer has no shared key")
+            raise SignatureError("message is signed but this peer has no shared key")
         raise ProtocolError(f"expected 3 frames (4 when signed), got {n}")
     magic, header, body = frames[0], frames[1], frames[2]
     if magic != MAGIC:

@@ -56,8 +56,29 @@ def test_bad_signatures_are_dropped_unread_and_counted(serve, client, how):
     elif how == "truncated digest":
         frames[3] = frames[3][:16]
     bad.send_raw(frames)
-    assert bad.silent()  # no answer at all: an unkeyed sender learns nothing
+    # Never run; answered only with the fixed, unsigned refusal (nothing in it
+    # depends on the key), so the caller gets an error instead of a hang.
+    assert_refused_unsigned(bad, call_id=1, why=protocol.KEY_DIFFERS)
+    assert bad.silent()
     assert good.call("<stats>")["dropped"]["bad_signature"] == 1
+
+
+def assert_refused_unsigned(c, call_id, why):
+    """``c`` received exactly the backend's fixed refusal of a signature: an unsigned
+    JSON ERROR ``Unauthenticated`` for ``call_id``."""
+    assert c.sock.poll(5000)
+    frames = c.sock.recv_multipart()
+    m = protocol.unpack(frames)  # unsigned: 3 frames, no key needed to read it
+    assert (m.kind, m.codec_id, m.call_id) == (Kind.ERROR, JSONCodec.wire_id, call_id)
+    assert protocol.decode_error(JSONCodec, m.body) == (protocol.UNAUTHENTICATED, [why], "")
+
+
+def test_a_keyless_backend_refuses_signed_calls_unread(serve, client):
+    b = serve(TASKS)
+    keyed = client(b, key=KEY)
+    keyed.send_raw(protocol.encode_call(JSONCodec, 7, "add", (1, 2), None, keyed.signer))
+    assert_refused_unsigned(keyed, call_id=7, why=protocol.NO_KEY_HERE)
+    assert b.stats()["dropped"]["bad_signature"] == 1
 
 
 def test_admin_signals_need_a_signature_when_a_key_is_set(serve, client):
@@ -65,6 +86,10 @@ def test_admin_signals_need_a_signature_when_a_key_is_set(serve, client):
     stranger = client(b)
     for signal in ("<kill>", "<stop>", "<status>"):
         stranger.send(signal)
+    for _ in range(3):  # each refused, none run
+        frames = stranger.sock.recv_multipart() if stranger.sock.poll(5000) else []
+        m = protocol.unpack(frames)
+        assert protocol.decode_error(JSONCodec, m.body)[0] == protocol.UNAUTHENTICATED
     assert stranger.silent()
     assert b.running
     owner = client(b, key=KEY)

@@ -1,0 +1,283 @@
+"""Calls that used to hang (issue 16): each ends with a typed error in bounded time,
+on FrontEnd and AsyncFrontEnd alike, over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from taskit import protocol
+from taskit.aio import AsyncFrontEnd
+from taskit.backend import BackEnd
+from taskit.codecs import JSONCodec, Signer
+from taskit.errors import (
+    AuthenticationError,
+    BackendNotAvailableError,
+    CallTimeoutError,
+    TaskItError,
+)
+from taskit.frontend import FrontEnd
+
+release = threading.Event()
+
+
+def add(a, b):
+    return a + b
+
+
+def hold(seconds):
+    release.wait(seconds)
+    return "held"
+
+
+TASKS = {"add": add, "hold": hold}
+KINDS = ["threads", "asyncio"]
+
+
+@pytest.fixture
+def serve(serve: Callable[..., BackEnd]) -> Iterator[Callable[..., BackEnd]]:
+    """conftest's serve (stopped at teardown); held tasks are released first."""
+    release.clear()
+    yield serve
+    release.set()
+
+
+def call_with(kind: str, endpoints: list[str], task: str, *args: Any, **options: Any) -> Any:
+    """One call of ``task`` through a new FrontEnd or AsyncFrontEnd (closed after);
+    returns ``(result or raised exception, seconds taken, dropped, backends_status)``."""
+    if kind == "threads":
+        with FrontEnd(endpoints, **options) as fe:
+            t0 = time.monotonic()
+            try:
+                out: Any = fe.work(task, *args)
+            except TaskItError as e:
+                out = e
+            return out, time.monotonic() - t0, fe.dropped, fe.backends_status()
+
+    async def main() -> Any:
+        async with AsyncFrontEnd(endpoints, **options) as fe:
+            t0 = time.monotonic()
+            try:
+                out: Any = await fe.work(task, *args)
+            except TaskItError as e:
+                out = e
+            return out, time.monotonic() - t0, fe.dropped, fe.backends_status()
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+# --- keys that differ: AuthenticationError, not a hang ---------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "backend_key, client_key, why",
+    [
+        (b"k1", None, "this client has no key"),
+        (b"k1", b"k2", "key is not this client's key="),
+        (None, b"k2", "the backend has none"),
+    ],
+    ids=["client-without-key", "wrong-key", "backend-without-key"],
+)
+def test_a_key_mismatch_fails_the_call_with_authenticationerror(
+    serve, kind, backend_key, client_key, why
+):
+    b = serve(TASKS, key=backend_key)
+    # No call timeout: before the fix, this call never ended.
+    out, took, dropped, status = call_with(
+        kind, [b.endpoint], "add", 1, 2, key=client_key, connect_timeout=5.0
+    )
+    assert isinstance(out, AuthenticationError), out
+    assert str(out).startswith(f"backend {b.endpoint} refused the signature of task 'add': ")
+    assert "the keys differ, or one side has none" in str(out) and why in str(out)
+    assert took < 5.0  # within the connect timeout (it is one round trip)
+    assert dropped["refused_signatures"] == 1  # counted on the client...
+    assert status[b.endpoint]["failed"] == 1
+    assert "refused the signature" in status[b.endpoint]["last_error"]
+    assert b.stats()["dropped"]["bad_signature"] == 1  # ...and on the backend
+
+
+class Forger:
+    """A ROUTER on a free port that reads one call and answers it with the frames
+    ``reply(call_id)`` builds (a thread; every wait bounded)."""
+
+    def __init__(self, reply: Callable[[int], list[bytes]]) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.reply = reply
+        self.answered = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        if self.sock.poll(20_000):
+            ident, *frames = self.sock.recv_multipart()
+            call_id = protocol.peek_call_id(frames)
+            assert call_id is not None
+            self.sock.send_multipart([ident, *self.reply(call_id)])
+            self.answered.set()
+
+    def close(self) -> None:
+        self.thread.join(30)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@contextlib.contextmanager
+def forger(reply: Callable[[int], list[bytes]]) -> Iterator[Forger]:
+    f = Forger(reply)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _result(call_id: int) -> list[bytes]:
+    return protocol.encode_result(JSONCodec, call_id, 666)
+
+
+def _missigned_result(call_id: int) -> list[bytes]:
+    return protocol.encode_result(JSONCodec, call_id, 666, Signer(b"not the key"))
+
+
+def _refusal(call_id: int) -> list[bytes]:
+    return protocol.encode_error(
+        JSONCodec, call_id, protocol.UNAUTHENTICATED, [protocol.KEY_DIFFERS]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reply", [_result, _missigned_result], ids=["unsigned", "mis-signed"])
+def test_a_forged_reply_never_completes_a_keyed_call(kind, reply):
+    with forger(reply) as f:
+        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=b"k", timeout=1.0)
+        assert f.answered.is_set()
+    assert isinstance(out, CallTimeoutError), out  # the forged 666 was not delivered
+    assert dropped["bad_signatures"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unsigned_refusal_can_only_fail_a_keyed_call(kind):
+    with forger(_refusal) as f:
+        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=b"k", timeout=10)
+    assert isinstance(out, AuthenticationError), out
+    assert dropped["bad_signatures"] == 1 and dropped["refused_signatures"] == 1
+
+
+# --- CURVE keys checked up front ---------------------------------------------------------
+
+needs_curve = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+
+
+def _make(kind: str, **options: Any) -> None:
+    """Build (and close) a FrontEnd / AsyncFrontEnd / BackEnd with ``options``."""
+    if kind == "threads":
+        FrontEnd(["127.0.0.1:1"], **options).close()
+    elif kind == "asyncio":
+
+        async def main() -> None:
+            async with AsyncFrontEnd(["127.0.0.1:1"], **options):
+                pass
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+    else:
+        BackEnd(TASKS, port=0, **options).close()
+
+
+@needs_curve
+@pytest.mark.timeout(30)  # the old code hung for ever in Context.term()
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_malformed_curve_server_key_is_a_valueerror_not_a_hang(kind, tmp_path):
+    with pytest.raises(ValueError, match=r"curve_serverkey .*40 Z85 characters"):
+        _make(kind, curve_serverkey="not-a-key")
+    public, _ = zmq.curve_keypair()
+    pub = tmp_path / "server.pub"
+    pub.write_bytes(public + b"\n")
+    with pytest.raises(ValueError, match=r"curve_serverkey .*path of a file"):
+        _make(kind, curve_serverkey=str(pub))
+    with pytest.raises(ValueError, match=r"curve_secretkey"):
+        _make(kind, curve_serverkey=public, curve_secretkey=b"short")
+    with pytest.raises(ValueError, match=r"curve_publickey .*curve_secretkey"):
+        _make(
+            kind,
+            curve_serverkey=public,
+            curve_publickey=zmq.curve_keypair()[0],
+            curve_secretkey=zmq.curve_keypair()[1],
+        )
+
+
+@needs_curve
+@pytest.mark.timeout(30)
+def test_a_backend_checks_its_curve_keys_up_front():
+    with pytest.raises(ValueError, match=r"curve_secretkey .*40 Z85 characters"):
+        _make("backend", curve_secretkey="not-a-key")
+    with pytest.raises(ValueError, match=r"curve_publickey .*curve_secretkey"):
+        _make(
+            "backend",
+            curve_secretkey=zmq.curve_keypair()[1],
+            curve_publickey=zmq.curve_keypair()[0],
+        )
+
+
+@needs_curve
+@pytest.mark.parametrize("kind", KINDS)
+def test_curve_keys_may_be_z85_text_or_32_raw_bytes(serve, kind):
+    public, secret = zmq.curve_keypair()
+    b = serve(
+        TASKS, curve_secretkey=zmq.utils.z85.decode(secret), curve_publickey=public.decode()
+    )
+    out, *_ = call_with(
+        kind, [b.endpoint], "add", 2, 3, curve_serverkey=zmq.utils.z85.decode(public), timeout=10
+    )
+    assert out == 5
+
+
+# --- one deadline for CallFuture.result(timeout) ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["result", "exception"])
+def test_future_result_waits_its_timeout_once_not_twice(serve, method):
+    b = serve(TASKS)
+    with FrontEnd([b.endpoint]) as fe:
+        fut = fe.submit("hold", 30)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            getattr(fut, method)(0.5)
+        took = time.monotonic() - t0
+    assert 0.45 <= took < 0.85  # was 1.0: drive for 0.5 s, then wait 0.5 s more
+
+
+# --- BackendNotAvailableError says "not reachable" --------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unreachable_backend_is_said_to_be_not_reachable(kind):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        out, *_ = call_with(kind, [endpoint], "add", 1, 2, connect_timeout=0.3)
+    assert isinstance(out, BackendNotAvailableError), out
+    assert str(out).startswith(f"backend {endpoint} is not reachable (waited 0.3 s for task 'add'")
+
+
+def test_an_unreachable_named_backend_is_said_to_be_not_reachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        with FrontEnd([endpoint, "127.0.0.1:1"], connect_timeout=0.3) as fe:
+            with pytest.raises(BackendNotAvailableError, match=f"backend {endpoint} is not reach"):
+                fe.send_signal(endpoint, "<status>")
+            with pytest.raises(BackendNotAvailableError, match="none of the backends .* is reach"):
+                fe.work("add", 1, 2)
+
