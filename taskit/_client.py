@@ -19,6 +19,9 @@ Interface (what a driver does)::
     ... when frames arrive from backend `ep`:
         done = core.on_message(ep, frames)    # -> list of (call, ok, value)
     ... socket monitor:   core.backend_up(ep) / done = core.backend_down(ep, why)
+    ... a connection closed before it came up (handshake refused, not taskit):
+                          done, delay, line = core.connect_refused(ep, why)
+                          -> connect again after ``delay`` s; log ``line`` if any
     ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff
                           core.next_wakeup()  # monotonic time to poll until, or None
     ... a waiter gave up: core.cancel(call)
@@ -99,6 +102,9 @@ __all__ = [
     "BackendState",
     "parse_backend",
     "backoff_delay",
+    "reconnect_delay",
+    "RECONNECT_FIRST",
+    "RECONNECT_CAP",
     "error_from_reply",
     "UP",
     "DOWN",
@@ -174,6 +180,16 @@ def _tcp(host: str, port: int) -> str:
 def backoff_delay(attempt: int, base: float = 0.001, cap: float = 0.05) -> float:
     """Seconds to wait before re-sending after ``attempt`` refusals (exponential, capped)."""
     return min(cap, base * (1 << min(attempt, 20)))
+
+
+RECONNECT_FIRST = 0.1  # s: wait after a connection that was refused before coming up
+RECONNECT_CAP = 5.0  # s: the longest wait between such connections
+
+
+def reconnect_delay(refusals: int) -> float:
+    """Seconds to wait before connecting again after ``refusals`` connections in a row
+    ended before coming up: RECONNECT_FIRST doubling up to RECONNECT_CAP."""
+    return min(RECONNECT_CAP, RECONNECT_FIRST * (1 << min(max(refusals, 1) - 1, 16)))
 
 
 def error_from_reply(
@@ -253,6 +269,8 @@ class BackendState:
         "connects",
         "disconnects",
         "last_error",
+        "refusals",
+        "reported",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -265,6 +283,8 @@ class BackendState:
         self.sent = self.answered = self.failed = self.lost = self.busy = 0
         self.connects = self.disconnects = 0
         self.last_error: str | None = None
+        self.refusals = 0  # connections in a row that ended before coming up
+        self.reported: str | None = None  # the refusal last logged (once per cause)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
@@ -369,12 +389,36 @@ class ClientCore:
             b.state, b.since = UP, self.clock()
             b.connects += 1
             b.busy_until, b.busy_streak = 0.0, 0
+            b.refusals, b.reported = 0, None
         if self._parked:
             parked = sorted(self._parked.values(), key=lambda c: c.id)
             self._parked.clear()
             for call in parked:
                 call.wait_until = None
                 self._route(call)
+
+    def connect_refused(self, endpoint: str, reason: str) -> tuple[Done, float, str | None]:
+        """A connection to ``endpoint`` ended before it came up: the peer closed it or
+        refused the handshake (not a taskit backend, CURVE keys refused). The backend
+        is down for ``reason`` (which a call that finds no backend names).
+
+        Returns the calls resolved now, the seconds to wait before connecting again
+        (:func:`reconnect_delay` of the refusals in a row, jittered: libzmq's own
+        backoff does not apply to a connection that was made and then closed), and
+        a line to log, or None when this cause was already reported (once per
+        cause; a refusal in a row of one may be a backend starting or stopping).
+        """
+        b = self.backends.get(endpoint)
+        if b is None:
+            return [], reconnect_delay(1), None
+        done = self.backend_down(endpoint, reason)
+        b.refusals += 1
+        delay = reconnect_delay(b.refusals) * (0.75 + 0.5 * self._jitter())
+        report = None
+        if b.refusals >= 2 and b.reported != reason:
+            b.reported = reason
+            report = f"backend {endpoint} {reason}; retrying, at most every {RECONNECT_CAP:g} s"
+        return done, delay, report
 
     def backend_down(self, endpoint: str, reason: str = "disconnected") -> Done:
         """The connection to ``endpoint`` dropped (or cannot be made).

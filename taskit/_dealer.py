@@ -11,6 +11,8 @@ Interface::
     sock, monitor = open_dealer(ctx, "tcp://host:port", settings)  # ValueError if unusable
     ... poll ``monitor``; for each message: ev = monitor_event(monitor.recv_multipart())
         ev & UP_EVENT -> connected; ev & DOWN_EVENTS -> disconnected / cannot connect
+    ... a connection that ended before UP_EVENT (HANDSHAKE_FAILED, or DISCONNECTED):
+        why = refusal(ev, curve); replace the socket, connect it after a backoff
     close_dealer(sock, monitor)
 """
 
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "open_dealer",
+    "refusal",
     "close_dealer",
     "curve_keys",
     "configure_client",
@@ -105,21 +108,42 @@ def curve_keys(server: Any, public: Any, secret: Any) -> tuple[bytes, bytes, byt
 
 
 def open_dealer(
-    ctx: zmq.Context, endpoint: str, settings: DealerSettings
+    ctx: zmq.Context, endpoint: str, settings: DealerSettings, connect: bool = True
 ) -> tuple[zmq.Socket, zmq.Socket]:
-    """A DEALER connecting to ``endpoint`` and its monitor socket (PAIR).
+    """A DEALER for ``endpoint`` and its monitor socket (PAIR); connected unless
+    ``connect`` is false (then the caller connects it later: ``sock.connect(endpoint)``).
 
     Raises ``ValueError`` when libzmq refuses the endpoint (nothing is left open).
     """
     sock = ctx.socket(zmq.DEALER)
     try:
-        return sock, _setup(sock, endpoint, settings)
+        return sock, _setup(sock, endpoint, settings, connect)
     except BaseException:
         sock.close(0)  # an open socket would block Context.term() for ever
         raise
 
 
-def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings) -> zmq.Socket:
+def refusal(event: int, curve: bool) -> str:
+    """Why a connection ended before it came up, from the monitor ``event`` that
+    ended it (a HANDSHAKE_FAILED_* event, or DISCONNECTED) and whether this
+    client uses CURVE: the text a BackendNotAvailableError and the log show."""
+    if curve:
+        if event & getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0):
+            return (
+                "refused the CURVE handshake: its curve_clients list does not admit this "
+                "client's public key"
+            )
+        return (
+            "refused the CURVE handshake: check curve_serverkey (the backend's public "
+            "key), and that the backend uses CURVE"
+        )
+    return (
+        "closed the connection during the ZeroMQ handshake: not a taskit backend, or "
+        "one that requires CURVE keys (curve_serverkey=)"
+    )
+
+
+def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings, connect: bool) -> zmq.Socket:
     """Set ``sock``'s options, start its monitor and connect it; the monitor socket.
     On failure nothing but ``sock`` is left open (the caller closes it)."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -147,6 +171,8 @@ def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings) -> zmq.Soc
         sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+    if not connect:
+        return monitor
     try:
         sock.connect(endpoint)
     except BaseException as e:

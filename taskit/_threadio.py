@@ -46,6 +46,7 @@ from taskit._dealer import (
     close_dealer,
     monitor_event,
     open_dealer,
+    refusal,
 )
 from taskit.errors import CallTimeoutError, FrontEndClosedError
 from taskit.log import ERROR, INFO
@@ -114,13 +115,14 @@ class _Op:
 class _Link:
     """One backend's DEALER socket and its monitor socket."""
 
-    __slots__ = ("endpoint", "sock", "monitor", "send")
+    __slots__ = ("endpoint", "sock", "monitor", "send", "up")
 
     def __init__(self, endpoint: str, sock: zmq.Socket, monitor: zmq.Socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
         self.send = _BASE_SEND.__get__(sock)  # see _send
+        self.up = False  # this socket's connection came up (handshake done)
 
 
 _BASE_SEND = zmq.backend.Socket.send
@@ -203,6 +205,9 @@ class ThreadedIO:
         self._defer_until = 0.0
         self._yield = False
         self._bg_ident: int | None = None
+        # endpoint -> monotonic time to connect its (new, unconnected) socket: the
+        # backoff after connections refused before coming up (see _refused)
+        self._redial: dict[str, float] = {}
         # Connected before the thread starts, so no other thread can race us here.
         try:
             for endpoint in endpoints:
@@ -438,6 +443,10 @@ class ThreadedIO:
             elif not core.calls and not self._inbox:
                 return
             wake_at = core.next_wakeup() if core.timers else None
+            if self._redial:
+                redial_at = self._redial_due()
+                if redial_at is not None:
+                    wake_at = redial_at if wake_at is None else min(wake_at, redial_at)
             if deadline is not None:
                 if time.monotonic() >= deadline:
                     return
@@ -569,8 +578,12 @@ class ThreadedIO:
                 return
             event = monitor_event(msg)
             if event & UP_EVENT:
+                link.up = True
                 self._note(INFO, f"backend {link.endpoint} is up")
                 self._core.backend_up(link.endpoint)
+            elif not link.up and event & (DISCONNECTED | HANDSHAKE_FAILED):
+                self._refused(link, event)
+                return  # the old monitor socket is closed
             elif event & DISCONNECTED:
                 # Replies that arrived before the disconnect are still queued on the
                 # socket; read them first, so only truly unanswered calls are lost.
@@ -582,14 +595,38 @@ class ThreadedIO:
                 return  # the old monitor socket is closed
             elif event & CONNECT_RETRIED:
                 self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
-            elif event & HANDSHAKE_FAILED:
-                if self._settings.curve is not None:
-                    why = "handshake failed: check the CURVE keys"
-                    self._note(ERROR, f"{link.endpoint}: {why}", logging.WARNING)
-                else:  # e.g. a backend killed while we were connecting: not news
-                    why = "connection dropped during the handshake"
-                    self._note(INFO, f"{link.endpoint}: {why}", logging.INFO)
-                self._resolve(self._core.backend_down(link.endpoint, why))
+
+    def _refused(self, link: _Link, event: int) -> None:
+        """``link``'s connection ended before it came up (the peer refused the handshake
+        or closed it): replace the socket and connect the new one after a growing
+        backoff. Renewing at once would bypass libzmq's reconnect interval, and a
+        peer that refuses every connection would see thousands a second."""
+        endpoint = link.endpoint
+        why = refusal(event, self._settings.curve is not None)
+        done, delay, report = self._core.connect_refused(endpoint, why)
+        if report is not None:
+            self._note(ERROR, report, logging.WARNING)
+        self._resolve(done)
+        if link.sock in self._by_sock:  # not already replaced meanwhile
+            self._discard(link)
+            self._install(
+                _Link(endpoint, *open_dealer(self._ctx, endpoint, self._settings, connect=False))
+            )
+            self._redial[endpoint] = time.monotonic() + delay
+
+    def _redial_due(self) -> float | None:
+        """Connect the sockets whose backoff is over; the time of the next one, or None."""
+        now = time.monotonic()
+        for endpoint, when in list(self._redial.items()):
+            if when <= now:
+                del self._redial[endpoint]
+                link = self._links.get(endpoint)
+                if link is not None:
+                    try:
+                        link.sock.connect(endpoint)
+                    except zmq.ZMQError as e:  # it connected before: not expected
+                        _log.warning("cannot connect to %s again: %s", endpoint, e)
+        return min(self._redial.values()) if self._redial else None
 
     def connect(self, endpoint: str) -> None:
         if endpoint in self._core.backends:
@@ -627,6 +664,7 @@ class ThreadedIO:
         """Replace a disconnected backend's socket: whatever it still queued for the
         old connection is dropped, never delivered to a restarted backend."""
         self._discard(link)
+        self._redial.pop(link.endpoint, None)
         self._install(self._open(link.endpoint))
 
     # -- background thread ---------------------------------------------------------
@@ -673,6 +711,8 @@ class ThreadedIO:
             if link.sock in self._by_sock:
                 self._receive(link, None)
         core = self._core
+        if self._redial:
+            self._redial_due()
         if core.timers:
             self._resolve(core.tick())
         if self._inbox:

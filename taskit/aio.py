@@ -52,6 +52,7 @@ from taskit._dealer import (
     configure_client,
     monitor_event,
     open_dealer,
+    refusal,
 )
 from taskit.codecs import JSONCodec
 from taskit.errors import (
@@ -88,7 +89,7 @@ def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
 class _Backend:
     """The sockets and tasks of one backend connection."""
 
-    __slots__ = ("endpoint", "sock", "raw", "monitor", "tasks")
+    __slots__ = ("endpoint", "sock", "raw", "monitor", "tasks", "up", "redial")
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any) -> None:
         self.endpoint = endpoint
@@ -100,6 +101,8 @@ class _Backend:
         self.raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         self.monitor = monitor
         self.tasks: list[asyncio.Task[None]] = []
+        self.up = False  # this socket's connection came up (handshake done)
+        self.redial: asyncio.TimerHandle | None = None  # its delayed connect (_refused)
 
 
 class AsyncFrontEnd(ConfiguredClient):
@@ -423,11 +426,12 @@ class AsyncFrontEnd(ConfiguredClient):
     def _connect(self, endpoint: str) -> None:
         self._install(self._open(endpoint))
 
-    def _open(self, endpoint: str) -> _Backend:
-        """A connected DEALER and its monitor for ``endpoint`` (ValueError if unusable),
-        with FrontEnd's socket options (taskit._dealer)."""
+    def _open(self, endpoint: str, connect: bool = True) -> _Backend:
+        """A DEALER and its monitor for ``endpoint`` (ValueError if unusable), with
+        FrontEnd's socket options (taskit._dealer); connected unless ``connect`` is
+        false."""
         assert self._ctx is not None
-        sock, monitor = open_dealer(self._ctx, endpoint, self._settings)
+        sock, monitor = open_dealer(self._ctx, endpoint, self._settings, connect)
         return _Backend(endpoint, sock, monitor)
 
     def _install(self, b: _Backend) -> None:
@@ -446,6 +450,9 @@ class AsyncFrontEnd(ConfiguredClient):
         for task in b.tasks:
             if task is not me:
                 task.cancel()
+        if b.redial is not None:
+            b.redial.cancel()
+            b.redial = None
         close_dealer(b.sock, b.monitor)
 
     def _renew(self, b: _Backend) -> None:
@@ -561,7 +568,11 @@ class AsyncFrontEnd(ConfiguredClient):
             except zmq.ZMQError:
                 return
             if event & UP_EVENT:
+                b.up = True
                 core.backend_up(endpoint)
+            elif not b.up and event & (DISCONNECTED | HANDSHAKE_FAILED):
+                self._refused(b, event)
+                return  # the new socket has its own tasks
             elif event & DISCONNECTED:
                 # Replies the backend sent before it went (e.g. the answer to <stop>)
                 # arrived before this event. One may sit in the reader task's
@@ -580,13 +591,40 @@ class AsyncFrontEnd(ConfiguredClient):
                 if core.backends[endpoint].state == DOWN:
                     continue
                 self._resolve(core.backend_down(endpoint, "cannot connect"))
-            elif event & HANDSHAKE_FAILED:
-                _log.warning("handshake with %s failed (check CURVE keys)", endpoint)
-                self._resolve(core.backend_down(endpoint, "handshake failed"))
             else:
                 continue
             self._flush()
             self._schedule()
+
+    def _refused(self, b: _Backend, event: int) -> None:
+        """``b``'s connection ended before it came up (the peer refused the handshake
+        or closed it): replace the socket and connect the new one after a growing
+        backoff. Renewing at once would bypass libzmq's reconnect interval, and a
+        peer that refuses every connection would see thousands a second."""
+        endpoint = b.endpoint
+        why = refusal(event, self._settings.curve is not None)
+        done, delay, report = self._core.connect_refused(endpoint, why)
+        if report is not None:
+            _log.warning("%s", report)
+        self._resolve(done)
+        if self._sockets.get(endpoint) is b and not self._closed:
+            self._discard(b)
+            new = self._open(endpoint, connect=False)
+            self._install(new)
+            assert self._loop is not None
+            new.redial = self._loop.call_later(delay, self._dial, new)
+        self._flush()
+        self._schedule()
+
+    def _dial(self, b: _Backend) -> None:
+        """Connect ``b``'s socket once its backoff is over (if it is still in use)."""
+        b.redial = None
+        if self._closed or self._sockets.get(b.endpoint) is not b:
+            return
+        try:
+            b.raw.connect(b.endpoint)
+        except zmq.ZMQError as e:  # it connected before: not expected
+            _log.warning("cannot connect to %s again: %s", b.endpoint, e)
 
     def _shutdown(self) -> list[asyncio.Task[None]]:
         if self._closed:

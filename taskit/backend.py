@@ -110,7 +110,6 @@ _WAIT_MS = 10
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
 
-
 def _curve_keys(secret: Any, public: Any) -> tuple[bytes | None, bytes | None]:
     """The backend's CURVE keys checked up front (40 Z85 characters or 32 raw bytes
     each, and a pair) as Z85: libzmq would only refuse them with a bare EINVAL at
@@ -125,6 +124,7 @@ def _curve_keys(secret: Any, public: Any) -> tuple[bytes | None, bytes | None]:
     public = curve_key("curve_publickey", public)
     check_pair(public, secret, "curve_publickey", "curve_secretkey")
     return secret, public
+
 
 class BackEnd(CallHandler):
     """A taskit server: exposes ``tasks`` (name -> callable) over ZeroMQ.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -234,9 +235,7 @@ def test_a_backend_checks_its_curve_keys_up_front():
 @pytest.mark.parametrize("kind", KINDS)
 def test_curve_keys_may_be_z85_text_or_32_raw_bytes(serve, kind):
     public, secret = zmq.curve_keypair()
-    b = serve(
-        TASKS, curve_secretkey=zmq.utils.z85.decode(secret), curve_publickey=public.decode()
-    )
+    b = serve(TASKS, curve_secretkey=zmq.utils.z85.decode(secret), curve_publickey=public.decode())
     out, *_ = call_with(
         kind, [b.endpoint], "add", 2, 3, curve_serverkey=zmq.utils.z85.decode(public), timeout=10
     )
@@ -281,3 +280,134 @@ def test_an_unreachable_named_backend_is_said_to_be_not_reachable():
             with pytest.raises(BackendNotAvailableError, match="none of the backends .* is reach"):
                 fe.work("add", 1, 2)
 
+
+# --- a peer that drops every connection: backoff, and a named error ----------------------
+
+
+class Slammer:
+    """A plain server on a free loopback port (or a Unix socket at ``path``) that
+    accepts every connection and closes it at once (a service that is not taskit);
+    counts the connections."""
+
+    def __init__(self, path: str | None = None) -> None:
+        if path is None:
+            self.listener = socket.socket()
+            self.listener.bind(("127.0.0.1", 0))
+            self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        else:
+            self.listener = socket.socket(socket.AF_UNIX)
+            self.listener.bind(path)
+            self.endpoint = f"ipc://{path}"
+        self.listener.listen(128)
+        self.listener.settimeout(0.1)
+        self.accepted = 0
+        self.twice = threading.Event()  # set at the second connection
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+            if self.accepted >= 2:
+                self.twice.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
+@pytest.fixture
+def slammer() -> Iterator[Slammer]:
+    s = Slammer()
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_service_that_closes_every_connection_is_retried_with_backoff(slammer, kind):
+    out, took, _, status = call_with(kind, [slammer.endpoint], "add", 1, 2, connect_timeout=1.5)
+    assert isinstance(out, BackendNotAvailableError), out
+    assert "not a taskit backend" in str(out)
+    assert took < 10
+    assert "not a taskit backend" in status[slammer.endpoint]["last_error"]
+    # 0.1 s doubling (jittered): about 4 connections in 1.5 s; without backoff, thousands
+    assert 1 <= slammer.accepted <= 12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_zeromq_peer_of_another_type_is_retried_with_backoff(kind):
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)  # ZMTP, but a PUB does not talk to a DEALER
+    pub.linger = 0
+    monitor = pub.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        out, *_ = call_with(kind, [f"tcp://127.0.0.1:{port}"], "add", 1, 2, connect_timeout=1.5)
+        accepted = 0
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            accepted += 1
+    finally:
+        pub.disable_monitor()
+        monitor.close(0)
+        pub.close(0)
+        ctx.term()
+    assert isinstance(out, BackendNotAvailableError) and "not a taskit backend" in str(out)
+    assert 1 <= accepted <= 12
+
+
+@needs_curve
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_refused_curve_client_backs_off_and_names_the_cause(serve, kind, caplog):
+    server_public, server_secret = zmq.curve_keypair()
+    b = serve(
+        TASKS,
+        curve_secretkey=server_secret,
+        curve_publickey=server_public,
+        curve_clients=[zmq.curve_keypair()[0]],  # not this client's key
+    )
+    with caplog.at_level("WARNING", logger="taskit"):
+        out, *_ = call_with(
+            kind, [b.endpoint], "add", 1, 2, curve_serverkey=server_public, connect_timeout=1.5
+        )
+    assert isinstance(out, BackendNotAvailableError), out
+    assert "refused the CURVE handshake" in str(out) and "curve_clients" in str(out)
+    assert 1 <= b.stats()["dropped"]["curve_denied"] <= 12  # was thousands a minute
+    warnings = [r for r in caplog.records if "refused the CURVE handshake" in r.getMessage()]
+    assert len(warnings) == 1  # once per backend and cause, not once per attempt
+    # The wrong server key: the handshake fails too, and the error says what to check.
+    out, *_ = call_with(
+        kind, [b.endpoint], "add", 1, 2, curve_serverkey=zmq.curve_keypair()[0], connect_timeout=1
+    )
+    assert isinstance(out, BackendNotAvailableError) and "check curve_serverkey" in str(out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_backend_started_after_refusals_is_reached(serve, kind, tmp_path):
+    # The backoff never keeps a client from a backend that comes up: here the address
+    # first drops every connection, then a real backend takes it over (a Unix socket,
+    # so no TCP TIME_WAIT can hold the address).
+    path = str(tmp_path / "svc.sock")
+    slammer = Slammer(path)
+
+    def take_over() -> None:
+        slammer.twice.wait(20)
+        slammer.close()
+        os.unlink(path)
+        serve(TASKS, endpoint=slammer.endpoint)
+
+    t = threading.Thread(target=take_over)
+    t.start()
+    try:
+        out, *_ = call_with(kind, [slammer.endpoint], "add", 2, 2, connect_timeout=15, timeout=30)
+    finally:
+        t.join(30)
+        slammer.close()
+    assert out == 4
