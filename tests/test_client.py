@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import pytest
 
+from taskit import protocol
 from taskit._client import (
     CONNECTING,
     DOWN,
+    RECONNECT_CAP,
+    RECONNECT_FIRST,
     STOPPING,
     UP,
     ClientCore,
     backoff_delay,
     error_from_reply,
     parse_backend,
+    reconnect_delay,
 )
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec, Signer
 from taskit.errors import (
+    AuthenticationError,
     BackendLostError,
     BackendNotAvailableError,
     BackendProcessingError,
@@ -407,3 +412,56 @@ def test_busy_call_resent_when_a_slot_frees():
     assert reply_result(core, first, 1) == [(first, True, 1)]
     assert send_all(core)[second.id][0] == A
     assert reply_result(core, second, 2) == [(second, True, 2)]
+
+
+def test_refusal_of_a_signature_fails_only_that_call_never_completes_one():
+    core, _ = make(n=1, signer=Signer(b"k"))
+    call = core.new_call("add", (1, 2))
+    core.submit(call)
+    send_all(core)
+    forged = encode_result(JSONCodec, call.id, 666)  # unsigned: never a value
+    assert core.on_message(A, forged) == [] and core.pending == 1
+    refusal = encode_error(JSONCodec, call.id, protocol.UNAUTHENTICATED, [protocol.NO_KEY_HERE])
+    assert core.on_message(B, refusal) == []  # not the call's backend: ignored
+    [(done, ok, exc)] = core.on_message(A, refusal)
+    assert done is call and not ok and isinstance(exc, AuthenticationError)
+    assert "the backend has none" in str(exc)
+    assert core.stats["bad_signatures"] == 3 and core.stats["refused_signatures"] == 1
+    assert core.snapshot()[A]["last_error"].startswith("refused the signature")
+
+
+def test_a_keyless_client_is_told_the_backend_wants_a_key():
+    core, _ = make(n=1)
+    call = core.new_call("add", (1, 2))
+    core.submit(call)
+    send_all(core)
+    refusal = encode_error(JSONCodec, call.id, protocol.UNAUTHENTICATED, [protocol.KEY_DIFFERS])
+    [(_, ok, exc)] = core.on_message(A, refusal)
+    assert not ok and isinstance(exc, AuthenticationError)
+    assert "this client has no key" in str(exc)
+
+
+def test_connections_refused_before_coming_up_back_off_and_are_reported_once():
+    assert reconnect_delay(1) == RECONNECT_FIRST and reconnect_delay(2) == 2 * RECONNECT_FIRST
+    assert reconnect_delay(100) == RECONNECT_CAP
+    core, clock = make(n=1)
+    core.backend_down(A)
+    why = "closed the connection during the ZeroMQ handshake: not a taskit backend"
+    delays, reports = [], []
+    for _ in range(8):
+        _, delay, report = core.connect_refused(A, why)
+        delays.append(delay)
+        reports.append(report)
+    assert delays[0] <= 1.25 * RECONNECT_FIRST and delays[-1] >= 0.75 * RECONNECT_CAP
+    assert all(
+        0.75 * reconnect_delay(i + 1) <= d <= 1.25 * reconnect_delay(i + 1)
+        for i, d in enumerate(delays)
+    )
+    assert [r is not None for r in reports] == [False, True] + [False] * 6  # once per cause
+    call = core.new_call("add", (1, 2))
+    core.submit(call)
+    clock.t += core.connect_timeout
+    [(_, ok, exc)] = core.tick()
+    assert isinstance(exc, BackendNotAvailableError) and "not a taskit backend" in str(exc)
+    core.backend_up(A)  # a connection that comes up resets the backoff
+    assert core.connect_refused(A, why)[1] <= 1.25 * RECONNECT_FIRST
