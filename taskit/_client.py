@@ -838,12 +838,13 @@ class ClientCore:
 
     def _refused_signature(self, call: PendingCall, endpoint: str, args: Any, done: Done) -> None:
         """The backend at ``endpoint`` refused ``call``'s signature (it did not run)."""
+        # In no interface's words (key=, --key-file): the CLI shows this line as it is.
         if self.signer is None:
-            why = "this client has no key: pass key= with the backend's key"
+            why = "this client has no key"
         elif args and args[0] == NO_KEY_HERE:
-            why = "the backend has none: give it the same key, or drop key= here"
+            why = "the backend has none"
         else:
-            why = "the backend's key is not this client's key="
+            why = "the backend's key is not this client's"
         self.stats["refused_signatures"] += 1
         b = self.backends.get(endpoint)
         if b is not None:
@@ -854,7 +855,7 @@ class ClientCore:
             False,
             AuthenticationError(
                 f"backend {endpoint} refused the signature of task {call.task!r}: the keys "
-                f"differ, or one side has none ({why})"
+                f"differ, or one side has none ({why}); give both sides the same key"
             ),
             done,
         )

@@ -83,7 +83,7 @@ def call_with(kind: str, endpoints: list[str], task: str, *args: Any, **options:
     "backend_key, client_key, why",
     [
         (b"k1", None, "this client has no key"),
-        (b"k1", b"k2", "key is not this client's key="),
+        (b"k1", b"k2", "the backend's key is not this client's"),
         (None, b"k2", "the backend has none"),
     ],
     ids=["client-without-key", "wrong-key", "backend-without-key"],
@@ -98,7 +98,9 @@ def test_a_key_mismatch_fails_the_call_with_authenticationerror(
     )
     assert isinstance(out, AuthenticationError), out
     assert str(out).startswith(f"backend {b.endpoint} refused the signature of task 'add': ")
-    assert "the keys differ, or one side has none" in str(out) and why in str(out)
+    assert f"the keys differ, or one side has none ({why}); give both sides the same key" in str(
+        out
+    )
     assert took < 5.0  # within the connect timeout (it is one round trip)
     assert dropped["refused_signatures"] == 1  # counted on the client...
     assert status[b.endpoint]["failed"] == 1
