@@ -122,6 +122,7 @@ _HEADER_UNPACK = HEADER.unpack
 _HEADER_PACK = HEADER.pack
 _RESULT, _ERROR, _CALL = int(Kind.RESULT), int(Kind.ERROR), int(Kind.CALL)
 _JSON_ID = get_codec("json").wire_id
+_REFUSAL_MAX = 1024  # bytes: a backend's Unauthenticated body is ~100; unverified, never more
 _BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
 
 # Remote error type names the backend raises itself -> the exception class.
@@ -824,7 +825,7 @@ class ClientCore:
             return []
         kind, codec_id, _ = _HEADER_UNPACK(frames[1])
         json = self._reply_codecs.get(_JSON_ID)
-        if kind != _ERROR or codec_id != _JSON_ID or json is None or len(frames[2]) > 1024:
+        if kind != _ERROR or codec_id != _JSON_ID or json is None or len(frames[2]) > _REFUSAL_MAX:
             return []
         try:
             type_name, args, _ = decode_error(json, bytes(frames[2]))

@@ -729,7 +729,8 @@ class ThreadedIO:
         self._links.clear()
         self._by_sock.clear()
         self._by_monitor.clear()
-        self._ctx.term()
+        # destroy, not term: a socket left open by any path would block term() for ever
+        self._ctx.destroy(linger=0)
         self._fds_closed = True
         for fd in (self._wake_r, self._wake_w):
             try:

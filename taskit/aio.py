@@ -648,5 +648,6 @@ class AsyncFrontEnd(ConfiguredClient):
             self._discard(b)
         self._sockets.clear()
         if self._ctx is not None:
-            self._ctx.term()
+            # destroy, not term: a socket left open by any path would block term() for ever
+            self._ctx.destroy(linger=0)
             self._ctx = None

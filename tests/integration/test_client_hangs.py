@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from taskit.errors import (
     TaskItError,
 )
 from taskit.frontend import FrontEnd
+from tests.integration._cli_helpers import TASKIT, env
 
 release = threading.Event()
 
@@ -414,3 +416,18 @@ def test_a_backend_started_after_refusals_is_reached(serve, kind, tmp_path):
         t.join(30)
         slammer.close()
     assert out == 4
+
+
+def test_taskit_call_with_a_missing_key_prints_one_line(serve, tmp_path):
+    b = serve(TASKS, key=b"k1")
+    out = subprocess.run(
+        [*TASKIT, "call", b.endpoint.removeprefix("tcp://"), "add", "1", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith("taskit call: backend ") and "Traceback" not in out.stderr
+    assert "refused the signature" in out.stderr and len(out.stderr.splitlines()) == 1
