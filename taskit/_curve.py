@@ -62,9 +62,9 @@ def check_pair(public: bytes, secret: bytes, public_option: str, secret_option: 
 def _describe(value: Any, secret: bool) -> str:
     shown = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     if isinstance(value, (str, bytes)) and _looks_like_path(shown):
-        what = "a secret key's file" if secret else repr(shown)
+        what = "a value that" if secret else f"{shown!r}, which"
         return (
-            f"{what}, which looks like the path of a file: pass the key the file holds, "
+            f"{what} looks like the path of a file: pass the key the file holds, "
             "e.g. open(path).read().strip()"
         )
     if secret:
