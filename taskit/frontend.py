@@ -88,7 +88,10 @@ class FrontEnd(ConfiguredClient):
     - ``busy_retries``: re-sends after a ``Busy`` answer (backend queue full),
       with exponential backoff, before :class:`BusyError` is raised.
     - ``connect_timeout``: how long a call waits for a reachable backend
-      before :class:`BackendNotAvailableError`.
+      before :class:`BackendNotAvailableError`, which names each backend's
+      last connection error (e.g. "refused the CURVE handshake", "not a taskit
+      backend"). A backend that refuses every connection is retried after
+      0.1 s, doubling up to 5 s, and its cause logged once.
     - ``heartbeat_interval`` / ``heartbeat_timeout``: ZMTP heartbeats; a
       backend silent for ``heartbeat_timeout`` is lost.
     - ``key``: shared secret; every message is signed (HMAC-SHA256) and
