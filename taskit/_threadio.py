@@ -417,7 +417,8 @@ class ThreadedIO:
                 self._drain_inbox()
             if core.outbox:
                 self._flush()
-            if core.timers:
+            timers = core.timers
+            if timers and timers[0][0] <= time.monotonic():  # one is due (the core's clock)
                 self._resolve(core.tick())
                 if core.pings or core.suspects:
                     self._liveness()
