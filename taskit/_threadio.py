@@ -569,7 +569,8 @@ class ThreadedIO:
             self._receive(link, None, _DRAIN_ALL)
             done = core.check_suspect(endpoint)
             if done is not None:
-                self._note(ERROR, f"backend {endpoint} stopped answering", logging.WARNING)
+                why = f"backend {endpoint} stopped answering (PING unanswered)"
+                self._note(ERROR, why, logging.INFO)  # as a disconnect; the calls raise
                 self._resolve(done)
                 self._renew(link)
 

@@ -551,7 +551,7 @@ class AsyncFrontEnd(ConfiguredClient):
             self._drain(b)
             done = core.check_suspect(endpoint)
             if done is not None:
-                _log.warning("backend %s stopped answering", endpoint)
+                _log.info("backend %s stopped answering (PING unanswered)", endpoint)
                 self._resolve(done)
                 self._renew(b)
 
