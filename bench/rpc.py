@@ -126,7 +126,9 @@ def _router() -> Any:
 
 def _serve_wire() -> None:
     """The strict floor's loop speaking taskit's frames: isolates the FrontEnd's own
-    cost. One plain ``recv`` per frame (the bench's clients always send 3 frames)."""
+    cost. One plain ``recv`` per frame (the bench's clients always send 3 frames);
+    answers the PINGs a FrontEnd sends to a backend that is silent or idle for a
+    while, as a BackEnd does."""
     import msgpack
     import zmq
 
@@ -137,14 +139,19 @@ def _serve_wire() -> None:
     recv, unpack, pack = sock.recv, HEADER.unpack, HEADER.pack
     send = zmq.backend.Socket.send.__get__(sock)
     more = zmq.SNDMORE
-    result = int(Kind.RESULT)
+    result, call, pong = int(Kind.RESULT), int(Kind.CALL), int(Kind.PONG)
     while True:
         ident = recv()
         recv()  # magic
-        _, codec, call_id = unpack(recv())
-        name, args, kwargs = unpackb(recv())
+        kind, codec, call_id = unpack(recv())
+        body = recv()
         send(ident, more)
         send(MAGIC, more)
+        if kind != call:  # a PING
+            send(pack(pong, codec, call_id), more)
+            send(b"")
+            continue
+        name, args, kwargs = unpackb(body)
         send(pack(result, codec, call_id), more)
         send(packb(FUNCS[name](*args, **kwargs)))
 

@@ -31,7 +31,28 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that are dropped
+# ZMTP heartbeats are off by default: libzmq 4.3.5 aborts the whole process
+# ("Assertion failed: !_io_error (src/stream_engine_base.cpp:310)") when the
+# heartbeat timer fires on a connection whose input was stopped (its request
+# queue full) and which then failed -- any client that floods, never reads and
+# resets its connection could kill the backend. Dead peers are found by TCP
+# keepalive instead (below); clients check the backend with taskit PINGs.
+DEFAULT_HEARTBEAT = None
+
+# TCP keepalive on every accepted connection, so a client that vanished without
+# closing (host down, cable cut, NAT state lost) is dropped and its queued requests
+# and unsent replies freed. Probes are sent by the kernel, nothing by this process:
+# a silent connection is probed after KEEPALIVE_IDLE s, then every
+# KEEPALIVE_INTVL s; KEEPALIVE_CNT unanswered probes end it (~60 s in all).
+# Keepalive is not probed while data is unacknowledged, which is exactly a dead
+# client with replies pending: TCP_MAXRT (Linux: TCP_USER_TIMEOUT) ends those
+# after MAX_RETRANSMIT_MS instead of the kernel's ~15 min of retransmissions.
+# Living clients answer probes in their kernel and read promptly (taskit's
+# DEALER never stops reading), so they are never dropped by these.
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTVL = 10
+KEEPALIVE_CNT = 3
+MAX_RETRANSMIT_MS = 60_000
 
 # Replies queued towards one peer before further replies to it are dropped (and
 # counted): a client that sends but never reads must not grow our memory forever.
@@ -135,7 +156,8 @@ def configure_router(
     heartbeat: tuple[float | None, float | None],
     curve: tuple[bytes | None, bytes | None],
 ) -> None:
-    """Set a backend ROUTER's options (before bind). ``heartbeat``: (interval, timeout)."""
+    """Set a backend ROUTER's options (before bind). ``heartbeat``: (interval, timeout)
+    of ZMTP heartbeats, off when interval is None (the default: see DEFAULT_HEARTBEAT)."""
     sock.setsockopt(zmq.LINGER, int(linger * 1000))
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
     sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
@@ -143,6 +165,11 @@ def configure_router(
     sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_size) if max_message_size else -1)
     if endpoint.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
+    sock.setsockopt(zmq.TCP_MAXRT, MAX_RETRANSMIT_MS)
     interval, timeout = heartbeat
     if interval and zmq.zmq_version_info() >= (4, 2):
         ivl = max(1, int(interval * 1000))

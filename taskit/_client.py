@@ -22,8 +22,14 @@ Interface (what a driver does)::
     ... a connection closed before it came up (handshake refused, not taskit):
                           done, delay, line = core.connect_refused(ep, why)
                           -> connect again after ``delay`` s; log ``line`` if any
-    ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff
+    ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff,
+                                              # liveness checks
                           core.next_wakeup()  # monotonic time to poll until, or None
+    ... after a tick:     for ep in core.take_pings(): send core.ping_frames() to ep
+                          for ep in core.take_suspects():
+                              read what ep's socket holds (core.on_message), then
+                              done = core.check_suspect(ep)  # None: it spoke meanwhile
+                              if done is not None: replace ep's socket (it is lost)
     ... a waiter gave up: core.cancel(call)
     for call, ok, value in done: resolve call.waiter (value is the result, or the
                                  exception instance to raise when ok is False)
@@ -51,6 +57,18 @@ Semantics decided here:
   exponential backoff, up to ``busy_retries`` times, then raises
   :class:`BusyError`; ``Stopping`` re-routes to another backend once per
   backend, else raises :class:`StoppingError`.
+- **Liveness** (``heartbeat_interval`` set): every ``heartbeat_interval`` the
+  core looks at each connected backend. Anything received from it since the
+  last look (a result, an error, a PONG) proves it alive -- counted on the
+  reply path, so replies that keep flowing cost nothing more. A backend
+  silent for ``heartbeat_interval`` with calls in flight, or for
+  ``IDLE_PING_FACTOR`` x ``heartbeat_timeout`` without, gets a PING (wire
+  protocol); one still silent ``heartbeat_timeout`` after it was last heard,
+  its PING unanswered for at least ``max(heartbeat_interval, heartbeat_timeout
+  - heartbeat_interval)``, is lost: as when its connection drops, and the
+  driver replaces the connection. Defaults 0.5 s / 2 s: a frozen backend is
+  lost 2-2.5 s after it last spoke. ZMTP heartbeats are not used (libzmq
+  4.3.5 can abort a peer on them, see doc/security.md).
 - **Replies are trusted only in the client's own codec or JSON** (the backend's
   fallback for errors): a pickle reply to a JSON client is refused, never
   unpickled.
@@ -98,6 +116,7 @@ from taskit.protocol import (
 
 __all__ = [
     "ClientCore",
+    "IDLE_PING_FACTOR",
     "PendingCall",
     "BackendState",
     "parse_backend",
@@ -117,12 +136,18 @@ UP = "up"  # connected (handshake done): calls may be sent
 DOWN = "down"  # disconnected, or connecting failed; libzmq keeps retrying
 STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 
+# A connected backend with no call in flight is pinged after this many times
+# heartbeat_timeout of silence: rarely (idle traffic stays low), yet often enough
+# that a backend frozen while idle is found before long.
+IDLE_PING_FACTOR = 4
+
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HEADER_UNPACK = HEADER.unpack
 _HEADER_PACK = HEADER.pack
 _RESULT, _ERROR, _CALL = int(Kind.RESULT), int(Kind.ERROR), int(Kind.CALL)
 _JSON_ID = get_codec("json").wire_id
 _REFUSAL_MAX = 1024  # bytes: a backend's Unauthenticated body is ~100; unverified, never more
+_PING, _PONG = int(Kind.PING), int(Kind.PONG)
 _BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
 
 # Remote error type names the backend raises itself -> the exception class.
@@ -272,6 +297,11 @@ class BackendState:
         "last_error",
         "refusals",
         "reported",
+        "heard",
+        "seen",
+        "heard_at",
+        "ping_at",
+        "pings",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -286,6 +316,13 @@ class BackendState:
         self.last_error: str | None = None
         self.refusals = 0  # connections in a row that ended before coming up
         self.reported: str | None = None  # the refusal last logged (once per cause)
+        # Liveness: ``answered + heard`` counts every message from the backend (results
+        # on the hot path, anything else in ``heard``); ``seen`` is that sum at the last
+        # liveness check, ``heard_at`` the time of the check that saw it change.
+        self.heard = self.seen = 0
+        self.heard_at = now
+        self.ping_at: float | None = None  # a PING unanswered since then
+        self.pings = 0
 
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
@@ -299,6 +336,7 @@ class BackendState:
             "busy": self.busy,
             "connects": self.connects,
             "disconnects": self.disconnects,
+            "pings": self.pings,
             "last_error": self.last_error,
         }
 
@@ -312,6 +350,8 @@ class ClientCore:
     ``retries``: re-sends of a call whose backend was lost (0 = at-most-once).
     ``busy_retries``: re-sends after ``Busy`` before raising :class:`BusyError`.
     ``connect_timeout``: how long a call waits for some backend to be up.
+    ``heartbeat_interval`` (None: no liveness checks) and ``heartbeat_timeout``:
+    see *Liveness* in the module docstring.
     Not thread-safe; never blocks.
     """
 
@@ -324,6 +364,8 @@ class ClientCore:
         connect_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         max_body: int | None = None,
+        heartbeat_interval: float | None = None,
+        heartbeat_timeout: float = 2.0,
     ) -> None:
         self.codec = get_codec(codec)
         # A call whose body is larger is refused: a backend with this limit would drop
@@ -358,6 +400,13 @@ class ClientCore:
             "bad_signatures": 0,
             "refused_signatures": 0,
         }
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self._liveness_armed = False  # a "liveness" timer is in self.timers
+        # Read-only for drivers, filled by tick(): backends to PING, backends to
+        # check (and drop) -- see take_pings() and take_suspects().
+        self.pings: list[str] = []
+        self.suspects: list[str] = []
 
     # -- backends ---------------------------------------------------------------
 
@@ -391,6 +440,9 @@ class ClientCore:
             b.connects += 1
             b.busy_until, b.busy_streak = 0.0, 0
             b.refusals, b.reported = 0, None
+            b.seen, b.heard_at, b.ping_at = b.answered + b.heard, b.since, None
+            if self.heartbeat_interval and not self._liveness_armed:
+                self._arm_liveness(b.since)
         if self._parked:
             parked = sorted(self._parked.values(), key=lambda c: c.id)
             self._parked.clear()
@@ -432,6 +484,7 @@ class ClientCore:
         if b is None:
             return []
         was_up = b.state in (UP, STOPPING)
+        b.ping_at = None
         if b.state != DOWN:
             b.state, b.since = DOWN, self.clock()
             if was_up:
@@ -602,8 +655,11 @@ class ClientCore:
                 self.stats["bad_replies"] += 1
                 return []
         call = self.calls.get(call_id)
-        if call is None:
-            if kind != Kind.PONG:
+        if call is None:  # a PONG, or a reply to a call given up on: the backend lives
+            b = self.backends.get(endpoint)
+            if b is not None:
+                b.heard += 1
+            if kind != _PONG:
                 self.stats["late_replies"] += 1
             return []
         b = self.backends.get(call.backend or "")
@@ -616,6 +672,7 @@ class ClientCore:
             try:
                 value = codec.decode(body)
             except DecodeError as e:
+                b.heard += 1
                 done: Done = []
                 self._finish(call, False, e, done)
                 return done
@@ -630,6 +687,8 @@ class ClientCore:
                 self._slot_freed()
             return [(call, True, value)]
         done = []
+        if b is not None:
+            b.heard += 1
         if kind == _RESULT:
             codec = self._reply_codecs.get(codec_id)
             if codec is None:
@@ -679,7 +738,8 @@ class ClientCore:
         return done
 
     def tick(self) -> Done:
-        """Fire due timers: call deadlines, connect waits, Busy back-offs."""
+        """Fire due timers: call deadlines, connect waits, Busy back-offs, and the
+        liveness check (which may fill :attr:`pings` and :attr:`suspects`)."""
         timers = self.timers
         if not timers:
             return []
@@ -687,6 +747,9 @@ class ClientCore:
         done: Done = []
         while timers and timers[0][0] <= now:
             when, _, call_id, what = heapq.heappop(timers)
+            if not call_id:  # 0: the liveness check, not a call's timer
+                self._check_liveness(now)
+                continue
             call = self.calls.get(call_id)
             if call is None:
                 continue
@@ -714,9 +777,77 @@ class ClientCore:
     def next_wakeup(self) -> float | None:
         """Monotonic time of the next timer, or None."""
         timers = self.timers
-        while timers and timers[0][2] not in self.calls:
-            heapq.heappop(timers)
+        while timers and timers[0][2] and timers[0][2] not in self.calls:
+            heapq.heappop(timers)  # the timer of a call already resolved
         return timers[0][0] if timers else None
+
+    # -- liveness ---------------------------------------------------------------
+
+    def take_pings(self) -> list[str]:
+        """Endpoints to send a PING to now (:meth:`ping_frames`); empties the list."""
+        pings, self.pings = self.pings, []
+        return pings
+
+    def take_suspects(self) -> list[str]:
+        """Endpoints silent for too long; empties the list. For each, the driver
+        reads what its socket already holds, then calls :meth:`check_suspect`."""
+        suspects, self.suspects = self.suspects, []
+        return suspects
+
+    def ping_frames(self) -> list[bytes]:
+        """The frames of one PING (signed when a key is set). Its call id is a fresh
+        one, never a call's, so its PONG is told apart from replies."""
+        return pack(_PING, self._wire_id, next(self._ids), b"", self.signer)
+
+    def check_suspect(self, endpoint: str) -> Done | None:
+        """Decide on a backend :meth:`take_suspects` listed, once the driver has read
+        what its socket held: None when it was heard from meanwhile (or is no longer
+        connected); else it is lost -- as :meth:`backend_down`, whose resolved calls
+        are returned -- and the driver must replace its connection."""
+        b = self.backends.get(endpoint)
+        if b is None or b.state not in (UP, STOPPING) or b.ping_at is None:
+            return None
+        if b.answered + b.heard != b.seen:
+            b.seen, b.heard_at, b.ping_at = b.answered + b.heard, self.clock(), None
+            return None
+        return self.backend_down(
+            endpoint, f"no answer to PING: silent for over {self.heartbeat_timeout:g} s"
+        )
+
+    def _arm_liveness(self, now: float) -> None:
+        self._liveness_armed = True
+        heapq.heappush(
+            self.timers, (now + (self.heartbeat_interval or 0.0), next(self._seq), 0, "liveness")
+        )
+
+    def _check_liveness(self, now: float) -> None:
+        """One look at every connected backend (see *Liveness* in the module docstring)."""
+        self._liveness_armed = False
+        interval = self.heartbeat_interval
+        if not interval:
+            return
+        timeout = self.heartbeat_timeout
+        grace = max(interval, timeout - interval)
+        idle = IDLE_PING_FACTOR * timeout
+        connected = False
+        for b in self._blist:
+            if b.state != UP and b.state != STOPPING:
+                continue
+            connected = True
+            heard = b.answered + b.heard
+            if heard != b.seen:
+                b.seen, b.heard_at, b.ping_at = heard, now, None
+                continue
+            quiet = now - b.heard_at
+            if b.ping_at is None:
+                if quiet >= interval and (b.calls or quiet >= idle):
+                    b.ping_at = now
+                    b.pings += 1
+                    self.pings.append(b.endpoint)
+            elif quiet >= timeout and now - b.ping_at >= grace:
+                self.suspects.append(b.endpoint)
+        if connected:  # else backend_up arms it again
+            self._arm_liveness(now)
 
     # -- internals --------------------------------------------------------------
 

@@ -5,8 +5,7 @@ share. Usable by any other driver of :class:`taskit._client.ClientCore`.
 
 Interface::
 
-    settings = DealerSettings(connect_timeout=2.0, heartbeat_interval=0.5,
-                              heartbeat_timeout=2.0, max_message_size=64 << 20,
+    settings = DealerSettings(connect_timeout=2.0, max_message_size=64 << 20,
                               curve=curve_keys(server_public, None, None))
     sock, monitor = open_dealer(ctx, "tcp://host:port", settings)  # ValueError if unusable
     ... poll ``monitor``; for each message: ev = monitor_event(monitor.recv_multipart())
@@ -50,8 +49,11 @@ __all__ = [
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
 DEFAULT_CONNECT_TIMEOUT = 2.0  # a call waits this long for some backend to be reachable
-DEFAULT_HEARTBEAT_INTERVAL = 0.5  # between ZMTP PINGs
-DEFAULT_HEARTBEAT_TIMEOUT = 2.0  # a backend silent this long is declared lost
+# Liveness of backends, checked by ClientCore with taskit PINGs (wire protocol), not
+# ZMTP heartbeats: libzmq 4.3.5 can abort a backend that gets ZMTP PINGs from a client
+# whose connection then fails (doc/upstream/libzmq-io-error-abort.py, "ping" mode).
+DEFAULT_HEARTBEAT_INTERVAL = 0.5  # a busy backend silent this long is pinged
+DEFAULT_HEARTBEAT_TIMEOUT = 2.0  # a backend silent this long, its PING unanswered, is lost
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 # "Up" is the end of the ZMTP handshake (where libzmq has it), not the TCP connect:
@@ -72,8 +74,6 @@ class DealerSettings:
     """Socket options of every DEALER a client opens (seconds; None disables)."""
 
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL
-    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE
     curve: tuple[bytes, bytes, bytes] | None = None  # (server public, our public, our secret)
 
@@ -158,11 +158,9 @@ def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings, connect: b
     sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(settings.connect_timeout * 1000)))
     size = settings.max_message_size
     sock.setsockopt(zmq.MAXMSGSIZE, int(size) if size else -1)
-    if settings.heartbeat_interval:
-        timeout_ms = max(1, int(settings.heartbeat_timeout * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(settings.heartbeat_interval * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout_ms, 6_553_500))
+    # No ZMTP heartbeats (HEARTBEAT_IVL/TIMEOUT/TTL stay 0): our PINGs could abort a
+    # backend whose input from us is stopped when our connection fails (libzmq 4.3.5),
+    # and a TTL would arm a timer on the backend's side. ClientCore pings instead.
     if "[" in endpoint:
         sock.setsockopt(zmq.IPV6, 1)
     if settings.curve is not None:
@@ -235,11 +233,18 @@ def configure_client(
     """Check and store the options FrontEnd and AsyncFrontEnd share, and build
     their ``_settings`` (DealerSettings) and ``_core`` (ClientCore).
 
-    Raises ``ValueError`` for a bad timeout or key set, ``NotImplementedError``
-    when CURVE keys are given but libzmq lacks CURVE.
+    Raises ``ValueError`` for a bad timeout, heartbeat option or key set,
+    ``NotImplementedError`` when CURVE keys are given but libzmq lacks CURVE.
     """
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
+    if heartbeat_interval is not None and not heartbeat_interval > 0:
+        raise ValueError(
+            f"heartbeat_interval must be > 0 seconds, or None for no liveness checks, "
+            f"not {heartbeat_interval!r}"
+        )
+    if not heartbeat_timeout > 0:
+        raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
     client.timeout = timeout
     client.connect_timeout = float(connect_timeout)
     client.heartbeat_interval = heartbeat_interval
@@ -247,8 +252,6 @@ def configure_client(
     client.max_message_size = max_message_size
     client._settings = DealerSettings(
         connect_timeout=client.connect_timeout,
-        heartbeat_interval=heartbeat_interval,
-        heartbeat_timeout=heartbeat_timeout,
         max_message_size=max_message_size,
         curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
     )
@@ -259,5 +262,7 @@ def configure_client(
         busy_retries=busy_retries,
         connect_timeout=client.connect_timeout,
         max_body=max_message_size,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
     )
     client.codec = client._core.codec

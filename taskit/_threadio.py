@@ -435,8 +435,11 @@ class ThreadedIO:
                 self._drain_inbox()
             if core.outbox:
                 self._flush()
-            if core.timers:
+            timers = core.timers
+            if timers and timers[0][0] <= time.monotonic():  # one is due (the core's clock)
                 self._resolve(core.tick())
+                if core.pings or core.suspects:
+                    self._liveness()
             if until is not None:
                 if until.ok is not None:
                     return
@@ -569,6 +572,29 @@ class ThreadedIO:
                         w.set_exception(value)
                 except Exception:  # noqa: BLE001 - a Future resolved elsewhere
                     _log.debug("future of call %s was already resolved", call.id)
+
+    def _liveness(self) -> None:
+        """Send the PINGs the core asked for; drop the connections it finds silent
+        (after reading what they still hold: the core decides on everything heard)."""
+        core = self._core
+        for endpoint in core.take_pings():
+            link = self._links.get(endpoint)
+            if link is not None:
+                try:
+                    _send(link.send, core.ping_frames())
+                except zmq.ZMQError:  # a dead connection: the monitor reports it
+                    pass
+        for endpoint in core.take_suspects():
+            link = self._links.get(endpoint)
+            if link is None:
+                continue
+            self._receive(link, None, _DRAIN_ALL)
+            done = core.check_suspect(endpoint)
+            if done is not None:
+                why = f"backend {endpoint} stopped answering (PING unanswered)"
+                self._note(ERROR, why, logging.INFO)  # as a disconnect; the calls raise
+                self._resolve(done)
+                self._renew(link)
 
     def _monitor_events(self, link: _Link) -> None:
         while True:
@@ -715,6 +741,8 @@ class ThreadedIO:
             self._redial_due()
         if core.timers:
             self._resolve(core.tick())
+            if core.pings or core.suspects:
+                self._liveness()
         if self._inbox:
             self._drain_inbox()
         if core.outbox:

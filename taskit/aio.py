@@ -116,8 +116,10 @@ class AsyncFrontEnd(ConfiguredClient):
     seconds), ``retries`` (re-sends of calls lost with their backend; 0 =
     at-most-once), ``busy_retries``, ``connect_timeout`` (how long a call
     waits for a reachable backend), ``heartbeat_interval`` /
-    ``heartbeat_timeout``, ``key`` (shared HMAC key), ``curve_serverkey`` /
-    ``curve_publickey`` / ``curve_secretkey`` and ``max_message_size``.
+    ``heartbeat_timeout`` (liveness by taskit PINGs: a backend silent for
+    ``heartbeat_timeout``, its PING unanswered, is lost), ``key`` (shared HMAC
+    key), ``curve_serverkey`` / ``curve_publickey`` / ``curve_secretkey`` and
+    ``max_message_size``.
 
     Sockets are created when a running event loop first uses the front end
     (``async with``, or the first call); from then on it belongs to that loop.
@@ -538,9 +540,34 @@ class AsyncFrontEnd(ConfiguredClient):
         self._timer = self._timer_at = None
         if self._closed:
             return
-        self._resolve(self._core.tick())
+        core = self._core
+        self._resolve(core.tick())
+        if core.pings or core.suspects:
+            self._liveness()
         self._flush()
         self._schedule()
+
+    def _liveness(self) -> None:
+        """Send the PINGs the core asked for; drop the connections it finds silent
+        (after reading what they still hold: the core decides on everything heard)."""
+        core = self._core
+        for endpoint in core.take_pings():
+            b = self._sockets.get(endpoint)
+            if b is not None:
+                try:
+                    _send(b.raw.send, core.ping_frames())
+                except zmq.ZMQError:  # a dead connection: the monitor reports it
+                    pass
+        for endpoint in core.take_suspects():
+            b = self._sockets.get(endpoint)
+            if b is None:
+                continue
+            self._drain(b)
+            done = core.check_suspect(endpoint)
+            if done is not None:
+                _log.info("backend %s stopped answering (PING unanswered)", endpoint)
+                self._resolve(done)
+                self._renew(b)
 
     async def _read(self, b: _Backend) -> None:
         core, sock, endpoint = self._core, b.sock, b.endpoint

@@ -150,9 +150,13 @@ class BackEnd(CallHandler):
     characters or 32 raw bytes each; a malformed key is a ``ValueError`` at once)
     turn on CurveZMQ encryption, and ``curve_clients`` (Z85 public keys)
     admits only those clients (others fail the handshake; counted in
-    ``<stats>`` as ``dropped["curve_denied"]``). ``heartbeat_interval`` (seconds, ``None`` =
-    off) and ``heartbeat_timeout`` (default 3x the interval) set ZMTP
-    heartbeats so dead clients are noticed and their memory freed. ``logger`` is a TaskIt
+    ``<stats>`` as ``dropped["curve_denied"]``). Dead clients are dropped
+    by TCP keepalive (about a minute after they vanish; their memory is freed
+    then). ``heartbeat_interval`` (seconds; default ``None`` = off) and
+    ``heartbeat_timeout`` (default 3x the interval) turn on ZMTP heartbeats as
+    well -- **not recommended**: with libzmq 4.3.5 any client that floods the
+    backend and resets its connection can then abort the backend process (a
+    libzmq bug; see doc/security.md). ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
     tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
     long closing waits to flush the last replies.

@@ -10,9 +10,12 @@ thread drives them itself when nobody else does (no thread hand-off on a
 synchronous call), else the current driver or the ``taskit-frontend-io``
 thread does.
 
-Failure detection: ZMTP heartbeats (``HEARTBEAT_IVL/TIMEOUT/TTL``) make
-libzmq drop a silent connection; the socket monitor reports connects and
-disconnects. Calls in flight on a dropped connection fail with
+Failure detection: the socket monitor reports connects and disconnects, and
+the client PINGs a backend that has gone silent (taskit PING/PONG messages,
+decided by :class:`taskit._client.ClientCore`; not ZMTP heartbeats, which
+libzmq 4.3.5 can abort a backend on): one silent for ``heartbeat_timeout``
+with its PING unanswered is lost and its connection replaced. Calls in
+flight on a lost or dropped connection fail with
 :class:`BackendLostError` (at-most-once, the default) or are re-sent with
 ``retries=N`` (at-least-once). A restarted backend is reconnected by libzmq
 and rejoins by itself.
@@ -79,7 +82,7 @@ class FrontEnd(ConfiguredClient):
     - ``timeout``: default seconds a call may take (None: no limit); a call
       that runs out raises :class:`CallTimeoutError` (a ``TimeoutError``).
     - ``retries``: re-sends of a call whose backend was lost (its connection
-      dropped, or heartbeats went unanswered). 0 (default) is *at-most-once*: a
+      dropped, or its PINGs went unanswered). 0 (default) is *at-most-once*: a
       lost call fails with :class:`BackendLostError` -- it may or may not have
       run, but never runs twice. N > 0 is *at-least-once*: the call is re-sent to
       a live backend, so it may run twice. The default is at-most-once because
@@ -92,8 +95,15 @@ class FrontEnd(ConfiguredClient):
       last connection error (e.g. "refused the CURVE handshake", "not a taskit
       backend"). A backend that refuses every connection is retried after
       0.1 s, doubling up to 5 s, and its cause logged once.
-    - ``heartbeat_interval`` / ``heartbeat_timeout``: ZMTP heartbeats; a
-      backend silent for ``heartbeat_timeout`` is lost.
+    - ``heartbeat_interval`` / ``heartbeat_timeout`` (0.5 s / 2 s): liveness.
+      Any reply proves a backend alive; one with calls in flight that is silent
+      for ``heartbeat_interval`` gets a PING (an idle one after 4 x
+      ``heartbeat_timeout``), and one silent for ``heartbeat_timeout`` with its
+      PING unanswered is lost -- a frozen backend within 2-2.5 s by default.
+      Its backend answers PINGs from its I/O thread, so raise the timeout if
+      tasks can hold the backend's GIL longer. ``heartbeat_interval=None``
+      turns the checks off (a frozen backend then holds its calls until their
+      ``timeout``). These are taskit messages, not ZMTP heartbeats.
     - ``key``: shared secret; every message is signed (HMAC-SHA256) and
       replies not signed with it are dropped. A call the backend refuses for
       its signature (the keys differ, or one side has none) raises

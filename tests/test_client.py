@@ -465,3 +465,165 @@ def test_connections_refused_before_coming_up_back_off_and_are_reported_once():
     assert isinstance(exc, BackendNotAvailableError) and "not a taskit backend" in str(exc)
     core.backend_up(A)  # a connection that comes up resets the backoff
     assert core.connect_refused(A, why)[1] <= 1.25 * RECONNECT_FIRST
+
+
+# -- liveness: taskit PINGs instead of ZMTP heartbeats (issue 11, item 1) -------------
+
+
+def live(n=1, **kw):
+    """A core with liveness checks at the FrontEnd defaults (0.5 s / 2 s)."""
+    kw.setdefault("heartbeat_interval", 0.5)
+    kw.setdefault("heartbeat_timeout", 2.0)
+    return make(n, **kw)
+
+
+def advance(core, clock, seconds, step=0.25):
+    """Move the fake clock on by ``seconds``, ticking every ``step`` as a driver would;
+    returns everything resolved on the way."""
+    done = []
+    end = clock.t + seconds
+    while clock.t < end - 1e-9:
+        clock.t = min(end, clock.t + step)
+        done += core.tick()
+    return done
+
+
+def pong(core, endpoint):
+    """The backend answers the PING the driver sends now."""
+    m = unpack(core.ping_frames())
+    assert m.kind == Kind.PING and m.call_id not in core.calls and m.body == b""
+    return core.on_message(endpoint, pack(Kind.PONG, m.codec_id, m.call_id))
+
+
+def test_no_liveness_checks_without_heartbeat_interval():
+    core, clock = make(1)
+    assert core.timers == [] and core.next_wakeup() is None
+    call = core.new_call("t")
+    core.submit(call)
+    send_all(core)
+    assert advance(core, clock, 60) == [] and core.pings == [] and core.suspects == []
+
+
+def test_the_liveness_check_is_a_timer_drivers_see():
+    core, clock = live()
+    assert core.next_wakeup() == clock.t + 0.5  # never discarded as a resolved call's
+    clock.t += 0.5
+    core.tick()
+    assert core.next_wakeup() == clock.t + 0.5  # re-armed while a backend is up
+    core.backend_down(A)
+    advance(core, clock, 0.5)
+    assert core.timers == []  # nothing connected: no wake-ups at all
+    core.backend_up(A)
+    assert core.next_wakeup() == clock.t + 0.5
+
+
+def test_replies_that_keep_flowing_need_no_ping():
+    core, clock = live()
+    for _ in range(40):  # 10 s of calls answered every 0.25 s
+        core.submit(core.new_call("t"))
+        (call_id,) = send_all(core)
+        core.tick()
+        assert core.pings == []
+        clock.t += 0.25
+        assert reply_result(core, core.calls[call_id], 1)
+    assert core.snapshot()[A]["pings"] == 0 and core.backends[A].state == UP
+
+
+def test_a_silent_backend_with_calls_is_pinged_then_lost_after_heartbeat_timeout():
+    core, clock = live()
+    call = core.new_call("t")
+    core.submit(call)
+    send_all(core)
+    t0 = clock.t
+    advance(core, clock, 0.5)
+    assert core.take_pings() == [A]  # silent for heartbeat_interval, a call in flight
+    advance(core, clock, 1.25)
+    assert core.pings == [] and core.suspects == []  # one PING only, and not yet lost
+    advance(core, clock, 0.25)
+    assert clock.t - t0 == 2.0 and core.take_suspects() == [A]
+    (done,) = core.check_suspect(A)  # the driver found nothing more on the socket
+    assert done[0] is call and not done[1] and isinstance(done[2], BackendLostError)
+    assert "no answer to PING" in str(done[2])
+    assert core.backends[A].state == DOWN and core.pending == 0
+
+
+def test_a_pong_keeps_a_slow_backend_up():
+    core, clock = live()
+    call = core.new_call("t")
+    core.submit(call)
+    send_all(core)
+    for _ in range(20):  # a 10 s task: pinged about every second, always answering
+        advance(core, clock, 0.5)
+        for ep in core.take_pings():
+            assert pong(core, ep) == []
+        assert core.suspects == []
+    assert core.backends[A].state == UP and core.pending == 1
+    assert 5 <= core.snapshot()[A]["pings"] <= 10
+    assert core.stats["late_replies"] == 0  # PONGs are not counted as late replies
+
+
+def test_what_the_driver_reads_before_deciding_saves_the_backend():
+    core, clock = live()
+    call = core.new_call("t")
+    core.submit(call)
+    send_all(core)
+    advance(core, clock, 2.0)
+    assert core.take_pings() == [A] and core.take_suspects() == [A]
+    # the reply was on the socket already, unread (e.g. the driver's loop was late)
+    assert reply_result(core, call, 7) == [(call, True, 7)]
+    assert core.check_suspect(A) is None and core.backends[A].state == UP
+    advance(core, clock, 1.0)
+    assert core.suspects == []  # heard: the clock started again
+
+
+def test_a_lost_backends_calls_are_resent_with_retries():
+    core, clock = live(2, retries=1)
+    calls = [core.new_call("t") for _ in range(2)]
+    for c in calls:
+        core.submit(c)
+    sent = send_all(core)
+    on_a = [c for c in calls if sent[c.id][0] == A]
+    assert len(on_a) == 1
+    for _ in range(8):  # B answers PINGs, A does not
+        advance(core, clock, 0.25)
+        for ep in core.take_pings():
+            if ep == B:
+                pong(core, B)
+    assert core.take_suspects() == [A]
+    assert core.check_suspect(A) == []  # re-sent, not failed
+    assert [c.backend for c in core.drain_outbox()] == [B]
+
+
+def test_an_idle_backend_is_pinged_rarely_and_still_found_lost():
+    core, clock = live()
+    advance(core, clock, 7.75)
+    assert core.pings == []  # idle: no traffic for IDLE_PING_FACTOR x heartbeat_timeout
+    advance(core, clock, 0.25)
+    assert core.take_pings() == [A]
+    advance(core, clock, 1.25)
+    assert core.suspects == []
+    advance(core, clock, 0.25)  # PING unanswered for heartbeat_timeout - interval
+    assert core.take_suspects() == [A]
+    assert core.check_suspect(A) == []  # lost, no call to fail: the driver reconnects
+    assert core.backends[A].state == DOWN
+
+
+def test_a_call_to_a_backend_idle_for_long_is_lost_within_two_seconds():
+    core, clock = live()
+    advance(core, clock, 6.0)  # idle, silent: no PING yet
+    call = core.new_call("t")
+    core.submit(call)
+    send_all(core)
+    t0 = clock.t
+    advance(core, clock, 0.5)  # the next check (every heartbeat_interval) pings it
+    assert core.take_pings() == [A]
+    while not core.suspects and clock.t - t0 < 5:
+        advance(core, clock, 0.25)
+    assert clock.t - t0 == 2.0  # its PING had max(0.5, 2 - 0.5) s to be answered
+    assert isinstance(core.check_suspect(A)[0][2], BackendLostError)
+
+
+def test_signed_pings():
+    core, clock = live(signer=Signer(b"k"))
+    frames = core.ping_frames()
+    assert len(frames) == 4 and unpack(frames, Signer(b"k")).kind == Kind.PING

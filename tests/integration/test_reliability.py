@@ -1,9 +1,10 @@
 """Reliability of the FrontEnd against backends in real child processes:
-SIGKILL mid-run (with and without retries), a frozen backend (heartbeats),
-restart and rejoin."""
+SIGKILL mid-run (with and without retries), a frozen backend (found by the
+client's PINGs), restart and rejoin."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import signal
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+from taskit.aio import AsyncFrontEnd
 from taskit.codecs import MsgpackCodec
 from taskit.errors import BackendLostError
 from taskit.frontend import FrontEnd
@@ -166,6 +168,57 @@ def test_frozen_backend_detected_by_heartbeat(servers):
             assert fe.backends_status()[a.endpoint]["state"] == "down"
         finally:
             a.kill(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("front", ["FrontEnd", "AsyncFrontEnd"])
+def test_a_frozen_backend_is_lost_within_about_2_s_with_default_options(servers, front):
+    # Issue 11: liveness now rests on taskit PINGs (no ZMTP heartbeats), and must stay
+    # as quick as before: defaults 0.5 s / 2 s, so lost 2-2.5 s after it last spoke.
+    a = servers("a")
+    try:
+        if front == "FrontEnd":
+            with FrontEnd([a.endpoint]) as fe:
+                assert fe.work("who") == "a"
+                fut = fe.submit("nap", 30)
+                assert fe.send_signal(a.endpoint, "<status>") == "1"  # it is running
+                a.kill(signal.SIGSTOP)  # alive, connection open, but silent
+                t = time.monotonic()
+                with pytest.raises(BackendLostError, match="no answer to PING"):
+                    fut.result(30)
+                elapsed = time.monotonic() - t
+                status = fe.backends_status()[a.endpoint]
+        else:
+
+            async def main():
+                async with AsyncFrontEnd([a.endpoint]) as fe:
+                    assert await fe.work("who") == "a"
+                    fut = fe.submit("nap", 30)
+                    assert await fe.send_signal(a.endpoint, "<status>") == "1"
+                    a.kill(signal.SIGSTOP)
+                    t = time.monotonic()
+                    with pytest.raises(BackendLostError, match="no answer to PING"):
+                        await asyncio.wait_for(fut, 30)
+                    return time.monotonic() - t, fe.backends_status()[a.endpoint]
+
+            elapsed, status = asyncio.run(main())
+        assert elapsed < 4.0  # 2-2.5 s, plus slack for a loaded machine
+        assert status["state"] == "down" and status["pings"] >= 1
+    finally:
+        a.kill(signal.SIGKILL)
+
+
+def test_pings_keep_a_long_call_alive_and_cost_nothing_while_replies_flow(servers):
+    a = servers("a")
+    with FrontEnd([a.endpoint], heartbeat_interval=0.1, heartbeat_timeout=0.5) as fe:
+        # a call far longer than heartbeat_timeout: the backend answers PINGs meanwhile
+        assert fe.submit("nap", 1.5).result(30) == "a"
+        pinged = fe.backends_status()[a.endpoint]["pings"]
+        assert pinged >= 2
+        # replies flowing faster than heartbeat_interval prove it alive: no PING
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            assert fe.work("add", 1, 2) == 3
+        assert fe.backends_status()[a.endpoint]["pings"] <= pinged + 1
 
 
 def test_restarted_backend_rejoins(servers):

@@ -155,6 +155,18 @@ def test_max_message_size_none_means_unlimited(serve, client):
     assert client(b).call("echo", payload) == payload
 
 
+def test_router_has_tcp_keepalive_and_no_zmtp_heartbeat_by_default(serve):
+    # ZMTP heartbeats let a flood-and-reset client abort the process (libzmq 4.3.5;
+    # tests/integration/test_flood_reset.py): off by default, TCP keepalive instead
+    sock = serve(TASKS)._router  # white-box: no other observable effect in a short test
+    assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
+    assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
+    assert sock.getsockopt(zmq.TCP_KEEPALIVE_IDLE) == 30
+    assert sock.getsockopt(zmq.TCP_KEEPALIVE_INTVL) == 10
+    assert sock.getsockopt(zmq.TCP_KEEPALIVE_CNT) == 3
+    assert sock.getsockopt(zmq.TCP_MAXRT) == 60_000
+
+
 def test_heartbeat_options_are_set_on_the_router(serve):
     b = serve(TASKS, heartbeat_interval=0.5)
     sock = b._router  # white-box: the options have no other observable effect in a test
