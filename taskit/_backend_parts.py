@@ -47,13 +47,18 @@ DEFAULT_HEARTBEAT = 2.0  # seconds between ZMTP heartbeats; peers silent 3x that
 DEFAULT_PEER_QUEUE = 1000
 
 # Bytes one peer may make the backend hold itself: its accepted, unanswered calls
-# (request bytes plus CALL_COST each) and its replies waiting in the backlog.
+# (request bytes plus CALL_COST each) and its replies waiting in the backlog (reply
+# bytes plus REPLY_COST each). 64 MiB keeps ~20,000 small calls of one client
+# queued before it is told Busy (a FrontEnd may submit 20,000 at once).
 DEFAULT_PEER_BUDGET = 64 * 1024 * 1024
 
 # What one accepted call costs beyond its body, in the ledger: the pool's work
-# item, the decoded call's list/dict/closure and the reply's frames (measured
-# ~1 KiB on CPython 3.11-3.13, rounded up).
-CALL_COST = 2048
+# item, the decoded call's list/dict, the closure and the future (tracemalloc: 2.2
+# KiB per queued call on CPython 3.12, thread pool), rounded up.
+CALL_COST = 3072
+# What one reply waiting in the backlog costs beyond its frames' bytes: three
+# bytes objects, a list, a tuple and a deque slot (~250 bytes), rounded up.
+REPLY_COST = 512
 
 # Bytes a valid request has beyond its body: magic 5 + header 10 + HMAC 32, rounded up.
 ENVELOPE = 64
@@ -314,12 +319,13 @@ class PeerLedger:
 
     A peer's ``held`` bytes are its accepted, unanswered calls (request bytes plus
     :data:`CALL_COST` each, charged by :meth:`charge`, settled by :meth:`settle`)
-    plus its backlog: replies ZeroMQ refused (EAGAIN, the peer's queue of
-    ``peer_queue`` messages is full because the peer is not reading), kept in order
-    to be sent when it has room. :meth:`over` says a new call from the peer must be
-    refused (``Busy``): it already holds something and this call would pass
-    ``budget``. :meth:`defer` refuses a reply past ``budget`` (the caller drops and
-    counts it). So a peer holds at most ``budget`` plus one call's bytes. A peer
+    plus its backlog (reply bytes plus :data:`REPLY_COST` each): replies ZeroMQ
+    refused (EAGAIN: the peer's queue of ``peer_queue`` messages is full because
+    the peer is not reading), kept in order to be sent when it has room.
+    :meth:`over` says a new call from the peer must be refused (``Busy``): it
+    already holds something and this call would pass ``budget``. :meth:`defer`
+    refuses a reply past ``budget`` (the caller drops and counts it). So a peer
+    holds at most ``budget`` plus one call's bytes. A peer
     with nothing held has no entry: a peer that left is forgotten once its backlog
     finds it gone (:meth:`forget`).
 
@@ -355,7 +361,7 @@ class PeerLedger:
 
     def defer(self, ident: bytes, frames: list[bytes]) -> bool:
         """Keep a reply ZeroMQ refused for ``ident``; False (not kept) past the budget."""
-        size = sum(map(len, frames))
+        size = sum(map(len, frames)) + REPLY_COST
         held = self.held.get(ident, 0)
         if held + size > self.budget:
             return False

@@ -64,6 +64,7 @@ class ChildBackend:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            cwd=ROOT,
         )
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -151,7 +152,7 @@ def test_oversized_message_dropped_without_copies_and_freed_at_once(child, raw):
         b.reset_peak()
         c.sock.send_multipart(frames, copy=False)
         # ZeroMQ holds the whole message once (it cannot hand over part of one) ...
-        assert b.wait_memory(lambda rss, peak: peak - base > size * 0.9), reason
+        assert b.wait_memory(lambda rss, peak, size=size: peak - base > size * 0.9), reason
         # ... the backend copies none of it, and frees it as soon as it is dropped,
         # without waiting for another message to arrive.
         assert b.wait_memory(lambda rss, peak: rss < base + 24 * MiB), (
@@ -263,3 +264,21 @@ def test_slow_reader_loses_no_reply_when_its_queue_fills(child, raw):
     assert all(v == b"x" * REPLY for v in got.values())
     stats = other.call("<stats>")
     assert stats["dropped"]["reply_hwm"] == stats["dropped"]["reply_over_budget"] == 0
+
+
+def test_frontend_pipelining_loses_nothing_with_small_queues(child, raw):
+    """20,000 submits at once and a 20,000-call map through a backend whose ZeroMQ
+    queues hold 50 messages: replies that find a queue full wait, none is lost."""
+    b = child(peer_queue=50)
+    fe = FrontEnd([b.endpoint], codec=MsgpackCodec, timeout=60)
+    try:
+        n = 20_000
+        futures = [fe.submit("blob", i % 300) for i in range(n)]
+        assert [len(f.result(60)) for f in futures] == [i % 300 for i in range(n)]
+        assert list(fe.map("add", range(n), range(n))) == [2 * i for i in range(n)]
+    finally:
+        fe.close()
+    stats = raw(b.endpoint).call("<stats>")
+    assert stats["done"] >= 2 * n and stats["failed"] == 0
+    assert not stats["refused"]
+    assert stats["dropped"]["reply_over_budget"] == stats["dropped"]["reply_hwm"] == 0
