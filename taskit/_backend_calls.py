@@ -165,8 +165,12 @@ class CallHandler:
             peers = self._peers
             if peers is None:
                 self._acct.drop("reply_hwm")
-            elif not peers.defer(ident, frames):
-                self._acct.drop("reply_over_budget")
+            else:
+                idle = not peers.backlog
+                if not peers.defer(ident, frames):
+                    self._acct.drop("reply_over_budget")
+                elif idle:  # the I/O loop retries a backlog often, once it knows of one
+                    self._wake_locked()
         except zmq.ZMQError as e:
             # EHOSTUNREACH: the client went away first. Anything else is unexpected,
             # but must not leave the call counted in flight forever.

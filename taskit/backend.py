@@ -346,6 +346,7 @@ class BackEnd(CallHandler):
             out["inline_tasks"] = quick + sorted(self._inline_names)
             peers = self._peers
             out["reply_backlog"] = sum(map(len, peers.backlog.values())) if peers else 0
+            out["reply_deferred"] = peers.deferred if peers else 0
         if self._allow is not None:
             out["dropped"]["curve_denied"] = self._allow.denied
         out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0

@@ -161,7 +161,7 @@ def test_stats_before_serving():
         "reply_hwm",
         "reply_over_budget",
     }
-    assert stats["reply_backlog"] == 0
+    assert stats["reply_backlog"] == stats["reply_deferred"] == 0
 
 
 # --- doc/protocol.md's worked example is what the implementation produces ----------------

@@ -263,6 +263,7 @@ def test_slow_reader_loses_no_reply_when_its_queue_fills(child, raw):
     assert sorted(got) == list(range(1, n + 1))
     assert all(v == b"x" * REPLY for v in got.values())
     stats = other.call("<stats>")
+    assert stats["reply_deferred"] > 0 and stats["reply_backlog"] == 0
     assert stats["dropped"]["reply_hwm"] == stats["dropped"]["reply_over_budget"] == 0
 
 
