@@ -144,23 +144,23 @@ class BackEnd(CallHandler):
     What one client (one connection) can make the backend hold, in bytes, with
     ``M = max_message_size + 64``, ``Q = peer_queue``, ``B = peer_budget``::
 
-        Q * M      requests ZeroMQ queued, not yet read (RCVHWM = Q messages)
-      + E * B + M  its accepted, unanswered calls and its replies waiting in the
-                   backend (the ledger: wire bytes + 3 KiB per call, 512 B per
-                   reply; decoded arguments take E <= 73 times their wire bytes)
-      + Q * M      replies handed to ZeroMQ, not yet sent (SNDHWM = Q messages)
-      + kernel     SO_RCVBUF + SO_SNDBUF of its TCP connection (not in our RSS)
+          (Q + 1) * M   requests ZeroMQ queued or receiving, not yet read (RCVHWM = Q)
+        + E * B + M     its accepted, unanswered calls and its replies waiting in
+                        the backend (the ledger: wire bytes + 3 KiB per call, 512 B
+                        per reply; decoded arguments take E <= 73 x their wire bytes)
+        + Q * M         replies handed to ZeroMQ, not yet sent (SNDHWM = Q)
+        + kernel        SO_RCVBUF + SO_SNDBUF of its TCP connection (not in our RSS)
 
     The request terms hold for messages of up to four frames. ZeroMQ bounds
     each frame (by ``max_message_size``), not their number, and queues a
     message only once it has all of it: a client sending more frames makes it
     hold ``frames * max_message_size`` per message until the backend reads and
-    drops it (doc/security.md). A call from a client already
-    holding something that would take it past ``peer_budget`` is answered
-    ``Busy``; a reply to a client whose ZeroMQ queue is full (it is not
-    reading) waits in the ledger, and past ``peer_budget`` is dropped and
-    counted (``<stats>`` ``dropped["reply_over_budget"]``); a client that left
-    is forgotten. ``peer_budget=None`` turns the ledger off (no ``Busy``;
+    drops it (doc/security.md). A call from a client already holding
+    something that would take it past ``peer_budget`` is answered ``Busy``;
+    a reply to a client whose ZeroMQ queue is full (it is not reading) waits
+    in the ledger, and past ``peer_budget`` is dropped and counted
+    (``<stats>`` ``dropped["reply_over_budget"]``); a client that left is
+    forgotten. ``peer_budget=None`` turns the ledger off (no ``Busy``;
     replies to a full queue are dropped at once, ``reply_hwm``).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
     drops those that do not; ``curve_secretkey``/``curve_publickey`` (Z85)
