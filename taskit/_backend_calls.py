@@ -32,7 +32,7 @@ from taskit.log import ERROR, IMPORTANT, INFO
 from taskit.protocol import KILL, STATS, STATUS, STOP, TASKS, Kind
 
 if TYPE_CHECKING:
-    from taskit._backend_parts import Accounting
+    from taskit._backend_parts import Accounting, PeerLedger
     from taskit.backend import BackEnd
     from taskit.codecs import Signer
 
@@ -104,6 +104,8 @@ class CallHandler:
     max_pending: int | None
     max_message_size: int | None
     _reply_limit: int
+    _request_limit: int
+    _peers: PeerLedger | None
     _lock: threading.Lock
     _router: zmq.Socket | None
     _acct: Accounting
@@ -159,14 +161,47 @@ class CallHandler:
                 last = len(frames) - 1
                 for i, frame in enumerate(frames):
                     _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < _BIG)
-        except zmq.Again:
-            self._acct.drop("reply_hwm")
+        except zmq.Again:  # the peer's queue is full: it is not reading (see PeerLedger)
+            peers = self._peers
+            if peers is None:
+                self._acct.drop("reply_hwm")
+            else:
+                idle = not peers.backlog
+                if not peers.defer(ident, frames):
+                    self._acct.drop("reply_over_budget")
+                elif idle:  # the I/O loop retries a backlog often, once it knows of one
+                    self._wake_locked()
         except zmq.ZMQError as e:
             # EHOSTUNREACH: the client went away first. Anything else is unexpected,
             # but must not leave the call counted in flight forever.
             self._acct.drop("reply_unroutable")
             if e.errno != errno.EHOSTUNREACH:
                 _log.error("backend could not send a reply: %s", e)
+
+    def _flush_backlog_locked(self) -> None:
+        """Hand ZeroMQ the replies waiting for peers whose queue was full, oldest first,
+        until a queue is full again; forget (and count) those of peers that left."""
+        router, peers = self._router, self._peers
+        if router is None or peers is None:
+            return
+        for ident, queue in list(peers.backlog.items()):
+            while queue:
+                frames = queue[0][0]
+                try:
+                    _send(router, ident, _MORE)  # a full queue or a gone peer fails here
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    self._acct.drop("reply_unroutable", peers.forget(ident))
+                    break
+                last = len(frames) - 1
+                for i, frame in enumerate(frames):
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < _BIG)
+                peers.sent(ident)
+
+    def _drop_oversized(self) -> None:
+        with self._lock:
+            self._acct.drop("oversized")
 
     def _encode_error(
         self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
@@ -206,16 +241,28 @@ class CallHandler:
                 self._send_locked(ident, frames_out)
 
     def _handle(self, msg: list[Any]) -> None:
-        """Parse one request (the routing id as bytes, then ``zmq.Frame`` objects) and
-        answer it, or hand it to the pool. Never raises for input."""
+        """Parse one request (the routing id as bytes, then at most four ``zmq.Frame``
+        objects) and answer it, or hand it to the pool. Never raises for input.
+
+        A message whose frames total more than ``max_message_size`` (plus the
+        envelope) is dropped and counted before any frame is copied."""
         ident = msg[0]
         if len(msg) == 4:  # the usual unsigned request: no list comprehension
             body = msg[3]
+            blen = len(body)
+            size = blen + len(msg[1]) + len(msg[2])
+            if size > self._request_limit:
+                self._drop_oversized()
+                return
             # A big body stays in ZeroMQ's buffer, for a codec that reads any buffer
             # (a copy of a fresh MiB costs more in page faults than in copying).
-            body = body.bytes if len(body) < _BIG else body.buffer
+            body = body.bytes if blen < _BIG else body.buffer
             frames = [msg[1].bytes, msg[2].bytes, body]
         else:
+            size = sum(map(len, msg[1:]))
+            if size > self._request_limit:
+                self._drop_oversized()
+                return
             frames = [f.bytes for f in msg[1:]]
         try:
             m = protocol._unpack(frames, self._signer, False)
@@ -268,11 +315,19 @@ class CallHandler:
         except Exception as e:  # a user codec that raises something else than DecodeError
             self._refuse(ident, codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
             return
-        self._dispatch(ident, codec, call_id, name, args, kwargs)
+        self._dispatch(ident, codec, call_id, name, args, kwargs, size)
 
     def _dispatch(
-        self, ident: bytes, codec: Any, call_id: int, name: str, args: list, kwargs: dict
+        self,
+        ident: bytes,
+        codec: Any,
+        call_id: int,
+        name: str,
+        args: list,
+        kwargs: dict,
+        size: int = 0,
     ) -> None:
+        """Run or refuse one decoded call; ``size``: its request's bytes (PeerLedger)."""
         entry = self.tasks.get(name)
         if entry is None:
             if name in _READ_ONLY_SIGNALS:
@@ -321,6 +376,10 @@ class CallHandler:
                 f"this backend has {limit} calls pending (max_pending); retry later or elsewhere",
             )
             return
+        peers = self._peers
+        if peers is not None and ident in peers.held and peers.over(ident, size):
+            self._refuse_over_budget(ident, codec, call_id)
+            return
         if self._verbose:
             self._note(INFO, f"Fulfilling task {name!r}")
         if not pass_backend and (
@@ -331,24 +390,44 @@ class CallHandler:
             return
         with self._lock:
             self._acct.in_flight += 1
+            if peers is not None:
+                peers.charge(ident, size)
         t0 = time.perf_counter()
         try:
             if self._pool_kind == "process":
                 if pass_backend:
                     raise TypeError(f"task {name!r} wants the backend, which needs pool='thread'")
                 fut = self._pool.submit(fn, *args, **kwargs)
-                fut.add_done_callback(lambda f: self._finish(ident, codec, call_id, name, t0, f))
+                fut.add_done_callback(
+                    lambda f: self._finish(ident, codec, call_id, name, t0, f, size)
+                )
             else:
                 if pass_backend:
                     args = [self, *args]
-                self._pool.submit(self._run, ident, codec, call_id, name, fn, args, kwargs, t0)
+                self._pool.submit(
+                    self._run, ident, codec, call_id, name, fn, args, kwargs, t0, size
+                )
         except PoolShutdownError:
             with self._lock:
                 self._acct.in_flight -= 1
+                if peers is not None:
+                    peers.settle(ident, size)
             self._refuse(ident, codec, call_id, "Stopping", "this backend's pool is shut down")
         except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
             frames = self._error_frames(codec, call_id, name, e)
-            self._reply(ident, frames, name, False, t0)
+            self._reply(ident, frames, name, False, t0, None, size)
+
+    def _refuse_over_budget(self, ident: bytes, codec: Any, call_id: int) -> None:
+        peers = self._peers
+        assert peers is not None
+        self._refuse(
+            ident,
+            codec,
+            call_id,
+            "Busy",
+            f"this client holds {peers.held_by(ident)} bytes of calls and unread replies on "
+            f"this backend (peer_budget {peers.budget}); read the replies, then retry",
+        )
 
     def _admin_reply(
         self, ident: bytes, codec: Any, call_id: int, name: str, fn: Callable | None
@@ -436,6 +515,7 @@ class CallHandler:
         args: list,
         kwargs: dict,
         t0: float,
+        size: int = 0,
     ) -> None:
         # Kept apart from _run_inline on purpose: a shared helper would add a call per
         # message on the inline hot path, and the two differ in marks, locking and reply.
@@ -452,10 +532,10 @@ class CallHandler:
             frames, ok = self._result_frames(codec, call_id, name, value)
         finally:
             in_task.backend = None
-        self._reply(ident, frames, name, ok, t0, run_time)
+        self._reply(ident, frames, name, ok, t0, run_time, size)
 
     def _finish(
-        self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any
+        self, ident: bytes, codec: Any, call_id: int, name: str, t0: float, fut: Any, size: int
     ) -> None:
         try:
             value = fut.result()
@@ -464,7 +544,7 @@ class CallHandler:
             ok = False
         else:
             frames, ok = self._result_frames(codec, call_id, name, value)
-        self._reply(ident, frames, name, ok, t0)
+        self._reply(ident, frames, name, ok, t0, None, size)
 
     def _result_frames(self, codec: Any, call_id: int, name: str, value: Any) -> tuple[list, bool]:
         try:
@@ -513,10 +593,14 @@ class CallHandler:
         ok: bool,
         t0: float,
         run_time: float | None = None,
+        size: int = 0,
     ) -> None:
-        """Send a task's reply from the thread that ran it, and account for it."""
+        """Send a task's reply from the thread that ran it, and account for it
+        (``size``: the request's bytes, charged to the peer's ledger at acceptance)."""
         elapsed = time.perf_counter() - t0
         with self._lock:
+            if self._peers is not None:
+                self._peers.settle(ident, size)  # first: the reply may need the room
             self._send_locked(ident, frames)
             self._acct.finished(name, ok, elapsed, run_time)
             # A worker's send may have eaten the edge that would wake the I/O thread

@@ -8,6 +8,7 @@ does (the allow-list's ZAP thread is pyzmq's).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -20,6 +21,9 @@ from taskit.errors import InsecureCodecError
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_HEARTBEAT",
+    "DEFAULT_PEER_QUEUE",
+    "DEFAULT_PEER_BUDGET",
+    "ENVELOPE",
     "check_tasks",
     "split_entry",
     "make_endpoint",
@@ -28,6 +32,7 @@ __all__ = [
     "configure_router",
     "CurveAllowList",
     "Accounting",
+    "PeerLedger",
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -54,15 +59,34 @@ KEEPALIVE_INTVL = 10
 KEEPALIVE_CNT = 3
 MAX_RETRANSMIT_MS = 60_000
 
-# Replies queued towards one peer before further replies to it are dropped (and
-# counted): a client that sends but never reads must not grow our memory forever.
-REPLY_HWM = 100_000
+# Messages ZeroMQ queues per peer, each way (the ROUTER's SNDHWM and RCVHWM).
+# libzmq counts these in whole messages (a multipart message is one), not bytes,
+# so they are kept far below the former 100,000 (with which one client that never
+# reads pinned ~0.5-0.9 GB with 4 KiB replies), and the bytes a peer can make us
+# hold are bounded by PeerLedger below: a reply that finds its peer's queue full
+# waits in the ledger's backlog, within the peer's byte budget, instead of being
+# lost. Why 4096, not libzmq's 1000: a writer learns what its reader consumed only
+# every LWM messages (HWM - 1024 above 2048, else HWM / 2), so a queue may look
+# full with just HWM - LWM messages in it; above 2048 that is 1024, more than a
+# FrontEnd's map() keeps in flight (1000). With 1000, map() ran ~8% slower.
+DEFAULT_PEER_QUEUE = 4096
 
-# Requests queued from one peer before ZeroMQ stops reading its connection. The
-# default (1000) stalls a client that submits a burst of calls at once: it waits
-# on TCP backpressure between chunks (20,000 submits: ~+30% calls/s at this bound).
-# Like REPLY_HWM it still bounds what one peer can queue in our memory.
-REQUEST_HWM = 100_000
+# Bytes one peer may make the backend hold itself: its accepted, unanswered calls
+# (request bytes plus CALL_COST each) and its replies waiting in the backlog (reply
+# bytes plus REPLY_COST each). 64 MiB keeps ~20,000 small calls of one client
+# queued before it is told Busy (a FrontEnd may submit 20,000 at once).
+DEFAULT_PEER_BUDGET = 64 * 1024 * 1024
+
+# What one accepted call costs beyond its body, in the ledger: the pool's work
+# item, the decoded call's list/dict, the closure and the future (tracemalloc: 2.2
+# KiB per queued call on CPython 3.12, thread pool), rounded up.
+CALL_COST = 3072
+# What one reply waiting in the backlog costs beyond its frames' bytes: three
+# bytes objects, a list, a tuple and a deque slot (~250 bytes), rounded up.
+REPLY_COST = 512
+
+# Bytes a valid request has beyond its body: magic 5 + header 10 + HMAC 32, rounded up.
+ENVELOPE = 64
 
 # Inline running ("auto"): a task whose last QUALIFY runs each took under FAST
 # seconds runs on the I/O thread itself, which saves the two thread wake-ups of
@@ -155,13 +179,16 @@ def configure_router(
     max_message_size: int | None,
     heartbeat: tuple[float | None, float | None],
     curve: tuple[bytes | None, bytes | None],
+    peer_queue: int = DEFAULT_PEER_QUEUE,
 ) -> None:
     """Set a backend ROUTER's options (before bind). ``heartbeat``: (interval, timeout)
     of ZMTP heartbeats, off when interval is None (the default: see DEFAULT_HEARTBEAT)."""
     sock.setsockopt(zmq.LINGER, int(linger * 1000))
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # report unroutable replies instead of hiding them
-    sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
-    sock.setsockopt(zmq.RCVHWM, REQUEST_HWM)
+    # Report unroutable replies (EHOSTUNREACH) and full peer queues (EAGAIN) instead
+    # of dropping them silently: the backend's PeerLedger decides what then.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, peer_queue)
+    sock.setsockopt(zmq.RCVHWM, peer_queue)
     sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_size) if max_message_size else -1)
     if endpoint.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
@@ -248,7 +275,14 @@ class Accounting:
         self.takeovers = 0
         self.per_task: dict[str, list[float]] = {}  # name -> [calls, failed, total seconds]
         self.refused: dict[str, int] = {}  # backend-raised error type -> count
-        self.dropped = {"bad_signature": 0, "malformed": 0, "reply_unroutable": 0, "reply_hwm": 0}
+        self.dropped = {
+            "bad_signature": 0,
+            "malformed": 0,
+            "oversized": 0,
+            "reply_unroutable": 0,
+            "reply_hwm": 0,
+            "reply_over_budget": 0,
+        }
         self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
 
     def finished(self, name: str, ok: bool, elapsed: float, run_time: float | None) -> None:
@@ -285,8 +319,8 @@ class Accounting:
     def refuse(self, type_name: str) -> None:
         self.refused[type_name] = self.refused.get(type_name, 0) + 1
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] += 1
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
 
     def snapshot(self) -> dict[str, Any]:
         """The plain-data part of ``<stats>``."""
@@ -308,3 +342,85 @@ class Accounting:
             },
             "takeovers": self.takeovers,
         }
+
+
+class PeerLedger:
+    """The bytes each peer makes the backend hold, and the replies waiting for a peer
+    whose ZeroMQ queue is full.
+
+    A peer's ``held`` bytes are its accepted, unanswered calls (request bytes plus
+    :data:`CALL_COST` each, charged by :meth:`charge`, settled by :meth:`settle`)
+    plus its backlog (reply bytes plus :data:`REPLY_COST` each): replies ZeroMQ
+    refused (EAGAIN: the peer's queue of ``peer_queue`` messages is full because
+    the peer is not reading), kept in order to be sent when it has room.
+    :meth:`over` says a new call from the peer must be refused (``Busy``): it
+    already holds something and this call would pass ``budget``. :meth:`defer`
+    refuses a reply past ``budget`` (the caller drops and counts it). So a peer
+    holds at most ``budget`` plus one call's bytes. A peer
+    with nothing held has no entry: a peer that left is forgotten once its backlog
+    finds it gone (:meth:`forget`).
+
+    Pure bookkeeping, no socket; not thread-safe: the BackEnd calls it under its lock.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held: dict[bytes, int] = {}
+        self.backlog: dict[bytes, deque[tuple[list[bytes], int]]] = {}
+        self.deferred = 0  # replies that ever waited in a backlog
+
+    def over(self, ident: bytes, size: int) -> bool:
+        """True when a call of ``size`` bytes from ``ident`` must be refused."""
+        held = self.held.get(ident, 0)
+        return held > 0 and held + size + CALL_COST > self.budget
+
+    def charge(self, ident: bytes, size: int) -> None:
+        """Count an accepted call of ``size`` request bytes (settle it with the same size)."""
+        held = self.held
+        held[ident] = held.get(ident, 0) + size + CALL_COST
+
+    def settle(self, ident: bytes, size: int) -> None:
+        """The call charged with ``size`` is answered (or its answer dropped)."""
+        self._release(ident, size + CALL_COST)
+
+    def _release(self, ident: bytes, nbytes: int) -> None:
+        held = self.held
+        left = held.get(ident, 0) - nbytes
+        if left > 0:
+            held[ident] = left
+        else:
+            held.pop(ident, None)
+
+    def defer(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Keep a reply ZeroMQ refused for ``ident``; False (not kept) past the budget."""
+        size = sum(map(len, frames)) + REPLY_COST
+        held = self.held.get(ident, 0)
+        if held + size > self.budget:
+            return False
+        self.held[ident] = held + size
+        queue = self.backlog.get(ident)
+        if queue is None:
+            queue = self.backlog[ident] = deque()
+        queue.append((frames, size))
+        self.deferred += 1
+        return True
+
+    def sent(self, ident: bytes) -> None:
+        """The oldest reply in ``ident``'s backlog was handed to ZeroMQ."""
+        queue = self.backlog[ident]
+        _frames, size = queue.popleft()
+        self._release(ident, size)
+        if not queue:
+            del self.backlog[ident]
+
+    def forget(self, ident: bytes) -> int:
+        """Drop ``ident``'s backlog (it left); return how many replies were dropped."""
+        queue = self.backlog.pop(ident, None)
+        if not queue:
+            return 0
+        for _frames, size in queue:
+            self._release(ident, size)
+        return len(queue)
+
+    def held_by(self, ident: bytes) -> int:
+        return self.held.get(ident, 0)

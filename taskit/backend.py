@@ -61,8 +61,12 @@ from taskit._backend_calls import (  # the raw socket calls are shared with the 
 from taskit._backend_parts import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_PEER_BUDGET,
+    DEFAULT_PEER_QUEUE,
+    ENVELOPE,
     Accounting,
     CurveAllowList,
+    PeerLedger,
     accepted_codecs,
     check_tasks,
     configure_router,
@@ -86,12 +90,17 @@ __all__ = [
     "END_RESP",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_HEARTBEAT",
+    "DEFAULT_PEER_QUEUE",
+    "DEFAULT_PEER_BUDGET",
 ]
 
 _log = logging.getLogger("taskit.backend")
 
 END_RESP = 0.5  # seconds: socket linger on close and the I/O thread's longest sleep
 _BATCH = 64  # requests read per wake-up before flags are checked again
+# Frames of the longest valid request, with the routing id: id, magic, header, body,
+# HMAC. The I/O loop stops keeping the frames of a longer message and drops it.
+_MAX_PARTS = 5
 
 # A standby thread takes the socket over from an inline task running longer
 # than this, so a task that blocks unexpectedly never stalls the backend.
@@ -142,9 +151,34 @@ class BackEnd(CallHandler):
     json and msgpack, plus ``codec``, plus pickle when ``key`` or
     ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
     running (more get a ``Busy`` error at once); ``max_message_size`` bounds
-    every incoming message (larger ones make ZeroMQ drop the connection) and
-    every reply (a larger result is answered with an ``EncodeError``, since a
-    client with the same limit would drop the connection).
+    every frame of an incoming message (a larger frame makes ZeroMQ drop the
+    connection), the whole message (frames in all, plus 64 bytes of envelope:
+    a larger one, or one of more than four frames, is dropped unread and
+    counted), and every reply (a larger result is answered with an
+    ``EncodeError``, since a client with the same limit would drop the
+    connection).
+
+    What one client (one connection) can make the backend hold, in bytes, with
+    ``M = max_message_size + 64``, ``Q = peer_queue``, ``B = peer_budget``::
+
+          (Q + 1) * M   requests ZeroMQ queued or receiving, not yet read (RCVHWM = Q)
+        + E * B + M     its accepted, unanswered calls and its replies waiting in
+                        the backend (the ledger: wire bytes + 3 KiB per call, 512 B
+                        per reply; decoded arguments take E <= 73 x their wire bytes)
+        + Q * M         replies handed to ZeroMQ, not yet sent (SNDHWM = Q)
+        + kernel        SO_RCVBUF + SO_SNDBUF of its TCP connection (not in our RSS)
+
+    The request terms hold for messages of up to four frames. ZeroMQ bounds
+    each frame (by ``max_message_size``), not their number, and queues a
+    message only once it has all of it: a client sending more frames makes it
+    hold ``frames * max_message_size`` per message until the backend reads and
+    drops it (doc/security.md). A call from a client already holding
+    something that would take it past ``peer_budget`` is answered ``Busy``;
+    a reply to a client whose ZeroMQ queue is full (it is not reading) waits
+    in the ledger, and past ``peer_budget`` is dropped and counted
+    (``<stats>`` ``dropped["reply_over_budget"]``); a client that left is
+    forgotten. ``peer_budget=None`` turns the ledger off (no ``Busy``;
+    replies to a full queue are dropped at once, ``reply_hwm``).
     Security: ``key`` (bytes or str) makes every message carry an HMAC and
     drops those that do not; ``curve_secretkey``/``curve_publickey`` (40 Z85
     characters or 32 raw bytes each; a malformed key is a ``ValueError`` at once)
@@ -195,6 +229,8 @@ class BackEnd(CallHandler):
         insecure_pickle: bool = False,
         max_pending: int | None = None,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        peer_budget: int | None = DEFAULT_PEER_BUDGET,
+        peer_queue: int = DEFAULT_PEER_QUEUE,
         heartbeat_interval: float | None = DEFAULT_HEARTBEAT,
         heartbeat_timeout: float | None = None,
         curve_secretkey: bytes | str | None = None,
@@ -217,6 +253,16 @@ class BackEnd(CallHandler):
         self.max_message_size = max_message_size
         # replies are bounded too: a client with the same limit would drop a larger one
         self._reply_limit = sys.maxsize if max_message_size is None else int(max_message_size)
+        # a whole request: ZeroMQ's MAXMSGSIZE only bounds each frame
+        self._request_limit = self._reply_limit + ENVELOPE
+        for opt, value, least in (("peer_budget", peer_budget, 0), ("peer_queue", peer_queue, 1)):
+            if value is None and opt == "peer_budget":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{opt} must be an int >= {least}, not {value!r}")
+        self.peer_budget = peer_budget
+        self.peer_queue = peer_queue
+        self._peers = PeerLedger(peer_budget) if peer_budget is not None else None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._signer = Signer(key) if key is not None else None
@@ -320,6 +366,9 @@ class BackEnd(CallHandler):
             out = self._acct.snapshot()
             quick = sorted(filter(self._acct.quick, self._acct.speed)) if self._inline_auto else []
             out["inline_tasks"] = quick + sorted(self._inline_names)
+            peers = self._peers
+            out["reply_backlog"] = sum(map(len, peers.backlog.values())) if peers else 0
+            out["reply_deferred"] = peers.deferred if peers else 0
         if self._allow is not None:
             out["dropped"]["curve_denied"] = self._allow.denied
         out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0
@@ -468,6 +517,7 @@ class BackEnd(CallHandler):
                 self.max_message_size,
                 (self.heartbeat_interval, self.heartbeat_timeout),
                 self._curve,
+                self.peer_queue,
             )
             sock.setsockopt(zmq.RCVTIMEO, _WAIT_MS)  # bounds the I/O loop's blocking reads
             sock.bind(self._endpoint)
@@ -627,6 +677,15 @@ class BackEnd(CallHandler):
 
     # -- internals: the I/O loop -----------------------------------------------------
 
+    def _discard_rest_locked(self, router: zmq.Socket) -> list:
+        """Read and free the remaining frames of a message with too many (lock held);
+        count it dropped. Returns an empty list: nothing to handle."""
+        frame = _recv(router, _NOBLOCK, False)
+        while frame.more:
+            frame = _recv(router, _NOBLOCK, False)  # the previous one is freed here
+        self._acct.drop("malformed")
+        return []
+
     def _loop(self) -> str:
         router = self._router
         assert router is not None
@@ -638,6 +697,7 @@ class BackEnd(CallHandler):
         wake_r = self._wake_r
         sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
         handle = self._handle
+        peers = self._peers
         me = threading.get_ident()
         # How to read next. An empty recv raises, which costs more than checking
         # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
@@ -680,14 +740,20 @@ class BackEnd(CallHandler):
                     frame = _recv(router, _NOBLOCK, False)
                     msg.append(frame)
                     while frame.more:
+                        if len(msg) == _MAX_PARTS:
+                            msg = self._discard_rest_locked(router)
+                            break
                         frame = _recv(router, _NOBLOCK, False)
                         msg.append(frame)
-                try:
-                    handle(msg)
-                except Exception:  # a bug, or a user codec raising oddly: never stop serving
-                    _log.exception("backend on %s could not handle a message", self._endpoint)
-                    with lock:
-                        self._acct.drop("malformed")
+                    frame = None  # hold no frame of this message past its handling
+                if msg:
+                    try:
+                        handle(msg)
+                    except Exception:  # a bug, or a user codec raising oddly: keep serving
+                        _log.exception("backend on %s could not handle a message", self._endpoint)
+                        with lock:
+                            self._acct.drop("malformed")
+                    del msg  # free its buffers now, not when the next message arrives
                 if self._io_owner != me:
                     return _DEMOTED  # the standby took over during an inline task
                 # Checked under the lock: a worker's reply and its in_flight decrement
@@ -699,6 +765,9 @@ class BackEnd(CallHandler):
                         state = _BACKLOG
             else:
                 more = True
+            if peers is not None and peers.backlog:
+                with lock:
+                    self._flush_backlog_locked()
             if self._terminating:
                 return _DONE
             if self._stopping and self._acct.in_flight == 0 and self._acct.subtasks == 0:
@@ -707,7 +776,10 @@ class BackEnd(CallHandler):
                 state = _BACKLOG
                 continue
             state = _CHECK
-            for fd, _ in poller.poll(sleep_ms):
+            # Replies wait for a full peer queue: look again soon (ZeroMQ tells no one
+            # when a peer's queue has room).
+            backlog = peers is not None and peers.backlog
+            for fd, _ in poller.poll(_WAIT_MS if backlog else sleep_ms):
                 if fd == wake_r:
                     try:
                         os.read(wake_r, 4096)
