@@ -12,12 +12,13 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from taskit.errors import TaskLoadError
 
-__all__ = ["load_tasks"]
+__all__ = ["load_tasks", "describe_load_error"]
 
 
 def _import_target(target: str) -> Any:
@@ -106,3 +107,28 @@ def load_tasks(spec: str) -> dict[str, Any]:
         if not isinstance(name, str) or not callable(func):
             raise TaskLoadError(f"task {name!r} in {spec!r} is not a callable")
     return tasks
+
+
+def _own_frame(filename: str) -> bool:
+    """True for a frame of the user's code: not taskit's, not the import machinery's."""
+    here = str(Path(__file__).resolve().parent)
+    return not filename.startswith(("<frozen ", here)) and "importlib" not in Path(filename).parts
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """What went wrong while :func:`load_tasks` ran the user's module, for a person:
+    one line ``file:line: ErrorType: message``, then the user's own frames of the
+    traceback (taskit's and the import machinery's left out), indented.
+    """
+    if isinstance(exc, SyntaxError):  # its location is the error's, not a frame's
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else "<unknown>"
+        detail = traceback.format_exception_only(type(exc), exc)[:-1]
+        lines = [line for chunk in detail for line in chunk.splitlines() if line.strip()]
+        # the first line repeats the location; keep the source line and its caret
+        body = [line for line in lines if not line.lstrip().startswith("File ")]
+        return "\n".join([f"{where}: {type(exc).__name__}: {exc.msg}", *body])
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _own_frame(f.filename)]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    head = f"{where}{''.join(traceback.format_exception_only(type(exc), exc)).strip()}"
+    shown = traceback.format_list(frames)
+    return "\n".join([head, *(line for chunk in shown for line in chunk.rstrip().splitlines())])

@@ -198,7 +198,7 @@ def test_ctl_status_counts_jobs_in_flight(shared):
     )
     try:
         wait_until(
-            lambda: "up, 1 jobs running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
+            lambda: "up, 1 job running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
             60,
             "one job in flight",
         )
