@@ -248,11 +248,11 @@ def _serve(
     if key is not None:
         kwargs["key"] = key
     backend = BackEnd(served, args.host, port, **kwargs, **curve)
-    backend.start()  # returns once bound, so the line below means "ready"
+    _write_pid_file(args.pid_file)  # first: a bad path fails before anything is bound
     try:
-        _write_pid_file(args.pid_file)
-    except TaskItError:
-        backend.close()
+        backend.start()  # returns once bound, so the line below means "ready"
+    except BaseException:
+        _remove_pid_file(args.pid_file)
         raise
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -791,9 +791,16 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("ports", metavar="PORTS", type=_ports_arg)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (status 2) pointing at --help."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``taskit`` argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskit",
         description="Run taskit backends, control them, call their tasks, watch them.",
         epilog="Run 'taskit COMMAND --help' for the options of a command.",
