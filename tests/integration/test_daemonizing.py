@@ -185,7 +185,7 @@ def test_taskitd_leaves_another_process_backend_alone(service):
     )
     try:
         wait_until(
-            lambda: run(["ctl", "status", f"127.0.0.1:{p2}"]).returncode == 0, 60, "other up"
+            lambda: run(["ctl", "status", "127.0.0.1", str(p2)]).returncode == 0, 60, "other up"
         )
         started = taskitd(service, "start")
         assert started.returncode == 1, started.stdout + started.stderr
