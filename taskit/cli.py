@@ -455,8 +455,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         strangers = _strangers(fe, targets, args.owner) if args.owner is not None else {}
         ours = [t for t in targets if f"{t[0]}:{t[1]}" not in strangers]
         asked = dict(_ask_all(fe, ours, admin)) if ours else {}
-    names = [f"{host}:{port}" for host, port in targets]
-    answers = [(n, strangers[n] if n in strangers else asked[n]) for n in names]
+    labels = [f"{host}:{port}" for host, port in targets]
+    answers = [(n, strangers[n] if n in strangers else asked[n]) for n in labels]
     if args.command == "stats":
         if args.json:
             print(json.dumps({n: (None if _is_down(a) else a) for n, a in answers}, default=repr))
