@@ -69,7 +69,8 @@ def load_tasks(spec: str) -> dict[str, Any]:
     else every public function defined in the module. Values of a tasks dict
     may be callables or ``(callable, pass_backend)`` pairs. Raises
     :class:`TaskLoadError` when nothing servable is found; errors raised by
-    the module's own code while importing propagate.
+    the module's own code while importing propagate (:func:`describe_load_error`
+    says where, for a person).
     """
     target, _, attr = spec.partition(":")
     if not target:
@@ -110,15 +111,15 @@ def load_tasks(spec: str) -> dict[str, Any]:
 
 
 def _own_frame(filename: str) -> bool:
-    """True for a frame of the user's code: not taskit's, not the import machinery's."""
-    here = str(Path(__file__).resolve().parent)
-    return not filename.startswith(("<frozen ", here)) and "importlib" not in Path(filename).parts
+    """False for a frame of the import machinery (``<frozen importlib._bootstrap>``)."""
+    return not filename.startswith("<frozen ") and "importlib" not in Path(filename).parts
 
 
 def describe_load_error(exc: BaseException) -> str:
     """What went wrong while :func:`load_tasks` ran the user's module, for a person:
-    one line ``file:line: ErrorType: message``, then the user's own frames of the
-    traceback (taskit's and the import machinery's left out), indented.
+    one line ``file:line: ErrorType: message`` (the innermost frame shown), then the
+    frames of the module's own code, indented: those of load_tasks' caller and of
+    the import machinery are left out. A SyntaxError shows its source line instead.
     """
     if isinstance(exc, SyntaxError):  # its location is the error's, not a frame's
         where = f"{exc.filename}:{exc.lineno}" if exc.filename else "<unknown>"
@@ -127,7 +128,11 @@ def describe_load_error(exc: BaseException) -> str:
         # the first line repeats the location; keep the source line and its caret
         body = [line for line in lines if not line.lstrip().startswith("File ")]
         return "\n".join([f"{where}: {type(exc).__name__}: {exc.msg}", *body])
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _own_frame(f.filename)]
+    frames = traceback.extract_tb(exc.__traceback__)
+    # What ran before load_tasks (its caller) is not the module's; after it, leave
+    # out the import machinery (taskit's own frames stay if the module called taskit).
+    ours = [i for i, f in enumerate(frames) if f.filename == __file__]
+    frames = [f for f in frames[ours[-1] + 1 if ours else 0 :] if _own_frame(f.filename)]
     where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
     head = f"{where}{''.join(traceback.format_exception_only(type(exc), exc)).strip()}"
     shown = traceback.format_list(frames)
