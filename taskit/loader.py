@@ -128,11 +128,11 @@ def describe_load_error(exc: BaseException) -> str:
         # the first line repeats the location; keep the source line and its caret
         body = [line for line in lines if not line.lstrip().startswith("File ")]
         return "\n".join([f"{where}: {type(exc).__name__}: {exc.msg}", *body])
-    frames = traceback.extract_tb(exc.__traceback__)
+    every = traceback.extract_tb(exc.__traceback__)
     # What ran before load_tasks (its caller) is not the module's; after it, leave
     # out the import machinery (taskit's own frames stay if the module called taskit).
-    ours = [i for i, f in enumerate(frames) if f.filename == __file__]
-    frames = [f for f in frames[ours[-1] + 1 if ours else 0 :] if _own_frame(f.filename)]
+    ours = [i for i, f in enumerate(every) if f.filename == __file__]
+    frames = [f for f in every[ours[-1] + 1 if ours else 0 :] if _own_frame(f.filename)]
     where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
     head = f"{where}{''.join(traceback.format_exception_only(type(exc), exc)).strip()}"
     shown = traceback.format_list(frames)
