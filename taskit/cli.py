@@ -551,7 +551,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- taskit ports ---------------------------------------------------------------
+# --- taskit keygen --------------------------------------------------------------
 
 
 def _make_private_dirs(folder: Path) -> None:
@@ -594,6 +594,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     public_path.write_text(f"{public.decode()}\n")
     print(public.decode())
     return 0
+
+
+# --- taskit ports ---------------------------------------------------------------
 
 
 def _cmd_ports(args: argparse.Namespace) -> int:
