@@ -29,7 +29,7 @@ pytest.importorskip("taskit.frontend", reason="the FrontEnd has not landed yet")
 pytest.importorskip("taskit.backend", reason="the BackEnd has not landed yet")
 
 # the command's own start-up line, one per backend process (the BackEnd logs another)
-SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks \(.*\) on tcp://127\.0\.0\.1:(\d+)")
+SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks? \(.*\) on tcp://127\.0\.0\.1:(\d+)")
 
 
 class Backend:
