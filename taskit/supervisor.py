@@ -79,7 +79,7 @@ class Supervisor:
         min_uptime: float = 5.0,
         first_backoff: float = 0.5,
         max_backoff: float = 30.0,
-        start_tries: int = 3,
+        start_tries: int = 5,
     ) -> None:
         if not commands:
             raise ValueError("a Supervisor needs at least one command")

@@ -141,7 +141,7 @@ def test_a_child_that_cannot_start_stops_every_child_and_run_returns_1(tmp_path,
         sup.stop()
         runner.join(30)
     assert result == [1]
-    assert runs.read_text() == "xxx"  # start_tries=3 by default
+    assert runs.read_text() == "x" * 5  # start_tries=5 by default
     assert not alive(int(b_pid.read_text()))
     assert any("a cannot start" in r.getMessage() for r in caplog.records)
 
