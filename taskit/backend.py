@@ -33,6 +33,7 @@ they work while every worker is busy.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -77,7 +78,7 @@ from taskit._curve import check_pair, curve_key
 from taskit.codecs import JSONCodec, Signer, get_codec
 from taskit.errors import BackendBindError
 from taskit.log import IMPORTANT, null_logger
-from taskit.protocol import DEFAULT_PORT
+from taskit.protocol import ADMIN_SIGNALS, DEFAULT_PORT
 
 __all__ = [
     "BackEnd",
@@ -95,6 +96,23 @@ __all__ = [
 ]
 
 _log = logging.getLogger("taskit.backend")
+
+
+def _bind_hint(err: int | None) -> str:
+    """What to do when bind() failed with ``err`` (an errno)."""
+    if err == zmq.EADDRINUSE:
+        return "is another server using it? Choose another port, or port=0 for any free port"
+    if err == zmq.EADDRNOTAVAIL:
+        return (
+            "that address is not one of this machine's; bind one of its addresses, "
+            "127.0.0.1, or 0.0.0.0 for every interface"
+        )
+    if err == errno.ENODEV:
+        return "no such host or interface here; give an IP address of this machine"
+    if err == errno.EACCES:
+        return "ports below 1024 need privileges; choose a port from 1024 up, or port=0"
+    return "check the host and port"
+
 
 END_RESP = 0.5  # seconds: socket linger on close and the I/O thread's longest sleep
 _BATCH = 64  # requests read per wake-up before flags are checked again
@@ -372,6 +390,9 @@ class BackEnd(CallHandler):
         if self._allow is not None:
             out["dropped"]["curve_denied"] = self._allow.denied
         out["uptime"] = time.monotonic() - self._started_at if self._started_at else 0.0
+        # Who answers: lets a service manager tell its own backends from another
+        # process's on the same port (taskit ctl --owner).
+        out["pid"], out["ppid"] = os.getpid(), os.getppid()
         out["stopping"] = self._stopping
         pool = self._pool
         pstats = pool.stats() if pool is not None and hasattr(pool, "stats") else {}
@@ -527,8 +548,7 @@ class BackEnd(CallHandler):
                 self._state = _STOPPED
                 self._stopped.set()
             raise BackendBindError(
-                f"cannot bind {self._endpoint}: {e.strerror}; is another server using it? "
-                "Choose another endpoint, or port=0 for any free port"
+                f"cannot bind {self._endpoint}: {e.strerror}; {_bind_hint(e.errno)}"
             ) from e
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._endpoint = bound
@@ -559,7 +579,13 @@ class BackEnd(CallHandler):
                 raise
         self._ctx, self._router = ctx, sock
         self._started_at = time.monotonic()
-        _log.info("backend serving %d tasks on %s", len(self.tasks), bound)
+        users = sum(1 for name in self.tasks if name not in ADMIN_SIGNALS)
+        _log.info(
+            "backend serving %d task%s (and the admin signals) on %s",
+            users,
+            "" if users == 1 else "s",
+            bound,
+        )
         self._note(IMPORTANT, f"Serving on {bound}")
 
     def _serve(self) -> None:

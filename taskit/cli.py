@@ -3,13 +3,16 @@
 ::
 
     taskit backend MODULE[:ATTR] [--host H] [--port P | --ports 54543-54546] ...
-    taskit ctl {stop|kill|status|stats|tasks} HOST PORTS
-    taskit call HOST[:PORT] TASK [ARG ...] [--json]
+    taskit ctl {stop|kill|status|stats|tasks} HOST[:PORT] [PORTS] [--owner PID]
+    taskit call HOST[:PORT] [PORTS] TASK [ARG ...] [--json]
     taskit ports HOST PORTS
-    taskit top HOST PORTS [--once | --iterations N]
+    taskit top HOST[:PORT] [PORTS] [--once | --iterations N]
+    taskit keygen NAME
 
 Every command has ``--help``. Exit status: 0 success, 1 failure (remote
-error, backend down, bad input), 2 usage error (argparse).
+error, backend down, bad input), 2 usage error (argparse). A user error is
+one line on stderr, in the words of the command line (``--port 0``, not
+``port=0``), never a Python traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import pprint
+import re
 import signal
 import sys
 import time
@@ -28,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from taskit.errors import KeyFileError, PortSpecError, TaskItError
-from taskit.loader import load_tasks
-from taskit.ports import expand, get_ports, parse_address
+from taskit.loader import describe_load_error, load_tasks
+from taskit.ports import expand, get_ports, parse_targets
 from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
 
 __all__ = ["main", "build_parser", "load_tasks", "parse_value"]
@@ -58,6 +63,10 @@ def _read_key(path: str | None) -> bytes | None:
     return key
 
 
+_SECRET = "CurveZMQ secret key"
+_SECRET_MARK = f"# {_SECRET}"  # the first line of the NAME.key files keygen writes
+
+
 def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
     """Z85 CurveZMQ keys (40 characters), one per line of ``path``; blank lines and
     comment lines (starting with '#' and not a key: '#' is a Z85 character) are
@@ -68,6 +77,11 @@ def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeError) as e:
         raise KeyFileError(f"cannot read the {what} file {path!r}: {e}") from e
+    if what != _SECRET and any(line.startswith(_SECRET_MARK) for line in lines):
+        raise KeyFileError(
+            f"{path!r} holds a secret key; list public keys here (the .pub files of "
+            "'taskit keygen'), and keep secret keys private"
+        )
     from zmq.utils.z85 import Z85CHARS  # '#' is one of them: a key may start with it
 
     keys = []
@@ -91,7 +105,12 @@ def _curve_secret(path: str | None) -> bytes | None:
     """The one CurveZMQ secret key in ``path`` (None without a path)."""
     if path is None:
         return None
-    keys = _read_curve_keys(path, "CurveZMQ secret key")
+    if path.endswith(".pub"):
+        raise KeyFileError(
+            f"{path!r} is a public key file; --curve-secret-file takes the secret key "
+            "(NAME.key of 'taskit keygen NAME')"
+        )
+    keys = _read_curve_keys(path, _SECRET)
     if len(keys) != 1:
         raise KeyFileError(f"{path!r} must hold exactly one CurveZMQ secret key")
     return keys[0]
@@ -106,6 +125,10 @@ def _codec_names(text: str) -> list[str]:
     for name in names:
         get_codec(name)  # UnknownCodecError names the known ones
     return names
+
+
+def _plural(count: Any, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _setup_logging(level: str) -> None:
@@ -127,6 +150,8 @@ def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) ->
         kwargs["key"] = key
     if getattr(args, "connect_timeout", None) is not None:
         kwargs["connect_timeout"] = args.connect_timeout
+    if getattr(args, "max_message_size", None) is not None:
+        kwargs["max_message_size"] = args.max_message_size or None
     if getattr(args, "curve_server_key", None):
         kwargs["curve_serverkey"] = args.curve_server_key
         secret = _curve_secret(args.curve_secret_file)
@@ -140,8 +165,9 @@ def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) ->
     return FrontEnd(list(addresses), **kwargs)
 
 
-def _targets(host: str, ports: str) -> list[tuple[str, int]]:
-    return [(host, port) for port in get_ports(ports)]
+def _targets(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The backends named by the ``HOST[:PORT] [PORTS]`` positionals (parse_targets)."""
+    return parse_targets(args.address, args.ports, DEFAULT_PORT)
 
 
 # --- taskit backend ---------------------------------------------------------------
@@ -151,7 +177,13 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     ports = get_ports(args.ports) if args.ports else [args.port]
     # Load once here even when supervising: a typo fails now, not in N children.
-    tasks = load_tasks(args.target)
+    try:
+        tasks = load_tasks(args.target)
+    except TaskItError:
+        raise
+    except Exception as e:  # the module's own code failed: say where, in its frames only
+        print(f"taskit backend: {describe_load_error(e)}", file=sys.stderr)
+        return 1
     codecs = _codec_names(args.codec) if args.codec else None
     key = _read_key(args.key_file)
     curve = _backend_curve(args)
@@ -183,7 +215,10 @@ def _backend_curve(args: argparse.Namespace) -> dict[str, Any]:
 
 def _write_pid_file(path: str | None) -> None:
     if path:
-        Path(path).write_text(f"{os.getpid()}\n")
+        try:
+            Path(path).write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise TaskItError(f"cannot write the --pid-file {path!r}: {e.strerror}") from e
 
 
 def _remove_pid_file(path: str | None) -> None:
@@ -209,13 +244,19 @@ def _serve(
     served: dict[str, Any] = dict(ADMIN_TASKS)  # so `taskit ctl stop/kill` work
     served.update(tasks)
     kwargs: dict[str, Any] = {"workers": args.workers, "pool": args.pool}
+    if args.max_message_size is not None:
+        kwargs["max_message_size"] = args.max_message_size or None
     if codecs:
         kwargs["codecs"] = codecs
     if key is not None:
         kwargs["key"] = key
     backend = BackEnd(served, args.host, port, **kwargs, **curve)
-    backend.start()  # returns once bound, so the line below means "ready"
-    _write_pid_file(args.pid_file)
+    _write_pid_file(args.pid_file)  # first: a bad path fails before anything is bound
+    try:
+        backend.start()  # returns once bound, so the line below means "ready"
+    except BaseException:
+        _remove_pid_file(args.pid_file)
+        raise
 
     def on_signal(signum: int, frame: Any) -> None:
         # The main thread only waits in join() below, so it never holds the
@@ -231,7 +272,10 @@ def _serve(
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         log.info(
-            "serving %d tasks (%s) on %s", len(tasks), ", ".join(sorted(tasks)), backend.endpoint
+            "serving %s (%s) on %s",
+            _plural(len(tasks), "task"),
+            ", ".join(sorted(tasks)),
+            backend.endpoint,
         )
         while not backend.join(1.0):  # a timed wait keeps signal handlers responsive
             pass
@@ -252,6 +296,8 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
         base += ["--workers", str(args.workers)]
     if args.codec:
         base += ["--codec", args.codec]
+    if args.max_message_size is not None:
+        base += ["--max-message-size", str(args.max_message_size)]
     for option, path in (
         ("--key-file", args.key_file),
         ("--curve-secret-file", args.curve_secret_file),
@@ -306,16 +352,35 @@ def _ask_all(fe: Any, targets: list[tuple[str, int]], admin: str) -> list[tuple[
     return [(f"{h}:{p}", a) for (h, p), a in zip(targets, answers, strict=True)]
 
 
-def _query_all(
-    targets: list[tuple[str, int]], args: argparse.Namespace, admin: str
-) -> list[tuple[str, Any]]:
-    """:func:`_ask_all` through a FrontEnd opened for this one question."""
-    with _frontend(targets, args) as fe:
-        return _ask_all(fe, targets, admin)
+class _Stranger:
+    """The answer of a backend that another process than ``--owner`` runs."""
+
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return f"not ours (pid {self.pid})"
 
 
 def _is_down(answer: Any) -> bool:
-    return isinstance(answer, BaseException) or answer == "down"
+    """True for a backend that did not answer, or that is not ours: both fail the command."""
+    return isinstance(answer, (BaseException, _Stranger)) or answer == "down"
+
+
+def _owned(stats: Any, owner: int) -> bool:
+    """True when the ``<stats>`` answer comes from process ``owner`` or one of its
+    children (a ``taskit backend --ports`` supervisor's backends)."""
+    return isinstance(stats, dict) and owner in (stats.get("pid"), stats.get("ppid"))
+
+
+def _strangers(fe: Any, targets: list[tuple[str, int]], owner: int) -> dict[str, _Stranger]:
+    """The targets answered by a backend that ``owner`` does not run (by ``<stats>``'
+    pid and ppid); a backend that does not answer is not a stranger, just down."""
+    return {
+        name: _Stranger(stats.get("pid", "unknown"))
+        for name, stats in _ask_all(fe, targets, STATS)
+        if isinstance(stats, dict) and not _owned(stats, owner)
+    }
 
 
 def _fmt_duration(seconds: Any) -> str:
@@ -350,7 +415,8 @@ def _stats_rows(answers: list[tuple[str, Any]]) -> list[list[Any]]:
     rows = []
     for name, stats in answers:
         if _is_down(stats) or not isinstance(stats, dict):
-            rows.append([name, "down"] + ["-"] * (len(_STAT_COLUMNS) - 2))
+            state = str(stats) if isinstance(stats, _Stranger) else "down"
+            rows.append([name, state] + ["-"] * (len(_STAT_COLUMNS) - 2))
             continue
         row: list[Any] = [name, "up"]
         for _, key in _STAT_COLUMNS[2:]:
@@ -383,11 +449,17 @@ def _task_rows(answers: list[tuple[str, Any]]) -> list[list[Any]]:
 
 
 def _cmd_ctl(args: argparse.Namespace) -> int:
-    targets = _targets(args.host, args.ports)
+    targets = _targets(args)
     admin = {"stop": STOP, "kill": KILL, "status": STATUS, "stats": STATS, "tasks": TASKS}[
         args.command
     ]
-    answers = _query_all(targets, args, admin)
+    with _frontend(targets, args) as fe:
+        # With --owner, a backend of another process is never signalled, only reported.
+        strangers = _strangers(fe, targets, args.owner) if args.owner is not None else {}
+        ours = [t for t in targets if f"{t[0]}:{t[1]}" not in strangers]
+        asked = dict(_ask_all(fe, ours, admin)) if ours else {}
+    labels = [f"{host}:{port}" for host, port in targets]
+    answers = [(n, strangers[n] if n in strangers else asked[n]) for n in labels]
     if args.command == "stats":
         if args.json:
             print(json.dumps({n: (None if _is_down(a) else a) for n, a in answers}, default=repr))
@@ -399,10 +471,13 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                 print(_table(["BACKEND", "TASK", "CALLS", "FAILED", "MEAN MS"], task_rows))
         return 1 if any(_is_down(a) for _, a in answers) else 0
     for name, answer in answers:
-        if _is_down(answer):
+        if isinstance(answer, _Stranger):
+            print(f"{name} --> served by another process (pid {answer.pid}); left alone")
+        elif _is_down(answer):
             print(f"{name} --> down")
         elif args.command == "status":
-            print(f"{name} --> up, {answer} jobs running")
+            jobs = int(answer) if str(answer).isdigit() else answer
+            print(f"{name} --> up, {_plural(jobs, 'job')} running")
         elif args.command == "stop":
             print(f"{name} --> stopped")
         elif args.command == "kill":
@@ -426,20 +501,47 @@ def parse_value(text: str) -> Any:
         return text
 
 
+_PORTS_LIKE = re.compile(r"[0-9][0-9,\-]*")
+
+
+def _call_value(text: str, raw: bool) -> Any:
+    """An ARG of ``taskit call``: :func:`parse_value`, with a warning on stderr when
+    it looks like JSON (``[``, ``{``, ``"``) but does not parse; with ``raw``, the string."""
+    if raw:
+        return text
+    if text.lstrip()[:1] in ("[", "{", '"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            print(
+                f"taskit call: warning: {text!r} looks like JSON but does not parse "
+                f"({e.msg}, column {e.colno}); passing it as a string (--raw: every ARG "
+                "as a string)",
+                file=sys.stderr,
+            )
+            return text
+    return parse_value(text)
+
+
 def _cmd_call(args: argparse.Namespace) -> int:
     from taskit.errors import BackendProcessingError
 
-    address = parse_address(args.address, args.default_port)
-    call_args = [parse_value(a) for a in args.args]
+    task, rest, ports = args.task, list(args.args), None
+    if _PORTS_LIKE.fullmatch(task):  # HOST PORTS TASK [ARG ...]: no task is named 54543
+        if not rest:
+            raise TaskItError(f"no TASK after the ports {task!r}; write HOST[:PORT] TASK [ARG ...]")
+        ports, task = task, rest.pop(0)
+    targets = parse_targets(args.address, ports, args.default_port)
+    call_args = [_call_value(a, args.raw) for a in rest]
     kwargs = {}
     for item in args.kwarg:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise TaskItError(f"--kwarg {item!r} must look like NAME=VALUE")
-        kwargs[name] = parse_value(value)
-    with _frontend([address], args) as fe:
+        kwargs[name] = _call_value(value, args.raw)
+    with _frontend(targets, args) as fe:
         try:
-            result = fe.call(args.task, call_args, kwargs, timeout=args.timeout)
+            result = fe.call(task, call_args, kwargs, timeout=args.timeout)
         except BackendProcessingError as e:
             print(str(e), file=sys.stderr)
             return 1
@@ -452,7 +554,21 @@ def _cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- taskit ports ---------------------------------------------------------------
+# --- taskit keygen --------------------------------------------------------------
+
+
+def _make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each mode 0700 (they hold a secret
+    key), saying so on stderr; nothing when it exists."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+        print(f"taskit keygen: created {path} (mode 0700)", file=sys.stderr)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -460,17 +576,30 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
     if not zmq.has("curve"):
         raise TaskItError("this libzmq was built without CURVE: no CurveZMQ keys to make")
-    public, secret = zmq.curve_keypair()
-    secret_path, public_path = Path(f"{args.name}.key"), Path(f"{args.name}.pub")
+    name = args.name
+    base = Path(name).name
+    if not base or name.endswith(("/", os.sep)) or base in (".", ".."):
+        raise TaskItError(f"NAME {name!r} names no file; write e.g. keys/backend")
+    if base.endswith((".key", ".pub")):
+        stem = name[: -len(".key")]
+        raise TaskItError(
+            f"NAME is without extension: 'taskit keygen {stem}' writes {stem}.key and {stem}.pub"
+        )
+    secret_path, public_path = Path(f"{name}.key"), Path(f"{name}.pub")
     for path in (secret_path, public_path):
         if path.exists():
             raise TaskItError(f"{path} exists; remove it or choose another NAME")
+    _make_private_dirs(secret_path.parent)
+    public, secret = zmq.curve_keypair()
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"# CurveZMQ secret key: keep it private\n{secret.decode()}\n")
+        f.write(f"{_SECRET_MARK}: keep it private\n{secret.decode()}\n")
     public_path.write_text(f"{public.decode()}\n")
     print(public.decode())
     return 0
+
+
+# --- taskit ports ---------------------------------------------------------------
 
 
 def _cmd_ports(args: argparse.Namespace) -> int:
@@ -517,7 +646,7 @@ def _render_top(
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
-    targets = _targets(args.host, args.ports)
+    targets = _targets(args)
     iterations = 1 if args.once else args.iterations
     clear = sys.stdout.isatty() and not args.no_clear
     previous: dict[str, tuple[float, int]] = {}
@@ -534,7 +663,7 @@ def _cmd_top(args: argparse.Namespace) -> int:
                 print(screen, flush=True)
                 done += 1
                 if iterations and done >= iterations:
-                    return 0
+                    return 1 if any(_is_down(a) for _, a in answers) else 0  # as ctl
                 if not clear:
                     print(flush=True)
                 time.sleep(args.interval)  # display refresh period, not synchronisation
@@ -562,11 +691,61 @@ def _add_client_options(p: argparse.ArgumentParser, connect_timeout: float = 2.0
     )
     p.add_argument(
         "--connect-timeout",
-        type=float,
+        type=_seconds,
         default=connect_timeout,
         metavar="S",
         help=f"seconds to wait for a backend to be reachable (default {connect_timeout:g})",
     )
+    _add_max_message_size(p)
+
+
+def _add_max_message_size(p: argparse.ArgumentParser) -> None:
+    from taskit.frontend import DEFAULT_MAX_MESSAGE_SIZE
+
+    p.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="largest message sent or accepted, e.g. 1048576 or 64M; 0 for no limit "
+        f"(default {DEFAULT_MAX_MESSAGE_SIZE >> 20}M; the same on both sides)",
+    )
+
+
+def _seconds(text: str) -> float:
+    """A duration option: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _size(text: str) -> int:
+    """A size option: bytes, or with a K, M or G suffix (powers of 1024); 0 allowed."""
+    number, unit = text.strip(), 1
+    if number[-1:].upper() in ("K", "M", "G"):
+        unit = 1024 ** ("KMG".index(number[-1].upper()) + 1)
+        number = number[:-1]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1048576 or 64M)")
+    return int(number) * unit
+
+
+def _port_number(text: str) -> int:
+    """--port: 0 (any free port) to 65535."""
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port 0-65535 (0: any free port)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -587,15 +766,47 @@ def _ports_arg(text: str) -> str:
     return text
 
 
-def _add_targets(p: argparse.ArgumentParser, ports_help: str | None = None) -> None:
-    """The HOST PORTS positionals of ctl, ports and top (PORTS validated by _ports_arg)."""
+def _address_arg(text: str) -> str:
+    try:
+        parse_targets(text, None, DEFAULT_PORT)  # validate now: a usage error, before any wait
+    except PortSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+_ADDRESS_HELP = (
+    f"HOST (port {DEFAULT_PORT}), HOST:PORT, HOST:PORTS, or HOST then PORTS; [IPv6]:PORT for IPv6"
+)
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    """The HOST[:PORT] [PORTS] positionals of ctl and top (the grammar of parse_targets)."""
+    p.add_argument("address", metavar="HOST[:PORT]", type=_address_arg, help=_ADDRESS_HELP)
+    p.add_argument(
+        "ports",
+        metavar="PORTS",
+        nargs="?",
+        type=_ports_arg,
+        help="54543, 54543,54545 or 54543-54546",
+    )
+
+
+def _add_targets(p: argparse.ArgumentParser) -> None:
+    """The HOST PORTS positionals of ports (PORTS validated by _ports_arg)."""
     p.add_argument("host", metavar="HOST")
-    p.add_argument("ports", metavar="PORTS", type=_ports_arg, help=ports_help)
+    p.add_argument("ports", metavar="PORTS", type=_ports_arg)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (status 2) pointing at --help."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``taskit`` argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskit",
         description="Run taskit backends, control them, call their tasks, watch them.",
         epilog="Run 'taskit COMMAND --help' for the options of a command.",
@@ -626,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--port",
-        type=int,
+        type=_port_number,
         default=DEFAULT_PORT,
         help=f"port (default {DEFAULT_PORT}; 0 for any free port, logged at start)",
     )
@@ -653,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec", metavar="NAMES", help="codecs to accept, comma-separated (default json,msgpack)"
     )
+    _add_max_message_size(p)
     p.add_argument("--key-file", metavar="F", help="shared HMAC key: every message must be signed")
     p.add_argument(
         "--curve-secret-file",
@@ -674,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid-file", metavar="F", help="write the process id here while running")
     p.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="S",
         help="with --ports: seconds a backend gets to stop before SIGKILL",
@@ -686,25 +898,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="send stop/kill/status/stats/tasks to backends",
         description=(
             "Control backends, as the original taskitctl: 'HOST:PORT --> up, N jobs running', "
-            "'--> stopped', '--> terminated' or '--> down'. Exit status 1 if any is down."
+            "'--> stopped', '--> terminated' or '--> down'. Exit status 1 if any is down "
+            "(or, with --owner, served by another process)."
         ),
     )
     p.add_argument("command", choices=("stop", "kill", "status", "stats", "tasks"))
-    _add_targets(p, ports_help="54543, 54543,54545 or 54543-54546")
+    _add_address(p)
     p.add_argument("--json", action="store_true", help="stats: print one JSON object")
+    p.add_argument(
+        "--owner",
+        type=_positive_int,
+        metavar="PID",
+        help="act only on backends run by process PID or its children (a 'taskit backend "
+        "--ports' supervisor); another process's backend is reported and left alone",
+    )
     _add_client_options(p)
     p.set_defaults(func=_cmd_ctl)
 
     p = sub.add_parser(
         "call",
+        usage="taskit call [options] HOST[:PORT] [PORTS] TASK [ARG ...]",
         help="call a task and print its result",
         description=(
-            "Call TASK on HOST[:PORT] and print the result. Each ARG is parsed as JSON when it "
-            "parses (3, 2.5, true, null, [1,2], '{\"a\":1}', '\"3\"'), else passed as a string. "
-            "Exit status 1, with the remote traceback on stderr, when the task raises."
+            "Call TASK on HOST[:PORT] (or on any of HOST PORTS) and print the result. Each ARG "
+            "is parsed as JSON when it parses (3, 2.5, true, null, [1,2], '{\"a\":1}', '\"3\"'), "
+            "else passed as a string (with a warning when it looks like JSON; --raw passes "
+            "every ARG as a string). Exit status 1, with the remote traceback on stderr, when "
+            "the task raises."
         ),
     )
-    p.add_argument("address", metavar="HOST[:PORT]")
+    p.add_argument("address", metavar="HOST[:PORT]", type=_address_arg, help=_ADDRESS_HELP)
     p.add_argument("task", metavar="TASK")
     p.add_argument("args", metavar="ARG", nargs="*")
     p.add_argument(
@@ -716,9 +939,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyword argument (value parsed like ARG); repeatable",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--raw", action="store_true", help="pass every ARG as a string, unparsed")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=CALL_TIMEOUT,
         metavar="S",
         help=f"give up after S seconds (default {CALL_TIMEOUT:g}; exit 1)",
@@ -752,15 +976,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "top",
         help="live view of backends: jobs in flight, done, failed, rate",
-        description="Refresh a table of backend statistics until Ctrl-C (or --iterations).",
+        description=(
+            "Refresh a table of backend statistics until Ctrl-C (or --iterations). With "
+            "--once or --iterations, exit status 1 if a backend was down in the last table."
+        ),
     )
-    _add_targets(p)
-    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="refresh period")
+    _add_address(p)
+    p.add_argument(
+        "--interval", type=_seconds, default=2.0, metavar="S", help="refresh period (default 2)"
+    )
     bound = p.add_mutually_exclusive_group()
     bound.add_argument("--once", action="store_true", help="print one table and exit")
     bound.add_argument(
         "--iterations",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="exit after N refreshes (default: run until Ctrl-C)",
@@ -771,17 +1000,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's words for what the command line calls options (longest first).
+_CLI_WORDS = (
+    ("port=0", "--port 0"),
+    ("key=...", "--key-file"),
+    ("key=", "--key-file"),
+    ("timeout=", "--timeout"),
+    ("connect_timeout", "--connect-timeout"),
+    ("max_message_size", "--max-message-size"),
+    ("curve_serverkey", "--curve-server-key"),
+    ("curve_secretkey", "--curve-secret-file"),
+)
+_LIBRARY_WORD = re.compile("|".join(rf"(?<![\w-]){re.escape(w)}" for w, _ in _CLI_WORDS))
+
+
+def _in_cli_words(message: str) -> str:
+    """``message`` with the library's option names (``port=0``, ``key=``) replaced by
+    the command line's (``--port 0``, ``--key-file``)."""
+    words = dict(_CLI_WORDS)
+    return _LIBRARY_WORD.sub(lambda m: words[m.group(0)], message)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors that bad input or the environment cause (a file, a port, a key): one
+    line, not a traceback. Anything else is a bug and keeps its traceback."""
+    if isinstance(e, (TaskItError, PortSpecError, ValueError, OSError)):
+        return True
+    zmq = sys.modules.get("zmq")
+    return zmq is not None and isinstance(e, zmq.ZMQError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskit`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (TaskItError, PortSpecError) as e:
-        print(f"taskit {args.cmd}: {e}", file=sys.stderr)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return status
+    except BrokenPipeError:
+        # The reader left (`taskit ports ... | head`): as the Python docs advise for
+        # SIGPIPE, point stdout at devnull so the exit-time flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"taskit {args.cmd}: {_in_cli_words(str(e))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

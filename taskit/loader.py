@@ -12,12 +12,13 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from taskit.errors import TaskLoadError
 
-__all__ = ["load_tasks"]
+__all__ = ["load_tasks", "describe_load_error"]
 
 
 def _import_target(target: str) -> Any:
@@ -68,7 +69,8 @@ def load_tasks(spec: str) -> dict[str, Any]:
     else every public function defined in the module. Values of a tasks dict
     may be callables or ``(callable, pass_backend)`` pairs. Raises
     :class:`TaskLoadError` when nothing servable is found; errors raised by
-    the module's own code while importing propagate.
+    the module's own code while importing propagate (:func:`describe_load_error`
+    says where, for a person).
     """
     target, _, attr = spec.partition(":")
     if not target:
@@ -106,3 +108,32 @@ def load_tasks(spec: str) -> dict[str, Any]:
         if not isinstance(name, str) or not callable(func):
             raise TaskLoadError(f"task {name!r} in {spec!r} is not a callable")
     return tasks
+
+
+def _own_frame(filename: str) -> bool:
+    """False for a frame of the import machinery (``<frozen importlib._bootstrap>``)."""
+    return not filename.startswith("<frozen ") and "importlib" not in Path(filename).parts
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """What went wrong while :func:`load_tasks` ran the user's module, for a person:
+    one line ``file:line: ErrorType: message`` (the innermost frame shown), then the
+    frames of the module's own code, indented: those of load_tasks' caller and of
+    the import machinery are left out. A SyntaxError shows its source line instead.
+    """
+    if isinstance(exc, SyntaxError):  # its location is the error's, not a frame's
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else "<unknown>"
+        detail = traceback.format_exception_only(type(exc), exc)[:-1]
+        lines = [line for chunk in detail for line in chunk.splitlines() if line.strip()]
+        # the first line repeats the location; keep the source line and its caret
+        body = [line for line in lines if not line.lstrip().startswith("File ")]
+        return "\n".join([f"{where}: {type(exc).__name__}: {exc.msg}", *body])
+    every = traceback.extract_tb(exc.__traceback__)
+    # What ran before load_tasks (its caller) is not the module's; after it, leave
+    # out the import machinery (taskit's own frames stay if the module called taskit).
+    ours = [i for i, f in enumerate(every) if f.filename == __file__]
+    frames = [f for f in every[ours[-1] + 1 if ours else 0 :] if _own_frame(f.filename)]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    head = f"{where}{''.join(traceback.format_exception_only(type(exc), exc)).strip()}"
+    shown = traceback.format_list(frames)
+    return "\n".join([head, *(line for chunk in shown for line in chunk.rstrip().splitlines())])

@@ -7,9 +7,11 @@ functions, no I/O.
 
 from __future__ import annotations
 
+import ipaddress
+
 from taskit.errors import PortSpecError
 
-__all__ = ["get_ports", "expand", "parse_address"]
+__all__ = ["get_ports", "expand", "parse_address", "parse_targets"]
 
 _MAX_PORT = 65535
 # A typo such as 5000-50000 would fork tens of thousands of backends.
@@ -77,22 +79,60 @@ def expand(host: str, spec: str | int) -> list[str]:
     return [f"{host}:{port}" for port in get_ports(spec)]
 
 
-def parse_address(text: str, default_port: int) -> tuple[str, int]:
-    """``(host, port)`` from ``"host"``, ``"host:port"`` or ``"tcp://host:port"``.
-
-    Raises :class:`PortSpecError` for an empty host or a bad port.
-    """
+def _split_address(text: str) -> tuple[str, str | None]:
+    """``(host, port text or None)`` from ``host``, ``host:port``, ``[ipv6]:port``,
+    a bare IPv6 address, each optionally after ``tcp://``. Refuses an empty host,
+    an empty port (``host:``) and extra colons (``host:1:2``)."""
     rest = text.strip()
     if rest.startswith("tcp://"):
         rest = rest[len("tcp://") :]
     if rest.startswith("["):  # [ipv6]:port
-        host, _, tail = rest[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif rest.count(":") == 1:
-        host, _, port_text = rest.partition(":")
+        host, close, tail = rest[1:].partition("]")
+        if not close or tail and not tail.startswith(":"):
+            raise PortSpecError(f"bad address {text!r}; write [IPv6]:PORT, e.g. [::1]:54543")
+        port_text = tail[1:] if tail else None
+    elif rest.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(rest)
+        except ValueError:
+            raise PortSpecError(
+                f"bad address {text!r}: one ':' at most; write HOST:PORT, HOST PORTS, "
+                "or [IPv6]:PORT"
+            ) from None
+        host, port_text = rest, None
     else:
-        host, port_text = rest, ""
+        host, colon, port_text = rest.partition(":")
+        port_text = port_text if colon else None
     if not host:
         raise PortSpecError(f"no host in address {text!r}; write HOST or HOST:PORT")
-    port = _port(port_text, text) if port_text else default_port
-    return host, port
+    if port_text is not None and not port_text.strip():
+        raise PortSpecError(f"no port after ':' in {text!r}; write HOST:PORT or just HOST")
+    return host, port_text
+
+
+def parse_address(text: str, default_port: int) -> tuple[str, int]:
+    """``(host, port)`` from ``"host"``, ``"host:port"`` or ``"tcp://host:port"``.
+
+    Raises :class:`PortSpecError` for an empty host, a bad or empty port, or
+    extra colons (a bare IPv6 address is a host: give ``[::1]:port`` for a port).
+    """
+    host, port_text = _split_address(text)
+    return host, _port(port_text, text) if port_text is not None else default_port
+
+
+def parse_targets(address: str, ports: str | None, default_port: int) -> list[tuple[str, int]]:
+    """The ``(host, port)`` pairs named by ``ADDRESS [PORTS]``, the one address
+    grammar of the ``taskit`` commands: ``HOST`` (the default port),
+    ``HOST:PORT``, ``HOST:PORTS`` (``host:54543-54546``) or ``HOST PORTS``
+    (``ports`` given apart). Raises :class:`PortSpecError` for anything
+    malformed, or for ports given both ways.
+    """
+    host, port_text = _split_address(address)
+    if port_text is not None and ports is not None:
+        raise PortSpecError(
+            f"ports given twice ({address!r} and {ports!r}); write HOST:PORT or HOST PORTS"
+        )
+    spec = port_text if port_text is not None else ports
+    if spec is None:
+        return [(host, default_port)]
+    return [(host, port) for port in get_ports(spec)]

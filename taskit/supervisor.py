@@ -5,7 +5,10 @@
 alone a child that *exits cleanly* (status 0: it was stopped on purpose, e.g.
 by ``taskit ctl stop``), and on SIGTERM/SIGINT stops every child gracefully
 (SIGTERM, then SIGKILL after a grace period). It returns when every child has
-ended. Only the standard library; nothing here knows about taskit's protocol.
+ended. A child that cannot start at all (it dies young a few times in a row
+and never stayed up, e.g. its port is taken) is an error: the supervisor
+stops every child and returns 1. Only the standard library; nothing here
+knows about taskit's protocol.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class _Child:
         self.backoff = 0.0
         self.restart_at: float | None = None
         self.done = False
+        self.ever_up = False  # stayed up min_uptime at least once
+        self.start_failures = 0  # young deaths in a row before it was ever up
 
 
 class Supervisor:
@@ -58,8 +63,11 @@ class Supervisor:
     ``min_uptime``: a child that dies sooner than this after starting is
     restarted after a back-off that doubles each time (from ``first_backoff``
     up to ``max_backoff``), so a backend that cannot bind its port does not
-    spin. :meth:`run` blocks; :meth:`stop` may be called from any thread or
-    a signal handler.
+    spin. A child that has never stayed up ``min_uptime`` and dies young
+    ``start_tries`` times in a row cannot start (its port is taken, its
+    configuration is wrong): :meth:`run` then logs an error, stops every
+    child and returns 1. :meth:`run` blocks; :meth:`stop` may be called from
+    any thread or a signal handler.
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class Supervisor:
         min_uptime: float = 5.0,
         first_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        start_tries: int = 5,
     ) -> None:
         if not commands:
             raise ValueError("a Supervisor needs at least one command")
@@ -80,6 +89,8 @@ class Supervisor:
         self._min_uptime = min_uptime
         self._first_backoff = first_backoff
         self._max_backoff = max_backoff
+        self._start_tries = start_tries
+        self._failed: list[str] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -111,8 +122,22 @@ class Supervisor:
             return
         how = f"signal {-status}" if status < 0 else f"status {status}"
         if now - child.started >= self._min_uptime:
+            child.ever_up = True
             child.backoff = 0.0  # it ran a while: a fresh failure, restart at once
         else:
+            if not child.ever_up:
+                child.start_failures += 1
+                if child.start_failures >= self._start_tries:
+                    log.error(
+                        "%s cannot start: it died %d times in a row (last: %s) without "
+                        "staying up; see its error above. Stopping every backend",
+                        child.name,
+                        child.start_failures,
+                        how,
+                    )
+                    child.done = True
+                    self._failed.append(child.name)
+                    return
             child.backoff = min(self._max_backoff, max(self._first_backoff, child.backoff * 2))
         child.restart_at = now + child.backoff
         log.warning("%s died (%s); restarting in %.1f s", child.name, how, child.backoff)
@@ -126,8 +151,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the children and supervise them until :meth:`stop` or until all
-        exited cleanly. Returns 0. Installs SIGTERM/SIGINT/SIGCHLD handlers when
-        called from the main thread (restoring the old ones on return)."""
+        exited cleanly, and return 0; return 1 (every child stopped) as soon as
+        one child cannot start (see the class docstring). Installs
+        SIGTERM/SIGINT/SIGCHLD handlers when called from the main thread
+        (restoring the old ones on return)."""
         old: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -149,6 +176,9 @@ class Supervisor:
                             self._spawn(child)
                         else:
                             next_due = min(next_due, child.restart_at)
+                if self._failed:
+                    self._terminate_all()
+                    return 1
                 if all(c.done for c in self._children):
                     log.info("every backend stopped cleanly; supervisor exits")
                     return 0

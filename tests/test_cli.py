@@ -10,6 +10,7 @@ import pytest
 
 from taskit import cli
 from taskit.errors import KeyFileError, TaskLoadError
+from taskit.loader import describe_load_error
 
 
 @pytest.fixture
@@ -230,3 +231,48 @@ def test_call_has_a_default_timeout():
     args = cli.build_parser().parse_args(["call", "127.0.0.1", "add"])
     assert args.timeout == cli.CALL_TIMEOUT == 60.0
     assert cli.build_parser().parse_args(["call", "h", "t", "--timeout", "2"]).timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    "library, cli_words",
+    [
+        (
+            "cannot bind tcp://*:1: in use; Choose another port, or port=0 for any free port",
+            "cannot bind tcp://*:1: in use; Choose another port, or --port 0 for any free port",
+        ),
+        ("Pass a larger timeout= if it is slow.", "Pass a larger --timeout if it is slow."),
+        (
+            "pass key=... (the same on every FrontEnd)",
+            "pass --key-file (the same on every FrontEnd)",
+        ),
+        ("over max_message_size (100 bytes)", "over --max-message-size (100 bytes)"),
+        (
+            "curve_serverkey must be 40 Z85 characters",
+            "--curve-server-key must be 40 Z85 characters",
+        ),
+        ("connect_timeout=3", "--connect-timeout=3"),
+        ("the --timeout and heartbeat_timeout stay", "the --timeout and heartbeat_timeout stay"),
+    ],
+)
+def test_library_words_are_translated_into_option_names(library, cli_words):
+    assert cli._in_cli_words(library) == cli_words
+
+
+def test_ownership_is_the_pid_or_the_parent_pid_in_stats():
+    assert cli._owned({"pid": 10, "ppid": 1}, 10)
+    assert cli._owned({"pid": 11, "ppid": 10}, 10)  # a supervisor's backend
+    assert not cli._owned({"pid": 11, "ppid": 12}, 10)
+    assert not cli._owned({}, 10)  # an old backend that does not say: not provably ours
+    assert cli._is_down(cli._Stranger(11))
+
+
+def test_a_load_error_names_file_and_line_and_shows_only_the_users_frames(modfile):
+    modfile("clitasks_raises", "def f():\n    raise KeyError('k')\n\nf()\n")
+    with pytest.raises(KeyError) as info:
+        cli.load_tasks("clitasks_raises")
+    text = describe_load_error(info.value)
+    first, *frames = text.splitlines()
+    assert first.endswith("clitasks_raises.py:2: KeyError: 'k'")
+    files = [f.split('"')[1] for f in frames if f.lstrip().startswith("File ")]
+    assert files and all(f.endswith("clitasks_raises.py") for f in files), text
+    assert any("raise KeyError('k')" in f for f in frames)

@@ -108,3 +108,60 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
 def test_a_supervisor_needs_commands():
     with pytest.raises(ValueError):
         Supervisor({})
+
+
+def run_in_thread(sup):
+    result = []
+    runner = threading.Thread(target=lambda: result.append(sup.run()), name="taskit-test-sup")
+    runner.start()
+    return runner, result
+
+
+def test_a_child_that_cannot_start_stops_every_child_and_run_returns_1(tmp_path, caplog):
+    """A port taken at first start: a few tries, then an error and exit status 1
+    (it used to be retried forever, backing off to 30 s)."""
+    runs, b_pid = tmp_path / "runs", tmp_path / "b.pid"
+    # 'a' dies young every time, once 'b' is surely up (so b is there to be stopped)
+    dies = (
+        "import os, sys, time; t = time.monotonic() + 30\n"
+        f"while not os.path.exists({str(b_pid)!r}) and time.monotonic() < t: time.sleep(0.01)\n"
+        f"open({str(runs)!r}, 'a').write('x'); sys.exit(1)"
+    )
+    lives = f"import os, time; open({str(b_pid)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    sup = Supervisor(
+        {"a": [sys.executable, "-c", dies], "b": [sys.executable, "-c", lives]},
+        first_backoff=0.01,
+        grace=10,
+    )
+    runner, result = run_in_thread(sup)
+    try:
+        runner.join(60)
+        assert not runner.is_alive(), "the supervisor kept retrying a child that cannot start"
+    finally:
+        sup.stop()
+        runner.join(30)
+    assert result == [1]
+    assert runs.read_text() == "x" * 5  # start_tries=5 by default
+    assert not alive(int(b_pid.read_text()))
+    assert any("a cannot start" in r.getMessage() for r in caplog.records)
+
+
+def test_a_child_that_was_up_once_is_restarted_without_a_limit(tmp_path):
+    runs = tmp_path / "runs"
+    # the first run stays up past min_uptime, every later one dies at once
+    code = (
+        f"import sys, time; p = {str(runs)!r}; open(p, 'a').write('x')\n"
+        "if len(open(p).read()) == 1: time.sleep(0.5)\n"
+        "sys.exit(1)"
+    )
+    sup = Supervisor(
+        {"a": [sys.executable, "-c", code]}, min_uptime=0.2, first_backoff=0.01, max_backoff=0.02
+    )
+    runner, result = run_in_thread(sup)
+    try:
+        wait_until(lambda: runs.exists() and len(runs.read_text()) >= 6, timeout=60)
+        assert runner.is_alive()
+    finally:
+        sup.stop()
+        runner.join(30)
+    assert result == [0]

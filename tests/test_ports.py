@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskit.errors import PortSpecError, TaskItError
-from taskit.ports import MAX_PORTS, expand, get_ports, parse_address
+from taskit.ports import MAX_PORTS, expand, get_ports, parse_address, parse_targets
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,40 @@ def test_parse_address(text, expected):
     assert parse_address(text, 54543) == expected
 
 
-@pytest.mark.parametrize("text", ["", ":80", "host:x", "host:70000"])
+@pytest.mark.parametrize(
+    "text", ["", ":80", "host:x", "host:70000", "127.0.0.1:55001:1", "127.0.0.1:", "[::1", "[::1]x"]
+)
 def test_parse_address_rejects_garbage(text):
     with pytest.raises(PortSpecError):
         parse_address(text, 54543)
+
+
+@pytest.mark.parametrize(
+    "address, ports, expected",
+    [
+        ("h", None, [("h", 54543)]),
+        ("h:9", None, [("h", 9)]),
+        ("h", "9", [("h", 9)]),
+        ("h", "9-10", [("h", 9), ("h", 10)]),
+        ("h:9,11", None, [("h", 9), ("h", 11)]),
+        ("tcp://h:9", None, [("h", 9)]),
+        ("[::1]:9", None, [("::1", 9)]),
+        ("::1", "9", [("::1", 9)]),
+    ],
+)
+def test_parse_targets_is_one_grammar_for_host_port_and_host_ports(address, ports, expected):
+    assert parse_targets(address, ports, 54543) == expected
+
+
+@pytest.mark.parametrize(
+    "address, ports, match",
+    [
+        ("127.0.0.1:55001:1", None, "one ':' at most"),
+        ("127.0.0.1:", None, "no port after ':'"),
+        ("h:9", "10", "ports given twice"),
+        ("h", "x", "not a number"),
+    ],
+)
+def test_parse_targets_refuses_malformed_addresses(address, ports, match):
+    with pytest.raises(PortSpecError, match=match):
+        parse_targets(address, ports, 54543)

@@ -29,7 +29,7 @@ pytest.importorskip("taskit.frontend", reason="the FrontEnd has not landed yet")
 pytest.importorskip("taskit.backend", reason="the BackEnd has not landed yet")
 
 # the command's own start-up line, one per backend process (the BackEnd logs another)
-SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks \(.*\) on tcp://127\.0\.0\.1:(\d+)")
+SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks? \(.*\) on tcp://127\.0\.0\.1:(\d+)")
 
 
 class Backend:
@@ -198,7 +198,7 @@ def test_ctl_status_counts_jobs_in_flight(shared):
     )
     try:
         wait_until(
-            lambda: "up, 1 jobs running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
+            lambda: "up, 1 job running" in run(["ctl", "status", "127.0.0.1", str(port)]).stdout,
             60,
             "one job in flight",
         )
@@ -384,3 +384,240 @@ def test_backend_exits_1_when_the_port_is_taken(start):
     again = run(["backend", "cli_tasks.py", "--port", str(b.ports[0])], cwd=b.log_path.parent)
     assert again.returncode == 1
     assert "cannot bind" in again.stderr
+    assert "--port 0" in again.stderr and "port=0" not in again.stderr  # the CLI's words
+
+
+def test_a_non_local_host_gets_the_address_hint_not_the_port_in_use_one(workdir):
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is never an address of this machine: EADDRNOTAVAIL
+    out = run(
+        ["backend", "cli_tasks.py", "--host", "192.0.2.1", "--port", "0", "--log-level", "ERROR"],
+        cwd=workdir,
+    )
+    assert out.returncode == 1
+    assert "not one of this machine's" in out.stderr
+    assert "another server" not in out.stderr
+
+
+def test_backend_and_cli_start_lines_count_the_same_tasks(start):
+    b = start("cli_tasks.py", "--port", "0")
+    ours = re.search(r"taskit\.cli\[\d+\]: serving (\d+) tasks", b.log())
+    library = re.search(r"taskit\.backend\[\d+\]: backend serving (\d+) tasks", b.log())
+    assert ours and library and ours.group(1) == library.group(1) == "6"
+
+
+def test_a_port_range_with_a_taken_port_fails_after_a_few_tries(start, workdir):
+    """Used to retry the taken port forever (backoff to 30 s) and never exit."""
+    other = start("cli_tasks.py", "--port", "0")
+    taken = other.ports[0]
+    free = free_port_range(1)
+    t0 = time.monotonic()
+    out = run(["backend", "cli_tasks.py", "--ports", f"{free},{taken}"], cwd=workdir, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"127.0.0.1:{taken} cannot start" in out.stderr
+    assert out.stderr.count(f"cannot bind tcp://127.0.0.1:{taken}") == 5
+    assert time.monotonic() - t0 < 60
+    assert other.proc.poll() is None  # the other service is untouched
+    assert run(["call", f"127.0.0.1:{taken}", "add", "1", "2"]).stdout == "3\n"
+
+
+def test_stats_names_the_process_and_ctl_owner_leaves_other_backends_alone(start):
+    b = start("cli_tasks.py", "--port", "0")
+    port = b.ports[0]
+    stats = json.loads(run(["ctl", "stats", f"127.0.0.1:{port}", "--json"]).stdout)
+    assert stats[f"127.0.0.1:{port}"]["pid"] == b.proc.pid
+    assert stats[f"127.0.0.1:{port}"]["ppid"] == os.getpid()
+    mine = run(["ctl", "status", f"127.0.0.1:{port}", "--owner", str(b.proc.pid)])
+    assert mine.returncode == 0 and mine.stdout.strip().endswith("up, 0 jobs running")
+    for command in ("stop", "kill", "status"):
+        other = run(["ctl", command, "127.0.0.1", str(port), "--owner", str(os.getpid() + 1)])
+        assert other.returncode == 1
+        assert other.stdout.strip() == (
+            f"127.0.0.1:{port} --> served by another process (pid {b.proc.pid}); left alone"
+        )
+    assert run(["call", f"127.0.0.1:{port}", "add", "1", "2"]).stdout == "3\n"  # still serving
+    assert b.proc.poll() is None
+    # its supervisor's pid counts as the owner too (the backend's ppid): here, us
+    assert run(["ctl", "stop", f"127.0.0.1:{port}", "--owner", str(os.getpid())]).returncode == 0
+    assert b.proc.wait(60) == 0
+
+
+# --- one address grammar, the words of the command line ------------------------------
+
+
+def test_call_ctl_and_top_take_host_port_and_host_ports(shared):
+    port = shared.port
+    assert run(["call", "127.0.0.1", str(port), "add", "1", "2"]).stdout == "3\n"
+    assert run(["call", f"127.0.0.1:{port}", "add", "1", "2"]).stdout == "3\n"
+    for address in ([f"127.0.0.1:{port}"], ["127.0.0.1", str(port)]):
+        status = run(["ctl", "status", *address])
+        assert status.stdout.strip() == f"127.0.0.1:{port} --> up, 0 jobs running", status
+        top = run(["top", *address, "--once"])
+        assert top.returncode == 0 and "1/1 backends up" in top.stdout
+
+
+def test_top_once_exits_1_when_a_backend_is_down_like_ctl():
+    port = free_port_range(1)
+    out = run(["top", f"127.0.0.1:{port}", "--once", "--connect-timeout", "0.5"])
+    assert out.returncode == 1 and "0/1 backends up" in out.stdout
+
+
+def test_an_argument_that_looks_like_json_but_is_not_gets_a_warning_or_raw(shared):
+    addr = f"127.0.0.1:{shared.port}"
+    out = run(["call", addr, "shout", "[1,2"])
+    assert out.returncode == 0 and out.stdout == "[1,2\n"
+    assert "looks like JSON but does not parse" in out.stderr and "--raw" in out.stderr
+    out = run(["call", addr, "shout", '{"a": 1}', "--raw"])
+    assert out.returncode == 0 and out.stdout == '{"A": 1}\n' and out.stderr == ""
+
+
+def test_library_hints_come_in_the_words_of_the_command_line(start):
+    addr = f"127.0.0.1:{start('cli_tasks.py', '--port', '0').ports[0]}"
+    late = run(["call", addr, "hold", "30", "--timeout", "0.2"])
+    assert run(["call", addr, "release"]).returncode == 0
+    assert late.returncode == 1
+    assert "--timeout" in late.stderr and "timeout=" not in late.stderr
+    big = run(["call", addr, "shout", "x" * 200, "--max-message-size", "100"])
+    assert big.returncode == 1
+    assert "--max-message-size (100 bytes)" in big.stderr, big.stderr
+    assert "max_message_size" not in big.stderr
+
+
+def test_keygen_creates_a_missing_folder_private(workdir):
+    name = workdir / "ops-keys" / "sub" / "ops"
+    out = run(["keygen", str(name)])
+    assert out.returncode == 0, out.stderr
+    for folder in (name.parent.parent, name.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700
+    assert name.with_suffix(".key").stat().st_mode & 0o777 == 0o600
+    assert name.with_suffix(".pub").read_text().strip() == out.stdout.strip()
+
+
+# --- bad input: one line, never a traceback -------------------------------------------
+
+
+def _write_pipe_closed(args, cwd=None):
+    """Run ``taskit ARGS`` with a stdout whose reader has already left (`| head`)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            [*TASKIT, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=60, env=env()
+        )
+    finally:
+        os.close(w)
+
+
+def test_output_to_a_closed_pipe_ends_quietly(shared):
+    addr = f"127.0.0.1:{shared.port}"
+    for args in (
+        ["ports", "127.0.0.1", "1-1000"],
+        ["call", addr, "add", "1", "2"],
+        ["top", addr, "--once"],
+    ):
+        out = _write_pipe_closed(args)
+        assert out.stderr == "", (args, out.stderr)
+        assert out.returncode == 1, args
+
+
+def test_a_broken_tasks_file_is_one_line_then_only_its_own_frames(workdir):
+    (workdir / "syntax_tasks.py").write_text("def ok():\n    return 1\n\ndef f(:\n    pass\n")
+    out = run(["backend", "syntax_tasks.py", "--port", "0"], cwd=workdir)
+    assert out.returncode == 1
+    first = out.stderr.splitlines()[0]
+    assert first == f"taskit backend: {workdir / 'syntax_tasks.py'}:4: SyntaxError: invalid syntax"
+    assert "Traceback" not in out.stderr and "importlib" not in out.stderr
+
+    (workdir / "helper_mod.py").write_text("def boom():\n    return 1 / 0\n\nVALUE = boom()\n")
+    (workdir / "import_tasks.py").write_text("import helper_mod\n\ndef ok():\n    return 1\n")
+    out = run(["backend", "import_tasks.py", "--port", "0"], cwd=workdir)
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert lines[0] == (
+        f"taskit backend: {workdir / 'helper_mod.py'}:2: ZeroDivisionError: division by zero"
+    )
+    assert "Traceback" not in out.stderr
+    frames = [line for line in lines if line.lstrip().startswith("File ")]
+    assert [f.split('"')[1] for f in frames] == [
+        str(workdir / "import_tasks.py"),
+        str(workdir / "helper_mod.py"),
+        str(workdir / "helper_mod.py"),
+    ]
+
+
+def _bad_inputs(workdir):
+    """(argv, what stderr's one line must contain) for every subcommand."""
+    (workdir / "secret.pub").write_text("x" * 40 + "\n")
+    (workdir / "ops.key").write_text("# CurveZMQ secret key: keep it private\n" + "x" * 40 + "\n")
+    (workdir / "taken.key").write_text("")
+    (workdir / "taken.pub").write_text("")
+    good = ["cli_tasks.py"]
+    return [
+        ([], "required: COMMAND"),
+        (["dance"], "invalid choice"),
+        ([*("backend", *good), "--port", "99999"], "not a port 0-65535"),
+        ([*("backend", *good), "--port", "-1"], "not a port"),
+        ([*("backend", *good), "--ports", "5-1"], "runs backwards"),
+        ([*("backend", *good), "--workers", "0"], "not a whole number >= 1"),
+        ([*("backend", *good), "--grace", "-1"], "seconds > 0"),
+        ([*("backend", *good), "--max-message-size", "1X"], "not a size"),
+        ([*("backend", *good), "--key-file", "missing"], "cannot read the key file"),
+        ([*("backend", *good), "--curve-secret-file", "secret.pub"], "public key file"),
+        (
+            [
+                *("backend", *good),
+                "--curve-secret-file",
+                "ops.key",
+                "--curve-clients-file",
+                "ops.key",
+            ],
+            "holds a secret key",
+        ),
+        ([*("backend", *good), "--port", "0", "--pid-file", "no/such/p"], "--pid-file"),
+        (["backend", "no_such_module_xyz"], "no module named"),
+        (["backend", "cli_tasks.py:nope"], "has no attribute"),
+        (["backend", "cli_tasks.py", "--codec", "nosuch"], "nosuch"),
+        (["ctl", "status", "127.0.0.1:55001:1"], "one ':' at most"),
+        (["ctl", "status", "127.0.0.1:"], "no port after ':'"),
+        (["ctl", "status", "127.0.0.1:1", "2"], "ports given twice"),
+        (["ctl", "status", "h", "1", "--connect-timeout", "-1"], "seconds > 0"),
+        (["ctl", "status", "h", "1", "--owner", "0"], ">= 1"),
+        (["ctl", "status", "h", "1", "--key-file", "missing"], "cannot read the key file"),
+        (["ctl", "restart", "h", "1"], "invalid choice"),
+        (["call", "127.0.0.1:55001:1", "add"], "one ':' at most"),
+        (["call", "127.0.0.1:", "add"], "no port after ':'"),
+        (["call", "h:1", "add", "--timeout", "-1"], "seconds > 0"),
+        (["call", "h:1", "add", "--timeout", "nan"], "seconds > 0"),
+        (["call", "h:1", "add", "--connect-timeout", "0"], "seconds > 0"),
+        (["call", "h:1", "add", "-k", "novalue"], "NAME=VALUE"),
+        (["call", "h", "1"], "no TASK after the ports"),
+        (["call", "h:1", "add", "--max-message-size", "-5"], "not a size"),
+        (["call", "h:1", "add", "--codec", "nosuch"], "nosuch"),
+        (["call", "h:1", "add", "--curve-secret-file", "ops.key"], "--curve-server-key"),
+        (["ports", "h", "5-1"], "runs backwards"),
+        (["ports", "h:1", "2"], "give ports separately"),
+        (["ports", "h", "x"], "not a number"),
+        (["keygen", ""], "names no file"),
+        (["keygen", "x.key"], "without extension"),
+        (["keygen", "x.pub"], "without extension"),
+        (["keygen", "folder/"], "names no file"),
+        (["keygen", "taken"], "exists"),
+        (["top", "h", "1", "--interval", "-1"], "seconds > 0"),
+        (["top", "h", "1", "--interval", "0"], "seconds > 0"),
+        (["top", "h", "1", "--iterations", "-1"], ">= 0"),
+        (["top", "h:1:2"], "one ':' at most"),
+        (["top", "h", "1", "--once", "--iterations", "3"], "not allowed with"),
+    ]
+
+
+def test_every_subcommand_refuses_bad_input_in_one_line_without_a_traceback(workdir):
+    cases = _bad_inputs(workdir)
+    helped = run(["--help"]).stdout
+    commands = re.findall(r"^    ([a-z]+) ", helped, re.MULTILINE)
+    assert len(commands) >= 6 and set(commands) <= {argv[0] for argv, _ in cases if argv}
+    for argv, expected in cases:
+        out = run(argv, cwd=workdir)
+        assert out.returncode != 0, argv
+        assert "Traceback" not in out.stderr, (argv, out.stderr)
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1, (argv, out.stderr)
+        assert lines[0].startswith("taskit") and expected in lines[0], (argv, lines[0])
