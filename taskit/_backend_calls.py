@@ -51,6 +51,8 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _MORE = int(zmq.SNDMORE) | _DONTWAIT
 _CALL = int(Kind.CALL)
 _BIG = 64 * 1024  # frames at least this long are received and sent without a copy
+# Clients remembered per generation for the stop notice (two generations are kept).
+_PEER_GENERATION = 10_000
 
 
 # --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
@@ -120,6 +122,9 @@ class CallHandler:
     _stopping: bool
     _terminating: bool
     _verbose: bool
+    _peers: set[bytes]
+    _peers_old: set[bytes]
+    _told: bool
 
     if TYPE_CHECKING:  # BackEnd's methods and properties this half calls
 
@@ -212,6 +217,8 @@ class CallHandler:
             else:
                 self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
             return
+        if ident not in self._peers:  # a client (signed, when a key is set) to tell of a stop
+            self._see_peer(ident)
         call_id = m.call_id
         if m.kind != _CALL:
             if m.kind == Kind.PING:
@@ -251,6 +258,42 @@ class CallHandler:
             self._refuse(ident, codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
             return
         self._dispatch(ident, codec, call_id, name, args, kwargs)
+
+    def _see_peer(self, ident: bytes) -> None:
+        """Remember a client to tell it of a graceful stop; a new generation starts
+        every _PEER_GENERATION clients, so clients long gone are forgotten."""
+        peers = self._peers
+        if len(peers) >= _PEER_GENERATION:
+            self._peers_old, self._peers = peers, {ident}
+        else:
+            peers.add(ident)
+
+    def _tell_stopping(self) -> None:
+        """Tell every client heard from lately that a graceful stop has begun: an
+        ERROR ``Stopping`` with call id 0 (no call has it; doc/protocol.md §5), so its
+        FrontEnd sends no new call here, even one that has none in flight now.
+        Clients gone meanwhile, or not reading, are skipped silently."""
+        self._told = True
+        frames = self._encode_error(
+            JSONCodec,
+            0,
+            "Stopping",
+            ["this backend is stopping and accepts no new calls; use another backend"],
+            "",
+            self._signer,
+        )
+        last = len(frames) - 1
+        with self._lock:
+            router = self._router
+            if router is None:
+                return
+            for ident in self._peers | self._peers_old:
+                try:
+                    _send(router, ident, _MORE)
+                    for i, frame in enumerate(frames):
+                        _send(router, frame, _MORE if i < last else _DONTWAIT)
+                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                    pass
 
     def _dispatch(
         self, ident: bytes, codec: Any, call_id: int, name: str, args: list, kwargs: dict

@@ -105,6 +105,13 @@ _TRY, _CHECK, _BACKLOG, _WAIT = 0, 1, 2, 3
 # wanting the backend's lock, waits on a busy socket.
 _WAIT_MS = 10
 
+# A graceful stop, once every accepted call is answered, keeps answering new ones
+# with Stopping until none came for end_resp * _QUIET seconds (a call its client
+# sent before it heard of the stop then still gets an answer), but for at most
+# end_resp * _DRAIN seconds (a client that ignores Stopping cannot hold it open).
+_QUIET = 0.5
+_DRAIN = 10
+
 # Life cycle of a BackEnd.
 _NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
 
@@ -137,7 +144,9 @@ class BackEnd(CallHandler):
     heartbeats so dead clients are noticed and their memory freed. ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
     tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
-    long closing waits to flush the last replies.
+    long closing waits to flush the last replies; it also scales the end of a
+    graceful stop (see :meth:`stop_server`; 0: close as soon as the accepted
+    calls are answered).
 
     ``inline``: ``"auto"`` (quick tasks run on the I/O thread, see above),
     ``False`` (always the pool), or a set of task names always run inline.
@@ -239,6 +248,11 @@ class BackEnd(CallHandler):
         self._inline_seen = 0.0  # start of the latest inline task
         self._started_at = 0.0
         self._acct = Accounting()  # counters, under self._lock
+        # Clients heard from lately (routing ids; two generations bound the memory):
+        # told when a graceful stop begins. Written by the I/O thread only.
+        self._peers: set[bytes] = set()
+        self._peers_old: set[bytes] = set()
+        self._told = False  # the clients were told of the stop
         self._verbose = logger is not null_logger
 
     # -- public state ----------------------------------------------------------------
@@ -347,6 +361,14 @@ class BackEnd(CallHandler):
 
     def stop_server(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop gracefully: refuse new calls (``Stopping``), answer every accepted one, end.
+
+        Every client heard from lately is told at once (a ``Stopping`` notice, so
+        its FrontEnd sends nothing more here). Once the accepted calls are
+        answered, calls still arriving keep getting ``Stopping`` until none came
+        for ``end_resp / 2`` seconds (at most ``10 * end_resp`` seconds), so every
+        call that reached this backend ends with its result or with ``Stopping``
+        (it never ran: a FrontEnd sends it to another backend), never with no
+        answer. Then the socket closes, lingering ``end_resp`` seconds.
 
         With ``wait``, blocks until serving has ended (except when called from
         one of this backend's own tasks, which would wait for itself). Returns
@@ -527,6 +549,8 @@ class BackEnd(CallHandler):
                     self._terminating = True
                     outcome = _DONE
                 if outcome == _DONE:
+                    if not self._terminating:
+                        self._drain()
                     self._teardown()
                     return
                 reading = False
@@ -579,6 +603,53 @@ class BackEnd(CallHandler):
         _log.info("backend on %s %s", self._endpoint, how)
         self._note(IMPORTANT, f"Server {how}")
         self._stopped.set()
+
+    def _drain(self) -> None:
+        """Graceful stop, every accepted call answered: answer what still arrives
+        (``Stopping``, admin signals, PONGs) until the socket has been quiet for
+        ``end_resp * _QUIET`` seconds, at most ``end_resp * _DRAIN`` seconds.
+
+        A call its client sent before hearing of the stop (from a ``Stopping``
+        reply or the notice of :meth:`_tell_stopping`) still reaches us after the
+        last accepted call was answered; closing then would leave it unanswered,
+        and its caller could not know that it never ran.
+        """
+        router = self._router
+        if router is None or self.end_resp <= 0:
+            return
+        if not self._told:
+            self._tell_stopping()
+        lock, handle = self._lock, self._handle
+        poller = select.poll()
+        poller.register(router.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]
+        poller.register(self._wake_r, select.POLLIN)
+        now = time.monotonic()
+        give_up = now + self.end_resp * _DRAIN
+        quiet_until = now + self.end_resp * _QUIET
+        while not self._terminating:
+            with lock:
+                # Reading EVENTS also re-arms the edge-triggered descriptor polled below.
+                if _get(router, _EVENTS) & _POLLIN:
+                    ident, *frames = router.recv_multipart(_NOBLOCK, copy=False)
+                    msg: list[Any] | None = [ident.bytes, *frames]  # as _handle takes it
+                else:
+                    msg = None
+            if msg is not None:
+                try:
+                    handle(msg)
+                except Exception:  # as in _loop: never let one message end the stop early
+                    _log.exception("backend on %s could not handle a message", self._endpoint)
+                quiet_until = time.monotonic() + self.end_resp * _QUIET
+                continue
+            left = min(quiet_until, give_up) - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd == self._wake_r:
+                    try:
+                        os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
 
     def _release(self, ctx: zmq.Context, sock: zmq.Socket | None = None) -> None:
         """Close ``sock`` at once (if given), stop the ZAP handler, end ``ctx``."""
@@ -679,8 +750,11 @@ class BackEnd(CallHandler):
                 more = True
             if self._terminating:
                 return _DONE
-            if self._stopping and self._acct.in_flight == 0 and self._acct.subtasks == 0:
-                return _DONE
+            if self._stopping:
+                if not self._told:
+                    self._tell_stopping()
+                if self._acct.in_flight == 0 and self._acct.subtasks == 0:
+                    return _DONE
             if more:
                 state = _BACKLOG
                 continue
