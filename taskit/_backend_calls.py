@@ -441,8 +441,8 @@ class CallHandler:
         elapsed = clock() - start
         with lock:
             self._inline_since = 0.0
+            self._acct.finished(name, ok, elapsed, run_time)  # counted out before sent: see _reply
             self._send_locked(ident, frames)
-            self._acct.finished(name, ok, elapsed, run_time)
             if self._io_owner != threading.get_ident():
                 # The standby took the socket over meanwhile: keep this task off the
                 # I/O thread, and wake the new owner if this send ate its edge.
@@ -539,11 +539,15 @@ class CallHandler:
         t0: float,
         run_time: float | None = None,
     ) -> None:
-        """Send a task's reply from the thread that ran it, and account for it."""
+        """Account for a task's reply, then send it, from the thread that ran it.
+
+        In that order, in one hold of the lock: a caller that has its reply reads
+        a :attr:`task_count` without its call (the I/O loop relies only on both
+        happening in one hold)."""
         elapsed = time.perf_counter() - t0
         with self._lock:
-            self._send_locked(ident, frames)
             self._acct.finished(name, ok, elapsed, run_time)
+            self._send_locked(ident, frames)
             # A worker's send may have eaten the edge that would wake the I/O thread
             # (the I/O thread itself, after an inline task, checks EVENTS anyway).
             if threading.get_ident() != self._io_owner:

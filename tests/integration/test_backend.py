@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -358,6 +359,25 @@ def test_inline_and_pool_replies_interleave_without_loss(serve, client):
     for c, ids in zip(peers, expected, strict=True):
         assert c.results(len(ids)) == ids
     assert b.task_count == 0
+
+
+def test_task_count_drops_before_the_reply_is_sent(serve, client):
+    """A caller that has its reply reads a task_count without its call, whether the
+    task ran inline or on the pool (it used to drop just after the send)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widens the window of the race
+    try:
+        b = serve({"quick": add, "pooled": add}, inline={"quick"}, workers=2)
+        c = client(b)
+        late = collections.Counter()
+        for n in range(1500):
+            for task in ("quick", "pooled"):
+                assert c.call(task, n, 1) == n + 1
+                if b.task_count:
+                    late[task] += 1
+    finally:
+        sys.setswitchinterval(switch)
+    assert not late
 
 
 def test_stop_after_sync_calls_is_prompt(serve, client):
