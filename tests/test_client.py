@@ -330,6 +330,15 @@ def test_other_notices_are_counted_not_obeyed():
     assert core.stats["bad_replies"] == 2
 
 
+def test_a_json_reply_spelling_nan_is_a_decode_error():
+    core, _ = make(1)
+    c = core.new_call("t")
+    core.submit(c)
+    send_all(core)
+    ((_, ok, exc),) = core.on_message(A, pack(Kind.RESULT, JSONCodec.wire_id, c.id, b"NaN"))
+    assert not ok and isinstance(exc, DecodeError) and "RFC 8259" in str(exc)
+
+
 def test_pinned_calls_go_only_to_their_target():
     core, _ = make(2)
     c = core.new_call("<status>", target=B)

@@ -5,6 +5,7 @@ processes)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from concurrent.futures import Future, wait
 import pytest
 import zmq
 
+from taskit import protocol
 from taskit.backend import ADMIN_TASKS
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
@@ -28,7 +30,7 @@ from taskit.errors import (
     UnknownTaskError,
 )
 from taskit.frontend import FrontEnd
-from taskit.protocol import STATUS
+from taskit.protocol import STATUS, Kind
 
 from ..conftest import free_port
 
@@ -187,6 +189,25 @@ def test_codecs_refuse_clearly(backends, frontends):
         fe_json.work("a_set")  # JSON cannot carry the set the task returns
     assert info.value.type == "EncodeError"
     assert fe_json.work("add", 1, 2) == 3
+
+
+def test_json_carries_no_nan_or_infinity_either_way(backends, frontends, client):
+    """RFC 8259 has no NaN or Infinity (doc/protocol.md promises it): refused when
+    encoding, on either side, and when decoding; msgpack carries them."""
+    be = backends({**TASKS, "nan": lambda: float("nan"), "inf": lambda: [-math.inf]})
+    fe = frontends([be.endpoint])  # JSON
+    with pytest.raises(EncodeError, match="NaN or Infinity"):
+        fe.work("echo", math.inf)
+    for task in ("nan", "inf"):
+        with pytest.raises(BackendProcessingError, match="NaN or Infinity") as info:
+            fe.work(task)
+        assert info.value.type == "EncodeError"
+    raw = client(be)  # a call whose body spells NaN (another client's encoder)
+    raw.send_raw(protocol.pack(Kind.CALL, JSONCodec.wire_id, 7, b'["echo",[NaN],{}]'))
+    kind, _codec, call_id, value = raw.recv()
+    assert (kind, call_id, value[0]) == (Kind.ERROR, 7, "DecodeError")
+    assert fe.work("add", 1, 2) == 3
+    assert math.isnan(frontends([be.endpoint], codec=MsgpackCodec).work("nan"))
 
 
 def test_pickle_gated_and_round_trips(backends, frontends):
