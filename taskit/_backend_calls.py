@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from taskit import protocol
-from taskit._backend_parts import QUALIFY, split_entry
+from taskit._backend_parts import QUALIFY, TracebackLimiter, split_entry
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
     DecodeError,
@@ -123,6 +123,7 @@ class CallHandler:
     _terminating: bool
     _verbose: bool
     _peers: set[bytes]
+    _tb_limit: TracebackLimiter
     _peers_old: set[bytes]
     _told: bool
 
@@ -524,11 +525,26 @@ class CallHandler:
         if self._verbose:
             shown = ", ".join(map(_safe_repr, args))
             self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")
-            if tb:
-                self._note(ERROR, tb)
-        if tb and _log.isEnabledFor(logging.INFO):
-            _log.info("task %r failed: %s", name, tb.rstrip())
+        if tb and (self._verbose or _log.isEnabledFor(logging.INFO)):
+            self._log_traceback(name, type_name, tb)
         return self._encode_error(codec, call_id, type_name, args, tb, self._signer)
+
+    def _log_traceback(self, name: str, type_name: str, tb: str) -> None:
+        """Log a failing call's traceback, at most once per task and exception type
+        per TRACEBACK_INTERVAL; the next one logged says how many were skipped."""
+        skipped = self._tb_limit.admit((name, type_name))
+        if skipped is None:
+            _log.debug("task %r failed again with %s (traceback not logged)", name, type_name)
+            return
+        if skipped:
+            tb = (
+                f"{tb.rstrip()}\n(and {skipped} more failures of task {name!r} with "
+                f"{type_name} since the last traceback logged, not logged in full)"
+            )
+        if self._verbose:
+            self._note(ERROR, tb)
+        if _log.isEnabledFor(logging.INFO):
+            _log.info("task %r failed: %s", name, tb.rstrip())
 
     def _reply(
         self,

@@ -8,6 +8,8 @@ does (the allow-list's ZAP thread is pyzmq's).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = [
     "configure_router",
     "CurveAllowList",
     "Accounting",
+    "TracebackLimiter",
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -42,6 +45,11 @@ REPLY_HWM = 100_000
 # on TCP backpressure between chunks (20,000 submits: ~+30% calls/s at this bound).
 # Like REPLY_HWM it still bounds what one peer can queue in our memory.
 REQUEST_HWM = 100_000
+
+# A failing task's traceback is logged in full at most once per this many seconds
+# per (task, exception type); the others are counted (one client calling with the
+# wrong arity must not write megabytes of log per second).
+TRACEBACK_INTERVAL = 10.0
 
 # Inline running ("auto"): a task whose last QUALIFY runs each took under FAST
 # seconds runs on the I/O thread itself, which saves the two thread wake-ups of
@@ -281,3 +289,26 @@ class Accounting:
             },
             "takeovers": self.takeovers,
         }
+
+
+class TracebackLimiter:
+    """Which failing calls get their traceback logged: the first of each key (task,
+    exception type) per ``interval`` seconds (default :data:`TRACEBACK_INTERVAL`).
+    Thread-safe (pool workers report failures)."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = TRACEBACK_INTERVAL if interval is None else float(interval)
+        self._lock = threading.Lock()
+        self._quiet_until: dict[Any, float] = {}
+        self._skipped: dict[Any, int] = {}
+
+    def admit(self, key: Any) -> int | None:
+        """None when this traceback is to be skipped (it is counted); else how many
+        of ``key`` were skipped since the last one admitted."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._quiet_until.get(key, 0.0):
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return None
+            self._quiet_until[key] = now + self.interval
+            return self._skipped.pop(key, 0)

@@ -63,6 +63,7 @@ from taskit._backend_parts import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Accounting,
     CurveAllowList,
+    TracebackLimiter,
     accepted_codecs,
     check_tasks,
     configure_router,
@@ -143,10 +144,11 @@ class BackEnd(CallHandler):
     off) and ``heartbeat_timeout`` (default 3x the interval) set ZMTP
     heartbeats so dead clients are noticed and their memory freed. ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
-    tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
-    long closing waits to flush the last replies; it also scales the end of a
-    graceful stop (see :meth:`stop_server`; 0: close as soon as the accepted
-    calls are answered).
+    tracebacks (the first per task and exception type every 10 s; the next
+    one logged counts those skipped) and sends them to the caller (every one).
+    ``end_resp`` (seconds) is how long closing waits to flush the last replies;
+    it also scales the end of a graceful stop (see :meth:`stop_server`; 0:
+    close as soon as the accepted calls are answered).
 
     ``inline``: ``"auto"`` (quick tasks run on the I/O thread, see above),
     ``False`` (always the pool), or a set of task names always run inline.
@@ -253,6 +255,7 @@ class BackEnd(CallHandler):
         self._peers: set[bytes] = set()
         self._peers_old: set[bytes] = set()
         self._told = False  # the clients were told of the stop
+        self._tb_limit = TracebackLimiter()  # tracebacks logged per task and error type
         self._verbose = logger is not null_logger
 
     # -- public state ----------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -496,6 +498,45 @@ def test_logger_receives_events(serve, client):
     assert "INFO Fulfilling task 'add'" in text
     assert "ERROR Error while fulfilling task 'fail'" in text
     assert "IMPORTANT Server stopped" in text
+
+
+def test_failing_calls_log_one_traceback_per_task_and_error_per_interval(
+    serve, client, caplog, monkeypatch
+):
+    """A client calling with the wrong arity used to write every traceback at INFO."""
+    # one interval, however slow the machine
+    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 600.0, raising=False)
+    b = serve(TASKS)
+    c = client(b)
+    caplog.set_level(logging.INFO, logger="taskit.backend")
+    for n in range(300):
+        with pytest.raises(RemoteError) as e:
+            c.call("add", n)  # wrong arity: a TypeError in task 'add'
+        assert "Traceback" in e.value.tb  # every caller still gets its traceback
+    with pytest.raises(RemoteError):
+        c.call("fail", "other")  # another task: its own traceback
+    full = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(full) == 2 and "'add'" in full[0] and "'fail'" in full[1]
+    assert b.stats()["tasks"]["add"]["failed"] == 300  # counted, all of them
+
+
+def test_skipped_tracebacks_are_counted_in_the_next_one_logged(serve, client, caplog, monkeypatch):
+    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 0.05, raising=False)
+    b = serve(TASKS)
+    c = client(b)
+    caplog.set_level(logging.INFO, logger="taskit.backend")
+    for n in range(100):
+        with pytest.raises(RemoteError):
+            c.call("add", n)
+    start = time.monotonic()
+    while time.monotonic() - start < 0.06:  # the interval passes: the next one is logged
+        time.sleep(0.01)
+    with pytest.raises(RemoteError):
+        c.call("add", -1)
+    full = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    counts = [re.search(r"and (\d+) more failures of task 'add'", m) for m in full]
+    assert counts[-1] is not None  # the last one logged tells of the skipped ones
+    assert len(full) + sum(int(m.group(1)) for m in counts if m) == 101
 
 
 # --- real processes ---------------------------------------------------------------------------
