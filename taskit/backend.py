@@ -114,7 +114,7 @@ _QUIET = 0.5
 _DRAIN = 10
 
 # Life cycle of a BackEnd.
-_NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
+_NEW, _BINDING, _RUNNING, _STOPPED = "new", "binding", "running", "stopped"
 
 
 class BackEnd(CallHandler):
@@ -272,7 +272,8 @@ class BackEnd(CallHandler):
 
     @property
     def running(self) -> bool:
-        """True between binding and the end of serving."""
+        """True from the end of binding (:attr:`port` and :attr:`endpoint` are the
+        bound ones) to the end of serving."""
         return self._state == _RUNNING
 
     @property
@@ -458,7 +459,7 @@ class BackEnd(CallHandler):
         with self._lock:
             if self._state != _NEW:
                 raise RuntimeError("this BackEnd has already served; create a new one")
-            self._state = _RUNNING
+            self._state = _BINDING  # running only once bound: port is read from it
         ctx = zmq.Context()
         if self._allow is not None:
             self._allow.start(ctx)  # ZAP must be served before the ROUTER binds
@@ -512,6 +513,8 @@ class BackEnd(CallHandler):
                 raise
         self._ctx, self._router = ctx, sock
         self._started_at = time.monotonic()
+        with self._lock:
+            self._state = _RUNNING
         _log.info("backend serving %d tasks on %s", len(self.tasks), bound)
         self._note(IMPORTANT, f"Serving on {bound}")
 
@@ -622,6 +625,9 @@ class BackEnd(CallHandler):
             return
         if not self._told:
             self._tell_stopping()
+        with self._lock:
+            if not (self._peers or self._peers_old or _get(router, _EVENTS) & _POLLIN):
+                return  # no client was ever heard from, none is waiting: none to wait for
         lock, handle = self._lock, self._handle
         poller = select.poll()
         poller.register(router.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]

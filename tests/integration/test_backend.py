@@ -438,6 +438,30 @@ def test_port_zero_binds_a_free_port(serve, client):
     assert client(b).call("add", 1, 2) == 3
 
 
+def test_running_only_once_bound():
+    """Another thread that sees ``running`` must see the bound port (it used to turn
+    True before the bind: port still 0)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widens the window of the race
+    early = []
+    try:
+        for _ in range(20):
+            b = BackEnd(TASKS, port=0)
+            starter = threading.Thread(target=b.start)
+            starter.start()
+            try:
+                while starter.is_alive() and not b.running:
+                    pass
+                if b.running and b.port == 0:
+                    early.append(b.endpoint)
+            finally:
+                starter.join(10)
+                b.close(timeout=10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert early == []
+
+
 def test_ipc_endpoint(serve, client, tmp_path):
     b = serve(TASKS, endpoint=f"ipc://{tmp_path}/backend.sock")
     assert b.endpoint.startswith("ipc://") and b.port is None
