@@ -61,6 +61,7 @@ from taskit._backend_calls import (  # the raw socket calls are shared with the 
 from taskit._backend_parts import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_PENDING,
     Accounting,
     CurveAllowList,
     TracebackLimiter,
@@ -85,6 +86,7 @@ __all__ = [
     "DEFAULT_PORT",
     "END_RESP",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_PENDING",
     "DEFAULT_HEARTBEAT",
 ]
 
@@ -132,7 +134,8 @@ class BackEnd(CallHandler):
     down); ``codecs`` the codecs accepted (names or codec objects; default
     json and msgpack, plus ``codec``, plus pickle when ``key`` or
     ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
-    running (more get a ``Busy`` error at once); ``max_message_size`` bounds
+    running (default 50,000, ``None``: no bound; more get a ``Busy`` error at
+    once, which a FrontEnd retries with backoff); ``max_message_size`` bounds
     every incoming message (larger ones make ZeroMQ drop the connection) and
     every reply (a larger result is answered with an ``EncodeError``, since a
     client with the same limit would drop the connection).
@@ -182,7 +185,7 @@ class BackEnd(CallHandler):
         codecs: Iterable[Any] | None = None,
         key: bytes | str | None = None,
         insecure_pickle: bool = False,
-        max_pending: int | None = None,
+        max_pending: int | None = DEFAULT_MAX_PENDING,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat_interval: float | None = DEFAULT_HEARTBEAT,
         heartbeat_timeout: float | None = None,

@@ -423,6 +423,24 @@ def test_busy_backpressure(backends, frontends):
     assert errors and all(isinstance(e, BusyError) and e.type == "Busy" for e in errors)
 
 
+def test_default_max_pending_takes_a_20000_call_burst_without_busy(backends, frontends):
+    """The default bound is finite, yet one client pipelining 20,000 calls of a task
+    that cannot finish yet is never answered Busy (bench/rpc.py's burst size)."""
+    gate = threading.Event()
+    be = backends({"held": lambda n: gate.wait(60) and n})
+    fe = frontends([be.endpoint], codec=MsgpackCodec)
+    try:
+        futures = [fe.submit("held", n) for n in range(20_000)]
+        deadline = time.monotonic() + 60
+        while be.task_count < 20_000:
+            assert time.monotonic() < deadline, be.task_count
+            time.sleep(0.01)
+        assert be.stats()["refused"] == {}
+    finally:
+        gate.set()
+    assert [f.result(60) for f in futures] == list(range(20_000))
+
+
 def test_map_keeps_order_and_raises_in_place(backends, frontends):
     a = backends()
     b = backends()
