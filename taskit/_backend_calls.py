@@ -124,6 +124,7 @@ class CallHandler:
     _verbose: bool
     _peers: set[bytes]
     _tb_limit: TracebackLimiter
+    _gone: set[bytes]
     _peers_old: set[bytes]
     _told: bool
 
@@ -171,8 +172,31 @@ class CallHandler:
             # EHOSTUNREACH: the client went away first. Anything else is unexpected,
             # but must not leave the call counted in flight forever.
             self._acct.drop("reply_unroutable")
-            if e.errno != errno.EHOSTUNREACH:
+            if e.errno == errno.EHOSTUNREACH:
+                self._client_gone_locked(ident)
+            else:
                 _log.error("backend could not send a reply: %s", e)
+
+    def _client_gone_locked(self, ident: bytes) -> None:
+        """Remember that ``ident``'s connection is closed (lock held): a routing id
+        names one connection and is never reused, so its calls still queued here
+        have no caller left (it failed them, or re-sent them elsewhere)."""
+        gone = self._gone
+        if len(gone) >= _PEER_GENERATION:
+            gone.clear()  # bounded; an id forgotten only costs running its calls
+        gone.add(ident)
+
+    def _skip_for_gone_client(self, ident: bytes) -> bool:
+        """True (and counted) when ``ident``'s connection is known closed: a call of
+        it that has not started is not run. Called by the thread that would run it."""
+        if not self._gone or ident not in self._gone:
+            return False
+        with self._lock:
+            self._acct.in_flight -= 1
+            self._acct.drop("client_gone")
+            if threading.get_ident() != self._io_owner:
+                self._wake_if_needed_locked()
+        return True
 
     def _encode_error(
         self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
@@ -299,6 +323,10 @@ class CallHandler:
     def _dispatch(
         self, ident: bytes, codec: Any, call_id: int, name: str, args: list, kwargs: dict
     ) -> None:
+        if self._gone and ident in self._gone:  # read before its connection closed
+            with self._lock:
+                self._acct.drop("client_gone")
+            return
         entry = self.tasks.get(name)
         if entry is None:
             if name in _READ_ONLY_SIGNALS:
@@ -465,6 +493,8 @@ class CallHandler:
     ) -> None:
         # Kept apart from _run_inline on purpose: a shared helper would add a call per
         # message on the inline hot path, and the two differ in marks, locking and reply.
+        if self._gone and self._skip_for_gone_client(ident):
+            return
         in_task.backend = self
         start = time.perf_counter()
         try:

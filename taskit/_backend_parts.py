@@ -236,7 +236,13 @@ class Accounting:
         self.takeovers = 0
         self.per_task: dict[str, list[float]] = {}  # name -> [calls, failed, total seconds]
         self.refused: dict[str, int] = {}  # backend-raised error type -> count
-        self.dropped = {"bad_signature": 0, "malformed": 0, "reply_unroutable": 0, "reply_hwm": 0}
+        self.dropped = {
+            "bad_signature": 0,
+            "malformed": 0,
+            "reply_unroutable": 0,
+            "reply_hwm": 0,
+            "client_gone": 0,  # calls not started: their client's connection had closed
+        }
         self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
 
     def finished(self, name: str, ok: bool, elapsed: float, run_time: float | None) -> None:

@@ -258,6 +258,9 @@ class BackEnd(CallHandler):
         self._peers: set[bytes] = set()
         self._peers_old: set[bytes] = set()
         self._told = False  # the clients were told of the stop
+        # Clients known to be gone (a reply to them was unroutable): their calls still
+        # queued are not started. Written under the lock, read without it.
+        self._gone: set[bytes] = set()
         self._tb_limit = TracebackLimiter()  # tracebacks logged per task and error type
         self._verbose = logger is not null_logger
 

@@ -382,6 +382,37 @@ def test_task_count_drops_before_the_reply_is_sent(serve, client):
     assert not late
 
 
+def test_calls_of_a_client_gone_are_not_started(serve, client):
+    """Once a reply to a client proves its connection closed, its calls still queued
+    are not run (its FrontEnd failed them already, e.g. after a freeze)."""
+    gate = threading.Event()
+    ran = []
+
+    def held(n):
+        gate.wait(30)
+        ran.append(n)
+        time.sleep(0.02)  # simulated work: 50 calls would take 1 s
+        return n
+
+    b = serve({"held": held}, workers=1)
+    leaving = RawClient(b.endpoint)
+    try:
+        for n in range(50):
+            leaving.send("held", n)
+        assert leaving.call("<status>") == "50"
+    finally:
+        leaving.close()  # linger 0: the connection closes with 50 calls queued
+    other = client(b)
+    gate.set()
+    deadline = time.monotonic() + 30
+    while b.task_count:
+        assert time.monotonic() < deadline, b.stats()
+        assert other.call("<status>")  # keeps the I/O thread (and the ROUTER) busy
+    dropped = b.stats()["dropped"]
+    assert len(ran) + dropped["client_gone"] == 50
+    assert 1 <= len(ran) < 50 and dropped["reply_unroutable"] >= 1
+
+
 def test_stop_after_sync_calls_is_prompt(serve, client):
     b = serve(TASKS)
     c = client(b)
