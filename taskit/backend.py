@@ -74,7 +74,7 @@ from taskit._backend_parts import (
 from taskit.codecs import JSONCodec, Signer, get_codec
 from taskit.errors import BackendBindError
 from taskit.log import IMPORTANT, null_logger
-from taskit.protocol import DEFAULT_PORT
+from taskit.protocol import DEFAULT_PORT, Kind
 
 __all__ = [
     "BackEnd",
@@ -114,6 +114,7 @@ _WAIT_MS = 10
 # end_resp * _DRAIN seconds (a client that ignores Stopping cannot hold it open).
 _QUIET = 0.5
 _DRAIN = 10
+_CALL_KIND = bytes([Kind.CALL])  # the first byte of a CALL's header frame
 
 # Life cycle of a BackEnd.
 _NEW, _BINDING, _RUNNING, _STOPPED = "new", "binding", "running", "stopped"
@@ -654,7 +655,10 @@ class BackEnd(CallHandler):
                     handle(msg)
                 except Exception:  # as in _loop: never let one message end the stop early
                     _log.exception("backend on %s could not handle a message", self._endpoint)
-                quiet_until = time.monotonic() + self.end_resp * _QUIET
+                # Only a CALL says more may be on their way: a client's periodic PING
+                # (or a peer sending junk) must not hold the stop open until the cap.
+                if len(msg) > 2 and msg[2].bytes[:1] == _CALL_KIND:
+                    quiet_until = time.monotonic() + self.end_resp * _QUIET
                 continue
             left = min(quiet_until, give_up) - time.monotonic()
             if left <= 0:

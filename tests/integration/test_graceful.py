@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from taskit import protocol
 from taskit.codecs import MsgpackCodec
 from taskit.frontend import FrontEnd
 from taskit.protocol import Kind
@@ -109,6 +110,31 @@ def test_stop_tells_idle_clients(serve):
         gate.set()
         busy.close()
         idle.close()
+
+
+@pytest.mark.parametrize("kind", ["ping", "call"])
+def test_stop_is_bounded_while_a_client_keeps_sending(serve, kind):
+    """PINGs do not hold a stop open at all; CALLs from a client that ignores
+    ``Stopping`` hold it for at most 10 x end_resp."""
+    b = serve({"add": add}, end_resp=0.2)
+    c = RawClient(b.endpoint)
+    try:
+        assert c.call("add", 1, 1) == 2
+        b.stop_server(wait=False)
+        start = time.monotonic()
+        while not b.join(0.02):  # one message every 20 ms
+            assert time.monotonic() - start < 10
+            if kind == "ping":
+                c.send_raw(protocol.pack(Kind.PING, 2, 0xFFFF, b""))
+            else:
+                c.send("add", 1, 1)
+        took = time.monotonic() - start
+    finally:
+        c.close()
+    if kind == "ping":
+        assert took < 1.5  # quiet after 0.1 s of no CALL (+ linger and a loaded machine)
+    else:
+        assert 2.0 <= took < 5.0  # the cap: 10 x end_resp, then closing
 
 
 def test_frontend_stops_routing_to_a_backend_that_said_it_stops(serve):
