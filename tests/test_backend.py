@@ -153,7 +153,13 @@ def test_build_backend_uses_sys_argv(monkeypatch):
 def test_stats_before_serving():
     stats = BackEnd({"add": add}, port=0).stats()
     assert stats["in_flight"] == 0 and stats["done"] == 0 and stats["uptime"] == 0.0
-    assert set(stats["dropped"]) == {"bad_signature", "malformed", "reply_unroutable", "reply_hwm"}
+    assert set(stats["dropped"]) == {
+        "bad_signature",
+        "malformed",
+        "reply_unroutable",
+        "reply_hwm",
+        "client_gone",
+    }
 
 
 # --- doc/protocol.md's worked example is what the implementation produces ----------------
