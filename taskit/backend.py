@@ -376,10 +376,10 @@ class BackEnd(CallHandler):
         Every client heard from lately is told at once (a ``Stopping`` notice, so
         its FrontEnd sends nothing more here). Once the accepted calls are
         answered, calls still arriving keep getting ``Stopping`` until none came
-        for ``end_resp / 2`` seconds (at most ``10 * end_resp`` seconds), so every
-        call that reached this backend ends with its result or with ``Stopping``
-        (it never ran: a FrontEnd sends it to another backend), never with no
-        answer. Then the socket closes, lingering ``end_resp`` seconds.
+        for ``end_resp / 2`` seconds (at most ``10 * end_resp`` seconds), so a call
+        that reaches this backend before it closes ends with its result or with
+        ``Stopping`` (it never ran: a FrontEnd sends it to another backend), not
+        with silence. Then the socket closes, lingering ``end_resp`` seconds.
 
         With ``wait``, blocks until serving has ended (except when called from
         one of this backend's own tasks, which would wait for itself). Returns
