@@ -176,6 +176,8 @@ def test_calls_failed_by_their_client_during_a_freeze_do_not_run_after_it(server
     with FrontEnd([a.endpoint], heartbeat_interval=0.2, heartbeat_timeout=1.0) as fe:
         assert fe.work("who") == "a"
         futures = [fe.submit("nap", 0.01) for _ in range(300)]  # ~0.75 s on 4 workers
+        # A ROUTER reads each peer in order: once this is answered, all 300 are read.
+        assert int(fe.send_signal(a.endpoint, "<status>")) > 0
         a.kill(signal.SIGSTOP)
         try:
             errors = [f.exception(30) for f in futures]
