@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from taskit import protocol
-from taskit._backend_parts import QUALIFY, split_entry
+from taskit._backend_parts import QUALIFY, TracebackLimiter, split_entry
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
     DecodeError,
@@ -51,6 +51,8 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _MORE = int(zmq.SNDMORE) | _DONTWAIT
 _CALL = int(Kind.CALL)
 _BIG = 64 * 1024  # frames at least this long are received and sent without a copy
+# Clients remembered per generation for the stop notice (two generations are kept).
+_PEER_GENERATION = 10_000
 
 
 # --- admin tasks (TaskIt 4.0 names and semantics) --------------------------------------
@@ -122,6 +124,11 @@ class CallHandler:
     _stopping: bool
     _terminating: bool
     _verbose: bool
+    _heard: set[bytes]
+    _tb_limit: TracebackLimiter
+    _gone: set[bytes]
+    _heard_old: set[bytes]
+    _told: bool
 
     if TYPE_CHECKING:  # BackEnd's methods and properties this half calls
 
@@ -175,7 +182,9 @@ class CallHandler:
             # EHOSTUNREACH: the client went away first. Anything else is unexpected,
             # but must not leave the call counted in flight forever.
             self._acct.drop("reply_unroutable")
-            if e.errno != errno.EHOSTUNREACH:
+            if e.errno == errno.EHOSTUNREACH:
+                self._client_gone_locked(ident)
+            else:
                 _log.error("backend could not send a reply: %s", e)
 
     def _flush_backlog_locked(self) -> None:
@@ -193,6 +202,7 @@ class CallHandler:
                     break
                 except zmq.ZMQError:
                     self._acct.drop("reply_unroutable", peers.forget(ident))
+                    self._client_gone_locked(ident)
                     break
                 last = len(frames) - 1
                 for i, frame in enumerate(frames):
@@ -202,6 +212,29 @@ class CallHandler:
     def _drop_oversized(self) -> None:
         with self._lock:
             self._acct.drop("oversized")
+
+    def _client_gone_locked(self, ident: bytes) -> None:
+        """Remember that ``ident``'s connection is closed (lock held): a routing id
+        names one connection and is never reused, so its calls still queued here
+        have no caller left (it failed them, or re-sent them elsewhere)."""
+        gone = self._gone
+        if len(gone) >= _PEER_GENERATION:
+            gone.clear()  # bounded; an id forgotten only costs running its calls
+        gone.add(ident)
+
+    def _skip_for_gone_client(self, ident: bytes, size: int) -> bool:
+        """True (and counted) when ``ident``'s connection is known closed: a call of
+        it that has not started is not run. Called by the thread that would run it."""
+        if not self._gone or ident not in self._gone:
+            return False
+        with self._lock:
+            self._acct.in_flight -= 1
+            self._acct.drop("client_gone")
+            if self._peers is not None:
+                self._peers.settle(ident, size)  # charged when it was accepted
+            if threading.get_ident() != self._io_owner:
+                self._wake_if_needed_locked()
+        return True
 
     def _encode_error(
         self, codec: Any, call_id: int, type_name: str, args: Any, tb: str, signer: Any
@@ -277,6 +310,8 @@ class CallHandler:
             else:
                 self._refuse(ident, JSONCodec, call_id, "ProtocolError", str(e))
             return
+        if ident not in self._heard:  # a client (signed, when a key is set) to tell of a stop
+            self._see_peer(ident)
         call_id = m.call_id
         if m.kind != _CALL:
             if m.kind == Kind.PING:
@@ -317,6 +352,42 @@ class CallHandler:
             return
         self._dispatch(ident, codec, call_id, name, args, kwargs, size)
 
+    def _see_peer(self, ident: bytes) -> None:
+        """Remember a client to tell it of a graceful stop; a new generation starts
+        every _PEER_GENERATION clients, so clients long gone are forgotten."""
+        heard = self._heard
+        if len(heard) >= _PEER_GENERATION:
+            self._heard_old, self._heard = heard, {ident}
+        else:
+            heard.add(ident)
+
+    def _tell_stopping(self) -> None:
+        """Tell every client heard from lately that a graceful stop has begun: an
+        ERROR ``Stopping`` with call id 0 (no call has it; doc/protocol.md §5), so its
+        FrontEnd sends no new call here, even one that has none in flight now.
+        Clients gone meanwhile, or not reading, are skipped silently."""
+        self._told = True
+        frames = self._encode_error(
+            JSONCodec,
+            0,
+            "Stopping",
+            ["this backend is stopping and accepts no new calls; use another backend"],
+            "",
+            self._signer,
+        )
+        last = len(frames) - 1
+        with self._lock:
+            router = self._router
+            if router is None:
+                return
+            for ident in self._heard | self._heard_old:
+                try:
+                    _send(router, ident, _MORE)
+                    for i, frame in enumerate(frames):
+                        _send(router, frame, _MORE if i < last else _DONTWAIT)
+                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                    pass
+
     def _dispatch(
         self,
         ident: bytes,
@@ -328,6 +399,10 @@ class CallHandler:
         size: int = 0,
     ) -> None:
         """Run or refuse one decoded call; ``size``: its request's bytes (PeerLedger)."""
+        if self._gone and ident in self._gone:  # read before its connection closed
+            with self._lock:
+                self._acct.drop("client_gone")
+            return
         entry = self.tasks.get(name)
         if entry is None:
             if name in _READ_ONLY_SIGNALS:
@@ -495,8 +570,8 @@ class CallHandler:
         elapsed = clock() - start
         with lock:
             self._inline_since = 0.0
+            self._acct.finished(name, ok, elapsed, run_time)  # counted out before sent: see _reply
             self._send_locked(ident, frames)
-            self._acct.finished(name, ok, elapsed, run_time)
             if self._io_owner != threading.get_ident():
                 # The standby took the socket over meanwhile: keep this task off the
                 # I/O thread, and wake the new owner if this send ate its edge.
@@ -519,6 +594,8 @@ class CallHandler:
     ) -> None:
         # Kept apart from _run_inline on purpose: a shared helper would add a call per
         # message on the inline hot path, and the two differ in marks, locking and reply.
+        if self._gone and self._skip_for_gone_client(ident, size):
+            return
         in_task.backend = self
         start = time.perf_counter()
         try:
@@ -579,11 +656,26 @@ class CallHandler:
         if self._verbose:
             shown = ", ".join(map(_safe_repr, args))
             self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")
-            if tb:
-                self._note(ERROR, tb)
-        if tb and _log.isEnabledFor(logging.INFO):
-            _log.info("task %r failed: %s", name, tb.rstrip())
+        if tb and (self._verbose or _log.isEnabledFor(logging.INFO)):
+            self._log_traceback(name, type_name, tb)
         return self._encode_error(codec, call_id, type_name, args, tb, self._signer)
+
+    def _log_traceback(self, name: str, type_name: str, tb: str) -> None:
+        """Log a failing call's traceback, at most once per task and exception type
+        per TRACEBACK_INTERVAL; the next one logged says how many were skipped."""
+        skipped = self._tb_limit.admit((name, type_name))
+        if skipped is None:
+            _log.debug("task %r failed again with %s (traceback not logged)", name, type_name)
+            return
+        if skipped:
+            tb = (
+                f"{tb.rstrip()}\n(and {skipped} more failures of task {name!r} with "
+                f"{type_name} since the last traceback logged, not logged in full)"
+            )
+        if self._verbose:
+            self._note(ERROR, tb)
+        if _log.isEnabledFor(logging.INFO):
+            _log.info("task %r failed: %s", name, tb.rstrip())
 
     def _reply(
         self,
@@ -595,14 +687,18 @@ class CallHandler:
         run_time: float | None = None,
         size: int = 0,
     ) -> None:
-        """Send a task's reply from the thread that ran it, and account for it
-        (``size``: the request's bytes, charged to the peer's ledger at acceptance)."""
+        """Account for a task's reply, then send it, from the thread that ran it
+        (``size``: the request's bytes, charged to the peer's ledger at acceptance).
+
+        In that order, in one hold of the lock: a caller that has its reply reads
+        a :attr:`task_count` without its call (the I/O loop relies only on both
+        happening in one hold)."""
         elapsed = time.perf_counter() - t0
         with self._lock:
             if self._peers is not None:
                 self._peers.settle(ident, size)  # first: the reply may need the room
-            self._send_locked(ident, frames)
             self._acct.finished(name, ok, elapsed, run_time)
+            self._send_locked(ident, frames)
             # A worker's send may have eaten the edge that would wake the I/O thread
             # (the I/O thread itself, after an inline task, checks EVENTS anyway).
             if threading.get_ident() != self._io_owner:

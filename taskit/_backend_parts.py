@@ -8,6 +8,8 @@ does (the allow-list's ZAP thread is pyzmq's).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -20,6 +22,7 @@ from taskit.errors import InsecureCodecError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_PENDING",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_PEER_QUEUE",
     "DEFAULT_PEER_BUDGET",
@@ -33,9 +36,16 @@ __all__ = [
     "CurveAllowList",
     "Accounting",
     "PeerLedger",
+    "TracebackLimiter",
 ]
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# Calls queued or running before new ones are answered Busy. A pending call of a
+# few small arguments costs the backend about 2.4 KB (measured: +122 MB RSS for
+# 50,000), so this bounds a flood of small calls to about 120 MB. One client
+# pipelining 20,000 calls of a slow task (bench/rpc.py's size) is never refused
+# (at 10,000, 53,000 Busy answers cost a 1 ms task 20% of its throughput).
+DEFAULT_MAX_PENDING = 50_000
 # ZMTP heartbeats are off by default: libzmq 4.3.5 aborts the whole process
 # ("Assertion failed: !_io_error (src/stream_engine_base.cpp:310)") when the
 # heartbeat timer fires on a connection whose input was stopped (its request
@@ -87,6 +97,11 @@ REPLY_COST = 512
 
 # Bytes a valid request has beyond its body: magic 5 + header 10 + HMAC 32, rounded up.
 ENVELOPE = 64
+
+# A failing task's traceback is logged in full at most once per this many seconds
+# per (task, exception type); the others are counted (one client calling with the
+# wrong arity must not write megabytes of log per second).
+TRACEBACK_INTERVAL = 10.0
 
 # Inline running ("auto"): a task whose last QUALIFY runs each took under FAST
 # seconds runs on the I/O thread itself, which saves the two thread wake-ups of
@@ -282,6 +297,7 @@ class Accounting:
             "reply_unroutable": 0,
             "reply_hwm": 0,
             "reply_over_budget": 0,
+            "client_gone": 0,  # calls not started: their client's connection had closed
         }
         self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
 
@@ -424,3 +440,26 @@ class PeerLedger:
 
     def held_by(self, ident: bytes) -> int:
         return self.held.get(ident, 0)
+
+
+class TracebackLimiter:
+    """Which failing calls get their traceback logged: the first of each key (task,
+    exception type) per ``interval`` seconds (default :data:`TRACEBACK_INTERVAL`).
+    Thread-safe (pool workers report failures)."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = TRACEBACK_INTERVAL if interval is None else float(interval)
+        self._lock = threading.Lock()
+        self._quiet_until: dict[Any, float] = {}
+        self._skipped: dict[Any, int] = {}
+
+    def admit(self, key: Any) -> int | None:
+        """None when this traceback is to be skipped (it is counted); else how many
+        of ``key`` were skipped since the last one admitted."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._quiet_until.get(key, 0.0):
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return None
+            self._quiet_until[key] = now + self.interval
+            return self._skipped.pop(key, 0)

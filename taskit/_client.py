@@ -56,7 +56,9 @@ Semantics decided here:
   (a slot was freed: the oldest waiting call is re-sent) or for a jittered
   exponential backoff, up to ``busy_retries`` times, then raises
   :class:`BusyError`; ``Stopping`` re-routes to another backend once per
-  backend, else raises :class:`StoppingError`.
+  backend, else raises :class:`StoppingError`. A backend that sends the
+  ``Stopping`` notice (call id 0: a graceful stop began) gets no new calls until
+  it is reconnected; calls already sent there are answered or refused by it.
 - **Liveness** (``heartbeat_interval`` set): every ``heartbeat_interval`` the
   core looks at each connected backend. Anything received from it since the
   last look (a result, an error, a PONG) proves it alive -- counted on the
@@ -655,11 +657,13 @@ class ClientCore:
                 self.stats["bad_replies"] += 1
                 return []
         call = self.calls.get(call_id)
-        if call is None:  # a PONG, or a reply to a call given up on: the backend lives
+        if call is None:  # a PONG, a notice, or a reply to a call given up on: it lives
             b = self.backends.get(endpoint)
             if b is not None:
                 b.heard += 1
-            if kind != _PONG:
+            if call_id == 0 and kind == _ERROR:
+                self._notice(endpoint, codec_id, body)
+            elif kind != _PONG:
                 self.stats["late_replies"] += 1
             return []
         b = self.backends.get(call.backend or "")
@@ -1031,6 +1035,22 @@ class ClientCore:
             if not call.done and call.backend is None and call.id not in self._parked:
                 self._route(call)
                 return
+
+    def _notice(self, endpoint: str, codec_id: int, body: Any) -> None:
+        """An ERROR with call id 0 is the backend's word about itself: ``Stopping``
+        (a graceful stop began) makes it take no new call from this client, as a
+        ``Stopping`` reply would, until it is reconnected (a new process)."""
+        codec = self._reply_codecs.get(codec_id)
+        b = self.backends.get(endpoint)
+        try:
+            type_name = decode_error(codec, bytes(body))[0] if codec is not None else None
+        except (DecodeError, ProtocolError):
+            type_name = None
+        if type_name != "Stopping" or b is None:
+            self.stats["bad_replies"] += 1
+            return
+        if b.state == UP:
+            b.state, b.since = STOPPING, self.clock()
 
     def _stopping(
         self, call: PendingCall, b: BackendState | None, args: Any, tb: str, done: Done

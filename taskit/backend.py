@@ -62,12 +62,14 @@ from taskit._backend_calls import (  # the raw socket calls are shared with the 
 from taskit._backend_parts import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_PENDING,
     DEFAULT_PEER_BUDGET,
     DEFAULT_PEER_QUEUE,
     ENVELOPE,
     Accounting,
     CurveAllowList,
     PeerLedger,
+    TracebackLimiter,
     accepted_codecs,
     check_tasks,
     configure_router,
@@ -78,7 +80,7 @@ from taskit._curve import check_pair, curve_key
 from taskit.codecs import JSONCodec, Signer, get_codec
 from taskit.errors import BackendBindError
 from taskit.log import IMPORTANT, null_logger
-from taskit.protocol import ADMIN_SIGNALS, DEFAULT_PORT
+from taskit.protocol import ADMIN_SIGNALS, DEFAULT_PORT, Kind
 
 __all__ = [
     "BackEnd",
@@ -90,6 +92,7 @@ __all__ = [
     "DEFAULT_PORT",
     "END_RESP",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_PENDING",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_PEER_QUEUE",
     "DEFAULT_PEER_BUDGET",
@@ -133,8 +136,16 @@ _TRY, _CHECK, _BACKLOG, _WAIT = 0, 1, 2, 3
 # wanting the backend's lock, waits on a busy socket.
 _WAIT_MS = 10
 
+# A graceful stop, once every accepted call is answered, keeps answering new ones
+# with Stopping until none came for end_resp * _QUIET seconds (a call its client
+# sent before it heard of the stop then still gets an answer), but for at most
+# end_resp * _DRAIN seconds (a client that ignores Stopping cannot hold it open).
+_QUIET = 0.5
+_DRAIN = 10
+_CALL_KIND = bytes([Kind.CALL])  # the first byte of a CALL's header frame
+
 # Life cycle of a BackEnd.
-_NEW, _RUNNING, _STOPPED = "new", "running", "stopped"
+_NEW, _BINDING, _RUNNING, _STOPPED = "new", "binding", "running", "stopped"
 
 
 def _curve_keys(secret: Any, public: Any) -> tuple[bytes | None, bytes | None]:
@@ -168,7 +179,8 @@ class BackEnd(CallHandler):
     down); ``codecs`` the codecs accepted (names or codec objects; default
     json and msgpack, plus ``codec``, plus pickle when ``key`` or
     ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
-    running (more get a ``Busy`` error at once); ``max_message_size`` bounds
+    running (default 50,000, ``None``: no bound; more get a ``Busy`` error at
+    once, which a FrontEnd retries with backoff); ``max_message_size`` bounds
     every frame of an incoming message (a larger frame makes ZeroMQ drop the
     connection), the whole message (frames in all, plus 64 bytes of envelope:
     a larger one, or one of more than four frames, is dropped unread and
@@ -210,8 +222,11 @@ class BackEnd(CallHandler):
     backend and resets its connection can then abort the backend process (a
     libzmq bug; see doc/security.md). ``logger`` is a TaskIt
     logger (``logger(importance, msg)``); ``tracebacks`` logs failing tasks'
-    tracebacks and sends them to the caller. ``end_resp`` (seconds) is how
-    long closing waits to flush the last replies.
+    tracebacks (the first per task and exception type every 10 s; the next
+    one logged counts those skipped) and sends them to the caller (every one).
+    ``end_resp`` (seconds) is how long closing waits to flush the last replies;
+    it also scales the end of a graceful stop (see :meth:`stop_server`; 0:
+    close as soon as the accepted calls are answered).
 
     ``inline``: ``"auto"`` (quick tasks run on the I/O thread, see above),
     ``False`` (always the pool), or a set of task names always run inline.
@@ -245,7 +260,7 @@ class BackEnd(CallHandler):
         codecs: Iterable[Any] | None = None,
         key: bytes | str | None = None,
         insecure_pickle: bool = False,
-        max_pending: int | None = None,
+        max_pending: int | None = DEFAULT_MAX_PENDING,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         peer_budget: int | None = DEFAULT_PEER_BUDGET,
         peer_queue: int = DEFAULT_PEER_QUEUE,
@@ -325,6 +340,15 @@ class BackEnd(CallHandler):
         self._inline_seen = 0.0  # start of the latest inline task
         self._started_at = 0.0
         self._acct = Accounting()  # counters, under self._lock
+        # Clients heard from lately (routing ids; two generations bound the memory):
+        # told when a graceful stop begins. Written by the I/O thread only.
+        self._heard: set[bytes] = set()
+        self._heard_old: set[bytes] = set()
+        self._told = False  # the clients were told of the stop
+        # Clients known to be gone (a reply to them was unroutable): their calls still
+        # queued are not started. Written under the lock, read without it.
+        self._gone: set[bytes] = set()
+        self._tb_limit = TracebackLimiter()  # tracebacks logged per task and error type
         self._verbose = logger is not null_logger
 
     # -- public state ----------------------------------------------------------------
@@ -341,7 +365,8 @@ class BackEnd(CallHandler):
 
     @property
     def running(self) -> bool:
-        """True between binding and the end of serving."""
+        """True from the end of binding (:attr:`port` and :attr:`endpoint` are the
+        bound ones) to the end of serving."""
         return self._state == _RUNNING
 
     @property
@@ -440,6 +465,14 @@ class BackEnd(CallHandler):
     def stop_server(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop gracefully: refuse new calls (``Stopping``), answer every accepted one, end.
 
+        Every client heard from lately is told at once (a ``Stopping`` notice, so
+        its FrontEnd sends nothing more here). Once the accepted calls are
+        answered, calls still arriving keep getting ``Stopping`` until none came
+        for ``end_resp / 2`` seconds (at most ``10 * end_resp`` seconds), so a call
+        that reaches this backend before it closes ends with its result or with
+        ``Stopping`` (it never ran: a FrontEnd sends it to another backend), not
+        with silence. Then the socket closes, lingering ``end_resp`` seconds.
+
         With ``wait``, blocks until serving has ended (except when called from
         one of this backend's own tasks, which would wait for itself). Returns
         True when serving has ended.
@@ -525,7 +558,7 @@ class BackEnd(CallHandler):
         with self._lock:
             if self._state != _NEW:
                 raise RuntimeError("this BackEnd has already served; create a new one")
-            self._state = _RUNNING
+            self._state = _BINDING  # running only once bound: port is read from it
         ctx = zmq.Context()
         if self._allow is not None:
             self._allow.start(ctx)  # ZAP must be served before the ROUTER binds
@@ -579,6 +612,8 @@ class BackEnd(CallHandler):
                 raise
         self._ctx, self._router = ctx, sock
         self._started_at = time.monotonic()
+        with self._lock:
+            self._state = _RUNNING
         users = sum(1 for name in self.tasks if name not in ADMIN_SIGNALS)
         _log.info(
             "backend serving %d task%s (and the admin signals) on %s",
@@ -625,6 +660,8 @@ class BackEnd(CallHandler):
                     self._terminating = True
                     outcome = _DONE
                 if outcome == _DONE:
+                    if not self._terminating:
+                        self._drain()
                     self._teardown()
                     return
                 reading = False
@@ -677,6 +714,59 @@ class BackEnd(CallHandler):
         _log.info("backend on %s %s", self._endpoint, how)
         self._note(IMPORTANT, f"Server {how}")
         self._stopped.set()
+
+    def _drain(self) -> None:
+        """Graceful stop, every accepted call answered: answer what still arrives
+        (``Stopping``, admin signals, PONGs) until the socket has been quiet for
+        ``end_resp * _QUIET`` seconds, at most ``end_resp * _DRAIN`` seconds.
+
+        A call its client sent before hearing of the stop (from a ``Stopping``
+        reply or the notice of :meth:`_tell_stopping`) still reaches us after the
+        last accepted call was answered; closing then would leave it unanswered,
+        and its caller could not know that it never ran.
+        """
+        router = self._router
+        if router is None or self.end_resp <= 0:
+            return
+        if not self._told:
+            self._tell_stopping()
+        with self._lock:
+            if not (self._heard or self._heard_old or _get(router, _EVENTS) & _POLLIN):
+                return  # no client was ever heard from, none is waiting: none to wait for
+        lock, handle = self._lock, self._handle
+        poller = select.poll()
+        poller.register(router.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]
+        poller.register(self._wake_r, select.POLLIN)
+        now = time.monotonic()
+        give_up = now + self.end_resp * _DRAIN
+        quiet_until = now + self.end_resp * _QUIET
+        while not self._terminating:
+            with lock:
+                # Reading EVENTS also re-arms the edge-triggered descriptor polled below.
+                if _get(router, _EVENTS) & _POLLIN:
+                    ident, *frames = router.recv_multipart(_NOBLOCK, copy=False)
+                    msg: list[Any] | None = [ident.bytes, *frames]  # as _handle takes it
+                else:
+                    msg = None
+            if msg is not None:
+                try:
+                    handle(msg)
+                except Exception:  # as in _loop: never let one message end the stop early
+                    _log.exception("backend on %s could not handle a message", self._endpoint)
+                # Only a CALL says more may be on their way: a client's periodic PING
+                # (or a peer sending junk) must not hold the stop open until the cap.
+                if len(msg) > 2 and msg[2].bytes[:1] == _CALL_KIND:
+                    quiet_until = time.monotonic() + self.end_resp * _QUIET
+                continue
+            left = min(quiet_until, give_up) - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd == self._wake_r:
+                    try:
+                        os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
 
     def _release(self, ctx: zmq.Context, sock: zmq.Socket | None = None) -> None:
         """Close ``sock`` at once (if given), stop the ZAP handler, end ``ctx``."""
@@ -796,8 +886,11 @@ class BackEnd(CallHandler):
                     self._flush_backlog_locked()
             if self._terminating:
                 return _DONE
-            if self._stopping and self._acct.in_flight == 0 and self._acct.subtasks == 0:
-                return _DONE
+            if self._stopping:
+                if not self._told:
+                    self._tell_stopping()
+                if self._acct.in_flight == 0 and self._acct.subtasks == 0:
+                    return _DONE
             if more:
                 state = _BACKLOG
                 continue

@@ -52,10 +52,13 @@ def _type_name(obj: Any) -> str:
 
 
 class JSONCodec:
-    """UTF-8 JSON. Carries None, bool, int, float, str, list/tuple and str-keyed dicts.
+    """UTF-8 JSON, strictly RFC 8259. Carries None, bool, int, finite float, str,
+    list/tuple and str-keyed dicts.
 
     Tuples come back as lists. Bytes, sets and other objects are refused with
-    an :class:`EncodeError` naming their type.
+    an :class:`EncodeError` naming their type; NaN and the infinities, which
+    RFC 8259 has no words for, with an :class:`EncodeError` too, and a body
+    that spells them (``NaN``, ``Infinity``) with a :class:`DecodeError`.
     """
 
     name = "json"
@@ -64,16 +67,27 @@ class JSONCodec:
     @staticmethod
     def encode(obj: Any) -> bytes:
         try:
-            return json.dumps(obj, separators=(",", ":"), default=_json_refuse).encode()
+            return _json_encode(obj).encode()
         except EncodeError:
             raise
-        except (TypeError, ValueError, RecursionError) as e:
+        except ValueError as e:
+            if "Out of range float" in str(e):  # what allow_nan=False raises
+                raise EncodeError(
+                    "JSON (RFC 8259) cannot carry NaN or Infinity; send None or a string "
+                    "instead, or use the msgpack codec"
+                ) from e
+            raise EncodeError(f"JSON cannot encode this value: {e}") from e
+        except (TypeError, RecursionError) as e:
             raise EncodeError(f"JSON cannot encode this value: {e}") from e
 
     @staticmethod
     def decode(data: bytes) -> Any:
         try:
-            return json.loads(data)
+            text: Any = data
+            if isinstance(data, (bytes, bytearray, memoryview)):  # as json.loads does
+                raw = bytes(data)
+                text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+            return _json_decode(text)
         except (ValueError, TypeError, RecursionError) as e:
             raise DecodeError(f"not valid JSON: {e}") from e
 
@@ -83,6 +97,16 @@ def _json_refuse(obj: Any) -> Any:
         f"JSON cannot carry a value of type {_type_name(obj)!r}"
         + (" (use the msgpack codec for bytes)" if isinstance(obj, (bytes, bytearray)) else "")
     )
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not RFC 8259 JSON (it has no NaN or Infinity)")
+
+
+# One shared encoder and decoder (neither keeps state between calls): json.dumps
+# and json.loads with options would build a new one per call (about 2 us each).
+_json_encode = json.JSONEncoder(separators=(",", ":"), default=_json_refuse, allow_nan=False).encode
+_json_decode = json.JSONDecoder(parse_constant=_json_constant).decode
 
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack

@@ -50,6 +50,7 @@ def test_defaults_follow_taskit_4():
     assert b.endpoint == f"tcp://127.0.0.1:{DEFAULT_PORT}"
     assert b.codecs == ["json", "msgpack"]
     assert not b.running and b.task_count == 0
+    assert b.max_pending == 50_000  # bounded by default (issue 11): ~120 MB of small calls
 
 
 def test_positional_arguments_of_the_original():
@@ -160,6 +161,7 @@ def test_stats_before_serving():
         "reply_unroutable",
         "reply_hwm",
         "reply_over_budget",
+        "client_gone",
     }
     assert stats["reply_backlog"] == stats["reply_deferred"] == 0
 

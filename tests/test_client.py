@@ -311,6 +311,39 @@ def test_stopping_reroutes_once_then_fails():
     assert isinstance(exc, StoppingError)
 
 
+def test_stop_notice_routes_new_calls_elsewhere_until_reconnected():
+    core, _ = make(2)
+    assert core.on_message(A, encode_error(JSONCodec, 0, "Stopping", ["stopping"], "")) == []
+    assert core.snapshot()[A]["state"] == STOPPING
+    calls = [core.new_call("t") for _ in range(4)]
+    for c in calls:
+        core.submit(c)
+    assert {backend for backend, _ in send_all(core).values()} == {B}
+    core.backend_down(A)
+    core.backend_up(A)  # a new process on that endpoint
+    c = core.new_call("t")
+    core.submit(c)
+    assert send_all(core)[c.id][0] == A  # the least loaded again
+    assert core.stats["late_replies"] == 0 and core.stats["bad_replies"] == 0
+
+
+def test_other_notices_are_counted_not_obeyed():
+    core, _ = make(1)
+    core.on_message(A, encode_error(JSONCodec, 0, "Busy", [], ""))
+    core.on_message(A, [b"TKIT\x01", bytes([3, 1]) + bytes(8), b"not json"])
+    assert core.snapshot()[A]["state"] == "up"
+    assert core.stats["bad_replies"] == 2
+
+
+def test_a_json_reply_spelling_nan_is_a_decode_error():
+    core, _ = make(1)
+    c = core.new_call("t")
+    core.submit(c)
+    send_all(core)
+    ((_, ok, exc),) = core.on_message(A, pack(Kind.RESULT, JSONCodec.wire_id, c.id, b"NaN"))
+    assert not ok and isinstance(exc, DecodeError) and "RFC 8259" in str(exc)
+
+
 def test_pinned_calls_go_only_to_their_target():
     core, _ = make(2)
     c = core.new_call("<status>", target=B)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -54,6 +55,24 @@ def test_what_only_some_codecs_carry():
 def test_refusals_are_encode_errors_that_say_why(codec, value, words):
     with pytest.raises(EncodeError, match=words):
         codec.encode(value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, [1.0, {"x": math.nan}]])
+def test_json_refuses_nan_and_infinity(value):
+    """RFC 8259 has no NaN or Infinity: Python's json module writes and reads them."""
+    with pytest.raises(EncodeError, match="NaN or Infinity"):
+        JSONCodec.encode(value)
+
+
+@pytest.mark.parametrize("body", [b"NaN", b"[1,Infinity]", b'{"x":-Infinity}'])
+def test_json_bodies_spelling_nan_or_infinity_are_decode_errors(body):
+    with pytest.raises(DecodeError, match="RFC 8259"):
+        JSONCodec.decode(body)
+
+
+def test_json_decodes_every_bytes_like_body():
+    for body in (b"[1]", bytearray(b"[1]"), memoryview(b"[1]"), "[1]", b"\xef\xbb\xbf[1]"):
+        assert JSONCodec.decode(body) == [1]
 
 
 @pytest.mark.parametrize("codec", ALL)

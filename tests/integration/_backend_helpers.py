@@ -7,6 +7,7 @@ view of a BackEnd. Not collected by pytest (no test_ prefix).
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import zmq
@@ -34,6 +35,7 @@ class RawClient:
         self.sock.connect(endpoint)
         self.signer = Signer(key) if key is not None else None
         self.ids = itertools.count(1)
+        self.notices: list[Any] = []  # (type, args, traceback) of each notice received
 
     def send(
         self,
@@ -52,16 +54,26 @@ class RawClient:
         self.sock.send_multipart(frames)
 
     def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
-        """(kind, codec, call_id, value); ERROR values are (type, args, traceback)."""
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no reply within {timeout} s")
-        m = protocol.unpack(self.sock.recv_multipart(), self.signer)
-        codec = get_codec(m.codec_id)
-        if m.kind == Kind.ERROR:
-            return m.kind, codec, m.call_id, protocol.decode_error(codec, m.body)
-        if m.kind == Kind.PONG:
-            return m.kind, codec, m.call_id, None
-        return m.kind, codec, m.call_id, codec.decode(m.body)
+        """(kind, codec, call_id, value); ERROR values are (type, args, traceback).
+
+        A backend's notice (an ERROR with call id 0, doc/protocol.md §5) is not a
+        reply: it is kept in ``notices`` and the next message is read."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                raise TimeoutError(f"no reply within {timeout} s")
+            m = protocol.unpack(self.sock.recv_multipart(), self.signer)
+            codec = get_codec(m.codec_id)
+            if m.kind == Kind.ERROR:
+                value = protocol.decode_error(codec, m.body)
+                if m.call_id == 0:
+                    self.notices.append(value)
+                    continue
+                return m.kind, codec, m.call_id, value
+            if m.kind == Kind.PONG:
+                return m.kind, codec, m.call_id, None
+            return m.kind, codec, m.call_id, codec.decode(m.body)
 
     def results(self, n: int, timeout: float = 30.0) -> dict[int, Any]:
         """The next ``n`` replies, all RESULTs, as {call id: value}."""

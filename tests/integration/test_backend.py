@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -360,6 +363,56 @@ def test_inline_and_pool_replies_interleave_without_loss(serve, client):
     assert b.task_count == 0
 
 
+def test_task_count_drops_before_the_reply_is_sent(serve, client):
+    """A caller that has its reply reads a task_count without its call, whether the
+    task ran inline or on the pool (it used to drop just after the send)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widens the window of the race
+    try:
+        b = serve({"quick": add, "pooled": add}, inline={"quick"}, workers=2)
+        c = client(b)
+        late = collections.Counter()
+        for n in range(1500):
+            for task in ("quick", "pooled"):
+                assert c.call(task, n, 1) == n + 1
+                if b.task_count:
+                    late[task] += 1
+    finally:
+        sys.setswitchinterval(switch)
+    assert not late
+
+
+def test_calls_of_a_client_gone_are_not_started(serve, client):
+    """Once a reply to a client proves its connection closed, its calls still queued
+    are not run (its FrontEnd failed them already, e.g. after a freeze)."""
+    gate = threading.Event()
+    ran = []
+
+    def held(n):
+        gate.wait(30)
+        ran.append(n)
+        time.sleep(0.02)  # simulated work: 50 calls would take 1 s
+        return n
+
+    b = serve({"held": held}, workers=1)
+    leaving = RawClient(b.endpoint)
+    try:
+        for n in range(50):
+            leaving.send("held", n)
+        assert leaving.call("<status>") == "50"
+    finally:
+        leaving.close()  # linger 0: the connection closes with 50 calls queued
+    other = client(b)
+    gate.set()
+    deadline = time.monotonic() + 30
+    while b.task_count:
+        assert time.monotonic() < deadline, b.stats()
+        assert other.call("<status>")  # keeps the I/O thread (and the ROUTER) busy
+    dropped = b.stats()["dropped"]
+    assert len(ran) + dropped["client_gone"] == 50
+    assert 1 <= len(ran) < 50 and dropped["reply_unroutable"] >= 1
+
+
 def test_stop_after_sync_calls_is_prompt(serve, client):
     b = serve(TASKS)
     c = client(b)
@@ -414,6 +467,30 @@ def test_port_zero_binds_a_free_port(serve, client):
     b = serve(TASKS, port=0)
     assert b.port > 0 and b.endpoint == f"tcp://127.0.0.1:{b.port}"
     assert client(b).call("add", 1, 2) == 3
+
+
+def test_running_only_once_bound():
+    """Another thread that sees ``running`` must see the bound port (it used to turn
+    True before the bind: port still 0)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widens the window of the race
+    early = []
+    try:
+        for _ in range(20):
+            b = BackEnd(TASKS, port=0)
+            starter = threading.Thread(target=b.start)
+            starter.start()
+            try:
+                while starter.is_alive() and not b.running:
+                    pass
+                if b.running and b.port == 0:
+                    early.append(b.endpoint)
+            finally:
+                starter.join(10)
+                b.close(timeout=10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert early == []
 
 
 def test_ipc_endpoint(serve, client, tmp_path):
@@ -476,6 +553,45 @@ def test_logger_receives_events(serve, client):
     assert "INFO Fulfilling task 'add'" in text
     assert "ERROR Error while fulfilling task 'fail'" in text
     assert "IMPORTANT Server stopped" in text
+
+
+def test_failing_calls_log_one_traceback_per_task_and_error_per_interval(
+    serve, client, caplog, monkeypatch
+):
+    """A client calling with the wrong arity used to write every traceback at INFO."""
+    # one interval, however slow the machine
+    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 600.0, raising=False)
+    b = serve(TASKS)
+    c = client(b)
+    caplog.set_level(logging.INFO, logger="taskit.backend")
+    for n in range(300):
+        with pytest.raises(RemoteError) as e:
+            c.call("add", n)  # wrong arity: a TypeError in task 'add'
+        assert "Traceback" in e.value.tb  # every caller still gets its traceback
+    with pytest.raises(RemoteError):
+        c.call("fail", "other")  # another task: its own traceback
+    full = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(full) == 2 and "'add'" in full[0] and "'fail'" in full[1]
+    assert b.stats()["tasks"]["add"]["failed"] == 300  # counted, all of them
+
+
+def test_skipped_tracebacks_are_counted_in_the_next_one_logged(serve, client, caplog, monkeypatch):
+    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 0.05, raising=False)
+    b = serve(TASKS)
+    c = client(b)
+    caplog.set_level(logging.INFO, logger="taskit.backend")
+    for n in range(100):
+        with pytest.raises(RemoteError):
+            c.call("add", n)
+    start = time.monotonic()
+    while time.monotonic() - start < 0.06:  # the interval passes: the next one is logged
+        time.sleep(0.01)
+    with pytest.raises(RemoteError):
+        c.call("add", -1)
+    full = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    counts = [re.search(r"and (\d+) more failures of task 'add'", m) for m in full]
+    assert counts[-1] is not None  # the last one logged tells of the skipped ones
+    assert len(full) + sum(int(m.group(1)) for m in counts if m) == 101
 
 
 # --- real processes ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ processes)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from concurrent.futures import Future, wait
 import pytest
 import zmq
 
+from taskit import protocol
 from taskit.backend import ADMIN_TASKS
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
@@ -29,7 +31,7 @@ from taskit.errors import (
     UnknownTaskError,
 )
 from taskit.frontend import FrontEnd
-from taskit.protocol import STATUS
+from taskit.protocol import STATUS, Kind
 
 from ..conftest import free_port
 
@@ -188,6 +190,25 @@ def test_codecs_refuse_clearly(backends, frontends):
         fe_json.work("a_set")  # JSON cannot carry the set the task returns
     assert info.value.type == "EncodeError"
     assert fe_json.work("add", 1, 2) == 3
+
+
+def test_json_carries_no_nan_or_infinity_either_way(backends, frontends, client):
+    """RFC 8259 has no NaN or Infinity (doc/protocol.md promises it): refused when
+    encoding, on either side, and when decoding; msgpack carries them."""
+    be = backends({**TASKS, "nan": lambda: float("nan"), "inf": lambda: [-math.inf]})
+    fe = frontends([be.endpoint])  # JSON
+    with pytest.raises(EncodeError, match="NaN or Infinity"):
+        fe.work("echo", math.inf)
+    for task in ("nan", "inf"):
+        with pytest.raises(BackendProcessingError, match="NaN or Infinity") as info:
+            fe.work(task)
+        assert info.value.type == "EncodeError"
+    raw = client(be)  # a call whose body spells NaN (another client's encoder)
+    raw.send_raw(protocol.pack(Kind.CALL, JSONCodec.wire_id, 7, b'["echo",[NaN],{}]'))
+    kind, _codec, call_id, value = raw.recv()
+    assert (kind, call_id, value[0]) == (Kind.ERROR, 7, "DecodeError")
+    assert fe.work("add", 1, 2) == 3
+    assert math.isnan(frontends([be.endpoint], codec=MsgpackCodec).work("nan"))
 
 
 def test_pickle_gated_and_round_trips(backends, frontends):
@@ -401,6 +422,24 @@ def test_busy_backpressure(backends, frontends):
     wait(futures, 30)
     errors = [f.exception() for f in futures if f.exception() is not None]
     assert errors and all(isinstance(e, BusyError) and e.type == "Busy" for e in errors)
+
+
+def test_default_max_pending_takes_a_20000_call_burst_without_busy(backends, frontends):
+    """The default bound is finite, yet one client pipelining 20,000 calls of a task
+    that cannot finish yet is never answered Busy (bench/rpc.py's burst size)."""
+    gate = threading.Event()
+    be = backends({"held": lambda n: gate.wait(60) and n})
+    fe = frontends([be.endpoint], codec=MsgpackCodec)
+    try:
+        futures = [fe.submit("held", n) for n in range(20_000)]
+        deadline = time.monotonic() + 60
+        while be.task_count < 20_000:
+            assert time.monotonic() < deadline, be.task_count
+            time.sleep(0.01)
+        assert be.stats()["refused"] == {}
+    finally:
+        gate.set()
+    assert [f.result(60) for f in futures] == list(range(20_000))
 
 
 def test_map_keeps_order_and_raises_in_place(backends, frontends):

@@ -221,6 +221,33 @@ def test_pings_keep_a_long_call_alive_and_cost_nothing_while_replies_flow(server
         assert fe.backends_status()[a.endpoint]["pings"] <= pinged + 1
 
 
+def test_calls_failed_by_their_client_during_a_freeze_do_not_run_after_it(servers):
+    """A frozen backend's clients fail its calls (BackendLostError) and reconnect; once
+    thawed, it learns from the first unroutable reply that the old connection is gone
+    and does not start that connection's calls still queued."""
+    a = servers("a")
+    with FrontEnd([a.endpoint], heartbeat_interval=0.2, heartbeat_timeout=1.0) as fe:
+        assert fe.work("who") == "a"
+        futures = [fe.submit("nap", 0.01) for _ in range(300)]  # ~0.75 s on 4 workers
+        # A ROUTER reads each peer in order: once this is answered, all 300 are read.
+        assert int(fe.send_signal(a.endpoint, "<status>")) > 0
+        a.kill(signal.SIGSTOP)
+        try:
+            errors = [f.exception(30) for f in futures]
+        finally:
+            a.kill(signal.SIGCONT)
+        lost = sum(isinstance(e, BackendLostError) for e in errors)
+        assert lost + errors.count(None) == 300 and lost > 0
+    with FrontEnd([a.endpoint], connect_timeout=10) as fe:
+        deadline = time.monotonic() + 30
+        while (stats := fe.send_signal(a.endpoint, "<stats>"))["in_flight"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+    ran, skipped = stats["tasks"]["nap"]["calls"], stats["dropped"]["client_gone"]
+    assert ran + skipped == 300
+    assert 0 < skipped <= lost, stats  # only calls whose caller had given up are skipped
+
+
 def test_restarted_backend_rejoins(servers):
     a, b = servers("a"), servers("b")
     with FrontEnd([a.endpoint, b.endpoint], connect_timeout=5) as fe:
