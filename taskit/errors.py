@@ -20,6 +20,7 @@ __all__ = [
     "RemoteTaskError",
     "RemoteTraceback",
     "WorkerInitError",
+    "WorkerStartError",
     "UnpicklableError",
     "UnknownTargetError",
     "JobWorkerError",
@@ -127,6 +128,16 @@ class WorkerInitError(PoolError):
 
     Every job that worker takes fails with this error; fix the factory and
     create the pool again.
+    """
+
+
+class WorkerStartError(PoolError):
+    """A process pool's workers cannot start: they die while starting (before any
+    job) or cannot be created, a few in a row, so the pool stopped replacing them.
+
+    Every job queued then or submitted later fails with this error; the message
+    names the cause (often a script that creates the pool without the
+    ``if __name__ == "__main__":`` guard). Fix it and create the pool again.
     """
 
 
