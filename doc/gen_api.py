@@ -9,6 +9,7 @@ import inspect
 import os
 import re
 import sys
+import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,16 +63,55 @@ def first(doc):
     return text.replace("``", "`")
 
 
+class _Shown:
+    """Put in a signature in place of an annotation or a default: prints as ``text``."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def _annotation(a):
+    # With `from __future__ import annotations` annotations are strings (shown
+    # bare, as written); a NamedTuple's become ForwardRef('int') (shown as int).
+    if isinstance(a, str):
+        return _Shown(a)
+    if isinstance(a, typing.ForwardRef):
+        return _Shown(a.__forward_arg__)
+    return _Shown(re.sub(r"ForwardRef\('([^']*)'\)", r"\1", inspect.formatannotation(a)))
+
+
+def _default(v):
+    # repr() as in Python (strings quoted), but classes, functions and objects by name.
+    r = repr(v)
+    r = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], r)
+    r = re.sub(r"<function ([\w.<>]+) at 0x[0-9a-f]+>", r"\1", r)
+    r = re.sub(r"<(\w+) object at 0x[0-9a-f]+>", r"\1()", r)
+    return _Shown(r)
+
+
 def sig(obj):
     try:
-        s = str(inspect.signature(obj))
+        s = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
-    s = s.replace("'", "")
-    s = re.sub(r"<class '?([\w.]+)'?>", lambda m: m.group(1).rsplit(".", 1)[-1], s)
-    s = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", s)
-    s = re.sub(r"<(\w+) object at 0x[0-9a-f]+>", r"\1()", s)
-    return s
+    empty = inspect.Parameter.empty
+    params = [
+        p.replace(
+            annotation=p.annotation if p.annotation is empty else _annotation(p.annotation),
+            default=p.default if p.default is empty else _default(p.default),
+        )
+        for p in s.parameters.values()
+    ]
+    ret = s.return_annotation
+    return str(
+        s.replace(
+            parameters=params,
+            return_annotation=ret if ret is s.empty else _annotation(ret),
+        )
+    )
 
 
 def members(cls):
