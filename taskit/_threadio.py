@@ -47,7 +47,7 @@ from taskit._dealer import (
     monitor_event,
     open_dealer,
 )
-from taskit.errors import CallTimeoutError, FrontEndClosedError
+from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 from taskit.log import ERROR, INFO
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
@@ -142,14 +142,35 @@ class CallFuture(Future):
         self.ok: bool | None = None
 
     def result(self, timeout: float | None = None) -> Any:
+        """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
+        builtin ``TimeoutError`` on every Python) when ``timeout`` passes first."""
         if self.ok is None:
             self._io.drive_for(self, timeout)
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except _futures_base.TimeoutError as e:
+            if self._raised(e):
+                raise
+            raise self._wait_timeout(timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The call's exception or ``None``; :class:`WaitTimeoutError` as :meth:`result`."""
         if self.ok is None:
             self._io.drive_for(self, timeout)
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        except _futures_base.TimeoutError:
+            raise self._wait_timeout(timeout) from None
+
+    def _raised(self, e: BaseException) -> bool:
+        """Whether ``e`` is the call's own exception (e.g. its CallTimeoutError)."""
+        return self.done() and not self.cancelled() and super().exception() is e
+
+    @staticmethod
+    def _wait_timeout(timeout: float | None) -> WaitTimeoutError:
+        # Before 3.11 Future raises concurrent.futures.TimeoutError, which
+        # `except TimeoutError` misses.
+        return WaitTimeoutError(f"the call's result did not arrive within {timeout:g} s")
 
 
 class ThreadedIO:

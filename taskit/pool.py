@@ -41,6 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
+from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import Any
 
 from taskit._jobs import (
@@ -52,7 +53,7 @@ from taskit._jobs import (
     current_toolbox,
     default_size,
 )
-from taskit.errors import PoolShutdownError, WorkerInitError
+from taskit.errors import PoolShutdownError, WaitTimeoutError, WorkerInitError
 
 __all__ = [
     "WorkerPool",
@@ -371,8 +372,9 @@ class WorkerPool:
         Stops at the shortest iterable, like the builtin. Blocks until every
         call is done: results in input order (``ordered=True``) or in
         completion order. Raises the first exception a call raised, or
-        :class:`TimeoutError` when ``timeout`` seconds pass first; either way
-        the calls not yet started are cancelled.
+        :class:`~taskit.errors.WaitTimeoutError` (a ``TimeoutError``) when
+        ``timeout`` seconds pass first; either way the calls not yet started
+        are cancelled.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -383,12 +385,35 @@ class WorkerPool:
         futures = [submit(fn, *args) for args in zip(*iterables, strict=False)]
         try:
             if ordered:
-                return [f.result(left()) for f in futures]
-            return [f.result() for f in as_completed(futures, timeout=left())]
+                out = []
+                for f in futures:
+                    try:
+                        out.append(f.result(left()))
+                    except _FuturesTimeout as e:
+                        if f.done() and not f.cancelled() and f.exception() is e:
+                            raise  # the job's own TimeoutError
+                        raise self._map_timeout(futures, timeout) from None
+                return out
+            out, finished = [], as_completed(futures, timeout=left())
+            while True:
+                try:
+                    f = next(finished)
+                except StopIteration:
+                    return out
+                except _FuturesTimeout:
+                    raise self._map_timeout(futures, timeout) from None
+                out.append(f.result())
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+
+    def _map_timeout(self, futures: list[Future], timeout: float | None) -> WaitTimeoutError:
+        late = sum(1 for f in futures if not f.done())
+        return WaitTimeoutError(
+            f"{self.name}.map: {late} of {len(futures)} calls not done within {timeout:g} s; "
+            "those not started are cancelled"
+        )
 
     # -- waiting and stopping --------------------------------------------------------
 
