@@ -4,6 +4,7 @@ first paragraph of each docstring.
     python doc/gen_api.py > doc/api.md
 """
 
+import enum
 import importlib
 import inspect
 import os
@@ -173,8 +174,17 @@ for m, blurb in MODS:
             ):
                 out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
                 continue
-            bases = ", ".join(b.__name__ for b in obj.__bases__)
+            # By name, once: before 3.11 the timeouts also derive from
+            # concurrent.futures.TimeoutError, a second "TimeoutError".
+            bases = ", ".join(dict.fromkeys(b.__name__ for b in obj.__bases__))
             out.append(f"- **`{name}`**(`{bases}`) — {first(obj.__doc__)}")
+        elif inspect.isclass(obj) and issubclass(obj, enum.Enum):
+            # Members, not the signature: Enum's call signature and default
+            # docstring differ between Python versions.
+            doc = obj.__dict__.get("__doc__")
+            doc = "" if doc in (None, "An enumeration.") else first(doc) + " "
+            items = ", ".join(f"`{k.name} = {k.value!r}`" for k in obj)
+            out.append(f"\n### `{name}` (`{obj.__mro__[1].__name__}`)\n\n{doc}Members: {items}.\n")
         elif inspect.isclass(obj):
             if obj.__module__ != m and not obj.__module__.startswith("taskit._"):
                 out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
