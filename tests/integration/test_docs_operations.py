@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -116,3 +117,51 @@ def test_unprivileged_taskitd_example_runs(tmp_path):
             pid = int(pidfile.read_text())
             if alive(pid):
                 kill_tree(pid)
+
+
+CTRL_C_IN_MAP = """
+import signal
+import threading
+
+from taskit.backend import BackEnd
+from taskit.frontend import FrontEnd
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
+
+
+def nap(x):
+    threading.Event().wait(0.02)
+    return x
+
+
+if __name__ == "__main__":
+    with BackEnd({"nap": nap}, port=0, workers=2, inline=False) as b:
+        with FrontEnd([("127.0.0.1", b.port)]) as fe:
+            try:
+                for i, _ in enumerate(fe.map("nap", range(300))):
+                    if i == 3:
+                        print("ready", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", b.task_count > 0, flush=True)
+            print("usable", fe.call("nap", (7,), timeout=120), flush=True)
+"""
+
+
+def test_ctrl_c_in_a_long_map_is_what_index_md_says(tmp_path):
+    # doc/index.md: Ctrl-C ends the map at once, the FrontEnd stays usable, and the
+    # calls already sent keep running on the backend.
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_IN_MAP)
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env()
+    )
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    assert p.returncode == 0
+    assert out.split("\n")[:2] == ["interrupted True", "usable 7"], out
