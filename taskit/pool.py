@@ -23,7 +23,10 @@ threads, and process workers are told to stop at exit (running jobs finish,
 queued ones are cancelled). Future callbacks run in the worker thread (thread
 pools) or in the pool's manager thread (process pools): keep them short. As
 with any multiprocessing code, a script that starts a process pool must guard
-its entry point with ``if __name__ == "__main__":``.
+its entry point with ``if __name__ == "__main__":`` (each worker imports the
+main module again); without it, the pool's jobs fail at once with
+:class:`~taskit.errors.WorkerStartError` saying so. Workers that keep dying
+before their first job are likewise given up on after a few tries.
 
 The classic interfaces are here too: workerpool's :class:`Job`,
 :class:`SimpleJob`, :class:`SuicideJob`, :class:`TerminationNotice`,
