@@ -414,7 +414,16 @@ class ProcessEngine:
                 self._early_deaths += 1
                 log.debug("%s: cannot start a worker process: %r", self._pool.name, e)
                 if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
-                    self._give_up(f"{self._early_deaths} tries in a row failed, the last: {e!r}")
+                    hint = ""
+                    if isinstance(e, EOFError) and self.start_method == "forkserver":
+                        # The fork server died at once: it may import the main module too.
+                        hint = (
+                            "; the fork server exited: if importing the main module starts a "
+                            "process pool, guard the main module with if __name__ == '__main__':"
+                        )
+                    self._give_up(
+                        f"{self._early_deaths} tries in a row failed, the last: {e!r}{hint}"
+                    )
                 continue
             missing -= 1
         excess = len(live) - target
@@ -561,6 +570,8 @@ class ProcessEngine:
         self._avg = per_job if self._avg is None else 0.8 * self._avg + 0.2 * per_job
         w.done += n
         w.progress = time.monotonic()
+        if self._early_deaths:
+            self._early_deaths = 0  # workers do start: only failures in a row count
         completed = failed = 0
         inflight = w.inflight
         for _jid, status, payload, _ in frames:
