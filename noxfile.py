@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import nox
 
-# Keep in step with requires-python in pyproject.toml.
+# Keep in step with requires-python and the classifiers in pyproject.toml.
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 nox.options.sessions = ["tests"]
