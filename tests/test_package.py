@@ -84,3 +84,19 @@ def test_doc_api_md_is_what_the_generator_writes():
     assert committed == _generated_api_reference(), (
         "doc/api.md is out of date: run python doc/gen_api.py > doc/api.md"
     )
+
+
+def test_ci_tests_every_python_the_package_claims():
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = f.read()
+    floor = re.search(r'requires-python = ">=3\.(\d+)"', pyproject).group(1)
+    with open(os.path.join(ROOT, "noxfile.py"), encoding="utf-8") as f:
+        noxfile = f.read()
+    pythons = re.findall(r'"3\.(\d+)"', re.search(r"PYTHONS = \[(.*?)\]", noxfile).group(1))
+    assert pythons[0] == floor, "noxfile.PYTHONS must start at requires-python's floor"
+    minors = [int(p) for p in pythons]
+    assert minors == list(range(minors[0], minors[-1] + 1)), "no version skipped"
+    for p in pythons:
+        assert f'"Programming Language :: Python :: 3.{p}"' in pyproject
