@@ -9,6 +9,7 @@ import importlib
 import inspect
 import os
 import re
+import struct
 import sys
 import typing
 
@@ -201,7 +202,9 @@ for m, blurb in MODS:
             out.append(f"- `{name}{sig(obj)}` — {first(obj.__doc__)}")
         else:
             r = repr(obj)
-            if " at 0x" in r:
+            if isinstance(obj, struct.Struct):  # its repr differs between versions
+                r = f"Struct({obj.format!r})"
+            elif " at 0x" in r:
                 r = f"{type(obj).__name__}(...)"
             if len(r) > 70:
                 r = type(obj).__name__
