@@ -41,8 +41,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from taskit import _procworker as pw
 from taskit.errors import (
@@ -56,7 +57,24 @@ from taskit.errors import (
 )
 
 if TYPE_CHECKING:
-    from taskit.pool import WorkerPool, _WorkItem
+    from taskit._jobs import _WorkItem
+
+
+class _Pool(Protocol):
+    """What the engine uses of its :class:`~taskit.pool.WorkerPool` (which imports
+    this module; a Protocol keeps the import one-way)."""
+
+    name: str
+    _initializer: Callable[..., Any] | None
+    _initargs: tuple
+    _toolbox_factory: Callable[[], Any] | None
+    _slots: threading.Semaphore | None
+    _target: int
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None: ...
+    def _job_done(self, n: int = 1) -> None: ...
+    def _terminated_by_job(self) -> None: ...
+
 
 __all__ = ["ProcessEngine", "BATCH_SECONDS", "MAX_INFLIGHT", "default_start_method"]
 
@@ -201,7 +219,7 @@ class ProcessEngine:
     the pool's lock; everything else happens in the manager thread.
     """
 
-    def __init__(self, pool: WorkerPool, start_method: str | None) -> None:
+    def __init__(self, pool: _Pool, start_method: str | None) -> None:
         method = start_method or default_start_method()
         if method == "fork":
             raise ValueError(

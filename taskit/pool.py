@@ -53,9 +53,11 @@ from taskit._jobs import (
     SuicideJob,
     TerminationNotice,
     _call_initializers,
+    _WorkItem,
     current_toolbox,
     default_size,
 )
+from taskit._startworkers import JobQueue, _Constant
 from taskit.errors import PoolShutdownError, WaitTimeoutError, WorkerInitError
 
 __all__ = [
@@ -73,26 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("taskit.pool")
-
-
-# --- queue items ------------------------------------------------------------
-
-
-class _WorkItem:
-    """One queued call: the future and what to run (``is_job``: a Job's ``run``)."""
-
-    # payload/jid/sent are only set by the process engine (unset slots cost nothing).
-    __slots__ = ("future", "fn", "args", "kwargs", "is_job", "payload", "jid", "sent")
-    payload: bytes
-    jid: int
-    sent: bool
-
-    def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.is_job = is_job
 
 
 # Private markers: never reachable by user code, so no payload collides with them.
@@ -675,6 +657,19 @@ def _check_count(n: Any, label: str) -> None:
         raise ValueError(f"{label} must be an int >= 0, not {n!r}")
 
 
-# The multiprocess worker library's model lives in its own module; it builds
-# WorkerPools, so it is imported once WorkerPool exists.
-from taskit._startworkers import JobQueue, start_workers  # noqa: E402
+def start_workers(
+    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
+) -> JobQueue:
+    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
+
+    ``attributes`` is an instance whose public methods are the jobs' targets
+    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
+    each child gets its own copy, so state changes stay in that worker.
+    Children exit when this process dies; :meth:`JobQueue.close` stops them
+    cleanly. (The multiprocess worker library's model; its queue is in
+    :mod:`taskit._startworkers`.)
+    """
+    if isinstance(attributes, type):
+        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
+    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
+    return JobQueue(pool)
