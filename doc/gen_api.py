@@ -4,11 +4,14 @@ first paragraph of each docstring.
     python doc/gen_api.py > doc/api.md
 """
 
+import enum
 import importlib
 import inspect
 import os
 import re
+import struct
 import sys
+import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,16 +65,55 @@ def first(doc):
     return text.replace("``", "`")
 
 
+class _Shown:
+    """Put in a signature in place of an annotation or a default: prints as ``text``."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def _annotation(a):
+    # With `from __future__ import annotations` annotations are strings (shown
+    # bare, as written); a NamedTuple's become ForwardRef('int') (shown as int).
+    if isinstance(a, str):
+        return _Shown(a)
+    if isinstance(a, typing.ForwardRef):
+        return _Shown(a.__forward_arg__)
+    return _Shown(re.sub(r"ForwardRef\('([^']*)'\)", r"\1", inspect.formatannotation(a)))
+
+
+def _default(v):
+    # repr() as in Python (strings quoted), but classes, functions and objects by name.
+    r = repr(v)
+    r = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], r)
+    r = re.sub(r"<function ([\w.<>]+) at 0x[0-9a-f]+>", r"\1", r)
+    r = re.sub(r"<(\w+) object at 0x[0-9a-f]+>", r"\1()", r)
+    return _Shown(r)
+
+
 def sig(obj):
     try:
-        s = str(inspect.signature(obj))
+        s = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
-    s = s.replace("'", "")
-    s = re.sub(r"<class '?([\w.]+)'?>", lambda m: m.group(1).rsplit(".", 1)[-1], s)
-    s = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", s)
-    s = re.sub(r"<(\w+) object at 0x[0-9a-f]+>", r"\1()", s)
-    return s
+    empty = inspect.Parameter.empty
+    params = [
+        p.replace(
+            annotation=p.annotation if p.annotation is empty else _annotation(p.annotation),
+            default=p.default if p.default is empty else _default(p.default),
+        )
+        for p in s.parameters.values()
+    ]
+    ret = s.return_annotation
+    return str(
+        s.replace(
+            parameters=params,
+            return_annotation=ret if ret is s.empty else _annotation(ret),
+        )
+    )
 
 
 def members(cls):
@@ -133,8 +175,17 @@ for m, blurb in MODS:
             ):
                 out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
                 continue
-            bases = ", ".join(b.__name__ for b in obj.__bases__)
+            # By name, once: before 3.11 the timeouts also derive from
+            # concurrent.futures.TimeoutError, a second "TimeoutError".
+            bases = ", ".join(dict.fromkeys(b.__name__ for b in obj.__bases__))
             out.append(f"- **`{name}`**(`{bases}`) — {first(obj.__doc__)}")
+        elif inspect.isclass(obj) and issubclass(obj, enum.Enum):
+            # Members, not the signature: Enum's call signature and default
+            # docstring differ between Python versions.
+            doc = obj.__dict__.get("__doc__")
+            doc = "" if doc in (None, "An enumeration.") else first(doc) + " "
+            items = ", ".join(f"`{k.name} = {k.value!r}`" for k in obj)
+            out.append(f"\n### `{name}` (`{obj.__mro__[1].__name__}`)\n\n{doc}Members: {items}.\n")
         elif inspect.isclass(obj):
             if obj.__module__ != m and not obj.__module__.startswith("taskit._"):
                 out.append(f"- `{name}` — `{obj.__module__}.{name}`.")
@@ -151,7 +202,9 @@ for m, blurb in MODS:
             out.append(f"- `{name}{sig(obj)}` — {first(obj.__doc__)}")
         else:
             r = repr(obj)
-            if " at 0x" in r:
+            if isinstance(obj, struct.Struct):  # its repr differs between versions
+                r = f"Struct({obj.format!r})"
+            elif " at 0x" in r:
                 r = f"{type(obj).__name__}(...)"
             if len(r) > 70:
                 r = type(obj).__name__

@@ -26,6 +26,7 @@ from taskit.errors import (
     PoolShutdownError,
     ProtocolError,
     RemoteTaskError,
+    RemoteTraceback,
     SignatureError,
 )
 from taskit.log import ERROR, IMPORTANT, INFO
@@ -617,7 +618,10 @@ class CallHandler:
         try:
             value = fut.result()
         except BaseException as e:
-            frames = self._error_frames(codec, call_id, name, e)
+            # Process pool: the task's own traceback comes from the worker; any other
+            # error was raised here by the pool (WorkerLostError, WorkerStartError, ...),
+            # whose message says it all and whose frames are the pool's, not the task's.
+            frames = self._error_frames(codec, call_id, name, e, local_traceback=False)
             ok = False
         else:
             frames, ok = self._result_frames(codec, call_id, name, value)
@@ -647,12 +651,21 @@ class CallHandler:
             self._note(ERROR, msg)
         return self._encode_error(codec, call_id, "EncodeError", [msg], "", self._signer)
 
-    def _error_frames(self, codec: Any, call_id: int, name: str, e: BaseException) -> list[bytes]:
+    def _error_frames(
+        self, codec: Any, call_id: int, name: str, e: BaseException, local_traceback: bool = True
+    ) -> list[bytes]:
         if isinstance(e, RemoteTaskError):
             type_name, args, tb = e.type, [str(e).split("\n\n", 1)[0]], e.remote_traceback
         else:
             type_name, args = type(e).__name__, list(e.args)
-            tb = "".join(traceback.format_exception(e)) if self.tracebacks else ""
+            if not self.tracebacks:
+                tb = ""
+            elif isinstance(e.__cause__, RemoteTraceback):
+                # Raised in a process worker: its traceback there, once (formatting e
+                # would add the cause's text and then this thread's frames).
+                tb = e.__cause__.tb
+            else:
+                tb = "".join(traceback.format_exception(e)) if local_traceback else ""
         if self._verbose:
             shown = ", ".join(map(_safe_repr, args))
             self._note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")

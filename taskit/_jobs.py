@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,26 @@ __all__ = [
     "current_toolbox",
     "default_size",
 ]
+
+
+# --- the queue item of every pool -------------------------------------------
+
+
+class _WorkItem:
+    """One queued call: the future and what to run (``is_job``: a Job's ``run``)."""
+
+    # payload/jid/sent are only set by the process engine (unset slots cost nothing).
+    __slots__ = ("future", "fn", "args", "kwargs", "is_job", "payload", "jid", "sent")
+    payload: bytes
+    jid: int
+    sent: bool
+
+    def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.is_job = is_job
 
 
 # --- the classic job interface (workerpool semantics, defects fixed) -------

@@ -36,12 +36,14 @@ import os
 import pickle
 import selectors
 import signal
+import sys
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from taskit import _procworker as pw
 from taskit.errors import (
@@ -51,10 +53,28 @@ from taskit.errors import (
     RemoteTraceback,
     UnpicklableError,
     WorkerLostError,
+    WorkerStartError,
 )
 
 if TYPE_CHECKING:
-    from taskit.pool import WorkerPool, _WorkItem
+    from taskit._jobs import _WorkItem
+
+
+class _Pool(Protocol):
+    """What the engine uses of its :class:`~taskit.pool.WorkerPool` (which imports
+    this module; a Protocol keeps the import one-way)."""
+
+    name: str
+    _initializer: Callable[..., Any] | None
+    _initargs: tuple
+    _toolbox_factory: Callable[[], Any] | None
+    _slots: threading.Semaphore | None
+    _target: int
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None: ...
+    def _job_done(self, n: int = 1) -> None: ...
+    def _terminated_by_job(self) -> None: ...
+
 
 __all__ = ["ProcessEngine", "BATCH_SECONDS", "MAX_INFLIGHT", "default_start_method"]
 
@@ -65,7 +85,10 @@ BATCH_SECONDS = 0.002  # estimated work a worker may hold beyond its current job
 # "stalled": while another worker is idle, its waiting jobs are taken back.
 STEAL_AFTER = 0.01
 MAX_INFLIGHT = 256  # jobs per worker, whatever their size
-_DEATHS_BEFORE_GIVING_UP = 5  # consecutive workers dying before any job: stop replacing
+# Consecutive workers that die before running any job (or cannot be created):
+# then the pool stops replacing them and fails its jobs with WorkerStartError.
+_DEATHS_BEFORE_GIVING_UP = 5
+_EXIT_WAIT = 10.0  # seconds interpreter exit waits for worker processes to stop
 _dumps = pickle.dumps
 _loads = pickle.loads
 _PROTO = pickle.HIGHEST_PROTOCOL
@@ -78,11 +101,19 @@ def _stop_at_exit() -> None:
     # Registered after multiprocessing's own exit hook, so it runs first: that
     # hook joins every child process, which would wait forever for workers
     # nobody told to stop. Running jobs finish; queued ones are cancelled.
-    for engine in list(_live_engines):
+    # Then wait (bounded) for the workers to exit: that hook also unlinks the
+    # pools' semaphores, which a worker still starting (a replacement started
+    # just before shutdown(wait=False), as terminate_server does) must open,
+    # or it dies with a FileNotFoundError traceback on stderr.
+    engines = list(_live_engines)
+    for engine in engines:
         try:
             engine._pool.shutdown(wait=False, cancel_pending=True)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+    deadline = time.monotonic() + _EXIT_WAIT
+    for engine in engines:
+        engine.wait_stopped(max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(_stop_at_exit)
@@ -95,6 +126,27 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _exit_if_importing_main() -> None:
+    """End this process at once if multiprocessing is still importing the main
+    module in it: a script without the ``if __name__ == "__main__":`` guard,
+    re-run by a worker process (or by the fork server) that it started.
+
+    Workers cannot start from here (multiprocessing refuses while the main
+    module is imported), and the rest of the script would run here too:
+    nested backends, calls that fail, a fork server that never serves. The
+    parent sees the exit code and reports the cause, once.
+    """
+    # multiprocessing's own mark for this phase (see spawn._check_not_importing_main).
+    if getattr(mp.current_process(), "_inheriting", False):
+        os._exit(pw.EXIT_UNGUARDED_MAIN)
+
+
+def _main_module() -> str:
+    """How to name the main module in a message: its file, or ``__main__``."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return f"the main module ({path})" if path else "the main module"
 
 
 def default_start_method() -> str:
@@ -167,7 +219,7 @@ class ProcessEngine:
     the pool's lock; everything else happens in the manager thread.
     """
 
-    def __init__(self, pool: WorkerPool, start_method: str | None) -> None:
+    def __init__(self, pool: _Pool, start_method: str | None) -> None:
         method = start_method or default_start_method()
         if method == "fork":
             raise ValueError(
@@ -238,6 +290,8 @@ class ProcessEngine:
 
     def set_target(self, n: int) -> None:
         """Ask for ``n`` live workers (pool lock held)."""
+        if n:
+            _exit_if_importing_main()
         self._target = n
         self._wake()
 
@@ -344,7 +398,7 @@ class ProcessEngine:
         self._wid += 1
         job_r, job_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
-        claim = ctx.RawArray("Q", 3)
+        claim = ctx.RawArray("Q", 4)
         gate = ctx.Lock()
         # With forkserver the child's parent is the fork server, not us.
         expected_ppid = os.getpid() if self.start_method == "spawn" else 0
@@ -370,14 +424,26 @@ class ProcessEngine:
         target = 0 if self._stopping else self._target
         if self._stopping and not self._cancel_pending and self._queue:
             target = self._target  # drain the queue first, with the workers asked for
-        if self._broken is None:
-            for _ in range(target - len(live)):
-                try:
-                    self._start_worker()
-                except Exception as e:  # noqa: BLE001
-                    log.error("%s: cannot start a worker process: %r", self._pool.name, e)
-                    self._give_up(f"cannot start a worker process: {e!r}")
-                    break
+        missing = target - len(live)
+        while missing > 0 and self._broken is None:
+            try:
+                self._start_worker()
+            except Exception as e:  # noqa: BLE001 - e.g. EMFILE, ENOMEM: retried a few times
+                self._early_deaths += 1
+                log.debug("%s: cannot start a worker process: %r", self._pool.name, e)
+                if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
+                    hint = ""
+                    if isinstance(e, EOFError) and self.start_method == "forkserver":
+                        # The fork server died at once: it may import the main module too.
+                        hint = (
+                            "; the fork server exited: if importing the main module starts a "
+                            "process pool, guard the main module with if __name__ == '__main__':"
+                        )
+                    self._give_up(
+                        f"{self._early_deaths} tries in a row failed, the last: {e!r}{hint}"
+                    )
+                continue
+            missing -= 1
         excess = len(live) - target
         if excess > 0:
             # Retire idle workers first, then the least loaded.
@@ -396,7 +462,7 @@ class ProcessEngine:
         if not q:
             return
         if self._broken is not None:
-            self._cancel_queue(WorkerLostError(self._broken))
+            self._cancel_queue(WorkerStartError(self._broken), cancel=False)
             return
         live = [w for w in self._workers.values() if not w.retiring]
         if not live:
@@ -522,6 +588,8 @@ class ProcessEngine:
         self._avg = per_job if self._avg is None else 0.8 * self._avg + 0.2 * per_job
         w.done += n
         w.progress = time.monotonic()
+        if self._early_deaths:
+            self._early_deaths = 0  # workers do start: only failures in a row count
         completed = failed = 0
         inflight = w.inflight
         for _jid, status, payload, _ in frames:
@@ -572,6 +640,10 @@ class ProcessEngine:
             # Retired (shrink, shutdown or a TerminationNotice): jobs it was sent
             # after the stop, if any, were never started and go back to the queue.
             log.debug("%s: worker process %s exited", self._pool.name, w.process.pid)
+        elif w.done == 0 and w.claim[0] == 0:
+            # Died before running any job: the jobs it was sent go back to the
+            # queue, and a start that keeps failing is reported once (_give_up).
+            self._start_failed(w, code, how)
         else:
             log.warning(
                 "%s: worker process %s %s%s",
@@ -580,15 +652,7 @@ class ProcessEngine:
                 how,
                 "" if w.retiring or self._stopping else "; starting a replacement",
             )
-            if w.done == 0 and not w.inflight:
-                self._early_deaths += 1
-                if self._early_deaths >= _DEATHS_BEFORE_GIVING_UP:
-                    self._give_up(
-                        f"{self._early_deaths} worker processes in a row died at start "
-                        f"(last one {how}); check the initializer and toolbox_factory"
-                    )
-            else:
-                self._early_deaths = 0
+            self._early_deaths = 0
         if not w.inflight:
             return
         started = w.claim[0]
@@ -619,12 +683,42 @@ class ProcessEngine:
         except (KeyError, ValueError):
             pass
 
+    def _start_failed(self, w: _Proc, code: int | None, how: str) -> None:
+        """A worker died before running any job: give up now, or after a few in a row."""
+        self._early_deaths += 1
+        log.debug("%s: worker process %s %s before any job", self._pool.name, w.process.pid, how)
+        if self._broken is not None:
+            return
+        if not w.claim[pw.READY] and code == pw.EXIT_UNGUARDED_MAIN:
+            # Certain, and the same for every worker: no point in trying again.
+            self._give_up(
+                f"each one imports {_main_module()} again, and that starts a process pool "
+                "(the script has no main guard); guard the main module with "
+                "if __name__ == '__main__':"
+            )
+        elif self._early_deaths < _DEATHS_BEFORE_GIVING_UP:
+            return
+        elif not w.claim[pw.READY]:
+            # multiprocessing's bootstrap failed: usually importing the main module again.
+            self._give_up(
+                f"{self._early_deaths} in a row {how} while starting, before taskit's worker "
+                f"code ran (their stderr says why); if importing {_main_module()} again fails "
+                "or runs the program, guard the main module with if __name__ == '__main__':"
+            )
+        else:
+            self._give_up(
+                f"{self._early_deaths} in a row {how} before running any job; "
+                "check the initializer and toolbox_factory"
+            )
+
     def _give_up(self, reason: str) -> None:
-        self._broken = f"{self._pool.name} cannot keep worker processes alive: {reason}"
+        """Stop replacing workers: every queued and later job fails with WorkerStartError."""
+        self._broken = f"{self._pool.name}: worker processes cannot start: {reason}"
         log.error("%s", self._broken)
 
-    def _cancel_queue(self, exc: BaseException | None) -> None:
-        """Empty the queue: cancel each job, or fail it with ``exc`` if already running."""
+    def _cancel_queue(self, exc: BaseException | None, cancel: bool = True) -> None:
+        """Empty the queue: cancel each job not yet sent (``cancel``), else fail it
+        with ``exc`` (or :class:`PoolShutdownError`)."""
         slots = self._pool._slots
         n = 0
         while self._queue:
@@ -632,8 +726,11 @@ class ProcessEngine:
             if slots is not None and not item.sent:
                 slots.release()
             n += 1
-            if not item.sent and item.future.cancel():
-                continue
+            if not item.sent:
+                if cancel and item.future.cancel():
+                    continue
+                if not item.future.set_running_or_notify_cancel():
+                    continue  # the caller cancelled it
             if not item.future.done():
                 item.future.set_exception(
                     exc if exc is not None else PoolShutdownError(f"{self._pool.name} shut down")

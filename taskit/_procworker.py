@@ -12,13 +12,17 @@ ends are this package, so pickle is fine: the parent trusts its own children):
   :data:`ERROR`, :data:`TERMINATED`). The frame is written before the next
   job starts, so a crash never loses a result already produced; the parent
   reads whatever frames are in the pipe with one ``read``.
-* ``claim``: three shared integers ``[started, skip_lo, skip_hi]`` guarded by
-  ``gate`` (a process-shared lock). Before running a job the child sets
+* ``claim``: four shared integers ``[started, skip_lo, skip_hi, ready]``;
+  the first three are guarded by ``gate`` (a process-shared lock). Before
+  running a job the child sets
   ``started`` to its id, unless the id lies in ``(skip_lo, skip_hi]``: those
   jobs the parent took back to give to an idle worker (work stealing), and
   the child drops them silently. When a child dies, ``started`` tells the
   parent which job it was running (that one fails) and which it never
-  started (those are re-queued for the other workers).
+  started (those are re-queued for the other workers). ``ready`` is set to 1
+  when :func:`child_main` begins: a worker that dies with it still 0 died
+  while starting (multiprocessing's bootstrap, e.g. re-importing the main
+  module), before any taskit code ran in it.
 
 Parent death: a reader thread drains the job pipe, so a write end closed
 without the ``b""`` stop message (EOF: the parent died, however) makes the
@@ -41,12 +45,26 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["child_main", "OK", "ERROR", "TERMINATED", "STOP", "HEADER", "encode_exception"]
+__all__ = [
+    "child_main",
+    "OK",
+    "ERROR",
+    "TERMINATED",
+    "STOP",
+    "HEADER",
+    "READY",
+    "EXIT_UNGUARDED_MAIN",
+    "encode_exception",
+]
 
 OK, ERROR, TERMINATED = 0, 1, 2
 STOP = b""
 HEADER = struct.Struct("!Q")  # result frames: 8-byte length, then the pickle
 EXIT_ORPHANED = 70  # the parent is gone: nobody is left to read our results
+# A process pool was asked for workers while this process was still importing
+# the main module for multiprocessing (an unguarded script): see _procpool.
+EXIT_UNGUARDED_MAIN = 78  # EX_CONFIG
+READY = 3  # claim[READY]: child_main has begun
 _PR_SET_PDEATHSIG = 1
 _dumps = pickle.dumps
 _loads = pickle.loads
@@ -116,6 +134,7 @@ def child_main(
     from taskit._jobs import TerminationNotice, _call_initializers
     from taskit.errors import UnpicklableError, WorkerInitError
 
+    claim[READY] = 1  # the bootstrap is over: a death from now on is not a start failure
     _set_parent_death_signal()
     # Our parent may have died before prctl took effect: then we were re-parented.
     ppid = os.getppid()

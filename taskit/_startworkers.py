@@ -1,23 +1,32 @@
-"""The multiprocess worker library's model: ``start_workers(n, attributes)``.
+"""The multiprocess worker library's model: the queue ``start_workers`` returns.
 
 ``n`` workers, each with its own copy of an attributes object, fed from a
 queue of ``{"target": "method_name", "arguments": ...}`` dicts; ``False``
-stops one worker. Import these names from :mod:`taskit.pool`.
+stops one worker. Import these names from :mod:`taskit.pool`, which defines
+``start_workers`` itself (this module never imports the pool: no cycle).
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from taskit._jobs import SuicideJob, current_toolbox
+from taskit._jobs import Job, SuicideJob, current_toolbox
 from taskit.errors import UnknownTargetError
 
-if TYPE_CHECKING:
-    from taskit.pool import WorkerPool
+__all__ = ["JobQueue"]
 
-__all__ = ["JobQueue", "start_workers"]
+
+class WorkerPoolLike(Protocol):
+    """What a JobQueue uses of its :class:`~taskit.pool.WorkerPool`."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future: ...
+    def put(self, job: Job, block: bool = True, timeout: float | None = None) -> Future: ...
+    def join(self, timeout: float | None = None) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None: ...
+
 
 log = logging.getLogger("taskit.pool")
 
@@ -63,7 +72,7 @@ class JobQueue:
     :class:`TypeError` and is logged; no worker dies.
     """
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPoolLike) -> None:
         self.pool = pool
 
     def put(self, job: Any, block: bool = True, timeout: float | None = None) -> Future:
@@ -102,22 +111,3 @@ class JobQueue:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def start_workers(
-    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
-) -> JobQueue:
-    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
-
-    ``attributes`` is an instance whose public methods are the jobs' targets
-    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
-    each child gets its own copy, so state changes stay in that worker.
-    Children exit when this process dies; :meth:`JobQueue.close` stops them
-    cleanly.
-    """
-    if isinstance(attributes, type):
-        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
-    from taskit.pool import WorkerPool
-
-    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
-    return JobQueue(pool)

@@ -48,7 +48,7 @@ from taskit._dealer import (
     open_dealer,
     refusal,
 )
-from taskit.errors import CallTimeoutError, FrontEndClosedError
+from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 from taskit.log import ERROR, INFO
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
@@ -144,17 +144,38 @@ class CallFuture(Future):
         self.ok: bool | None = None
 
     def result(self, timeout: float | None = None) -> Any:
-        """The call's result, as :meth:`concurrent.futures.Future.result`: waits at
-        most ``timeout`` seconds in all (driving the sockets included)."""
+        """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
+        builtin ``TimeoutError`` on every Python) when ``timeout`` passes first: it
+        waits at most ``timeout`` seconds in all (driving the sockets included)."""
+        wait = timeout
         if self.ok is None:
-            timeout = self._drive(timeout)
-        return super().result(timeout)
+            wait = self._drive(timeout)
+        try:
+            return super().result(wait)
+        except _futures_base.TimeoutError as e:
+            if self._raised(e):
+                raise
+            raise self._wait_timeout(timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """As :meth:`concurrent.futures.Future.exception`; waits at most ``timeout``."""
+        """The call's exception or ``None``; :class:`WaitTimeoutError` as :meth:`result`."""
+        wait = timeout
         if self.ok is None:
-            timeout = self._drive(timeout)
-        return super().exception(timeout)
+            wait = self._drive(timeout)
+        try:
+            return super().exception(wait)
+        except _futures_base.TimeoutError:
+            raise self._wait_timeout(timeout) from None
+
+    def _raised(self, e: BaseException) -> bool:
+        """Whether ``e`` is the call's own exception (e.g. its CallTimeoutError)."""
+        return self.done() and not self.cancelled() and super().exception() is e
+
+    @staticmethod
+    def _wait_timeout(timeout: float | None) -> WaitTimeoutError:
+        # Before 3.11 Future raises concurrent.futures.TimeoutError, which
+        # `except TimeoutError` misses.
+        return WaitTimeoutError(f"the call's result did not arrive within {timeout:g} s")
 
     def _drive(self, timeout: float | None) -> float | None:
         """Drive the sockets for up to ``timeout``; the part of it left to wait for

@@ -6,10 +6,12 @@ Each message should tell the user what happened and what to do next.
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 __all__ = [
     "TaskItError",
+    "WaitTimeoutError",
     # local half
     "ResyncError",
     "ResyncWaitTimeout",
@@ -20,6 +22,7 @@ __all__ = [
     "RemoteTaskError",
     "RemoteTraceback",
     "WorkerInitError",
+    "WorkerStartError",
     "UnpicklableError",
     "UnknownTargetError",
     "JobWorkerError",
@@ -56,6 +59,25 @@ class TaskItError(Exception):
     """Root of every error taskit raises itself."""
 
 
+# Before Python 3.11 concurrent.futures.TimeoutError is not the builtin
+# TimeoutError: taskit's timeouts are both, so `except TimeoutError` (and
+# `except concurrent.futures.TimeoutError`) catch them on every version.
+if concurrent.futures.TimeoutError is TimeoutError:
+    _TIMEOUT: tuple[type[Exception], ...] = (TimeoutError,)
+else:  # Python 3.10
+    _TIMEOUT = (TimeoutError, concurrent.futures.TimeoutError)
+
+
+class WaitTimeoutError(TaskItError, *_TIMEOUT):  # type: ignore[misc]
+    """A wait ran out of time before the result was there: ``result(timeout)`` or
+    ``exception(timeout)`` of a FrontEnd's future, ``WorkerPool.map(timeout=...)``.
+
+    Only the wait ended: the call or job goes on (``map`` cancels the jobs not
+    yet started). A builtin ``TimeoutError`` and a
+    ``concurrent.futures.TimeoutError`` on every supported Python.
+    """
+
+
 # --- local half -------------------------------------------------------------
 
 
@@ -63,7 +85,7 @@ class ResyncError(TaskItError):
     """Misuse of a :class:`taskit.resync.Mediator`."""
 
 
-class ResyncWaitTimeout(ResyncError, TimeoutError, RuntimeError):
+class ResyncWaitTimeout(ResyncError, *_TIMEOUT, RuntimeError):  # type: ignore[misc]
     """``Mediator.get(timeout)`` ran out of time before a result or error was set.
 
     Also a ``RuntimeError``, as the original (a ``_thread.error``) was.
@@ -128,6 +150,16 @@ class WorkerInitError(PoolError):
 
     Every job that worker takes fails with this error; fix the factory and
     create the pool again.
+    """
+
+
+class WorkerStartError(PoolError):
+    """A process pool's workers cannot start: they die while starting (before any
+    job) or cannot be created, a few in a row, so the pool stopped replacing them.
+
+    Every job queued then or submitted later fails with this error; the message
+    names the cause (often a script that creates the pool without the
+    ``if __name__ == "__main__":`` guard). Fix it and create the pool again.
     """
 
 
@@ -211,8 +243,9 @@ class FrontEndClosedError(FrontEndError, RuntimeError):
     """The FrontEnd was closed: new calls are refused and pending ones fail with this."""
 
 
-class CallTimeoutError(FrontEndError, TimeoutError):
-    """No answer arrived within the call's timeout. Also a builtin ``TimeoutError``."""
+class CallTimeoutError(FrontEndError, *_TIMEOUT):  # type: ignore[misc]
+    """No answer arrived within the call's timeout. Also a builtin ``TimeoutError``
+    (and a ``concurrent.futures.TimeoutError``, on every supported Python)."""
 
 
 class BackendProcessingError(TaskItError):

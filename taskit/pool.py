@@ -23,7 +23,10 @@ threads, and process workers are told to stop at exit (running jobs finish,
 queued ones are cancelled). Future callbacks run in the worker thread (thread
 pools) or in the pool's manager thread (process pools): keep them short. As
 with any multiprocessing code, a script that starts a process pool must guard
-its entry point with ``if __name__ == "__main__":``.
+its entry point with ``if __name__ == "__main__":`` (each worker imports the
+main module again); without it, the pool's jobs fail at once with
+:class:`~taskit.errors.WorkerStartError` saying so. Workers that keep dying
+before their first job are likewise given up on after a few tries.
 
 The classic interfaces are here too: workerpool's :class:`Job`,
 :class:`SimpleJob`, :class:`SuicideJob`, :class:`TerminationNotice`,
@@ -41,6 +44,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
+from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import Any
 
 from taskit._jobs import (
@@ -49,10 +53,12 @@ from taskit._jobs import (
     SuicideJob,
     TerminationNotice,
     _call_initializers,
+    _WorkItem,
     current_toolbox,
     default_size,
 )
-from taskit.errors import PoolShutdownError, WorkerInitError
+from taskit._startworkers import JobQueue, _Constant
+from taskit.errors import PoolShutdownError, WaitTimeoutError, WorkerInitError
 
 __all__ = [
     "WorkerPool",
@@ -69,26 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("taskit.pool")
-
-
-# --- queue items ------------------------------------------------------------
-
-
-class _WorkItem:
-    """One queued call: the future and what to run (``is_job``: a Job's ``run``)."""
-
-    # payload/jid/sent are only set by the process engine (unset slots cost nothing).
-    __slots__ = ("future", "fn", "args", "kwargs", "is_job", "payload", "jid", "sent")
-    payload: bytes
-    jid: int
-    sent: bool
-
-    def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict, is_job: bool):
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.is_job = is_job
 
 
 # Private markers: never reachable by user code, so no payload collides with them.
@@ -371,8 +357,9 @@ class WorkerPool:
         Stops at the shortest iterable, like the builtin. Blocks until every
         call is done: results in input order (``ordered=True``) or in
         completion order. Raises the first exception a call raised, or
-        :class:`TimeoutError` when ``timeout`` seconds pass first; either way
-        the calls not yet started are cancelled.
+        :class:`~taskit.errors.WaitTimeoutError` (a ``TimeoutError``) when
+        ``timeout`` seconds pass first; either way the calls not yet started
+        are cancelled.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -383,12 +370,35 @@ class WorkerPool:
         futures = [submit(fn, *args) for args in zip(*iterables, strict=False)]
         try:
             if ordered:
-                return [f.result(left()) for f in futures]
-            return [f.result() for f in as_completed(futures, timeout=left())]
+                out = []
+                for f in futures:
+                    try:
+                        out.append(f.result(left()))
+                    except _FuturesTimeout as e:
+                        if f.done() and not f.cancelled() and f.exception() is e:
+                            raise  # the job's own TimeoutError
+                        raise self._map_timeout(futures, timeout) from None
+                return out
+            out, finished = [], as_completed(futures, timeout=left())
+            while True:
+                try:
+                    f = next(finished)
+                except StopIteration:
+                    return out
+                except _FuturesTimeout:
+                    raise self._map_timeout(futures, timeout) from None
+                out.append(f.result())
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+
+    def _map_timeout(self, futures: list[Future], timeout: float | None) -> WaitTimeoutError:
+        late = sum(1 for f in futures if not f.done())
+        return WaitTimeoutError(
+            f"{self.name}.map: {late} of {len(futures)} calls not done within {timeout:g} s; "
+            "those not started are cancelled"
+        )
 
     # -- waiting and stopping --------------------------------------------------------
 
@@ -647,6 +657,19 @@ def _check_count(n: Any, label: str) -> None:
         raise ValueError(f"{label} must be an int >= 0, not {n!r}")
 
 
-# The multiprocess worker library's model lives in its own module; it builds
-# WorkerPools, so it is imported once WorkerPool exists.
-from taskit._startworkers import JobQueue, start_workers  # noqa: E402
+def start_workers(
+    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
+) -> JobQueue:
+    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
+
+    ``attributes`` is an instance whose public methods are the jobs' targets
+    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
+    each child gets its own copy, so state changes stay in that worker.
+    Children exit when this process dies; :meth:`JobQueue.close` stops them
+    cleanly. (The multiprocess worker library's model; its queue is in
+    :mod:`taskit._startworkers`.)
+    """
+    if isinstance(attributes, type):
+        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
+    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
+    return JobQueue(pool)

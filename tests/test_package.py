@@ -55,3 +55,48 @@ def test_the_frontend_never_imports_the_backend():
 def test_errors_import_nothing_from_taskit():
     loaded = _modules_loaded_by("import taskit.errors")
     assert {m for m in loaded if m.startswith("taskit.")} == {"taskit.errors"}
+
+
+def _generated_api_reference() -> str:
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "doc", "gen_api.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout
+
+
+def test_api_reference_shows_signatures_as_python_writes_them():
+    text = _generated_api_reference()
+    assert "host: str = '127.0.0.1'" in text  # string defaults quoted
+    assert "pool: Any = 'thread'" in text
+    assert "Message(kind: int, codec_id: int, call_id: int, body: bytes)" in text
+    assert "ForwardRef" not in text
+    assert "codec: Any = JSONCodec" in text  # classes and functions by name
+    assert "logger: Callable[[str, Any], Any] = null_logger" in text
+
+
+def test_doc_api_md_is_what_the_generator_writes():
+    with open(os.path.join(ROOT, "doc", "api.md"), encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == _generated_api_reference(), (
+        "doc/api.md is out of date: run python doc/gen_api.py > doc/api.md"
+    )
+
+
+def test_ci_tests_every_python_the_package_claims():
+    import re
+
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = f.read()
+    floor = re.search(r'requires-python = ">=3\.(\d+)"', pyproject).group(1)
+    with open(os.path.join(ROOT, "noxfile.py"), encoding="utf-8") as f:
+        noxfile = f.read()
+    pythons = re.findall(r'"3\.(\d+)"', re.search(r"PYTHONS = \[(.*?)\]", noxfile).group(1))
+    assert pythons[0] == floor, "noxfile.PYTHONS must start at requires-python's floor"
+    minors = [int(p) for p in pythons]
+    assert minors == list(range(minors[0], minors[-1] + 1)), "no version skipped"
+    for p in pythons:
+        assert f'"Programming Language :: Python :: 3.{p}"' in pyproject

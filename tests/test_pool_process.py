@@ -22,6 +22,7 @@ from taskit.errors import (
     UnpicklableError,
     WorkerInitError,
     WorkerLostError,
+    WorkerStartError,
 )
 from taskit.pool import Job, SuicideJob, WorkerPool, current_toolbox, start_workers
 
@@ -292,6 +293,17 @@ def test_failing_initializer_fails_jobs_with_workeriniterror():
     with WorkerPool(1, kind="process", initializer=bad_init) as p:
         with pytest.raises(WorkerInitError, match="no resource"):
             p.submit(sub, 1, 1).result(30)
+
+
+def test_workers_dying_before_any_job_stop_being_replaced_and_fail_the_jobs():
+    # The job reaches each worker before it dies: it must not restart them forever.
+    with WorkerPool(2, kind="process", initializer=exit_now, initargs=(4,)) as p:
+        futures = [p.submit(sub, 3, 1) for _ in range(3)]
+        for f in futures:
+            with pytest.raises(WorkerStartError, match="before running any job.*initializer"):
+                f.result(60)
+        with pytest.raises(WorkerStartError):
+            p.submit(sub, 3, 1).result(60)  # later jobs too, at once
 
 
 def test_unpicklable_initializer_is_refused_at_construction():
