@@ -117,6 +117,14 @@ N = 10_000
 def test_kill_with_retries_every_call_answered(servers):
     a, b = servers("a"), servers("b")
     with FrontEnd([a.endpoint, b.endpoint], codec=MsgpackCodec, retries=1) as fe:
+        # `a` must hold calls when it dies, or there is nothing to retry (the test
+        # failed ~1 run in 15 when `a` had answered all of its share by then). So both
+        # are connected first, and `a` is frozen while the calls go out: it gets the
+        # first one (ties go to the first backend) and every one while it holds no
+        # more than `b`, and answers none; it is killed once N // 5 calls are done.
+        assert fe.send_signal(a.endpoint, "<status>") == "0"
+        assert fe.send_signal(b.endpoint, "<status>") == "0"
+        a.kill(signal.SIGSTOP)
         futures = [fe.submit("add", i, i) for i in range(N)]
         killed = _kill_after(futures, N // 5, a)
         results = [f.result(60) for f in futures]
