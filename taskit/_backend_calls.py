@@ -20,6 +20,17 @@ import zmq
 
 from taskit import protocol
 from taskit._backend_parts import QUALIFY, TracebackLimiter, split_entry
+from taskit._wire import (
+    DONTWAIT,
+    EVENTS,
+    MORE,
+    NOBLOCK,
+    POLLIN,
+    ZERO_COPY,
+    base_get,
+    base_recv,
+    base_send,
+)
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec
 from taskit.errors import (
     DecodeError,
@@ -41,17 +52,10 @@ __all__ = ["ADMIN_TASKS", "task_stop", "task_kill", "task_count", "CallHandler",
 
 _log = logging.getLogger("taskit.backend")
 
-# Plain ints and the unwrapped socket methods for the hot path (see _send_locked).
-# Typed loosely: pyzmq's stubs overload them on literal flags, which int flags miss.
-_send: Callable[..., Any] = zmq.backend.Socket.send
-_recv: Callable[..., Any] = zmq.backend.Socket.recv
-_get: Callable[..., Any] = zmq.backend.Socket.get
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_DONTWAIT = int(zmq.DONTWAIT)
-_MORE = int(zmq.SNDMORE) | _DONTWAIT
+# The hot path's socket calls and flags (see taskit._wire).
+_send, _recv, _get = base_send, base_recv, base_get
+_EVENTS, _POLLIN, _NOBLOCK, _DONTWAIT, _MORE = EVENTS, POLLIN, NOBLOCK, DONTWAIT, MORE
 _CALL = int(Kind.CALL)
-_BIG = 64 * 1024  # frames at least this long are received and sent without a copy
 # Clients remembered per generation for the stop notice (two generations are kept).
 _PEER_GENERATION = 10_000
 
@@ -164,11 +168,11 @@ class CallHandler:
                 _send(router, frames[0], _MORE)
                 _send(router, frames[1], _MORE)
                 body = frames[2]
-                _send(router, body, _DONTWAIT, len(body) < _BIG)
+                _send(router, body, _DONTWAIT, len(body) < ZERO_COPY)
             else:
                 last = len(frames) - 1
                 for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < _BIG)
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
         except zmq.Again:  # the peer's queue is full: it is not reading (see PeerLedger)
             peers = self._peers
             if peers is None:
@@ -207,7 +211,7 @@ class CallHandler:
                     break
                 last = len(frames) - 1
                 for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < _BIG)
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
                 peers.sent(ident)
 
     def _drop_oversized(self) -> None:
@@ -290,7 +294,7 @@ class CallHandler:
                 return
             # A big body stays in ZeroMQ's buffer, for a codec that reads any buffer
             # (a copy of a fresh MiB costs more in page faults than in copying).
-            body = body.bytes if blen < _BIG else body.buffer
+            body = body.bytes if blen < ZERO_COPY else body.buffer
             frames = [msg[1].bytes, msg[2].bytes, body]
         else:
             size = sum(map(len, msg[1:]))

@@ -30,11 +30,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import _base as _futures_base
+from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import Any
 
 import zmq
-from zmq.backend import zmq_poll as _zmq_poll
 
 from taskit._client import ClientCore, PendingCall
 from taskit._dealer import (
@@ -48,6 +47,15 @@ from taskit._dealer import (
     open_dealer,
     refusal,
 )
+from taskit._wire import (
+    FUTURE_RUNNING,
+    MORE,
+    NOBLOCK,
+    ZERO_COPY,
+    base_send,
+    send_frames,
+    zmq_poll,
+)
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 from taskit.log import ERROR, INFO
 
@@ -59,31 +67,6 @@ _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _DRAIN_ALL = 1 << 62
-_ZERO_COPY = 64 * 1024  # bodies from this size on are sent and read without a copy
-
-
-_MORE = zmq.SNDMORE | zmq.NOBLOCK
-
-
-def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
-    """Send one message's frames (3, or 4 when signed) without blocking.
-
-    ``send`` is pyzmq's base ``Socket.send`` (the sugar wrapper adds a Python call
-    per frame on the hot path). A large body goes out without a copy: libzmq
-    reads it straight from the bytes object. Raises ``zmq.Again`` before anything
-    is sent when the message cannot be queued.
-    """
-    send(frames[0], _MORE)
-    send(frames[1], _MORE)
-    body = frames[2]
-    last = len(frames) == 3
-    flags = zmq.NOBLOCK if last else _MORE
-    if len(body) < _ZERO_COPY:
-        send(body, flags)
-    else:
-        send(body, flags, False)
-    if not last:
-        send(frames[3], zmq.NOBLOCK)
 
 
 class Waiter:
@@ -121,12 +104,8 @@ class _Link:
         self.endpoint = endpoint
         self.sock = sock
         self.monitor = monitor
-        self.send = _BASE_SEND.__get__(sock)  # see _send
+        self.send = base_send.__get__(sock)  # see taskit._wire
         self.up = False  # this socket's connection came up (handshake done)
-
-
-_BASE_SEND = zmq.backend.Socket.send
-_RUNNING = getattr(_futures_base, "RUNNING", "RUNNING")
 
 
 class CallFuture(Future):
@@ -139,7 +118,7 @@ class CallFuture(Future):
         # Running from the start: a call on the wire cannot be taken back. Set directly,
         # as set_running_or_notify_cancel() would on a new Future (no lock needed: no
         # other thread sees this one yet).
-        self._state = _RUNNING
+        self._state = FUTURE_RUNNING
         self._io = io
         self.ok: bool | None = None
 
@@ -152,7 +131,7 @@ class CallFuture(Future):
             wait = self._drive(timeout)
         try:
             return super().result(wait)
-        except _futures_base.TimeoutError as e:
+        except _FuturesTimeout as e:
             if self._raised(e):
                 raise
             raise self._wait_timeout(timeout) from None
@@ -164,7 +143,7 @@ class CallFuture(Future):
             wait = self._drive(timeout)
         try:
             return super().exception(wait)
-        except _futures_base.TimeoutError:
+        except _FuturesTimeout:
             raise self._wait_timeout(timeout) from None
 
     def _raised(self, e: BaseException) -> bool:
@@ -479,7 +458,7 @@ class ThreadedIO:
                 ms = _LONGEST_POLL
             else:
                 ms = min(_LONGEST_POLL, max(0, int((wake_at - time.monotonic()) * 1000) + 1))
-            self._handle(_zmq_poll(self._poll_items, ms), until)
+            self._handle(zmq_poll(self._poll_items, ms), until)
 
     def _handle(self, events: list, until: Any) -> None:
         """Serve what one poll found readable."""
@@ -507,12 +486,12 @@ class ThreadedIO:
             try:
                 # Frame objects tell whether more parts follow without a getsockopt
                 # call per part (measurably cheaper than recv_multipart).
-                f = recv(zmq.NOBLOCK, copy=False)
+                f = recv(NOBLOCK, copy=False)
                 frames = [f.bytes]
                 while f.more:
-                    f = recv(zmq.NOBLOCK, copy=False)
+                    f = recv(NOBLOCK, copy=False)
                     # a large body is decoded straight from libzmq's buffer: no copy
-                    frames.append(f.bytes if len(f) < _ZERO_COPY else f.buffer)  # type: ignore[arg-type]
+                    frames.append(f.bytes if len(f) < ZERO_COPY else f.buffer)  # type: ignore[arg-type]
             except zmq.Again:
                 return
             except zmq.ZMQError as e:
@@ -545,13 +524,13 @@ class ThreadedIO:
             link = links[call.backend]  # type: ignore[index]
             try:
                 frames = frames_for(call)
-                if len(frames) == 3 and len(frames[2]) < _ZERO_COPY:
+                if len(frames) == 3 and len(frames[2]) < ZERO_COPY:
                     send = link.send  # _send inlined: the hot path (small, unsigned)
-                    send(frames[0], _MORE)
-                    send(frames[1], _MORE)
-                    send(frames[2], zmq.NOBLOCK)
+                    send(frames[0], MORE)
+                    send(frames[1], MORE)
+                    send(frames[2], NOBLOCK)
                 else:
-                    _send(link.send, frames)
+                    send_frames(link.send, frames)
             except zmq.Again:
                 # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
                 # the replies the socket holds before failing what is left on it
@@ -602,7 +581,7 @@ class ThreadedIO:
             link = self._links.get(endpoint)
             if link is not None:
                 try:
-                    _send(link.send, core.ping_frames())
+                    send_frames(link.send, core.ping_frames())
                 except zmq.ZMQError:  # a dead connection: the monitor reports it
                     pass
         for endpoint in core.take_suspects():

@@ -54,6 +54,7 @@ from taskit._dealer import (
     open_dealer,
     refusal,
 )
+from taskit._wire import EVENTS, NOBLOCK, POLLIN, send_frames
 from taskit.codecs import JSONCodec
 from taskit.errors import (
     BackendLostError,
@@ -71,19 +72,7 @@ _log = logging.getLogger("taskit.aio")
 
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 
-# Plain ints: pyzmq's flag enums cost an arithmetic call per use on the hot path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE = int(zmq.SNDMORE) | _NOBLOCK
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
-
-def _send(send: Callable[..., Any], frames: list[bytes]) -> None:
-    """Send one message's frames without blocking (the socket's queue is unbounded:
-    the caller bounds what is in flight). ``zmq.Again`` means nothing was sent."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        send(frame, _MORE if i < last else _NOBLOCK)
+_NOBLOCK, _EVENTS, _POLLIN = NOBLOCK, EVENTS, POLLIN  # plain ints, see taskit._wire
 
 
 class _Backend:
@@ -509,7 +498,7 @@ class AsyncFrontEnd(ConfiguredClient):
                 try:
                     if b is None:
                         raise zmq.Again()
-                    _send(b.raw.send, frames)
+                    send_frames(b.raw.send, frames)
                     used[b.endpoint] = b
                 except zmq.Again:
                     # Not expected (unbounded queue); if it happens, keep the replies
@@ -555,7 +544,7 @@ class AsyncFrontEnd(ConfiguredClient):
             b = self._sockets.get(endpoint)
             if b is not None:
                 try:
-                    _send(b.raw.send, core.ping_frames())
+                    send_frames(b.raw.send, core.ping_frames())
                 except zmq.ZMQError:  # a dead connection: the monitor reports it
                     pass
         for endpoint in core.take_suspects():
