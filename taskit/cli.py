@@ -1030,10 +1030,32 @@ def _is_user_error(e: BaseException) -> bool:
     return zmq is not None and isinstance(e, zmq.ZMQError)
 
 
+# Options whose value is a Z85 key: its alphabet has '-', and argparse takes a value
+# that starts with '-' for an option ("expected one argument"), about 1 key in 85.
+_KEY_OPTIONS = ("--curve-server-key",)
+
+
+def _glue_key_values(argv: list[str]) -> list[str]:
+    """``--curve-server-key KEY`` as ``--curve-server-key=KEY``, whatever KEY starts with."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out.append(arg)
+            out.extend(it)
+            break
+        if arg in _KEY_OPTIONS:
+            value = next(it, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskit`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_key_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below

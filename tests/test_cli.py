@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import zmq
 
 from taskit import cli
 from taskit.errors import KeyFileError, TaskLoadError
@@ -276,3 +277,21 @@ def test_a_load_error_names_file_and_line_and_shows_only_the_users_frames(modfil
     files = [f.split('"')[1] for f in frames if f.lstrip().startswith("File ")]
     assert files and all(f.endswith("clitasks_raises.py") for f in files), text
     assert any("raise KeyError('k')" in f for f in frames)
+
+
+def test_a_curve_key_that_starts_with_a_dash_is_taken_as_the_value():
+    # Z85 keys may start with '-' (about 1 in 85): argparse took such a value for an
+    # option ("expected one argument"), which failed taskitd's CURVE test now and then.
+    while not (key := zmq.curve_keypair()[0].decode()).startswith("-"):
+        pass
+    argv = ["ctl", "status", "127.0.0.1:1", "--curve-server-key", key, "--connect-timeout", "1"]
+    args = cli.build_parser().parse_args(cli._glue_key_values(argv))
+    assert args.curve_server_key == key and args.connect_timeout == 1.0
+    assert cli._glue_key_values(["call", "h", "t", "--", "--curve-server-key", "x"]) == [
+        "call",
+        "h",
+        "t",
+        "--",
+        "--curve-server-key",
+        "x",
+    ]
