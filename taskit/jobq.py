@@ -34,8 +34,8 @@ Threads are daemon threads named ``taskit-jobq-...``: an abandoned pipeline
 never blocks interpreter exit.
 
 This module is the public API and wires the stages together; how a stage runs
-its threads and keeps its output in order is :mod:`taskit._stages`' concern,
-the queues between threads :mod:`taskit._channel`'s.
+its threads and keeps its output in order is :mod:`taskit._pipeline.stage`'s
+concern, the queues between threads :mod:`taskit._pipeline.channel`'s.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from taskit._channel import Aborted, Channel, Closed
-from taskit._stages import STAGE_QUEUE_SIZE, EmptyRst, Stage, ThreadSet, callable_name
+from taskit._pipeline.channel import Aborted, Channel, Closed
+from taskit._pipeline.stage import STAGE_QUEUE_SIZE, EmptyRst, Stage, ThreadSet, callable_name
 from taskit.errors import JobWorkerError, JobWorkerNotFound
 
 __all__ = [

@@ -14,7 +14,7 @@ jobs travel in batches (one pipe write for many) while long jobs go one at a
 time. When job sizes are mixed and a worker goes idle while another has jobs
 waiting behind a job running longer than :data:`STEAL_AFTER`, the manager
 takes those jobs back (the child skips them; see ``claim`` in
-:mod:`taskit._procworker`) and gives them to the idle worker: no job waits
+:mod:`taskit._pool.child`) and gives them to the idle worker: no job waits
 for long while a worker is idle.
 
 Start method: ``forkserver`` by default on POSIX, else ``spawn``. ``fork``
@@ -43,9 +43,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from taskit import _procworker as pw
+from taskit._pool import child as pw
+from taskit._pool.work_item import WorkItem
 from taskit.errors import (
     PoolError,
     PoolShutdownError,
@@ -55,9 +56,6 @@ from taskit.errors import (
     WorkerLostError,
     WorkerStartError,
 )
-
-if TYPE_CHECKING:
-    from taskit._jobs import _WorkItem
 
 
 class _Pool(Protocol):
@@ -202,10 +200,10 @@ class _Proc:
         self.process = process
         self.job_w = job_w
         self.result_r = result_r
-        self.claim = claim  # [started, skip_lo, skip_hi], see taskit._procworker
+        self.claim = claim  # [started, skip_lo, skip_hi], see taskit._pool.child
         self.gate = gate
         self.progress = 0.0  # when it last reported a result, or got work while empty
-        self.inflight: deque[_WorkItem] = deque()  # sent, in the order the child runs them
+        self.inflight: deque[WorkItem] = deque()  # sent, in the order the child runs them
         self.retiring = False
         self.done = 0  # results received
         self.buf = bytearray()  # result bytes not yet parsed into frames
@@ -237,7 +235,7 @@ class ProcessEngine:
                 f"initializer, initargs and toolbox_factory must pickle to reach the worker "
                 f"processes ({e}); use module-level functions"
             ) from e
-        self._queue: deque[_WorkItem] = deque()
+        self._queue: deque[WorkItem] = deque()
         self._target = 0
         self._workers: dict[int, _Proc] = {}
         self._wid = 0
@@ -262,7 +260,7 @@ class ProcessEngine:
 
     # -- called from user threads ------------------------------------------------
 
-    def encode(self, item: _WorkItem) -> bool:
+    def encode(self, item: WorkItem) -> bool:
         """Pickle the call in the caller's thread; on failure fail its future."""
         try:
             item.payload = _dumps((item.fn, item.args, item.kwargs), _PROTO)
@@ -283,7 +281,7 @@ class ProcessEngine:
         item.sent = False
         return True
 
-    def enqueue(self, item: _WorkItem) -> None:
+    def enqueue(self, item: WorkItem) -> None:
         """Queue an encoded job (pool lock held)."""
         self._queue.append(item)  # if the pool is broken, the manager fails it
         self._wake()
@@ -485,7 +483,7 @@ class ProcessEngine:
             if room <= 0:
                 break
             k = min(room, -(-len(q) // len(live)))
-            batch: list[_WorkItem] = []
+            batch: list[WorkItem] = []
             while len(batch) < k and q:
                 item = q.popleft()
                 if not item.sent:
