@@ -9,8 +9,9 @@ own channel; a coordinator restores the order). Control flow between threads
 goes through :mod:`taskit._pipeline.channel`'s exceptions, never through sentinel
 values that a user's data could collide with.
 
-Private to :mod:`taskit.jobq`, which validates the specs, wires the stages
-together and owns the public API.
+Private to :mod:`taskit._pipeline`: :mod:`~taskit._pipeline.manager`
+validates the specs and wires the stages together; :mod:`taskit.jobq` is the
+public API.
 """
 
 from __future__ import annotations

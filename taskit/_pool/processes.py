@@ -45,7 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from taskit._pool import child as pw
+from taskit._pool import child
 from taskit._pool.work_item import WorkItem
 from taskit.errors import (
     PoolError,
@@ -138,7 +138,7 @@ def _exit_if_importing_main() -> None:
     """
     # multiprocessing's own mark for this phase (see spawn._check_not_importing_main).
     if getattr(mp.current_process(), "_inheriting", False):
-        os._exit(pw.EXIT_UNGUARDED_MAIN)
+        os._exit(child.EXIT_UNGUARDED_MAIN)
 
 
 def _main_module() -> str:
@@ -401,7 +401,7 @@ class ProcessEngine:
         # With forkserver the child's parent is the fork server, not us.
         expected_ppid = os.getpid() if self.start_method == "spawn" else 0
         process = ctx.Process(  # type: ignore[attr-defined]  # typeshed's BaseContext lacks it
-            target=pw.child_main,
+            target=child.child_main,
             args=(job_r, result_w, claim, gate, expected_ppid, self._init),
             name=f"{self._pool.name}-{self._wid}",
             daemon=False,  # a job may start processes of its own
@@ -447,7 +447,7 @@ class ProcessEngine:
             # Retire idle workers first, then the least loaded.
             for w in sorted(live, key=lambda w: len(w.inflight))[:excess]:
                 w.retiring = True
-                self._send(w, pw.STOP)
+                self._send(w, child.STOP)
 
     def _cap(self) -> int:
         avg = self._avg
@@ -567,8 +567,8 @@ class ProcessEngine:
         except OSError:
             self._unregister(w.result_r)
         frames = []
-        pos, end, size = 0, len(buf), pw.HEADER.size
-        unpack = pw.HEADER.unpack_from
+        pos, end, size = 0, len(buf), child.HEADER.size
+        unpack = child.HEADER.unpack_from
         while end - pos >= size:
             (n,) = unpack(buf, pos)
             if end - pos - size < n:
@@ -593,7 +593,7 @@ class ProcessEngine:
         for _jid, status, payload, _ in frames:
             item = inflight.popleft()
             fut: Future = item.future
-            if status == pw.OK:
+            if status == child.OK:
                 try:
                     value = _loads(payload)
                 except Exception as e:  # noqa: BLE001
@@ -604,7 +604,7 @@ class ProcessEngine:
                     continue
                 completed += 1
                 fut.set_result(value)
-            elif status == pw.ERROR:
+            elif status == child.ERROR:
                 failed += 1
                 exc = decode_exception(payload)
                 fut.set_exception(exc)
@@ -687,7 +687,7 @@ class ProcessEngine:
         log.debug("%s: worker process %s %s before any job", self._pool.name, w.process.pid, how)
         if self._broken is not None:
             return
-        if not w.claim[pw.READY] and code == pw.EXIT_UNGUARDED_MAIN:
+        if not w.claim[child.READY] and code == child.EXIT_UNGUARDED_MAIN:
             # Certain, and the same for every worker: no point in trying again.
             self._give_up(
                 f"each one imports {_main_module()} again, and that starts a process pool "
@@ -696,7 +696,7 @@ class ProcessEngine:
             )
         elif self._early_deaths < _DEATHS_BEFORE_GIVING_UP:
             return
-        elif not w.claim[pw.READY]:
+        elif not w.claim[child.READY]:
             # multiprocessing's bootstrap failed: usually importing the main module again.
             self._give_up(
                 f"{self._early_deaths} in a row {how} while starting, before taskit's worker "
