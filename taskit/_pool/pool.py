@@ -11,7 +11,6 @@ manages. The contract users see is :mod:`taskit.pool`'s docstring.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import queue
 import threading
@@ -28,11 +27,6 @@ from taskit._pool.work_item import WorkItem
 from taskit.errors import PoolShutdownError, WaitTimeoutError
 
 __all__ = ["WorkerPool", "default_size"]
-
-log = logging.getLogger("taskit.pool")
-
-
-# --- the pool ---------------------------------------------------------------------
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
