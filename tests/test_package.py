@@ -39,11 +39,24 @@ def _modules_loaded_by(statement: str) -> set[str]:
     return set(json.loads(out.stdout))
 
 
-@pytest.mark.parametrize("module", ["simple", "resync", "log", "threaded", "pool", "jobq"])
+LOCAL_HALF = ["simple", "resync", "log", "threaded", "pool", "jobq"]
+# and the private modules that taskit.pool loads only on demand, or a worker process loads
+LOCAL_HALF += ["_pool.processes", "_pool.child", "_pool.start_workers"]
+
+
+@pytest.mark.parametrize("module", LOCAL_HALF)
 def test_the_local_half_never_imports_the_distributed_half(module):
     loaded = _modules_loaded_by(f"import taskit.{module}")
     distributed = {"zmq", "taskit.protocol", "taskit.backend", "taskit.frontend", "taskit.aio"}
     assert not loaded & distributed
+
+
+@pytest.mark.parametrize("module", ["_pool.child", "_pool.start_workers"])
+def test_a_worker_process_loads_none_of_the_pools_parent_side(module):
+    # A worker imports the child loop by name, and unpickles start_workers' jobs
+    # from _pool.start_workers: neither may drag in the pool or its manager.
+    loaded = _modules_loaded_by(f"import taskit.{module}")
+    assert not loaded & {"taskit.pool", "taskit._pool.pool", "taskit._pool.processes"}
 
 
 def test_the_frontend_never_imports_the_backend():

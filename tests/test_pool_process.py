@@ -24,7 +24,7 @@ from taskit.errors import (
     WorkerLostError,
     WorkerStartError,
 )
-from taskit.pool import Job, SuicideJob, WorkerPool, current_toolbox, start_workers
+from taskit.pool import Job, SimpleJob, SuicideJob, WorkerPool, current_toolbox, start_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -373,6 +373,20 @@ def test_shutdown_drains_queued_jobs():
     p.shutdown(wait=True)
     assert [f.result(0) for f in futures] == list(range(100))
     assert p.stats()["workers"] == 0
+
+
+# --- what crosses the process boundary, by module path ----------------------------
+
+
+def test_a_spawned_worker_finds_the_child_loop_and_every_pickled_piece_by_name():
+    # spawn starts a fresh interpreter: the child loop (taskit._pool.child), the
+    # classic jobs and start_workers' target runner all resolve by module path there.
+    with WorkerPool(1, kind="process", start_method="spawn", name="spawned") as pool:
+        assert pool.put(SimpleJob(None, sub, [7, 2])).result(60) == 5
+        assert pool.submit(pid).result(60) != os.getpid()
+        assert pool.put(SuicideJob()).result(60) is None  # TerminationNotice, in the child
+    with start_workers(1, Attrs(), start_method="spawn") as jobs:
+        assert jobs.put({"target": "echo", "arguments": 3}).result(60) == (3, 1)
 
 
 # --- the multiprocess worker library's model ------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from taskit._jobs import default_size
+from taskit.pool import default_size
 from tests.integration._cli_helpers import (
     ROOT,
     TASKS_SOURCE,

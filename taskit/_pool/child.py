@@ -62,7 +62,7 @@ STOP = b""
 HEADER = struct.Struct("!Q")  # result frames: 8-byte length, then the pickle
 EXIT_ORPHANED = 70  # the parent is gone: nobody is left to read our results
 # A process pool was asked for workers while this process was still importing
-# the main module for multiprocessing (an unguarded script): see _procpool.
+# the main module for multiprocessing (an unguarded script): see processes.py.
 EXIT_UNGUARDED_MAIN = 78  # EX_CONFIG
 READY = 3  # claim[READY]: child_main has begun
 _PR_SET_PDEATHSIG = 1
@@ -131,7 +131,8 @@ def child_main(
     init: bytes,
 ) -> None:
     """Entry point of a worker process (runs in the child)."""
-    from taskit._jobs import TerminationNotice, _call_initializers
+    from taskit._pool.classic import TerminationNotice
+    from taskit._pool.toolbox import call_initializers
     from taskit.errors import UnpicklableError, WorkerInitError
 
     claim[READY] = 1  # the bootstrap is over: a death from now on is not a start failure
@@ -152,7 +153,7 @@ def child_main(
     toolbox = None
     initializer, initargs, toolbox_factory = _loads(init)
     try:
-        toolbox = _call_initializers(initializer, initargs, toolbox_factory)
+        toolbox = call_initializers(initializer, initargs, toolbox_factory)
     except BaseException as e:  # noqa: BLE001 - every job will report it
         init_error = e
     equipped = toolbox_factory is not None

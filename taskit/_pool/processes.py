@@ -14,7 +14,7 @@ jobs travel in batches (one pipe write for many) while long jobs go one at a
 time. When job sizes are mixed and a worker goes idle while another has jobs
 waiting behind a job running longer than :data:`STEAL_AFTER`, the manager
 takes those jobs back (the child skips them; see ``claim`` in
-:mod:`taskit._procworker`) and gives them to the idle worker: no job waits
+:mod:`taskit._pool.child`) and gives them to the idle worker: no job waits
 for long while a worker is idle.
 
 Start method: ``forkserver`` by default on POSIX, else ``spawn``. ``fork``
@@ -43,9 +43,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from taskit import _procworker as pw
+from taskit._pool import child
+from taskit._pool.work_item import WorkItem
 from taskit.errors import (
     PoolError,
     PoolShutdownError,
@@ -55,9 +56,6 @@ from taskit.errors import (
     WorkerLostError,
     WorkerStartError,
 )
-
-if TYPE_CHECKING:
-    from taskit._jobs import _WorkItem
 
 
 class _Pool(Protocol):
@@ -140,7 +138,7 @@ def _exit_if_importing_main() -> None:
     """
     # multiprocessing's own mark for this phase (see spawn._check_not_importing_main).
     if getattr(mp.current_process(), "_inheriting", False):
-        os._exit(pw.EXIT_UNGUARDED_MAIN)
+        os._exit(child.EXIT_UNGUARDED_MAIN)
 
 
 def _main_module() -> str:
@@ -202,10 +200,10 @@ class _Proc:
         self.process = process
         self.job_w = job_w
         self.result_r = result_r
-        self.claim = claim  # [started, skip_lo, skip_hi], see taskit._procworker
+        self.claim = claim  # [started, skip_lo, skip_hi], see taskit._pool.child
         self.gate = gate
         self.progress = 0.0  # when it last reported a result, or got work while empty
-        self.inflight: deque[_WorkItem] = deque()  # sent, in the order the child runs them
+        self.inflight: deque[WorkItem] = deque()  # sent, in the order the child runs them
         self.retiring = False
         self.done = 0  # results received
         self.buf = bytearray()  # result bytes not yet parsed into frames
@@ -237,7 +235,7 @@ class ProcessEngine:
                 f"initializer, initargs and toolbox_factory must pickle to reach the worker "
                 f"processes ({e}); use module-level functions"
             ) from e
-        self._queue: deque[_WorkItem] = deque()
+        self._queue: deque[WorkItem] = deque()
         self._target = 0
         self._workers: dict[int, _Proc] = {}
         self._wid = 0
@@ -262,7 +260,7 @@ class ProcessEngine:
 
     # -- called from user threads ------------------------------------------------
 
-    def encode(self, item: _WorkItem) -> bool:
+    def encode(self, item: WorkItem) -> bool:
         """Pickle the call in the caller's thread; on failure fail its future."""
         try:
             item.payload = _dumps((item.fn, item.args, item.kwargs), _PROTO)
@@ -283,7 +281,7 @@ class ProcessEngine:
         item.sent = False
         return True
 
-    def enqueue(self, item: _WorkItem) -> None:
+    def enqueue(self, item: WorkItem) -> None:
         """Queue an encoded job (pool lock held)."""
         self._queue.append(item)  # if the pool is broken, the manager fails it
         self._wake()
@@ -403,7 +401,7 @@ class ProcessEngine:
         # With forkserver the child's parent is the fork server, not us.
         expected_ppid = os.getpid() if self.start_method == "spawn" else 0
         process = ctx.Process(  # type: ignore[attr-defined]  # typeshed's BaseContext lacks it
-            target=pw.child_main,
+            target=child.child_main,
             args=(job_r, result_w, claim, gate, expected_ppid, self._init),
             name=f"{self._pool.name}-{self._wid}",
             daemon=False,  # a job may start processes of its own
@@ -449,7 +447,7 @@ class ProcessEngine:
             # Retire idle workers first, then the least loaded.
             for w in sorted(live, key=lambda w: len(w.inflight))[:excess]:
                 w.retiring = True
-                self._send(w, pw.STOP)
+                self._send(w, child.STOP)
 
     def _cap(self) -> int:
         avg = self._avg
@@ -485,7 +483,7 @@ class ProcessEngine:
             if room <= 0:
                 break
             k = min(room, -(-len(q) // len(live)))
-            batch: list[_WorkItem] = []
+            batch: list[WorkItem] = []
             while len(batch) < k and q:
                 item = q.popleft()
                 if not item.sent:
@@ -569,8 +567,8 @@ class ProcessEngine:
         except OSError:
             self._unregister(w.result_r)
         frames = []
-        pos, end, size = 0, len(buf), pw.HEADER.size
-        unpack = pw.HEADER.unpack_from
+        pos, end, size = 0, len(buf), child.HEADER.size
+        unpack = child.HEADER.unpack_from
         while end - pos >= size:
             (n,) = unpack(buf, pos)
             if end - pos - size < n:
@@ -595,7 +593,7 @@ class ProcessEngine:
         for _jid, status, payload, _ in frames:
             item = inflight.popleft()
             fut: Future = item.future
-            if status == pw.OK:
+            if status == child.OK:
                 try:
                     value = _loads(payload)
                 except Exception as e:  # noqa: BLE001
@@ -606,7 +604,7 @@ class ProcessEngine:
                     continue
                 completed += 1
                 fut.set_result(value)
-            elif status == pw.ERROR:
+            elif status == child.ERROR:
                 failed += 1
                 exc = decode_exception(payload)
                 fut.set_exception(exc)
@@ -689,7 +687,7 @@ class ProcessEngine:
         log.debug("%s: worker process %s %s before any job", self._pool.name, w.process.pid, how)
         if self._broken is not None:
             return
-        if not w.claim[pw.READY] and code == pw.EXIT_UNGUARDED_MAIN:
+        if not w.claim[child.READY] and code == child.EXIT_UNGUARDED_MAIN:
             # Certain, and the same for every worker: no point in trying again.
             self._give_up(
                 f"each one imports {_main_module()} again, and that starts a process pool "
@@ -698,7 +696,7 @@ class ProcessEngine:
             )
         elif self._early_deaths < _DEATHS_BEFORE_GIVING_UP:
             return
-        elif not w.claim[pw.READY]:
+        elif not w.claim[child.READY]:
             # multiprocessing's bootstrap failed: usually importing the main module again.
             self._give_up(
                 f"{self._early_deaths} in a row {how} while starting, before taskit's worker "

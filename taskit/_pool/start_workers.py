@@ -1,9 +1,13 @@
-"""The multiprocess worker library's model: the queue ``start_workers`` returns.
+"""``start_workers()``: the multiprocess worker library's model, over a WorkerPool.
 
-``n`` workers, each with its own copy of an attributes object, fed from a
-queue of ``{"target": "method_name", "arguments": ...}`` dicts; ``False``
-stops one worker. Import these names from :mod:`taskit.pool`, which defines
-``start_workers`` itself (this module never imports the pool: no cycle).
+``n`` workers, each with its own copy of an attributes object, fed through a
+:class:`StartedWorkers` handle with ``{"target": "method_name", "arguments":
+...}`` dicts; ``False`` stops one worker. Import these names from
+:mod:`taskit.pool`, where the handle keeps the library's name, ``JobQueue``.
+
+Worker processes unpickle :class:`_Constant` and :func:`_call_target` from
+this module, so it imports the pool only inside :func:`start_workers`: a
+worker loads none of the pool's parent-side machinery.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ import logging
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from taskit._jobs import Job, SuicideJob, current_toolbox
+from taskit._pool.classic import Job, SuicideJob
+from taskit._pool.toolbox import current_toolbox
 from taskit.errors import UnknownTargetError
 
-__all__ = ["JobQueue"]
+__all__ = ["start_workers", "StartedWorkers", "JobQueue"]
 
 
 class WorkerPoolLike(Protocol):
-    """What a JobQueue uses of its :class:`~taskit.pool.WorkerPool`."""
+    """What a StartedWorkers handle uses of its :class:`~taskit.pool.WorkerPool`."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future: ...
     def put(self, job: Job, block: bool = True, timeout: float | None = None) -> Future: ...
@@ -58,7 +63,7 @@ def _call_target(target: str, arguments: Any) -> Any:
     return method(arguments)
 
 
-class JobQueue:
+class StartedWorkers:
     """The job queue :func:`start_workers` returns.
 
     ``put({"target": "method_name", "arguments": x})`` runs
@@ -106,8 +111,34 @@ class JobQueue:
         """Run what is queued, then stop every worker (no ``False`` needed)."""
         self.pool.shutdown(wait=wait)
 
-    def __enter__(self) -> JobQueue:
+    def __enter__(self) -> StartedWorkers:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# The multiprocess worker library's name for it, public in taskit.pool.
+JobQueue = StartedWorkers
+
+
+def start_workers(
+    n: int, attributes: Any, kind: str = "process", name: str = "taskit-workers", **pool_kw: Any
+) -> JobQueue:
+    """Start ``n`` workers, each with its own copy of ``attributes``; return their queue.
+
+    ``attributes`` is an instance whose public methods are the jobs' targets
+    (or a dict of name -> callable). With ``kind="process"`` it must pickle:
+    each child gets its own copy, so state changes stay in that worker.
+    Children exit when this process dies; :meth:`JobQueue.close` stops them
+    cleanly. (The multiprocess worker library's model.)
+    """
+    from taskit._pool.pool import WorkerPool  # here, not at the top: see the module doc
+
+    if isinstance(attributes, type):
+        raise TypeError("start_workers needs an attributes *instance* (e.g. Attrs()), not a class")
+    pool = WorkerPool(n, kind=kind, toolbox_factory=_Constant(attributes), name=name, **pool_kw)
+    return StartedWorkers(pool)
+
+
+start_workers.__module__ = "taskit.pool"  # its public home, as before the move (api.md)

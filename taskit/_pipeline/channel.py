@@ -4,7 +4,7 @@ tells its users so.
 
 Control flow goes through exceptions, never through sentinel values: any user
 value, including ``None``, ``False``, ``0`` or ``EmptyRst``, is a normal
-element. Private to :mod:`taskit.jobq` and :mod:`taskit._stages`.
+element. Private to :mod:`taskit._pipeline`.
 """
 
 from __future__ import annotations

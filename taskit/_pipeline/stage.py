@@ -6,11 +6,12 @@ input channel and write the output channel directly), *ordered* (each element
 gets a slot when it is taken; a coordinator thread forwards the slots in input
 order) and *dispatch* (a dispatcher thread routes each element to one thread's
 own channel; a coordinator restores the order). Control flow between threads
-goes through :mod:`taskit._channel`'s exceptions, never through sentinel
+goes through :mod:`taskit._pipeline.channel`'s exceptions, never through sentinel
 values that a user's data could collide with.
 
-Private to :mod:`taskit.jobq`, which validates the specs, wires the stages
-together and owns the public API.
+Private to :mod:`taskit._pipeline`: :mod:`~taskit._pipeline.manager`
+validates the specs and wires the stages together; :mod:`taskit.jobq` is the
+public API.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from taskit._channel import Aborted, Channel, Closed, Retired
+from taskit._pipeline.channel import Aborted, Channel, Closed, Retired
 
 __all__ = [
     "STAGE_QUEUE_SIZE",
