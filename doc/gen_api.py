@@ -28,7 +28,7 @@ Regenerate it after changing a public name: `python doc/gen_api.py > doc/api.md`
 Layout (imports only point down this list): `errors` ← the local half
 (`simple`, `resync`, `log`, `threaded`, `pool`, `jobq`, `progress`) ← the
 distributed half (`codecs`, `protocol`, `common`, `backend`, `frontend`, `aio`,
-and the private sans-I/O client core `taskit._client` shared by the two front
+and the private client engine `taskit._client` shared by the two front
 ends) ← operations (`cli`, `loader`, `ports`, `supervisor`). Names starting with `_` are
 private and may change.
 

@@ -2,7 +2,7 @@
 
 :class:`AsyncFrontEnd` has the same routing, retry and error semantics as
 :class:`taskit.frontend.FrontEnd` because both drive the same sans-I/O core,
-:class:`taskit._client.ClientCore`; this module only moves bytes between the
+:class:`taskit._client.core.ClientCore`; this module only moves bytes between the
 core and ``zmq.asyncio`` sockets and resolves asyncio futures::
 
     async with AsyncFrontEnd([("127.0.0.1", 54543)]) as fe:
@@ -37,8 +37,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from taskit._client import DOWN, PendingCall, parse_backend
-from taskit._dealer import (
+from taskit._client.connection import (
     CONNECT_RETRIED,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -54,6 +53,7 @@ from taskit._dealer import (
     open_dealer,
     refusal,
 )
+from taskit._client.core import DOWN, PendingCall, parse_backend
 from taskit._wire import EVENTS, NOBLOCK, POLLIN, send_frames
 from taskit.codecs import JSONCodec
 from taskit.errors import (
@@ -419,7 +419,7 @@ class AsyncFrontEnd(ConfiguredClient):
 
     def _open(self, endpoint: str, connect: bool = True) -> _Backend:
         """A DEALER and its monitor for ``endpoint`` (ValueError if unusable), with
-        FrontEnd's socket options (taskit._dealer); connected unless ``connect`` is
+        FrontEnd's socket options (taskit._client.connection); connected unless ``connect`` is
         false."""
         assert self._ctx is not None
         sock, monitor = open_dealer(self._ctx, endpoint, self._settings, connect)

@@ -2,17 +2,17 @@
 
 A :class:`FrontEnd` keeps one ZeroMQ DEALER connection per backend and
 pipelines every call on it (many in flight, replies matched by call id). The
-routing, retry and reply logic lives in :mod:`taskit._client` (pure, shared
+routing, retry and reply logic lives in :mod:`taskit._client.core` (pure, shared
 with the asyncio front end); this module only moves frames and wakes waiters.
 
-How the sockets are driven is :mod:`taskit._threadio`'s concern: the calling
+How the sockets are driven is :mod:`taskit._client.threaded`'s concern: the calling
 thread drives them itself when nobody else does (no thread hand-off on a
 synchronous call), else the current driver or the ``taskit-frontend-io``
 thread does.
 
 Failure detection: the socket monitor reports connects and disconnects, and
 the client PINGs a backend that has gone silent (taskit PING/PONG messages,
-decided by :class:`taskit._client.ClientCore`; not ZMTP heartbeats, which
+decided by :class:`taskit._client.core.ClientCore`; not ZMTP heartbeats, which
 libzmq 4.3.5 can abort a backend on): one silent for ``heartbeat_timeout``
 with its PING unanswered is lost and its connection replaced. Calls in
 flight on a lost or dropped connection fail with
@@ -31,8 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from taskit._client import DOWN, PendingCall, parse_backend
-from taskit._dealer import (
+from taskit._client.connection import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -40,7 +39,8 @@ from taskit._dealer import (
     ConfiguredClient,
     configure_client,
 )
-from taskit._threadio import CallFuture, ThreadedIO, Waiter
+from taskit._client.core import DOWN, PendingCall, parse_backend
+from taskit._client.threaded import CallFuture, ThreadedIO, Waiter
 from taskit.codecs import JSONCodec
 from taskit.errors import (
     BackendLostError,

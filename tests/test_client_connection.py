@@ -1,11 +1,11 @@
-"""taskit._dealer: the client's DEALER set-up (real sockets, no backend needed)."""
+"""taskit._client.connection: the client's DEALER set-up (real sockets, no backend needed)."""
 
 from __future__ import annotations
 
 import pytest
 import zmq
 
-from taskit._dealer import (
+from taskit._client.connection import (
     MONITOR_EVENTS,
     UP_EVENT,
     DealerSettings,

@@ -1,7 +1,7 @@
 """A client's connection to one backend: a DEALER socket set up for taskit, plus
 its socket monitor, and the option checks, defaults and core set-up
 (:func:`configure_client`) that FrontEnd (threads) and AsyncFrontEnd (asyncio)
-share. Usable by any other driver of :class:`taskit._client.ClientCore`.
+share. Usable by any other driver of :class:`taskit._client.core.ClientCore`.
 
 Interface::
 
@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from taskit._client import ClientCore
+from taskit._client.core import ClientCore
 from taskit._curve import check_pair, curve_key
 from taskit.codecs import Signer
 

@@ -35,8 +35,7 @@ from typing import Any
 
 import zmq
 
-from taskit._client import ClientCore, PendingCall
-from taskit._dealer import (
+from taskit._client.connection import (
     CONNECT_RETRIED,
     DISCONNECTED,
     HANDSHAKE_FAILED,
@@ -47,6 +46,7 @@ from taskit._dealer import (
     open_dealer,
     refusal,
 )
+from taskit._client.core import ClientCore, PendingCall
 from taskit._wire import (
     FUTURE_RUNNING,
     MORE,
