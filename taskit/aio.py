@@ -39,32 +39,24 @@ import zmq.asyncio
 
 from taskit._client.connection import (
     CONNECT_RETRIED,
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_HEARTBEAT_TIMEOUT,
-    DEFAULT_MAX_MESSAGE_SIZE,
     DISCONNECTED,
     HANDSHAKE_FAILED,
     UP_EVENT,
-    ConfiguredClient,
     close_dealer,
-    configure_client,
     monitor_event,
     open_dealer,
     refusal,
 )
 from taskit._client.core import DOWN, PendingCall, parse_backend
+from taskit._client.face import ClientFace
 from taskit._wire import EVENTS, NOBLOCK, POLLIN, send_frames
-from taskit.codecs import JSONCodec
 from taskit.errors import (
     BackendLostError,
     BackendNotAvailableError,
-    BackendProcessingError,
     CallTimeoutError,
     FrontEndClosedError,
 )
-from taskit.progress import progress_bar
-from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
+from taskit.protocol import KILL, STATS, STATUS, STOP, TASKS
 
 __all__ = ["AsyncFrontEnd"]
 
@@ -94,12 +86,13 @@ class _Backend:
         self.redial: asyncio.TimerHandle | None = None  # its delayed connect (_refused)
 
 
-class AsyncFrontEnd(ConfiguredClient):
+class AsyncFrontEnd(ClientFace):
     """Call tasks on backends from asyncio, with FrontEnd's semantics.
 
-    Same arguments as :class:`taskit.frontend.FrontEnd` (less the TaskIt
-    logger): ``backends`` as ``"host"`` (``default_port``), ``"host:port"``,
-    ``("host", port)``, ``"tcp://host:port"`` or ``"ipc://path"``; ``codec``
+    Same arguments, with the same defaults, as :class:`taskit.frontend.FrontEnd`:
+    ``backends`` as ``"host"`` (``default_port``), ``"host:port"``,
+    ``("host", port)``, ``"tcp://host:port"`` or ``"ipc://path"``; ``logger`` (a TaskIt logger;
+    stdlib logging under ``taskit.aio`` is always used too); ``codec``
     of the requests (JSON by default, as the original; ``"msgpack"`` is faster
     and carries bytes); keyword-only ``timeout`` (default per-call limit,
     seconds), ``retries`` (re-sends of calls lost with their backend; 0 =
@@ -114,49 +107,17 @@ class AsyncFrontEnd(ConfiguredClient):
     (``async with``, or the first call); from then on it belongs to that loop.
     """
 
-    def __init__(
-        self,
-        backends: Iterable[Any] = (),
-        default_port: int = DEFAULT_PORT,
-        codec: Any = JSONCodec,
-        *,
-        timeout: float | None = None,
-        retries: int = 0,
-        busy_retries: int = 20,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        key: bytes | str | None = None,
-        curve_serverkey: bytes | str | None = None,
-        curve_publickey: bytes | str | None = None,
-        curve_secretkey: bytes | str | None = None,
-        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-    ) -> None:
-        if isinstance(backends, (str, bytes)):
-            backends = (backends,)  # a lone "host" would otherwise be split into letters
-        self.default_port = default_port
-        configure_client(
-            self,
-            codec=codec,
-            timeout=timeout,
-            retries=retries,
-            busy_retries=busy_retries,
-            connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            key=key,
-            curve_serverkey=curve_serverkey,
-            curve_publickey=curve_publickey,
-            curve_secretkey=curve_secretkey,
-            max_message_size=max_message_size,
-        )
+    _stdlog = _log
+
+    def _start_driver(self, endpoints: list[str]) -> None:
         self._ctx: zmq.asyncio.Context | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sockets: dict[str, _Backend] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
-        self.add_backends(*backends)
+        for endpoint in endpoints:
+            self._core.add_backend(endpoint)
 
     # -- backends -------------------------------------------------------------------
 
@@ -168,15 +129,6 @@ class AsyncFrontEnd(ConfiguredClient):
             endpoint = parse_backend(spec, self.default_port)
             if self._core.add_backend(endpoint) and self._loop is not None:
                 self._connect(endpoint)
-
-    @property
-    def backends(self) -> list[str]:
-        """Endpoints of every backend, in the order added."""
-        return list(self._core.backends)
-
-    def backends_status(self) -> dict[str, dict[str, Any]]:
-        """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "in_flight": n, ...}}``."""
-        return self._core.snapshot()
 
     # -- calls ----------------------------------------------------------------------
 
@@ -224,13 +176,7 @@ class AsyncFrontEnd(ConfiguredClient):
         the results in input order (``async for``). A failed call raises its
         exception when its result is reached; calls not yet answered when the
         consumer stops are forgotten. ``progress=True`` draws a progress bar."""
-        total = None
-        if progress and iterables:
-            try:
-                total = min(len(it) for it in iterables)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        bar = progress_bar(total=total, enabled=progress, desc=task)
+        bar = self._map_bar(task, iterables, progress)
         t = self.timeout if timeout is None else timeout
         source = zip(*iterables, strict=False)  # like the builtin: stop at the shortest
         window: collections.deque[asyncio.Future[Any]] = collections.deque()
@@ -269,19 +215,8 @@ class AsyncFrontEnd(ConfiguredClient):
         def done(f: asyncio.Future[Any]) -> None:
             exc = None if f.cancelled() else f.exception()
             try:
-                if f.cancelled():
-                    pass
-                elif exc is None:
-                    cb(f.result())
-                elif isinstance(exc, BackendProcessingError):
-                    if error_cb is None:
-                        _log.error("task %r failed on the backend:\n%s", task, exc)
-                    elif callable(error_cb):  # False: ignore it
-                        error_cb(exc)
-                else:
-                    _log.error("task %r failed: %s: %s", task, type(exc).__name__, exc)
-            except Exception:  # a user callback raised: report it, keep the loop going
-                _log.exception("callback of task %r raised", task)
+                if not f.cancelled():
+                    self._deliver(task, exc, None if exc is not None else f.result(), cb, error_cb)
             finally:
                 if outer.done():
                     pass  # the caller cancelled it
@@ -333,8 +268,8 @@ class AsyncFrontEnd(ConfiguredClient):
     async def get_tasks(self, backend: Any) -> str:
         """The backend's count of queued and running tasks as a string, or ``'down'``
         (at once when known down, else within ``connect_timeout``)."""
-        endpoint = self._core.known(backend, self.default_port)
-        if self._core.backends[endpoint].state == DOWN:
+        endpoint = self._status_target(backend)
+        if endpoint is None:
             return "down"
         try:
             return str(await self._submit(STATUS, (), {}, self.connect_timeout, endpoint))
@@ -348,18 +283,6 @@ class AsyncFrontEnd(ConfiguredClient):
     async def tasks(self, backend: Any) -> list[str]:
         """The task names one backend serves (``<tasks>``)."""
         return await self.send_signal(backend, TASKS)
-
-    @property
-    def task_count(self) -> int:
-        """Calls of this front end not yet answered (its own count)."""
-        return self._core.pending
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        """Replies dropped: ``late_replies`` (after a timeout), ``bad_replies``,
-        ``bad_signatures`` (wrong or missing HMAC); and ``refused_signatures``: calls
-        the backend refused for their signature (failed with AuthenticationError)."""
-        return dict(self._core.stats)
 
     # -- life cycle -------------------------------------------------------------------
 

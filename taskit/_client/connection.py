@@ -1,7 +1,7 @@
 """A client's connection to one backend: a DEALER socket set up for taskit, plus
-its socket monitor, and the option checks, defaults and core set-up
-(:func:`configure_client`) that FrontEnd (threads) and AsyncFrontEnd (asyncio)
-share. Usable by any other driver of :class:`taskit._client.core.ClientCore`.
+its socket monitor, and the client defaults that FrontEnd (threads) and
+AsyncFrontEnd (asyncio) share. Usable by any other driver of
+:class:`taskit._client.core.ClientCore`.
 
 Interface::
 
@@ -23,12 +23,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from taskit._client.core import ClientCore
 from taskit._curve import check_pair, curve_key
-from taskit.codecs import Signer
 
 __all__ = [
     "DealerSettings",
+    "DEFAULT_BUSY_RETRIES",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -37,8 +36,6 @@ __all__ = [
     "refusal",
     "close_dealer",
     "curve_keys",
-    "configure_client",
-    "ConfiguredClient",
     "monitor_event",
     "UP_EVENT",
     "DISCONNECTED",
@@ -48,6 +45,7 @@ __all__ = [
 ]
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
+DEFAULT_BUSY_RETRIES = 50  # re-sends after Busy answers (with backoff) before BusyError
 DEFAULT_CONNECT_TIMEOUT = 2.0  # a call waits this long for some backend to be reachable
 # Liveness of backends, checked by ClientCore with taskit PINGs (wire protocol), not
 # ZMTP heartbeats: libzmq 4.3.5 can abort a backend that gets ZMTP PINGs from a client
@@ -198,71 +196,3 @@ def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
 def monitor_event(frames: list[bytes]) -> int:
     """The event number of one monitor message."""
     return int(parse_monitor_message(frames)["event"])
-
-
-class ConfiguredClient:
-    """Base of FrontEnd and AsyncFrontEnd: the attributes configure_client() sets
-    (annotations only, for type checkers; nothing at run time)."""
-
-    timeout: float | None
-    connect_timeout: float
-    heartbeat_interval: float | None
-    heartbeat_timeout: float
-    max_message_size: int | None
-    codec: Any
-    _settings: DealerSettings
-    _core: ClientCore
-
-
-def configure_client(
-    client: ConfiguredClient,
-    *,
-    codec: Any,
-    timeout: float | None,
-    retries: int,
-    busy_retries: int,
-    connect_timeout: float,
-    heartbeat_interval: float | None,
-    heartbeat_timeout: float,
-    key: bytes | str | None,
-    curve_serverkey: Any,
-    curve_publickey: Any,
-    curve_secretkey: Any,
-    max_message_size: int | None,
-) -> None:
-    """Check and store the options FrontEnd and AsyncFrontEnd share, and build
-    their ``_settings`` (DealerSettings) and ``_core`` (ClientCore).
-
-    Raises ``ValueError`` for a bad timeout, heartbeat option or key set,
-    ``NotImplementedError`` when CURVE keys are given but libzmq lacks CURVE.
-    """
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be > 0 or None, not {timeout!r}")
-    if heartbeat_interval is not None and not heartbeat_interval > 0:
-        raise ValueError(
-            f"heartbeat_interval must be > 0 seconds, or None for no liveness checks, "
-            f"not {heartbeat_interval!r}"
-        )
-    if not heartbeat_timeout > 0:
-        raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
-    client.timeout = timeout
-    client.connect_timeout = float(connect_timeout)
-    client.heartbeat_interval = heartbeat_interval
-    client.heartbeat_timeout = heartbeat_timeout
-    client.max_message_size = max_message_size
-    client._settings = DealerSettings(
-        connect_timeout=client.connect_timeout,
-        max_message_size=max_message_size,
-        curve=curve_keys(curve_serverkey, curve_publickey, curve_secretkey),
-    )
-    client._core = ClientCore(
-        codec=codec,
-        signer=Signer(key) if key is not None else None,
-        retries=retries,
-        busy_retries=busy_retries,
-        connect_timeout=client.connect_timeout,
-        max_body=max_message_size,
-        heartbeat_interval=heartbeat_interval,
-        heartbeat_timeout=heartbeat_timeout,
-    )
-    client.codec = client._core.codec
