@@ -316,7 +316,7 @@ class FrontEnd(ClientFace):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._io.closed else f"{self._io.links} backends"
+        state = "closed" if self._io.closed else f"{len(self._io.links)} backends"
         return f"<FrontEnd {state}, {self._core.pending} pending>"
 
     # -- calls ---------------------------------------------------------------------

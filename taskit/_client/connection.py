@@ -17,13 +17,18 @@ Interface::
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from taskit._client.core import DOWN, ClientCore
 from taskit._curve import check_pair, curve_key
+from taskit._wire import MORE, NOBLOCK, ZERO_COPY, base_send, send_frames
+from taskit.log import ERROR, INFO
 
 __all__ = [
     "DealerSettings",
@@ -42,7 +47,12 @@ __all__ = [
     "CONNECT_RETRIED",
     "HANDSHAKE_FAILED",
     "MONITOR_EVENTS",
+    "Link",
+    "Connections",
+    "DRAIN_ALL",
 ]
+
+DRAIN_ALL = 1 << 62  # receive(): no limit (read until the socket is empty)
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
 DEFAULT_BUSY_RETRIES = 50  # re-sends after Busy answers (with backoff) before BusyError
@@ -196,3 +206,235 @@ def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
 def monitor_event(frames: list[bytes]) -> int:
     """The event number of one monitor message."""
     return int(parse_monitor_message(frames)["event"])
+
+
+class Link:
+    """One backend's DEALER socket and its monitor socket, as a driver holds them.
+
+    ``sock`` is what the driver waits on (a plain socket, or a ``zmq.asyncio`` one);
+    ``raw`` is a plain view of the same socket for the non-blocking sends and reads
+    of :class:`Connections`, and ``send`` its unwrapped send (see taskit._wire).
+    """
+
+    __slots__ = ("endpoint", "sock", "raw", "send", "monitor", "up", "tasks", "redial")
+
+    def __init__(self, endpoint: str, sock: Any, monitor: Any, raw: zmq.Socket | None = None):
+        self.endpoint = endpoint
+        self.sock = sock
+        self.raw = sock if raw is None else raw
+        self.send = base_send.__get__(self.raw)
+        self.monitor = monitor
+        self.up = False  # this socket's connection came up (handshake done)
+        self.tasks: list[Any] = []  # the asyncio driver's reader tasks
+        self.redial: Any = None  # the asyncio driver's delayed connect
+
+
+class Connections:
+    """Every socket a client uses, handled once for both drivers: opening and
+    replacing DEALERs, acting on their monitor events (up, disconnected, refused
+    with a backoff before the next connect), liveness (PINGs, dropping silent
+    backends), sending what the :class:`ClientCore` routed and reading replies
+    without waiting.
+
+    A driver subclasses it and adds only its way of waiting: ``_watch(link)`` /
+    ``_unwatch(link)`` (start and stop waiting on a link's sockets),
+    ``_redial_later(link, delay)`` (call :meth:`dial` after ``delay`` seconds),
+    ``resolve(done)`` (wake the waiters of finished calls) and the ``_ctx`` it
+    opens sockets in. Only one thread at a time may call its methods.
+    """
+
+    _ctx: Any
+    _stdlog = logging.getLogger("taskit.frontend")  # each driver logs under its face's name
+
+    def __init__(self, core: ClientCore, settings: DealerSettings, note: Callable[..., None]):
+        self._core = core
+        self._settings = settings
+        self._note = note  # note(importance, msg, level=None): the face's logging
+        self.links: dict[str, Link] = {}
+
+    # -- the driver's part -----------------------------------------------------------
+
+    def resolve(self, done: list) -> None:
+        raise NotImplementedError
+
+    def _watch(self, link: Link) -> None:
+        raise NotImplementedError
+
+    def _unwatch(self, link: Link) -> None:
+        raise NotImplementedError
+
+    def _redial_later(self, link: Link, delay: float) -> None:
+        raise NotImplementedError
+
+    def _link(self, endpoint: str, sock: Any, monitor: Any) -> Link:
+        return Link(endpoint, sock, monitor)
+
+    # -- sockets ---------------------------------------------------------------------
+
+    def open(self, endpoint: str, connect: bool = True) -> Link:
+        """A DEALER and its monitor for ``endpoint`` (ValueError if unusable, nothing
+        left open), installed and watched; connected unless ``connect`` is false."""
+        link = self._link(endpoint, *open_dealer(self._ctx, endpoint, self._settings, connect))
+        self.links[endpoint] = link
+        self._watch(link)
+        return link
+
+    def discard(self, link: Link) -> None:
+        """Stop watching ``link`` and close its sockets."""
+        if self.links.get(link.endpoint) is link:
+            del self.links[link.endpoint]
+        self._unwatch(link)
+        close_dealer(link.sock, link.monitor)
+
+    def renew(self, link: Link) -> None:
+        """Replace a disconnected backend's socket: whatever it still queued for the
+        old connection is dropped, never delivered to a restarted backend."""
+        self.discard(link)
+        self.open(link.endpoint)
+
+    def close_all(self) -> None:
+        for link in list(self.links.values()):
+            self.discard(link)
+
+    def dial(self, link: Link) -> None:
+        """Connect ``link``'s socket once its backoff is over (if it is still in use)."""
+        link.redial = None
+        if self.links.get(link.endpoint) is not link:
+            return
+        try:
+            link.raw.connect(link.endpoint)
+        except zmq.ZMQError as e:  # it connected before: not expected
+            self._stdlog.warning("cannot connect to %s again: %s", link.endpoint, e)
+
+    # -- monitor events ----------------------------------------------------------------
+
+    def on_event(self, link: Link, event: int) -> bool:
+        """Act on one monitor ``event`` of ``link``; True when ``link`` was replaced
+        (its monitor is closed: stop reading it)."""
+        core, endpoint = self._core, link.endpoint
+        if event & UP_EVENT:
+            link.up = True
+            self._note(INFO, f"backend {endpoint} is up")
+            core.backend_up(endpoint)
+        elif not link.up and event & (DISCONNECTED | HANDSHAKE_FAILED):
+            self._refused(link, event)
+            return True
+        elif event & DISCONNECTED:
+            # Replies that arrived before the disconnect are still queued on the
+            # socket; read them first, so only truly unanswered calls are lost.
+            self.receive(link, None, DRAIN_ALL)
+            self._note(ERROR, f"backend {endpoint} disconnected", logging.INFO)
+            self.resolve(core.backend_down(endpoint, "disconnected"))
+            if self.links.get(endpoint) is link:  # not already replaced meanwhile
+                self.renew(link)
+            return True
+        elif event & CONNECT_RETRIED and core.backends[endpoint].state != DOWN:
+            self.resolve(core.backend_down(endpoint, "cannot connect"))
+        return False
+
+    def _refused(self, link: Link, event: int) -> None:
+        """``link``'s connection ended before it came up (the peer refused the handshake
+        or closed it): replace the socket and connect the new one after a growing
+        backoff. Renewing at once would bypass libzmq's reconnect interval, and a
+        peer that refuses every connection would see thousands a second."""
+        endpoint = link.endpoint
+        why = refusal(event, self._settings.curve is not None)
+        done, delay, report = self._core.connect_refused(endpoint, why)
+        if report is not None:
+            self._note(ERROR, report, logging.WARNING)
+        self.resolve(done)
+        if self.links.get(endpoint) is link:  # not already replaced meanwhile
+            self.discard(link)
+            self._redial_later(self.open(endpoint, connect=False), delay)
+
+    # -- liveness ----------------------------------------------------------------------
+
+    def liveness(self) -> None:
+        """Send the PINGs the core asked for; drop the connections it finds silent
+        (after reading what they still hold: the core decides on everything heard)."""
+        core = self._core
+        for endpoint in core.take_pings():
+            link = self.links.get(endpoint)
+            if link is not None:
+                try:
+                    send_frames(link.send, core.ping_frames())
+                except zmq.ZMQError:  # a dead connection: the monitor reports it
+                    pass
+        for endpoint in core.take_suspects():
+            link = self.links.get(endpoint)
+            if link is None:
+                continue
+            self.receive(link, None, DRAIN_ALL)
+            done = core.check_suspect(endpoint)
+            if done is not None:
+                why = f"backend {endpoint} stopped answering (PING unanswered)"
+                self._note(ERROR, why, logging.INFO)  # as a disconnect; the calls raise
+                self.resolve(done)
+                self.renew(link)
+
+    # -- frames ------------------------------------------------------------------------
+
+    def receive(self, link: Link, until: Any, limit: int = 256) -> None:
+        """Read what ``link`` holds, without waiting, at most ``limit`` messages; stop
+        early once ``until`` (a waiter with ``ok``) is resolved and no call is left."""
+        recv, core, endpoint = link.raw.recv, self._core, link.endpoint
+        on_message, resolve = core.on_message, self.resolve
+        for _ in range(limit):  # bounded, so timers and sends get a turn
+            try:
+                # Frame objects tell whether more parts follow without a getsockopt
+                # call per part (measurably cheaper than recv_multipart).
+                f = recv(NOBLOCK, copy=False)
+                frames = [f.bytes]
+                while f.more:
+                    f = recv(NOBLOCK, copy=False)
+                    # a large body is decoded straight from libzmq's buffer: no copy
+                    frames.append(f.bytes if len(f) < ZERO_COPY else f.buffer)  # type: ignore[arg-type]
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:
+                self._stdlog.warning("receive from %s failed: %s", endpoint, e)
+                return
+            done = on_message(endpoint, frames)
+            if done:
+                resolve(done)
+                # Our reply is in: stop if nothing else is awaited (a lone sync call
+                # saves a failed read); else read on while replies are queued, so a
+                # pipelined caller gets them in batches, not one poll per reply.
+                if until is not None and until.ok is not None and not core.calls:
+                    return
+
+    def flush(self) -> None:
+        """Write every call the core routed to its backend's socket."""
+        core, links = self._core, self.links
+        frames_for = core.frames_for
+        failed = False
+        for call in core.drain_outbox():
+            if failed and (
+                call.done or call.backend is None or any(c is call for c in core.outbox)
+            ):
+                continue  # a send_failed above settled, parked or re-routed it
+            link = links.get(call.backend)  # type: ignore[arg-type]
+            try:
+                if link is None:
+                    raise zmq.Again()  # its socket is being replaced
+                frames = frames_for(call)
+                if len(frames) == 3 and len(frames[2]) < ZERO_COPY:
+                    send = link.send  # send_frames inlined: the hot path (small, unsigned)
+                    send(frames[0], MORE)
+                    send(frames[1], MORE)
+                    send(frames[2], NOBLOCK)
+                else:
+                    send_frames(link.send, frames)
+            except zmq.Again:
+                # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
+                # the replies the socket holds before failing what is left on it
+                failed = True
+                if link is not None:
+                    self.receive(link, None, DRAIN_ALL)
+                self.resolve(core.send_failed(call))
+            except zmq.ZMQError as e:
+                failed = True
+                self.resolve(core.send_failed(call))
+                self._stdlog.warning("send to %s failed: %s", link.endpoint, e)  # type: ignore[union-attr]
+        if core.outbox:  # send_failed may have re-routed calls
+            self.flush()
