@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import Any
@@ -52,6 +52,7 @@ _log = logging.getLogger("taskit.frontend")
 _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
+_FOLLOW, _LEAD, _INSIDE = 0, 1, 2  # ThreadedIO._lead(): this thread's role
 
 
 class Waiter:
@@ -196,20 +197,14 @@ class ThreadedIO(Connections):
         """Send ``call`` and block until its waiter ``w`` is resolved; its result or raise."""
         if self._closed:
             raise self._closed_error()
-        me = threading.get_ident()
-        if self._io_lock.acquire(False):
-            # Fast path: nobody drives the sockets, so this thread does.
-            self._leader = me
+        role = self._lead()
+        if role:  # the fast path: nobody else drives the sockets, so this thread does
             try:
                 self._core.submit(call)
                 self._drive(w)
             finally:
-                self._release()
-            if w.ok is not None:
-                return self._outcome(w)
-        elif self._leader == me:  # called from a callback run by the leader itself
-            self._core.submit(call)
-            self._drive(w)
+                if role == _LEAD:
+                    self._release()
             if w.ok is not None:
                 return self._outcome(w)
         else:
@@ -219,11 +214,11 @@ class ThreadedIO(Connections):
     def drive_for(self, fut: CallFuture, timeout: float | None) -> None:
         """Drive the sockets until ``fut`` is resolved or ``timeout`` passes, if no other
         thread is driving them (else return at once: the driver resolves ``fut``)."""
-        me = threading.get_ident()
-        if self._leader == me:
-            return  # inside a callback run by the driver: Future.result waits (documented)
         self._defer_until = time.monotonic() + _USER_GRACE
-        if not self._io_lock.acquire(False):
+        role = self._lead()
+        if role == _INSIDE:
+            return  # inside a callback run by the driver: Future.result waits (documented)
+        if role == _FOLLOW:
             if self._leader != self._bg_ident or self._bg_ident is None:
                 return  # a user thread drives: it resolves fut
             # The background thread drives: ask it to step down (it checks between
@@ -233,7 +228,7 @@ class ThreadedIO(Connections):
             self._wake()
             if not self._io_lock.acquire(timeout=0.05):
                 return
-        self._leader = me
+            self._leader = threading.get_ident()
         try:
             self._drive(fut, None if timeout is None else time.monotonic() + timeout)
         finally:
@@ -263,20 +258,16 @@ class ThreadedIO(Connections):
             if ok:
                 return w.value
             raise w.value
-        me = threading.get_ident()
         while w.ok is None:
-            if self._io_lock.acquire(False):
-                self._leader = me
+            role = self._lead()
+            if role:
                 try:
                     self._drive(w)
                 finally:
-                    self._release(own)
-                if w.ok is None and self._closed:
-                    break
-            elif self._leader == me:
-                self._drive(w)
-                if w.ok is None:
-                    break
+                    if role == _LEAD:
+                        self._release(own)
+                if w.ok is None and (role == _INSIDE or self._closed):
+                    break  # closed, or a callback of the leader whose call is not in yet
             else:
                 # The leader resolves us (it enforces call deadlines); the wait's own
                 # limit is only a guard against a leader that died.
@@ -297,53 +288,44 @@ class ThreadedIO(Connections):
 
     def start(self, call: PendingCall) -> None:
         """Register and send ``call`` without waiting for its reply."""
+        self.start_many((call,))
+
+    def start_many(self, calls: Sequence[PendingCall], own: int = 0) -> None:
+        """Register and send ``calls`` without waiting; ``own`` as in :meth:`wait`."""
         if self._closed:
             raise self._closed_error()
-        if self._io_lock.acquire(False):
-            self._leader = threading.get_ident()
+        role = self._lead()
+        if role:
             try:
-                if self._inbox:  # queued while the background thread was stepping down
+                if role == _LEAD and self._inbox:  # queued while bg was stepping down
                     self._drain_inbox()
-                self._core.submit(call)
-                self.flush()
-            finally:
-                self._release()
-        elif self._leader == threading.get_ident():
-            self._core.submit(call)
-            self.flush()
-        else:
-            self._enqueue(call)
-
-    def start_many(self, calls: list[PendingCall], own: int = 0) -> None:
-        if self._closed:
-            raise self._closed_error()
-        if self._io_lock.acquire(False):
-            self._leader = threading.get_ident()
-            try:
+                submit = self._core.submit
                 for call in calls:
-                    self._core.submit(call)
+                    submit(call)
                 self.flush()
             finally:
-                self._release(own)
-        elif self._leader == threading.get_ident():
-            for call in calls:
-                self._core.submit(call)
-            self.flush()
+                if role == _LEAD:
+                    self._release(own)
         else:
-            self._inbox.extend(calls)
-            self._wake()
-            self._try_lead()
+            self._enqueue(*calls)
 
-    def _enqueue(self, item: PendingCall | _Op) -> None:
-        self._inbox.append(item)
-        self._wake()
-        self._try_lead()
-
-    def _try_lead(self) -> None:
-        # The leader may have released the lock between our failed acquire and the
-        # append; then it may not have seen the item, so take over (or let bg do it).
+    def _lead(self) -> int:
+        """The leader/follower hand-off, in one place: take the I/O lock if it is free
+        (``_LEAD``: this thread drives now and must :meth:`_release`); ``_INSIDE`` when
+        this thread already leads (a callback run by the leader); else ``_FOLLOW``:
+        another thread drives (queue work with :meth:`_enqueue`)."""
         if self._io_lock.acquire(False):
             self._leader = threading.get_ident()
+            return _LEAD
+        return _INSIDE if self._leader == threading.get_ident() else _FOLLOW
+
+    def _enqueue(self, *items: PendingCall | _Op) -> None:
+        """Hand ``items`` to the leader (a follower's part): queue them and wake it."""
+        self._inbox.extend(items)
+        self._wake()
+        # The leader may have released the lock between our failed acquire and the
+        # append; then it may not have seen the items, so take over (or let bg do it).
+        if self._lead() == _LEAD:
             try:
                 self._drain_inbox()
                 self.flush()
@@ -528,7 +510,7 @@ class ThreadedIO(Connections):
         """Drive the sockets when a leader left calls behind (it sets ``_bg_wake``);
         otherwise, every ``_IDLE_CHECK`` seconds, take one look at the monitors,
         timers and replies already received."""
-        me = self._bg_ident = threading.get_ident()
+        self._bg_ident = threading.get_ident()
         while not self._closed:
             asked = self._bg_wake.wait(_IDLE_CHECK)
             self._bg_wake.clear()
@@ -542,9 +524,8 @@ class ThreadedIO(Connections):
                 self._stopped.wait(left)
             if self._closed:
                 break
-            if not self._io_lock.acquire(False):
+            if self._lead() != _LEAD:
                 continue  # a leader is active; it wakes us when it leaves work behind
-            self._leader = me
             try:
                 if asked:
                     self._drive(None)
