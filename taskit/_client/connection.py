@@ -1,7 +1,9 @@
-"""A client's connection to one backend: a DEALER socket set up for taskit, plus
-its socket monitor, and the client defaults that FrontEnd (threads) and
-AsyncFrontEnd (asyncio) share. Usable by any other driver of
-:class:`taskit._client.core.ClientCore`.
+"""A client's connections to its backends, handled once for both drivers: a
+DEALER socket set up for taskit and its socket monitor per backend, what each
+monitor event means, and :class:`Connections`, which acts on them (replacing
+sockets, backing off from refusals, liveness PINGs) and moves frames without
+waiting. Also the client defaults that FrontEnd (threads) and AsyncFrontEnd
+(asyncio) share. Usable by any other driver of :class:`taskit._client.core.ClientCore`.
 
 Interface::
 
@@ -13,6 +15,9 @@ Interface::
     ... a connection that ended before UP_EVENT (HANDSHAKE_FAILED, or DISCONNECTED):
         why = refusal(ev, curve); replace the socket, connect it after a backoff
     close_dealer(sock, monitor)
+
+A driver subclasses :class:`Connections` with its way of waiting (see its
+docstring): :mod:`taskit._client.threaded`, :mod:`taskit._client.aio_driver`.
 """
 
 from __future__ import annotations
@@ -49,10 +54,9 @@ __all__ = [
     "MONITOR_EVENTS",
     "Link",
     "Connections",
-    "DRAIN_ALL",
 ]
 
-DRAIN_ALL = 1 << 62  # receive(): no limit (read until the socket is empty)
+_DRAIN_ALL = 1 << 62  # receive(): no limit (read until the socket is empty)
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
 DEFAULT_BUSY_RETRIES = 50  # re-sends after Busy answers (with backoff) before BusyError
@@ -322,7 +326,7 @@ class Connections:
         elif event & DISCONNECTED:
             # Replies that arrived before the disconnect are still queued on the
             # socket; read them first, so only truly unanswered calls are lost.
-            self.receive(link, None, DRAIN_ALL)
+            self.drain(link)
             self._note(ERROR, f"backend {endpoint} disconnected", logging.INFO)
             self.resolve(core.backend_down(endpoint, "disconnected"))
             if self.links.get(endpoint) is link:  # not already replaced meanwhile
@@ -364,7 +368,7 @@ class Connections:
             link = self.links.get(endpoint)
             if link is None:
                 continue
-            self.receive(link, None, DRAIN_ALL)
+            self.drain(link)
             done = core.check_suspect(endpoint)
             if done is not None:
                 why = f"backend {endpoint} stopped answering (PING unanswered)"
@@ -403,6 +407,10 @@ class Connections:
                 if until is not None and until.ok is not None and not core.calls:
                     return
 
+    def drain(self, link: Link) -> None:
+        """Read every reply already queued on ``link``'s socket (no waiting)."""
+        self.receive(link, None, _DRAIN_ALL)
+
     def flush(self) -> None:
         """Write every call the core routed to its backend's socket."""
         core, links = self._core, self.links
@@ -430,7 +438,7 @@ class Connections:
                 # the replies the socket holds before failing what is left on it
                 failed = True
                 if link is not None:
-                    self.receive(link, None, DRAIN_ALL)
+                    self.drain(link)
                 self.resolve(core.send_failed(call))
             except zmq.ZMQError as e:
                 failed = True

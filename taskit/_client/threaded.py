@@ -1,5 +1,7 @@
-"""The FrontEnd's I/O engine: one DEALER per backend, driven by whichever thread
-needs it (leader/follower), with ``taskit-frontend-io`` as the fallback driver.
+"""The threaded driver of FrontEnd: the client's sockets
+(:class:`~taskit._client.connection.Connections`, one DEALER per backend) driven
+by whichever thread needs them (leader/follower, the hand-off in
+:meth:`ThreadedIO._lead`), with ``taskit-frontend-io`` as the fallback driver.
 
 ZeroMQ sockets are not thread-safe, so whoever touches them holds the *I/O
 lock*. A thread that makes a blocking call and finds the lock free becomes the
@@ -16,8 +18,9 @@ thread step down and drives itself (reading replies in batches rather than
 waiting for a hand-off per reply), and the background thread stays away while
 a user thread has waited on Futures within the last ``_USER_GRACE`` seconds.
 
-All routing, retry and reply decisions are the :class:`ClientCore`'s; this
-module only moves frames and wakes waiters. Private to :mod:`taskit.frontend`.
+All routing, retry and reply decisions are the :class:`ClientCore`'s and all
+socket handling is :class:`Connections`'; this module only decides who drives
+and wakes waiters. Private to :mod:`taskit.frontend`.
 """
 
 from __future__ import annotations
