@@ -48,15 +48,15 @@ _MAP_WINDOW = 1000  # calls map() keeps in flight
 class AsyncFrontEnd(ClientFace):
     """Call tasks on backends from asyncio, with FrontEnd's semantics.
 
-    Same arguments, with the same defaults, as :class:`taskit.frontend.FrontEnd`:
-    ``backends`` as ``"host"`` (``default_port``), ``"host:port"``,
-    ``("host", port)``, ``"tcp://host:port"`` or ``"ipc://path"``; ``logger`` (a TaskIt logger;
-    stdlib logging under ``taskit.aio`` is always used too); ``codec``
-    of the requests (JSON by default, as the original; ``"msgpack"`` is faster
-    and carries bytes); keyword-only ``timeout`` (default per-call limit,
-    seconds), ``retries`` (re-sends of calls lost with their backend; 0 =
-    at-most-once), ``busy_retries``, ``connect_timeout`` (how long a call
-    waits for a reachable backend), ``heartbeat_interval`` /
+    Same arguments, with the same defaults, as :class:`taskit.frontend.FrontEnd`
+    (one constructor serves both): ``backends`` as ``"host"`` (``default_port``),
+    ``"host:port"``, ``("host", port)``, ``"tcp://host:port"`` or ``"ipc://path"``;
+    ``logger`` (a TaskIt logger; stdlib logging under ``taskit.aio`` is always used
+    too); ``codec`` of the requests (JSON by default, as the original; ``"msgpack"``
+    is faster and carries bytes; pass it by keyword); keyword-only ``timeout``
+    (default per-call limit, seconds), ``retries`` (re-sends of calls lost with
+    their backend; 0 = at-most-once), ``busy_retries``, ``connect_timeout`` (how
+    long a call waits for a reachable backend), ``heartbeat_interval`` /
     ``heartbeat_timeout`` (liveness by taskit PINGs: a backend silent for
     ``heartbeat_timeout``, its PING unanswered, is lost), ``key`` (shared HMAC
     key), ``curve_serverkey`` / ``curve_publickey`` / ``curve_secretkey`` and
