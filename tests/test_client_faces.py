@@ -61,3 +61,5 @@ def test_a_codec_passed_where_the_logger_goes_says_what_to_do():
         AsyncFrontEnd([], 54543, MsgpackCodec)
     with pytest.raises(TypeError, match="codec="):
         FrontEnd([], 54543, "msgpack")
+    with FrontEnd([], 54543, None) as fe:  # None: no TaskIt logger, as before
+        assert fe.logger is AsyncFrontEnd([], 54543, None).logger

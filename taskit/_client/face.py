@@ -72,6 +72,8 @@ class ClientFace:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
         endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
+        if logger is None:
+            logger = null_logger  # accepted as "no logger", as before
         if not callable(logger) or isinstance(logger, type) or hasattr(logger, "encode"):
             raise TypeError(
                 f"logger must be a TaskIt logger, logger(importance, msg), not {logger!r}; "
