@@ -28,7 +28,7 @@ Regenerate it after changing a public name: `python doc/gen_api.py > doc/api.md`
 Layout (imports only point down this list): `errors` ← the local half
 (`simple`, `resync`, `log`, `threaded`, `pool`, `jobq`, `progress`) ← the
 distributed half (`codecs`, `protocol`, `common`, `backend`, `frontend`, `aio`,
-and the private sans-I/O client core `taskit._client` shared by the two front
+and the private client engine `taskit._client` shared by the two front
 ends) ← operations (`cli`, `loader`, `ports`, `supervisor`). Names starting with `_` are
 private and may change.
 
@@ -116,9 +116,22 @@ def sig(obj):
     )
 
 
+def _own_and_private_bases(cls):
+    """``cls``'s attributes, then those it inherits from private taskit classes
+    (e.g. what both client faces share), each name once."""
+    seen = set()
+    for klass in cls.__mro__:
+        if klass is not cls and not klass.__module__.startswith("taskit._"):
+            continue
+        for k, v in klass.__dict__.items():
+            if k not in seen:
+                seen.add(k)
+                yield k, v
+
+
 def members(cls):
     rows = []
-    for k, v in cls.__dict__.items():
+    for k, v in _own_and_private_bases(cls):
         if k.startswith("_") and k not in ("__enter__", "__aenter__", "__iter__", "__call__"):
             continue
         if isinstance(v, property):

@@ -327,7 +327,7 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
 def _ask_all(fe: Any, targets: list[tuple[str, int]], admin: str) -> list[tuple[str, Any]]:
     """``(host:port, answer)`` per target, asked concurrently through ``fe``; the
     answer is the exception (or ``'down'``) when the backend did not answer."""
-    from taskit._client import DOWN
+    from taskit._client.core import DOWN
     from taskit.errors import BackendLostError
 
     states = {ep: st["state"] for ep, st in fe.backends_status().items()}

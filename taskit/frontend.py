@@ -2,17 +2,17 @@
 
 A :class:`FrontEnd` keeps one ZeroMQ DEALER connection per backend and
 pipelines every call on it (many in flight, replies matched by call id). The
-routing, retry and reply logic lives in :mod:`taskit._client` (pure, shared
+routing, retry and reply logic lives in :mod:`taskit._client.core` (pure, shared
 with the asyncio front end); this module only moves frames and wakes waiters.
 
-How the sockets are driven is :mod:`taskit._threadio`'s concern: the calling
+How the sockets are driven is :mod:`taskit._client.threaded`'s concern: the calling
 thread drives them itself when nobody else does (no thread hand-off on a
 synchronous call), else the current driver or the ``taskit-frontend-io``
 thread does.
 
 Failure detection: the socket monitor reports connects and disconnects, and
 the client PINGs a backend that has gone silent (taskit PING/PONG messages,
-decided by :class:`taskit._client.ClientCore`; not ZMTP heartbeats, which
+decided by :class:`taskit._client.core.ClientCore`; not ZMTP heartbeats, which
 libzmq 4.3.5 can abort a backend on): one silent for ``heartbeat_timeout``
 with its PING unanswered is lost and its connection replaced. Calls in
 flight on a lost or dropped connection fail with
@@ -31,25 +31,21 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from taskit._client import DOWN, PendingCall, parse_backend
-from taskit._dealer import (
+from taskit._client.connection import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
-    ConfiguredClient,
-    configure_client,
 )
-from taskit._threadio import CallFuture, ThreadedIO, Waiter
-from taskit.codecs import JSONCodec
+from taskit._client.core import PendingCall, parse_backend
+from taskit._client.face import ClientFace
+from taskit._client.threaded import CallFuture, ThreadedIO, Waiter
 from taskit.errors import (
     BackendLostError,
     BackendNotAvailableError,
     BackendProcessingError,
     CallTimeoutError,
 )
-from taskit.log import ERROR, null_logger
-from taskit.progress import progress_bar
 from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
 
 __all__ = [
@@ -68,7 +64,7 @@ _log = logging.getLogger("taskit.frontend")
 _MAP_WINDOW = 1000  # calls map() keeps in flight
 
 
-class FrontEnd(ConfiguredClient):
+class FrontEnd(ClientFace):
     """A client of one or more taskit backends (TaskIt 4.0 compatible).
 
     ``backends``: ``"host"`` (``default_port``), ``"host:port"``, ``("host", port)``,
@@ -120,45 +116,9 @@ class FrontEnd(ConfiguredClient):
     Thread-safety: every method may be called from any number of threads.
     """
 
-    def __init__(
-        self,
-        backends: Iterable[Any] = (),
-        default_port: int = DEFAULT_PORT,
-        logger: Callable[[str, Any], Any] = null_logger,
-        codec: Any = JSONCodec,
-        *,
-        timeout: float | None = None,
-        retries: int = 0,
-        busy_retries: int = 50,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        key: bytes | str | None = None,
-        curve_serverkey: bytes | str | None = None,
-        curve_publickey: bytes | str | None = None,
-        curve_secretkey: bytes | str | None = None,
-        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-    ) -> None:
-        if isinstance(backends, (str, bytes)):
-            backends = (backends,)  # a lone "host" would otherwise be split into letters
-        endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
-        self.default_port = default_port
-        self.logger = logger
-        configure_client(
-            self,
-            codec=codec,
-            timeout=timeout,
-            retries=retries,
-            busy_retries=busy_retries,
-            connect_timeout=connect_timeout,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            key=key,
-            curve_serverkey=curve_serverkey,
-            curve_publickey=curve_publickey,
-            curve_secretkey=curve_secretkey,
-            max_message_size=max_message_size,
-        )
+    _stdlog = _log
+
+    def _start_driver(self, endpoints: list[str]) -> None:
         self._cb_pool: ThreadPoolExecutor | None = None
         self._cb_pool_lock = threading.Lock()
         self._io = ThreadedIO(self._core, self._settings, endpoints, self._note)
@@ -242,9 +202,8 @@ class FrontEnd(ConfiguredClient):
         Answers ``'down'`` at once for a backend known to be down, else within
         ``connect_timeout`` at most. Raises ``ValueError`` for an unknown backend.
         """
-        endpoint = self._core.known(backend, self.default_port)
-        state = self._core.backends[endpoint].state
-        if state == DOWN:
+        endpoint = self._status_target(backend)
+        if endpoint is None:
             return "down"
         try:
             return str(self._call(STATUS, (), None, self.connect_timeout, target=endpoint))
@@ -302,13 +261,7 @@ class FrontEnd(ConfiguredClient):
         lazily. ``progress=True`` draws a progress bar (tqdm, on a terminal).
         ``timeout`` applies to each call (default: the FrontEnd's).
         """
-        total = None
-        if progress and iterables:
-            try:
-                total = min(len(it) for it in iterables)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        bar = progress_bar(total=total, enabled=progress, desc=task)
+        bar = self._map_bar(task, iterables, progress)
         timeout = self.timeout if timeout is None else timeout
         window: collections.deque[tuple[PendingCall, Waiter]] = collections.deque()
         source = zip(*iterables, strict=False)  # stops at the shortest, like map()
@@ -340,12 +293,6 @@ class FrontEnd(ConfiguredClient):
                 calls = [c for c, _ in window]
                 self._io.as_leader(lambda: [self._core.cancel(c) for c in calls], wait=False)  # type: ignore[func-returns-value]
 
-    def backends_status(self) -> dict[str, dict[str, Any]]:
-        """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "for": seconds,
-        "in_flight", "sent", "answered", "failed", "lost", "busy", "connects",
-        "disconnects", "last_error"}}`` as this FrontEnd sees each backend now."""
-        return self._core.snapshot()
-
     def stats(self, backend: Any) -> dict[str, Any]:
         """The ``<stats>`` of one backend (uptime, in flight, per-task counts...)."""
         return self.send_signal(backend, STATS)
@@ -353,18 +300,6 @@ class FrontEnd(ConfiguredClient):
     def tasks(self, backend: Any) -> list[str]:
         """The task names one backend serves (``<tasks>``)."""
         return self.send_signal(backend, TASKS)
-
-    @property
-    def task_count(self) -> int:
-        """Calls of this FrontEnd not yet answered (its own count, as in 4.0)."""
-        return self._core.pending
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        """Replies dropped: ``late_replies`` (after a timeout), ``bad_replies``,
-        ``bad_signatures`` (wrong or missing HMAC); and ``refused_signatures``: calls
-        the backend refused for their signature (failed with AuthenticationError)."""
-        return dict(self._core.stats)
 
     def close(self) -> None:
         """Fail every pending call with :class:`FrontEndClosedError`, close the sockets
@@ -381,7 +316,7 @@ class FrontEnd(ConfiguredClient):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._io.closed else f"{self._io.links} backends"
+        state = "closed" if self._io.closed else f"{len(self._io.links)} backends"
         return f"<FrontEnd {state}, {self._core.pending} pending>"
 
     # -- calls ---------------------------------------------------------------------
@@ -412,29 +347,9 @@ class FrontEnd(ConfiguredClient):
     def _run_cb(self, task: str, fut: Future, cb: Callable, error_cb: Any, outer: Future) -> None:
         exc = fut.exception()
         try:
-            if exc is None:
-                cb(fut.result())
-            elif isinstance(exc, BackendProcessingError):
-                if error_cb is None:
-                    self._note(ERROR, f"task {task!r} failed on the backend:\n{exc}")
-                elif error_cb is not False:
-                    error_cb(exc)
-            else:
-                self._note(ERROR, f"task {task!r} failed: {type(exc).__name__}: {exc}")
-        except Exception:  # a user callback raised: report it, keep the pool alive
-            _log.exception("callback of task %r raised", task)
+            self._deliver(task, exc, None if exc is not None else fut.result(), cb, error_cb)
         finally:
             if exc is None:
                 outer.set_result(fut.result())
             else:
                 outer.set_exception(exc)
-
-    def _note(self, importance: str, msg: str, level: int | None = None) -> None:
-        if level is None:
-            level = logging.ERROR if importance == ERROR else logging.INFO
-        _log.log(level, msg)
-        if self.logger is not null_logger:
-            try:
-                self.logger(importance, msg)
-            except Exception:  # a broken user logger must not break the I/O loop
-                _log.exception("TaskIt logger raised")

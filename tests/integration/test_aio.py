@@ -364,3 +364,27 @@ def test_curve_encryption(backends):
                 await fe.work("add", 1, 1)
 
     run(main())
+
+
+def test_the_taskit_logger_hears_connection_events_as_in_frontend(backends):
+    # AsyncFrontEnd had no logger, and its monitor handling was its own copy: now the
+    # connection events of both faces come from taskit._client.connection.
+    (b,) = backends()
+    heard = []
+
+    async def main():
+        async with AsyncFrontEnd([addr(b)], logger=lambda imp, msg: heard.append(msg)) as fe:
+            assert await fe.work("add", 1, 2) == 3
+            for _ in range(200):  # bounded: the monitor's UP event may follow the reply
+                if any("is up" in m for m in heard):
+                    break
+                await asyncio.sleep(0.05)
+            await fe.send_stop(addr(b))
+            for _ in range(200):
+                if any("disconnected" in m for m in heard):
+                    break
+                await asyncio.sleep(0.05)
+
+    run(main())
+    assert any(f"backend tcp://127.0.0.1:{b.port} is up" in m for m in heard), heard
+    assert any(f"backend tcp://127.0.0.1:{b.port} disconnected" in m for m in heard), heard

@@ -1,11 +1,11 @@
-"""Unit tests of the sans-I/O client core (taskit._client): no sockets, a fake clock."""
+"""Unit tests of the sans-I/O client core (taskit._client.core): no sockets, a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from taskit import protocol
-from taskit._client import (
+from taskit._client.core import (
     CONNECTING,
     DOWN,
     RECONNECT_CAP,

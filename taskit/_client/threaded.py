@@ -1,5 +1,7 @@
-"""The FrontEnd's I/O engine: one DEALER per backend, driven by whichever thread
-needs it (leader/follower), with ``taskit-frontend-io`` as the fallback driver.
+"""The threaded driver of FrontEnd: the client's sockets
+(:class:`~taskit._client.connection.Connections`, one DEALER per backend) driven
+by whichever thread needs them (leader/follower, the hand-off in
+:meth:`ThreadedIO._lead`), with ``taskit-frontend-io`` as the fallback driver.
 
 ZeroMQ sockets are not thread-safe, so whoever touches them holds the *I/O
 lock*. A thread that makes a blocking call and finds the lock free becomes the
@@ -16,8 +18,9 @@ thread step down and drives itself (reading replies in batches rather than
 waiting for a hand-off per reply), and the background thread stays away while
 a user thread has waited on Futures within the last ``_USER_GRACE`` seconds.
 
-All routing, retry and reply decisions are the :class:`ClientCore`'s; this
-module only moves frames and wakes waiters. Private to :mod:`taskit.frontend`.
+All routing, retry and reply decisions are the :class:`ClientCore`'s and all
+socket handling is :class:`Connections`'; this module only decides who drives
+and wakes waiters. Private to :mod:`taskit.frontend`.
 """
 
 from __future__ import annotations
@@ -28,36 +31,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
 from typing import Any
 
 import zmq
 
-from taskit._client import ClientCore, PendingCall
-from taskit._dealer import (
-    CONNECT_RETRIED,
-    DISCONNECTED,
-    HANDSHAKE_FAILED,
-    UP_EVENT,
+from taskit._client.connection import (
+    Connections,
     DealerSettings,
-    close_dealer,
+    Link,
     monitor_event,
-    open_dealer,
-    refusal,
 )
-from taskit._wire import (
-    FUTURE_RUNNING,
-    MORE,
-    NOBLOCK,
-    ZERO_COPY,
-    base_send,
-    send_frames,
-    zmq_poll,
-)
+from taskit._client.core import ClientCore, PendingCall
+from taskit._wire import FUTURE_RUNNING, zmq_poll
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
-from taskit.log import ERROR, INFO
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
 
@@ -66,7 +55,7 @@ _log = logging.getLogger("taskit.frontend")
 _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
-_DRAIN_ALL = 1 << 62
+_FOLLOW, _LEAD, _INSIDE = 0, 1, 2  # ThreadedIO._lead(): this thread's role
 
 
 class Waiter:
@@ -93,19 +82,6 @@ class _Op:
         self.fn = fn
         self.done = threading.Event()
         self.error: BaseException | None = None
-
-
-class _Link:
-    """One backend's DEALER socket and its monitor socket."""
-
-    __slots__ = ("endpoint", "sock", "monitor", "send", "up")
-
-    def __init__(self, endpoint: str, sock: zmq.Socket, monitor: zmq.Socket) -> None:
-        self.endpoint = endpoint
-        self.sock = sock
-        self.monitor = monitor
-        self.send = base_send.__get__(sock)  # see taskit._wire
-        self.up = False  # this socket's connection came up (handshake done)
 
 
 class CallFuture(Future):
@@ -167,7 +143,7 @@ class CallFuture(Future):
         return max(0.0, deadline - time.monotonic())
 
 
-class ThreadedIO:
+class ThreadedIO(Connections):
     """Sockets and threads of one FrontEnd. ``call``/``wait``/``start``/``start_many``
     /``as_leader`` may be called from any thread; ``note(importance, msg, level)``
     reports connection events."""
@@ -179,13 +155,10 @@ class ThreadedIO:
         endpoints: list[str],
         note: Callable[..., None],
     ) -> None:
-        self._core = core
-        self._settings = settings
-        self._note = note
+        super().__init__(core, settings, note)
         self._ctx = zmq.Context()
-        self._links: dict[str, _Link] = {}
-        self._by_sock: dict[Any, _Link] = {}  # DEALER -> link
-        self._by_monitor: dict[Any, _Link] = {}  # monitor PAIR -> link
+        self._by_sock: dict[Any, Link] = {}  # DEALER -> link
+        self._by_monitor: dict[Any, Link] = {}  # monitor PAIR -> link
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -206,7 +179,7 @@ class ThreadedIO:
         self._yield = False
         self._bg_ident: int | None = None
         # endpoint -> monotonic time to connect its (new, unconnected) socket: the
-        # backoff after connections refused before coming up (see _refused)
+        # backoff after connections refused before coming up (Connections._refused)
         self._redial: dict[str, float] = {}
         # Connected before the thread starts, so no other thread can race us here.
         try:
@@ -223,28 +196,18 @@ class ThreadedIO:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def links(self) -> int:
-        return len(self._links)
-
     def call(self, call: PendingCall, w: Waiter, timeout: float | None) -> Any:
         """Send ``call`` and block until its waiter ``w`` is resolved; its result or raise."""
         if self._closed:
             raise self._closed_error()
-        me = threading.get_ident()
-        if self._io_lock.acquire(False):
-            # Fast path: nobody drives the sockets, so this thread does.
-            self._leader = me
+        role = self._lead()
+        if role:  # the fast path: nobody else drives the sockets, so this thread does
             try:
                 self._core.submit(call)
                 self._drive(w)
             finally:
-                self._release()
-            if w.ok is not None:
-                return self._outcome(w)
-        elif self._leader == me:  # called from a callback run by the leader itself
-            self._core.submit(call)
-            self._drive(w)
+                if role == _LEAD:
+                    self._release()
             if w.ok is not None:
                 return self._outcome(w)
         else:
@@ -254,11 +217,11 @@ class ThreadedIO:
     def drive_for(self, fut: CallFuture, timeout: float | None) -> None:
         """Drive the sockets until ``fut`` is resolved or ``timeout`` passes, if no other
         thread is driving them (else return at once: the driver resolves ``fut``)."""
-        me = threading.get_ident()
-        if self._leader == me:
-            return  # inside a callback run by the driver: Future.result waits (documented)
         self._defer_until = time.monotonic() + _USER_GRACE
-        if not self._io_lock.acquire(False):
+        role = self._lead()
+        if role == _INSIDE:
+            return  # inside a callback run by the driver: Future.result waits (documented)
+        if role == _FOLLOW:
             if self._leader != self._bg_ident or self._bg_ident is None:
                 return  # a user thread drives: it resolves fut
             # The background thread drives: ask it to step down (it checks between
@@ -268,7 +231,7 @@ class ThreadedIO:
             self._wake()
             if not self._io_lock.acquire(timeout=0.05):
                 return
-        self._leader = me
+            self._leader = threading.get_ident()
         try:
             self._drive(fut, None if timeout is None else time.monotonic() + timeout)
         finally:
@@ -298,20 +261,16 @@ class ThreadedIO:
             if ok:
                 return w.value
             raise w.value
-        me = threading.get_ident()
         while w.ok is None:
-            if self._io_lock.acquire(False):
-                self._leader = me
+            role = self._lead()
+            if role:
                 try:
                     self._drive(w)
                 finally:
-                    self._release(own)
-                if w.ok is None and self._closed:
-                    break
-            elif self._leader == me:
-                self._drive(w)
-                if w.ok is None:
-                    break
+                    if role == _LEAD:
+                        self._release(own)
+                if w.ok is None and (role == _INSIDE or self._closed):
+                    break  # closed, or a callback of the leader whose call is not in yet
             else:
                 # The leader resolves us (it enforces call deadlines); the wait's own
                 # limit is only a guard against a leader that died.
@@ -332,56 +291,47 @@ class ThreadedIO:
 
     def start(self, call: PendingCall) -> None:
         """Register and send ``call`` without waiting for its reply."""
+        self.start_many((call,))
+
+    def start_many(self, calls: Sequence[PendingCall], own: int = 0) -> None:
+        """Register and send ``calls`` without waiting; ``own`` as in :meth:`wait`."""
         if self._closed:
             raise self._closed_error()
-        if self._io_lock.acquire(False):
-            self._leader = threading.get_ident()
+        role = self._lead()
+        if role:
             try:
-                if self._inbox:  # queued while the background thread was stepping down
+                if role == _LEAD and self._inbox:  # queued while bg was stepping down
                     self._drain_inbox()
-                self._core.submit(call)
-                self._flush()
-            finally:
-                self._release()
-        elif self._leader == threading.get_ident():
-            self._core.submit(call)
-            self._flush()
-        else:
-            self._enqueue(call)
-
-    def start_many(self, calls: list[PendingCall], own: int = 0) -> None:
-        if self._closed:
-            raise self._closed_error()
-        if self._io_lock.acquire(False):
-            self._leader = threading.get_ident()
-            try:
+                submit = self._core.submit
                 for call in calls:
-                    self._core.submit(call)
-                self._flush()
+                    submit(call)
+                self.flush()
             finally:
-                self._release(own)
-        elif self._leader == threading.get_ident():
-            for call in calls:
-                self._core.submit(call)
-            self._flush()
+                if role == _LEAD:
+                    self._release(own)
         else:
-            self._inbox.extend(calls)
-            self._wake()
-            self._try_lead()
+            self._enqueue(*calls)
 
-    def _enqueue(self, item: PendingCall | _Op) -> None:
-        self._inbox.append(item)
-        self._wake()
-        self._try_lead()
-
-    def _try_lead(self) -> None:
-        # The leader may have released the lock between our failed acquire and the
-        # append; then it may not have seen the item, so take over (or let bg do it).
+    def _lead(self) -> int:
+        """The leader/follower hand-off, in one place: take the I/O lock if it is free
+        (``_LEAD``: this thread drives now and must :meth:`_release`); ``_INSIDE`` when
+        this thread already leads (a callback run by the leader); else ``_FOLLOW``:
+        another thread drives (queue work with :meth:`_enqueue`)."""
         if self._io_lock.acquire(False):
             self._leader = threading.get_ident()
+            return _LEAD
+        return _INSIDE if self._leader == threading.get_ident() else _FOLLOW
+
+    def _enqueue(self, *items: PendingCall | _Op) -> None:
+        """Hand ``items`` to the leader (a follower's part): queue them and wake it."""
+        self._inbox.extend(items)
+        self._wake()
+        # The leader may have released the lock between our failed acquire and the
+        # append; then it may not have seen the items, so take over (or let bg do it).
+        if self._lead() == _LEAD:
             try:
                 self._drain_inbox()
-                self._flush()
+                self.flush()
             finally:
                 self._release()
 
@@ -434,12 +384,12 @@ class ThreadedIO:
             if self._inbox:
                 self._drain_inbox()
             if core.outbox:
-                self._flush()
+                self.flush()
             timers = core.timers
             if timers and timers[0][0] <= time.monotonic():  # one is due (the core's clock)
-                self._resolve(core.tick())
+                self.resolve(core.tick())
                 if core.pings or core.suspects:
-                    self._liveness()
+                    self.liveness()
             if until is not None:
                 if until.ok is not None:
                     return
@@ -466,7 +416,7 @@ class ThreadedIO:
         for sock, _ in events:
             link = by_sock.get(sock)
             if link is not None:
-                self._receive(link, until)
+                self.receive(link, until)
             elif sock == self._wake_r:
                 self._wake_armed = False  # before draining: a later wake writes again
                 try:
@@ -477,72 +427,6 @@ class ThreadedIO:
                 mlink = self._by_monitor.get(sock)
                 if mlink is not None:  # None: replaced earlier in this loop turn
                     self._monitor_events(mlink)
-
-    def _receive(self, link: _Link, until: Waiter | None, limit: int = 256) -> None:
-        """Read what ``link`` has (poll said it is readable), at most ``limit`` messages."""
-        recv, core, endpoint = link.sock.recv, self._core, link.endpoint
-        on_message = core.on_message
-        for _ in range(limit):  # bounded, so timers and sends get a turn
-            try:
-                # Frame objects tell whether more parts follow without a getsockopt
-                # call per part (measurably cheaper than recv_multipart).
-                f = recv(NOBLOCK, copy=False)
-                frames = [f.bytes]
-                while f.more:
-                    f = recv(NOBLOCK, copy=False)
-                    # a large body is decoded straight from libzmq's buffer: no copy
-                    frames.append(f.bytes if len(f) < ZERO_COPY else f.buffer)  # type: ignore[arg-type]
-            except zmq.Again:
-                return
-            except zmq.ZMQError as e:
-                _log.warning("receive from %s failed: %s", endpoint, e)
-                return
-            done = on_message(endpoint, frames)
-            if done:
-                if len(done) == 1 and type(done[0][0].waiter) is Waiter:  # _resolve inlined
-                    call, ok, value = done[0]
-                    w = call.waiter
-                    w.ok, w.value = ok, value
-                    w.latch.release()
-                else:
-                    self._resolve(done)
-                # Our reply is in: stop if nothing else is awaited (a lone sync call
-                # saves a failed read); else read on while replies are queued, so a
-                # pipelined caller gets them in batches, not one poll per reply.
-                if until is not None and until.ok is not None and not core.calls:
-                    return
-
-    def _flush(self) -> None:
-        core, links = self._core, self._links
-        frames_for = core.frames_for
-        failed = False
-        for call in core.drain_outbox():
-            if failed and (
-                call.done or call.backend is None or any(c is call for c in core.outbox)
-            ):
-                continue  # a send_failed above settled, parked or re-routed it
-            link = links[call.backend]  # type: ignore[index]
-            try:
-                frames = frames_for(call)
-                if len(frames) == 3 and len(frames[2]) < ZERO_COPY:
-                    send = link.send  # _send inlined: the hot path (small, unsigned)
-                    send(frames[0], MORE)
-                    send(frames[1], MORE)
-                    send(frames[2], NOBLOCK)
-                else:
-                    send_frames(link.send, frames)
-            except zmq.Again:
-                # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
-                # the replies the socket holds before failing what is left on it
-                failed = True
-                self._receive(link, None, _DRAIN_ALL)
-                self._resolve(core.send_failed(call))
-            except zmq.ZMQError as e:
-                failed = True
-                self._resolve(core.send_failed(call))
-                _log.warning("send to %s failed: %s", link.endpoint, e)
-        if core.outbox:  # send_failed may have re-routed calls
-            self._flush()
 
     def _drain_inbox(self) -> None:
         inbox, core = self._inbox, self._core
@@ -557,7 +441,8 @@ class ThreadedIO:
             else:
                 core.submit(item)  # type: ignore[arg-type]  # not an _Op: a PendingCall
 
-    def _resolve(self, done: list) -> None:
+    def resolve(self, done: list) -> None:
+        """Wake the waiters of finished calls: a Waiter's latch, a CallFuture's result."""
         for call, ok, value in done:
             w = call.waiter
             if type(w) is Waiter:
@@ -573,72 +458,17 @@ class ThreadedIO:
                 except Exception:  # noqa: BLE001 - a Future resolved elsewhere
                     _log.debug("future of call %s was already resolved", call.id)
 
-    def _liveness(self) -> None:
-        """Send the PINGs the core asked for; drop the connections it finds silent
-        (after reading what they still hold: the core decides on everything heard)."""
-        core = self._core
-        for endpoint in core.take_pings():
-            link = self._links.get(endpoint)
-            if link is not None:
-                try:
-                    send_frames(link.send, core.ping_frames())
-                except zmq.ZMQError:  # a dead connection: the monitor reports it
-                    pass
-        for endpoint in core.take_suspects():
-            link = self._links.get(endpoint)
-            if link is None:
-                continue
-            self._receive(link, None, _DRAIN_ALL)
-            done = core.check_suspect(endpoint)
-            if done is not None:
-                why = f"backend {endpoint} stopped answering (PING unanswered)"
-                self._note(ERROR, why, logging.INFO)  # as a disconnect; the calls raise
-                self._resolve(done)
-                self._renew(link)
-
-    def _monitor_events(self, link: _Link) -> None:
+    def _monitor_events(self, link: Link) -> None:
         while True:
             try:
                 msg = link.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:  # zmq.Again (nothing queued) included, or closed
                 return
-            event = monitor_event(msg)
-            if event & UP_EVENT:
-                link.up = True
-                self._note(INFO, f"backend {link.endpoint} is up")
-                self._core.backend_up(link.endpoint)
-            elif not link.up and event & (DISCONNECTED | HANDSHAKE_FAILED):
-                self._refused(link, event)
-                return  # the old monitor socket is closed
-            elif event & DISCONNECTED:
-                # Replies that arrived before the disconnect are still queued on the
-                # socket; read them first, so only truly unanswered calls are lost.
-                self._receive(link, None, _DRAIN_ALL)
-                self._note(ERROR, f"backend {link.endpoint} disconnected", logging.INFO)
-                self._resolve(self._core.backend_down(link.endpoint, "disconnected"))
-                if link.sock in self._by_sock:  # not already replaced meanwhile
-                    self._renew(link)
-                return  # the old monitor socket is closed
-            elif event & CONNECT_RETRIED:
-                self._resolve(self._core.backend_down(link.endpoint, "cannot connect"))
+            if self.on_event(link, monitor_event(msg)):
+                return  # replaced: the old monitor socket is closed
 
-    def _refused(self, link: _Link, event: int) -> None:
-        """``link``'s connection ended before it came up (the peer refused the handshake
-        or closed it): replace the socket and connect the new one after a growing
-        backoff. Renewing at once would bypass libzmq's reconnect interval, and a
-        peer that refuses every connection would see thousands a second."""
-        endpoint = link.endpoint
-        why = refusal(event, self._settings.curve is not None)
-        done, delay, report = self._core.connect_refused(endpoint, why)
-        if report is not None:
-            self._note(ERROR, report, logging.WARNING)
-        self._resolve(done)
-        if link.sock in self._by_sock:  # not already replaced meanwhile
-            self._discard(link)
-            self._install(
-                _Link(endpoint, *open_dealer(self._ctx, endpoint, self._settings, connect=False))
-            )
-            self._redial[endpoint] = time.monotonic() + delay
+    def _redial_later(self, link: Link, delay: float) -> None:
+        self._redial[link.endpoint] = time.monotonic() + delay
 
     def _redial_due(self) -> float | None:
         """Connect the sockets whose backoff is over; the time of the next one, or None."""
@@ -646,27 +476,18 @@ class ThreadedIO:
         for endpoint, when in list(self._redial.items()):
             if when <= now:
                 del self._redial[endpoint]
-                link = self._links.get(endpoint)
+                link = self.links.get(endpoint)
                 if link is not None:
-                    try:
-                        link.sock.connect(endpoint)
-                    except zmq.ZMQError as e:  # it connected before: not expected
-                        _log.warning("cannot connect to %s again: %s", endpoint, e)
+                    self.dial(link)
         return min(self._redial.values()) if self._redial else None
 
     def connect(self, endpoint: str) -> None:
         if endpoint in self._core.backends:
             return
-        link = self._open(endpoint)  # first, so a bad endpoint leaves no trace
+        self.open(endpoint)  # first, so a bad endpoint leaves no trace
         self._core.add_backend(endpoint)
-        self._install(link)
 
-    def _open(self, endpoint: str) -> _Link:
-        """A connected DEALER (and its monitor) for ``endpoint``; ValueError if unusable."""
-        return _Link(endpoint, *open_dealer(self._ctx, endpoint, self._settings))
-
-    def _install(self, link: _Link) -> None:
-        self._links[link.endpoint] = link
+    def _watch(self, link: Link) -> None:
         self._by_sock[link.sock] = link
         self._by_monitor[link.monitor] = link
         # a new list, so a poll in progress elsewhere never sees it half-built
@@ -676,22 +497,15 @@ class ThreadedIO:
             (link.monitor, zmq.POLLIN),
         ]
 
-    def _discard(self, link: _Link) -> None:
+    def _unwatch(self, link: Link) -> None:
         self._by_sock.pop(link.sock, None)
         self._by_monitor.pop(link.monitor, None)
+        self._redial.pop(link.endpoint, None)
         self._poll_items = [
             item
             for item in self._poll_items
             if item[0] is not link.sock and item[0] is not link.monitor
         ]
-        close_dealer(link.sock, link.monitor)
-
-    def _renew(self, link: _Link) -> None:
-        """Replace a disconnected backend's socket: whatever it still queued for the
-        old connection is dropped, never delivered to a restarted backend."""
-        self._discard(link)
-        self._redial.pop(link.endpoint, None)
-        self._install(self._open(link.endpoint))
 
     # -- background thread ---------------------------------------------------------
 
@@ -699,7 +513,7 @@ class ThreadedIO:
         """Drive the sockets when a leader left calls behind (it sets ``_bg_wake``);
         otherwise, every ``_IDLE_CHECK`` seconds, take one look at the monitors,
         timers and replies already received."""
-        me = self._bg_ident = threading.get_ident()
+        self._bg_ident = threading.get_ident()
         while not self._closed:
             asked = self._bg_wake.wait(_IDLE_CHECK)
             self._bg_wake.clear()
@@ -713,9 +527,8 @@ class ThreadedIO:
                 self._stopped.wait(left)
             if self._closed:
                 break
-            if not self._io_lock.acquire(False):
+            if self._lead() != _LEAD:
                 continue  # a leader is active; it wakes us when it leaves work behind
-            self._leader = me
             try:
                 if asked:
                     self._drive(None)
@@ -731,30 +544,28 @@ class ThreadedIO:
 
     def _housekeep(self) -> None:
         """One non-blocking pass: monitor events, replies waiting, due timers, sends."""
-        for link in list(self._links.values()):
+        for link in list(self.links.values()):
             self._monitor_events(link)
-        for link in list(self._links.values()):
+        for link in list(self.links.values()):
             if link.sock in self._by_sock:
-                self._receive(link, None)
+                self.receive(link, None)
         core = self._core
         if self._redial:
             self._redial_due()
         if core.timers:
-            self._resolve(core.tick())
+            self.resolve(core.tick())
             if core.pings or core.suspects:
-                self._liveness()
+                self.liveness()
         if self._inbox:
             self._drain_inbox()
         if core.outbox:
-            self._flush()
+            self.flush()
 
     def _shutdown(self) -> None:
         """Fail what is pending and close every socket (with the I/O lock held)."""
         self._drain_inbox_on_close()
-        self._resolve(self._core.fail_all(self._closed_error()))
-        for link in list(self._links.values()):
-            self._discard(link)
-        self._links.clear()
+        self.resolve(self._core.fail_all(self._closed_error()))
+        self.close_all()
         self._by_sock.clear()
         self._by_monitor.clear()
         # destroy, not term: a socket left open by any path would block term() for ever
