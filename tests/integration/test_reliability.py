@@ -114,19 +114,26 @@ def _kill_after(futures, count: int, server: Server) -> threading.Event:
 N = 10_000
 
 
+def _burst_then_kill(fe: FrontEnd, a: Server, b: Server):
+    """Submit N ``add`` calls over ``a`` and ``b`` and SIGKILL ``a`` once N // 5 are done,
+    with calls of ``a`` surely in flight then.
+
+    Otherwise ``a`` may have answered its whole share before it dies, leaving nothing
+    lost (those tests failed ~1 run in 15 that way). So both are connected first, and
+    ``a`` is frozen while the calls go out: it gets the first one (ties go to the first
+    backend) and every one while it holds no more than ``b``, and answers none.
+    """
+    assert fe.send_signal(a.endpoint, "<status>") == "0"
+    assert fe.send_signal(b.endpoint, "<status>") == "0"
+    a.kill(signal.SIGSTOP)
+    futures = [fe.submit("add", i, i) for i in range(N)]
+    return futures, _kill_after(futures, N // 5, a)
+
+
 def test_kill_with_retries_every_call_answered(servers):
     a, b = servers("a"), servers("b")
     with FrontEnd([a.endpoint, b.endpoint], codec=MsgpackCodec, retries=1) as fe:
-        # `a` must hold calls when it dies, or there is nothing to retry (the test
-        # failed ~1 run in 15 when `a` had answered all of its share by then). So both
-        # are connected first, and `a` is frozen while the calls go out: it gets the
-        # first one (ties go to the first backend) and every one while it holds no
-        # more than `b`, and answers none; it is killed once N // 5 calls are done.
-        assert fe.send_signal(a.endpoint, "<status>") == "0"
-        assert fe.send_signal(b.endpoint, "<status>") == "0"
-        a.kill(signal.SIGSTOP)
-        futures = [fe.submit("add", i, i) for i in range(N)]
-        killed = _kill_after(futures, N // 5, a)
+        futures, killed = _burst_then_kill(fe, a, b)
         results = [f.result(60) for f in futures]
         assert killed.is_set()
         assert results == [2 * i for i in range(N)]
@@ -144,8 +151,7 @@ def test_kill_without_retries_fails_fast_never_hangs(servers):
         heartbeat_interval=0.25,
         heartbeat_timeout=hb_timeout,
     ) as fe:
-        futures = [fe.submit("add", i, i) for i in range(N)]
-        killed = _kill_after(futures, N // 5, a)
+        futures, killed = _burst_then_kill(fe, a, b)
         assert killed.wait(60)
         t_kill = time.monotonic()
         lost = 0
