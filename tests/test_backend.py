@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from taskit import protocol
-from taskit._backend_parts import CALL_COST, REPLY_COST, PeerLedger
+from taskit._server.accounting import CALL_COST, REPLY_COST, PeerLedger
 from taskit.backend import (
     ADMIN_TASKS,
     DEFAULT_PORT,
