@@ -184,3 +184,12 @@ def test_no_import_cycles_anywhere_in_taskit():
     assert not cycles, "import cycles in taskit/ (count every import statement):\n" + "\n".join(
         " -> ".join(c) for c in cycles
     )
+
+
+def test_the_server_engine_never_imports_a_face_or_the_client():
+    imports = _taskit_imports()
+    faces = {"taskit.backend", "taskit.frontend", "taskit.aio", "taskit.cli"}
+    for mod, deps in imports.items():
+        if mod.startswith("taskit._server"):
+            assert not deps & faces, (mod, deps & faces)
+            assert not any(d.startswith("taskit._client") for d in deps), mod

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, final
+from typing import Any, Protocol, final
 
 from taskit import protocol
 from taskit._server.access import unauthenticated_reply
@@ -36,7 +36,7 @@ from taskit.errors import (
 from taskit.log import ERROR, IMPORTANT, INFO
 from taskit.protocol import KILL, STATS, STATUS, STOP, TASKS, Kind
 
-__all__ = ["Call", "RequestHandler", "STOPPING"]
+__all__ = ["Call", "RequestHandler", "Server", "STOPPING"]
 
 _log = logging.getLogger("taskit.backend")
 
@@ -45,6 +45,18 @@ _CALL = int(Kind.CALL)
 _PEER_GENERATION = 10_000
 _READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
 STOPPING = "this backend is stopping and accepts no new calls; use another backend"
+
+
+class Server(Protocol):
+    """What the handler asks of the BackEnd it serves (admin signals, logs)."""
+
+    @property
+    def task_count(self) -> int: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 def _safe_repr(obj: Any) -> str:
@@ -124,7 +136,7 @@ class RequestHandler:
 
     def __init__(
         self,
-        owner: Any,
+        owner: Server,
         tasks: dict[str, Any],
         lock: Any,
         *,
