@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from taskit import protocol
-from taskit._backend_parts import CALL_COST, REPLY_COST, PeerLedger
 from taskit.backend import (
     ADMIN_TASKS,
     DEFAULT_PORT,
@@ -192,35 +191,6 @@ def test_worked_example_matches_the_implementation():
     digest = protocol.encode_call(MsgpackCodec, 1, "add", (1, 2), None, Signer(b"secret"))[3]
     flat = " ".join(text.split())
     assert digest[:16].hex(" ") in flat and digest[16:].hex(" ") in flat
-
-
-# --- PeerLedger: the bytes one client makes the backend hold ------------------------------
-
-
-def test_peer_ledger_charges_calls_and_refuses_past_the_budget():
-    ledger = PeerLedger(budget=10 * CALL_COST)
-    assert not ledger.over(b"a", 10**9)  # a peer holding nothing gets its first call
-    ledger.charge(b"a", 4 * CALL_COST)
-    assert ledger.held_by(b"a") == 5 * CALL_COST
-    assert not ledger.over(b"a", 4 * CALL_COST)  # 5 + 5 = 10: still within
-    assert ledger.over(b"a", 4 * CALL_COST + 1)
-    assert not ledger.over(b"b", 4 * CALL_COST + 1)  # per peer
-    ledger.settle(b"a", 4 * CALL_COST)
-    assert ledger.held == {}  # nothing held: the peer is forgotten
-
-
-def test_peer_ledger_backlog_is_bounded_and_forgotten():
-    one = 100 + REPLY_COST
-    ledger = PeerLedger(budget=3 * one)
-    frames = [b"m" * 5, b"h" * 10, b"x" * 85]
-    assert all(ledger.defer(b"a", frames) for _ in range(3))
-    assert not ledger.defer(b"a", frames)  # the fourth would pass the budget
-    assert ledger.held_by(b"a") == 3 * one and len(ledger.backlog[b"a"]) == 3
-    ledger.sent(b"a")
-    assert ledger.held_by(b"a") == 2 * one
-    assert ledger.forget(b"a") == 2
-    assert ledger.held == {} and ledger.backlog == {}
-    assert ledger.forget(b"a") == 0
 
 
 def test_peer_options_checked():

@@ -113,3 +113,96 @@ def test_ci_tests_every_python_the_package_claims():
     assert minors == list(range(minors[0], minors[-1] + 1)), "no version skipped"
     for p in pythons:
         assert f'"Programming Language :: Python :: 3.{p}"' in pyproject
+
+
+def _taskit_imports() -> dict[str, set[str]]:
+    """Module -> the taskit modules it imports, read from the source with ``ast``:
+    every import statement counts, at module level, inside functions and under
+    ``TYPE_CHECKING`` (a cycle there is still two files that need each other)."""
+    import ast
+    from pathlib import Path
+
+    pkg_dir = Path(ROOT) / "taskit"
+    files = {}
+    for path in pkg_dir.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        files[".".join(parts)] = path
+
+    def module_of(dotted: str) -> str | None:
+        # "taskit.protocol.Kind" -> "taskit.protocol": the longest prefix that is a file
+        while dotted and dotted not in files:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package upwards
+                    here = name.split(".") if is_package else name.split(".")[:-1]
+                    here = here[: len(here) - node.level + 1]
+                    base = ".".join([*here, base] if base else here)
+                # "from taskit import protocol" imports a module; "from taskit.x import f" not
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            for target in targets:
+                mod = module_of(target)
+                if mod is not None and mod != name:
+                    deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a path back to its start) per back edge met in a depth-first walk."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def walk(mod: str) -> None:
+        state[mod] = 1
+        path.append(mod)
+        for dep in sorted(graph.get(mod, ())):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep) :] + [dep])
+            elif dep not in state:
+                walk(dep)
+        path.pop()
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            walk(mod)
+    return cycles
+
+
+def test_the_import_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert _import_cycles({"a": {"b"}, "b": set()}) == []
+    imports = _taskit_imports()
+    assert "taskit._wire" in imports["taskit._server.loop"]  # a from-import of names
+    assert "taskit.protocol" in imports["taskit._server.handler"]  # "from taskit import x"
+
+
+def test_no_import_cycles_anywhere_in_taskit():
+    cycles = _import_cycles(_taskit_imports())
+    assert not cycles, "import cycles in taskit/ (count every import statement):\n" + "\n".join(
+        " -> ".join(c) for c in cycles
+    )
+
+
+def test_the_server_engine_never_imports_a_face_or_the_client():
+    imports = _taskit_imports()
+    faces = {"taskit.backend", "taskit.frontend", "taskit.aio", "taskit.cli"}
+    for mod, deps in imports.items():
+        if mod.startswith("taskit._server"):
+            assert not deps & faces, (mod, deps & faces)
+            assert not any(d.startswith("taskit._client") for d in deps), mod

@@ -560,7 +560,7 @@ def test_failing_calls_log_one_traceback_per_task_and_error_per_interval(
 ):
     """A client calling with the wrong arity used to write every traceback at INFO."""
     # one interval, however slow the machine
-    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 600.0, raising=False)
+    monkeypatch.setattr("taskit._server.accounting.TRACEBACK_INTERVAL", 600.0, raising=False)
     b = serve(TASKS)
     c = client(b)
     caplog.set_level(logging.INFO, logger="taskit.backend")
@@ -576,7 +576,7 @@ def test_failing_calls_log_one_traceback_per_task_and_error_per_interval(
 
 
 def test_skipped_tracebacks_are_counted_in_the_next_one_logged(serve, client, caplog, monkeypatch):
-    monkeypatch.setattr("taskit._backend_parts.TRACEBACK_INTERVAL", 0.05, raising=False)
+    monkeypatch.setattr("taskit._server.accounting.TRACEBACK_INTERVAL", 0.05, raising=False)
     b = serve(TASKS)
     c = client(b)
     caplog.set_level(logging.INFO, logger="taskit.backend")

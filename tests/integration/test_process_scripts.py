@@ -118,7 +118,7 @@ def die():
 
 if __name__ == "__main__":
     backend = BackEnd({"die": die}, port=0, pool="process", workers=1).start()
-    first = backend._pool.worker_pids()
+    first = backend._loop.pool.worker_pids()
     with FrontEnd([("127.0.0.1", backend.port)]) as fe:
         try:
             fe.call("die", timeout=60)
@@ -126,7 +126,7 @@ if __name__ == "__main__":
             print(e.type, flush=True)
     # Stop while the replacement worker is starting (bounded poll).
     deadline = time.monotonic() + 60
-    while backend._pool.worker_pids() in ([], first) and time.monotonic() < deadline:
+    while backend._loop.pool.worker_pids() in ([], first) and time.monotonic() < deadline:
         time.sleep(0.001)
     backend.terminate_server()
 """

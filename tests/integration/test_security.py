@@ -158,7 +158,7 @@ def test_max_message_size_none_means_unlimited(serve, client):
 def test_router_has_tcp_keepalive_and_no_zmtp_heartbeat_by_default(serve):
     # ZMTP heartbeats let a flood-and-reset client abort the process (libzmq 4.3.5;
     # tests/integration/test_flood_reset.py): off by default, TCP keepalive instead
-    sock = serve(TASKS)._router  # white-box: no other observable effect in a short test
+    sock = serve(TASKS)._loop.router  # white-box: no other observable effect in a short test
     assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
     assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
     assert sock.getsockopt(zmq.TCP_KEEPALIVE_IDLE) == 30
@@ -169,14 +169,14 @@ def test_router_has_tcp_keepalive_and_no_zmtp_heartbeat_by_default(serve):
 
 def test_heartbeat_options_are_set_on_the_router(serve):
     b = serve(TASKS, heartbeat_interval=0.5)
-    sock = b._router  # white-box: the options have no other observable effect in a test
+    sock = b._loop.router  # white-box: the options have no other observable effect in a test
     assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 500
     assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 1500
     assert sock.getsockopt(zmq.MAXMSGSIZE) == 64 * 1024 * 1024
     b2 = serve(TASKS, heartbeat_interval=0.2, heartbeat_timeout=5.0)
-    assert b2._router.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 5000
+    assert b2._loop.router.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 5000
     b3 = serve(TASKS, heartbeat_interval=None)
-    assert b3._router.getsockopt(zmq.HEARTBEAT_IVL) == 0
+    assert b3._loop.router.getsockopt(zmq.HEARTBEAT_IVL) == 0
 
 
 # --- CurveZMQ -----------------------------------------------------------------------------

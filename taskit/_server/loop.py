@@ -1,0 +1,808 @@
+"""A BackEnd's I/O loop: the ROUTER socket, the threads, and the calls they run.
+
+One request's way through the server::
+
+    ROUTER --recv--> ServerLoop._loop --msg--> RequestHandler.handle
+                                                 |
+           +------------------+------------------+---------------------+
+           | None             | reply frames     | Call                |
+           v (dropped,        v                  v                     v
+             counted)     _send_locked      inline: _run_inline    pool: _submit
+                                             (this thread)          -> _run (a worker)
+                                                 |                     |
+                                                 +---> reply frames <--+
+                                                 (handler.result_frames/error_frames)
+                                                            |
+    ROUTER <--send-- _send_locked <--- _reply (the thread that ran it, under the lock)
+
+Threads and the socket. ZeroMQ sockets are not thread-safe, but one may be
+used from several threads when every use is serialised by a lock (a lock is
+the full memory barrier libzmq asks for). The I/O thread reads requests under
+that lock and, between reads, sleeps in ``poll()`` on the socket's file
+descriptor *without* holding it. A pool worker that finishes a task takes the
+lock and sends its reply itself, so the I/O thread is never woken for a
+reply. Because any use of the socket may consume the descriptor's edge,
+whoever used it last checks ``EVENTS`` (the I/O thread: or reads until
+EAGAIN) and a worker wakes the I/O thread through a pipe when a request is
+waiting. While no call is in a worker's hands, no other thread needs the
+socket: then the I/O thread waits in a plain blocking ``recv`` under the lock
+(bounded by ``RCVTIMEO``), which wakes sooner and costs less per request than
+``poll()``.
+
+Quick tasks run inline. A thread wake-up costs about as much as a whole
+loopback round trip on a busy machine, and a pool hand-off costs one. So a
+task whose recent runs were all very short (see ``accounting.QUALIFY``) runs
+on the I/O thread itself (``inline="auto"``). If such a task blocks after
+all, a standby thread notices within ``_TAKEOVER`` seconds and takes over
+reading the socket; the task is sent back to the pool for a long while.
+
+The hot-path socket calls and flags come from :mod:`taskit._wire`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from taskit import protocol
+from taskit._server.access import CurveAllowList
+from taskit._server.handler import Call, RequestHandler
+from taskit._wire import DONTWAIT, EVENTS, MORE, NOBLOCK, POLLIN, ZERO_COPY, base_get, base_recv
+from taskit._wire import base_send as _send
+from taskit.errors import BackendBindError, PoolShutdownError
+from taskit.log import IMPORTANT, INFO
+from taskit.protocol import Kind
+
+__all__ = ["ServerLoop", "in_task", "NEW", "BINDING", "RUNNING", "STOPPED"]
+
+_log = logging.getLogger("taskit.backend")
+
+_recv, _get = base_recv, base_get
+_EVENTS, _POLLIN, _NOBLOCK, _DONTWAIT, _MORE = EVENTS, POLLIN, NOBLOCK, DONTWAIT, MORE
+
+_BATCH = 64  # requests read per wake-up before flags are checked again
+# Frames of the longest valid request, with the routing id: id, magic, header, body,
+# HMAC. The I/O loop stops keeping the frames of a longer message and drops it.
+_MAX_PARTS = 5
+
+# A standby thread takes the socket over from an inline task running longer
+# than this, so a task that blocks unexpectedly never stalls the backend.
+_TAKEOVER = 0.01
+_DONE, _DEMOTED = "done", "demoted"
+
+# How the I/O loop reads the next request (see _loop).
+_TRY, _CHECK, _BACKLOG, _WAIT = 0, 1, 2, 3
+# The longest blocking read of the I/O loop (the socket's RCVTIMEO): after this
+# long without a request it sleeps in poll() again, where a stop or a worker's
+# wake-up reaches it at once. Also the longest a stop, or any other thread
+# wanting the backend's lock, waits on a busy socket.
+_WAIT_MS = 10
+
+# A graceful stop, once every accepted call is answered, keeps answering new ones
+# with Stopping until none came for end_resp * _QUIET seconds (a call its client
+# sent before it heard of the stop then still gets an answer), but for at most
+# end_resp * _DRAIN seconds (a client that ignores Stopping cannot hold it open).
+_QUIET = 0.5
+_DRAIN = 10
+_CALL_KIND = bytes([Kind.CALL])  # the first byte of a CALL's header frame
+
+# Life cycle of a BackEnd.
+NEW, BINDING, RUNNING, STOPPED = "new", "binding", "running", "stopped"
+
+in_task = threading.local()  # .backend: the BackEnd whose task this thread runs
+
+
+def bind_hint(err: int | None) -> str:
+    """What to do when bind() failed with ``err`` (an errno)."""
+    if err == zmq.EADDRINUSE:
+        return "is another server using it? Choose another port, or port=0 for any free port"
+    if err == zmq.EADDRNOTAVAIL:
+        return (
+            "that address is not one of this machine's; bind one of its addresses, "
+            "127.0.0.1, or 0.0.0.0 for every interface"
+        )
+    if err == errno.ENODEV:
+        return "no such host or interface here; give an IP address of this machine"
+    if err == errno.EACCES:
+        return "ports below 1024 need privileges; choose a port from 1024 up, or port=0"
+    return "check the host and port"
+
+
+class ServerLoop:
+    """Owns a BackEnd's ROUTER, wake-up pipe, threads (I/O, standby) and pool, and
+    feeds its :class:`~taskit._server.handler.RequestHandler` (see the module).
+
+    ``owner``: the BackEnd (a ``pass_backend`` task's first argument, the
+    ``in_task`` mark); ``configure``: sets the ROUTER's options before it binds;
+    ``pool``: a ready pool (then ``owns_pool`` is False) or None (one of
+    ``pool_kind`` with ``workers`` is made at :meth:`open`); ``standby``: run the
+    standby thread (inline runs are on). ``lock`` guards the socket, the life
+    cycle flags and the handler's counters.
+    """
+
+    def __init__(
+        self,
+        owner: Any,
+        handler: RequestHandler,
+        endpoint: str,
+        *,
+        end_resp: float,
+        configure: Callable[[zmq.Socket], None],
+        allow: CurveAllowList | None,
+        pool: Any,
+        pool_kind: str,
+        owns_pool: bool,
+        workers: int | None,
+        standby: bool,
+        note: Callable[[str, str], None],
+    ) -> None:
+        self.owner = owner
+        self.handler = handler
+        self.lock = handler.lock
+        self.endpoint = endpoint
+        self.end_resp = end_resp
+        self._configure = configure
+        self.allow = allow
+        self.pool = pool
+        self.pool_kind = pool_kind
+        self.owns_pool = owns_pool
+        self.workers = workers
+        self.standby = standby
+        self._note = note
+        self.state = NEW
+        self.terminating = False
+        self.stopped = threading.Event()
+        self.ctx: zmq.Context | None = None
+        self.router: zmq.Socket | None = None
+        self.wake_r = self.wake_w = -1
+        self.thread: threading.Thread | None = None
+        self.io_owner: int | None = None  # the thread now reading the socket
+        self.role_idents: set[int] = set()  # the I/O and standby threads
+        self.standby_thread: threading.Thread | None = None
+        self.inline_since = 0.0  # perf_counter() start of the inline task running, else 0
+        self.inline_seen = 0.0  # start of the latest inline task
+        self.started_at = 0.0
+        self.told = False  # the clients were told of the stop
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Make the context and ROUTER and bind it; return the bound endpoint.
+
+        Raises ``RuntimeError`` when this loop already served and
+        :class:`BackendBindError` (everything released) when binding fails."""
+        with self.lock:
+            if self.state != NEW:
+                raise RuntimeError("this BackEnd has already served; create a new one")
+            self.state = BINDING  # running only once bound: port is read from it
+        ctx = zmq.Context()
+        if self.allow is not None:
+            self.allow.start(ctx)  # ZAP must be served before the ROUTER binds
+        sock = ctx.socket(zmq.ROUTER)
+        try:
+            self._configure(sock)
+            sock.setsockopt(zmq.RCVTIMEO, _WAIT_MS)  # bounds the I/O loop's blocking reads
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            self._release(ctx, sock)
+            with self.lock:
+                self.state = STOPPED
+                self.stopped.set()
+            raise BackendBindError(
+                f"cannot bind {self.endpoint}: {e.strerror}; {bind_hint(e.errno)}"
+            ) from e
+        self.ctx, self.router = ctx, sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def open(self, pool_name: str) -> None:
+        """After :meth:`bind`: make the wake-up pipe and the pool (when not given),
+        then mark the loop running. On failure, releases everything and raises."""
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        if self.pool is None:
+            from taskit.pool import WorkerPool
+
+            try:
+                self.pool = WorkerPool(self.workers, kind=self.pool_kind, name=pool_name)
+            except BaseException:
+                assert self.ctx is not None
+                self._release(self.ctx, self.router)
+                self.ctx = self.router = None
+                for fd in (self.wake_r, self.wake_w):
+                    os.close(fd)
+                self.wake_r = self.wake_w = -1
+                with self.lock:
+                    self.state = STOPPED
+                    self.stopped.set()
+                raise
+        self.started_at = time.monotonic()
+        with self.lock:
+            self.state = RUNNING
+
+    def stop(self) -> bool:
+        """Begin a graceful stop (see BackEnd.stop_server); True when it never started."""
+        with self.lock:
+            if self.end_unstarted_locked():
+                return True
+            self.handler.stopping = True
+            self.wake_locked()
+        return False
+
+    def terminate(self) -> None:
+        """End now (see BackEnd.terminate_server)."""
+        with self.lock:
+            if self.end_unstarted_locked():
+                return
+            self.terminating = True
+            self.wake_locked()
+
+    def end_unstarted_locked(self) -> bool:
+        """Mark a loop that never bound as stopped; True if it was one. Holds the lock."""
+        if self.state != NEW:
+            return False
+        self.state = STOPPED
+        self.stopped.set()
+        return True
+
+    def inside(self) -> bool:
+        """True on this loop's I/O or standby thread or while running one of its tasks."""
+        return (
+            threading.get_ident() in self.role_idents
+            or getattr(in_task, "backend", None) is self.owner
+        )
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: stop gracefully; a second one ends at once."""
+        # Runs between bytecodes of the main thread, maybe while it holds the lock:
+        # only set flags and poke the pipe.
+        if self.handler.stopping:
+            self.terminating = True
+        self.handler.stopping = True
+        fd = self.wake_w
+        if fd >= 0:
+            try:
+                os.write(fd, b"\0")
+            except OSError:
+                pass
+
+    def wake_locked(self) -> None:
+        """Wake the I/O thread from its poll() (lock held, or from a signal)."""
+        fd = self.wake_w
+        if fd >= 0:
+            try:
+                os.write(fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the I/O thread has wake-ups pending anyway
+
+    # -- the threads -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Body of the I/O thread (start()) or of main(): serve, then release everything."""
+        me = threading.get_ident()
+        self.role_idents.add(me)
+        self.io_owner = me
+        if self.standby:
+            self.standby_thread = threading.Thread(
+                target=self._roles,
+                args=(False,),
+                daemon=True,
+                name=f"taskit-backend-standby:{self.owner.port or self.endpoint}",
+            )
+            self.standby_thread.start()
+        self._roles(True)
+
+    def _roles(self, reading: bool) -> None:
+        """Alternate between reading the socket and standing by, until serving ends.
+
+        The thread that finds serving over while reading tears everything down.
+        """
+        me = threading.get_ident()
+        self.role_idents.add(me)
+        try:
+            self._alternate(reading)
+        finally:
+            self.role_idents.discard(me)  # thread idents are reused after a thread ends
+
+    def _alternate(self, reading: bool) -> None:
+        while True:
+            if reading:
+                try:
+                    outcome = self._loop()
+                except BaseException:  # a bug in the loop itself: say so, release everything
+                    _log.exception("backend I/O loop crashed on %s", self.endpoint)
+                    self.terminating = True
+                    outcome = _DONE
+                if outcome == _DONE:
+                    if not self.terminating:
+                        self._drain()
+                    self._teardown()
+                    return
+                reading = False
+            else:
+                if not self._standby():
+                    return
+                reading = True
+
+    def _standby(self) -> bool:
+        """Watch inline tasks; take the socket over from one that runs too long.
+
+        Returns True once this thread owns the socket, False when serving ended.
+        """
+        me = threading.get_ident()
+        while True:
+            # Check often only while inline tasks are running; an idle backend sleeps.
+            # inline_seen and inline_since are time.perf_counter() values.
+            recent = time.perf_counter() - self.inline_seen < 1.0
+            if self.stopped.wait(_TAKEOVER / 2 if recent else 0.5):
+                return False
+            since = self.inline_since
+            if since and time.perf_counter() - since > _TAKEOVER:
+                with self.lock:
+                    if self.inline_since != since or self.state != RUNNING:
+                        continue
+                    self.io_owner = me
+                    self.handler.acct.takeovers += 1
+                _log.debug("standby thread took the socket over from a long inline task")
+                return True
+
+    def _teardown(self) -> None:
+        graceful = not self.terminating
+        with self.lock:
+            sock, self.router = self.router, None
+            wake_r, wake_w = self.wake_r, self.wake_w
+            self.wake_r = self.wake_w = -1
+            if sock is not None:
+                sock.close()  # lingers end_resp seconds to flush the last replies
+        for fd in (wake_r, wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self.ctx is not None:
+            self._release(self.ctx)
+            self.ctx = None
+        if self.owns_pool and self.pool is not None:
+            self.pool.shutdown(wait=graceful, cancel_pending=not graceful)
+        with self.lock:
+            self.state = STOPPED
+        how = "stopped" if graceful else "terminated"
+        _log.info("backend on %s %s", self.endpoint, how)
+        self._note(IMPORTANT, f"Server {how}")
+        self.stopped.set()
+
+    def _release(self, ctx: zmq.Context, sock: zmq.Socket | None = None) -> None:
+        """Close ``sock`` at once (if given), stop the ZAP handler, end ``ctx``."""
+        if sock is not None:
+            sock.close(0)
+        if self.allow is not None:
+            self.allow.stop()
+        ctx.term()
+
+    def _drain(self) -> None:
+        """Graceful stop, every accepted call answered: answer what still arrives
+        (``Stopping``, admin signals, PONGs) until the socket has been quiet for
+        ``end_resp * _QUIET`` seconds, at most ``end_resp * _DRAIN`` seconds.
+
+        A call its client sent before hearing of the stop (from a ``Stopping``
+        reply or the notice of :meth:`_tell_stopping`) still reaches us after the
+        last accepted call was answered; closing then would leave it unanswered,
+        and its caller could not know that it never ran.
+        """
+        router = self.router
+        if router is None or self.end_resp <= 0:
+            return
+        if not self.told:
+            self._tell_stopping()
+        handler = self.handler
+        with self.lock:
+            if not (handler.heard or handler.heard_old or _get(router, _EVENTS) & _POLLIN):
+                return  # no client was ever heard from, none is waiting: none to wait for
+        lock = self.lock
+        poller = select.poll()
+        poller.register(router.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]
+        poller.register(self.wake_r, select.POLLIN)
+        now = time.monotonic()
+        give_up = now + self.end_resp * _DRAIN
+        quiet_until = now + self.end_resp * _QUIET
+        while not self.terminating:
+            with lock:
+                # Reading EVENTS also re-arms the edge-triggered descriptor polled below.
+                if _get(router, _EVENTS) & _POLLIN:
+                    ident, *frames = router.recv_multipart(_NOBLOCK, copy=False)
+                    msg: list[Any] | None = [ident.bytes, *frames]  # as handle() takes it
+                else:
+                    msg = None
+            if msg is not None:
+                try:
+                    self._answer(msg)
+                except Exception:  # as in _loop: never let one message end the stop early
+                    _log.exception("backend on %s could not handle a message", self.endpoint)
+                # Only a CALL says more may be on their way: a client's periodic PING
+                # (or a peer sending junk) must not hold the stop open until the cap.
+                if len(msg) > 2 and msg[2].bytes[:1] == _CALL_KIND:
+                    quiet_until = time.monotonic() + self.end_resp * _QUIET
+                continue
+            left = min(quiet_until, give_up) - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd == self.wake_r:
+                    try:
+                        os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
+
+    def _answer(self, msg: list[Any]) -> None:
+        """Handle one message and act on the handler's decision (off the hot path:
+        :meth:`_loop` spells this out)."""
+        out = self.handler.handle(msg)
+        if type(out) is Call:
+            if out.inline:
+                self._run_inline(out)
+            else:
+                self._submit(out)
+        elif out is not None:
+            with self.lock:
+                self._send_locked(msg[0], out)
+
+    # -- the I/O loop ----------------------------------------------------------------
+
+    def _discard_rest_locked(self, router: zmq.Socket) -> list:
+        """Read and free the remaining frames of a message with too many (lock held);
+        count it dropped. Returns an empty list: nothing to handle."""
+        frame = _recv(router, _NOBLOCK, False)
+        while frame.more:
+            frame = _recv(router, _NOBLOCK, False)  # the previous one is freed here
+        self.handler.acct.drop("malformed")
+        return []
+
+    def _loop(self) -> str:
+        router = self.router
+        assert router is not None
+        lock = self.lock
+        poller = select.poll()
+        zmq_fd = router.getsockopt(zmq.FD)
+        poller.register(zmq_fd, select.POLLIN)  # type: ignore[arg-type]  # FD is an int
+        poller.register(self.wake_r, select.POLLIN)
+        wake_r = self.wake_r
+        sleep_ms = max(1, int(self.end_resp * 1000))  # a safety net: wake-ups are explicit
+        handler = self.handler
+        handle = handler.handle
+        acct = handler.acct
+        run_inline, submit, send_locked = self._run_inline, self._submit, self._send_locked
+        peers = handler.peers
+        me = threading.get_ident()
+        # How to read next. An empty recv raises, which costs more than checking
+        # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
+        # _TRY when a request is likely (the socket's descriptor woke us, or many
+        # are queued), _CHECK right after the first one of a wake-up (sync callers
+        # send one at a time), _BACKLOG (try) once a second one was there. Either
+        # way, before sleeping the descriptor is left armed for the next request.
+        # And _WAIT while no call is in a worker's hands: no other thread needs the
+        # socket then, so this one waits in a plain blocking recv (bounded by RCVTIMEO,
+        # _WAIT_MS) holding the lock -- much cheaper per request than poll() + EVENTS
+        # + a non-blocking recv, and it wakes sooner.
+        state = _CHECK
+        while True:
+            more = False
+            for _ in range(_BATCH):
+                with lock:
+                    if self.terminating:
+                        return _DONE
+                    # The routing id as bytes: a ROUTER always has more frames after it.
+                    if state == _WAIT:
+                        try:
+                            msg = [_recv(router, 0)]
+                        except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
+                            state = _CHECK
+                            break
+                    elif state == _CHECK:
+                        if not _get(router, _EVENTS) & _POLLIN:
+                            break
+                        msg = [_recv(router, _NOBLOCK)]
+                        state = _BACKLOG
+                    else:
+                        try:
+                            msg = [_recv(router, _NOBLOCK)]
+                        except zmq.Again:
+                            break
+                        if state == _TRY:
+                            state = _CHECK
+                    # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
+                    # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
+                    frame = _recv(router, _NOBLOCK, False)
+                    msg.append(frame)
+                    while frame.more:
+                        if len(msg) == _MAX_PARTS:
+                            msg = self._discard_rest_locked(router)
+                            break
+                        frame = _recv(router, _NOBLOCK, False)
+                        msg.append(frame)
+                    frame = None  # hold no frame of this message past its handling
+                if msg:
+                    try:
+                        out = handle(msg)
+                        if type(out) is Call:
+                            if out.inline:
+                                run_inline(out)
+                            else:
+                                submit(out)
+                        elif out is not None:
+                            with lock:
+                                send_locked(msg[0], out)
+                    except Exception:  # a bug, or a user codec raising oddly: keep serving
+                        _log.exception("backend on %s could not handle a message", self.endpoint)
+                        with lock:
+                            acct.drop("malformed")
+                    out = None
+                    del msg  # free its buffers now, not when the next message arrives
+                if self.io_owner != me:
+                    return _DEMOTED  # the standby took over during an inline task
+                # Checked under the lock: a worker's reply and its in_flight decrement
+                # happen in one hold of it, so 0 means no worker will wait for the lock.
+                with lock:
+                    if acct.in_flight == 0 and not (handler.stopping or self.terminating):
+                        state = _WAIT
+                    elif state == _WAIT:
+                        state = _BACKLOG
+            else:
+                more = True
+            if peers is not None and peers.backlog:
+                with lock:
+                    self._flush_backlog_locked()
+            if self.terminating:
+                return _DONE
+            if handler.stopping:
+                if not self.told:
+                    self._tell_stopping()
+                if acct.in_flight == 0 and acct.subtasks == 0:
+                    return _DONE
+            if more:
+                state = _BACKLOG
+                continue
+            state = _CHECK
+            # Replies wait for a full peer queue: look again soon (ZeroMQ tells no one
+            # when a peer's queue has room).
+            backlog = peers is not None and peers.backlog
+            for fd, _ in poller.poll(_WAIT_MS if backlog else sleep_ms):
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd == zmq_fd:
+                    state = _TRY
+
+    # -- running calls ---------------------------------------------------------------
+
+    def _run_inline(self, call: Call) -> None:
+        """Run a quick task on the I/O thread and reply: :meth:`_run` + :meth:`_reply`
+        with one clock read and one lock round fewer (this is the per-message hot path)."""
+        clock = time.perf_counter
+        handler = self.handler
+        # The standby thread compares these with time.perf_counter() (see _standby).
+        # No in_task mark: this thread is one of the backend's own (inside() knows it).
+        self.inline_seen = self.inline_since = start = clock()
+        try:
+            value = call.fn(*call.args, **call.kwargs)
+        except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
+            run_time = clock() - start
+            frames = handler.error_frames(call, e)
+            ok = False
+        else:
+            run_time = clock() - start
+            try:
+                frames = protocol.encode_result(call.codec, call.call_id, value, handler.signer)
+                ok = True
+            except Exception:
+                frames, ok = handler.result_frames(call, value)
+            else:
+                if len(frames[2]) > handler.reply_limit:
+                    frames, ok = handler.oversized(call, len(frames[2])), False
+        elapsed = clock() - start
+        with self.lock:
+            self.inline_since = 0.0
+            # counted out before sent: see _reply
+            handler.acct.finished(call.name, ok, elapsed, run_time)
+            self._send_locked(call.ident, frames)
+            if self.io_owner != threading.get_ident():
+                # The standby took the socket over meanwhile: keep this task off the
+                # I/O thread, and wake the new owner if this send ate its edge.
+                handler.acct.bar(call.name)
+                self._wake_if_needed_locked()
+        if handler.verbose and ok:
+            handler.note(INFO, f"Finished fulfilling task {call.name!r}")
+
+    def _submit(self, call: Call) -> None:
+        """Hand an accepted call to the pool; answer it at once when the pool cannot."""
+        call.t0 = time.perf_counter()
+        try:
+            if self.pool_kind == "process":
+                if call.pass_backend:
+                    raise TypeError(
+                        f"task {call.name!r} wants the backend, which needs pool='thread'"
+                    )
+                fut = self.pool.submit(call.fn, *call.args, **call.kwargs)
+                fut.add_done_callback(lambda f: self._finish(call, f))
+            else:
+                if call.pass_backend:
+                    call.args = [self.owner, *call.args]
+                self.pool.submit(self._run, call)
+        except PoolShutdownError:
+            with self.lock:
+                self.handler.unaccept(call)
+            frames = self.handler.refusal(
+                call.codec, call.call_id, "Stopping", "this backend's pool is shut down"
+            )
+            with self.lock:
+                self._send_locked(call.ident, frames)
+        except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
+            self._reply(call, self.handler.error_frames(call, e), False, None)
+
+    def _run(self, call: Call) -> None:
+        """Run ``call`` on a pool thread and reply from there."""
+        # Kept apart from _run_inline on purpose: a shared helper would add a call per
+        # message on the inline hot path, and the two differ in marks, locking and reply.
+        handler = self.handler
+        if handler.gone and self._skip_for_gone_client(call):
+            return
+        in_task.backend = self.owner
+        start = time.perf_counter()
+        try:
+            value = call.fn(*call.args, **call.kwargs)
+        except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
+            run_time = time.perf_counter() - start
+            frames = handler.error_frames(call, e)
+            ok = False
+        else:
+            run_time = time.perf_counter() - start
+            frames, ok = handler.result_frames(call, value)
+        finally:
+            in_task.backend = None
+        self._reply(call, frames, ok, run_time)
+
+    def _finish(self, call: Call, fut: Any) -> None:
+        """Reply to a call a process pool ran (``fut``: its future)."""
+        try:
+            value = fut.result()
+        except BaseException as e:
+            # Process pool: the task's own traceback comes from the worker; any other
+            # error was raised here by the pool (WorkerLostError, WorkerStartError, ...),
+            # whose message says it all and whose frames are the pool's, not the task's.
+            frames = self.handler.error_frames(call, e, local_traceback=False)
+            ok = False
+        else:
+            frames, ok = self.handler.result_frames(call, value)
+        self._reply(call, frames, ok, None)
+
+    def _skip_for_gone_client(self, call: Call) -> bool:
+        """True (and counted) when the caller's connection is known closed: a call of
+        it that has not started is not run. Called by the thread that would run it."""
+        handler = self.handler
+        if call.ident not in handler.gone:
+            return False
+        with self.lock:
+            handler.unaccept(call)  # settles its ledger charge too
+            handler.acct.drop("client_gone")
+            if threading.get_ident() != self.io_owner:
+                self._wake_if_needed_locked()
+        return True
+
+    def _reply(self, call: Call, frames: list[bytes], ok: bool, run_time: float | None) -> None:
+        """Account for a call's reply, then send it, from the thread that ran it.
+
+        In that order, in one hold of the lock: a caller that has its reply reads
+        a ``task_count`` without its call (the I/O loop relies only on both
+        happening in one hold)."""
+        handler = self.handler
+        elapsed = time.perf_counter() - call.t0
+        with self.lock:
+            if handler.peers is not None:
+                handler.peers.settle(call.ident, call.size)  # first: the reply may need room
+            handler.acct.finished(call.name, ok, elapsed, run_time)
+            self._send_locked(call.ident, frames)
+            # A worker's send may have eaten the edge that would wake the I/O thread
+            # (the I/O thread itself, after an inline task, checks EVENTS anyway).
+            if threading.get_ident() != self.io_owner:
+                self._wake_if_needed_locked()
+        if handler.verbose and ok:
+            handler.note(INFO, f"Finished fulfilling task {call.name!r}")
+
+    def _wake_if_needed_locked(self) -> None:
+        """Wake the I/O thread when a request waits or a graceful stop may end (lock held)."""
+        router = self.router
+        if router is not None and (
+            _get(router, _EVENTS) & _POLLIN
+            or (self.handler.stopping and self.handler.acct.in_flight == 0)
+        ):
+            self.wake_locked()
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _send_locked(self, ident: bytes, frames: list[bytes]) -> None:
+        """Send one reply (lock held); a full peer queue defers it to the ledger."""
+        router = self.router
+        if router is None:
+            return  # terminated meanwhile: nobody left to answer
+        try:
+            # The backend's send with int flags: pyzmq's send_multipart does enum
+            # arithmetic per frame, a measurable share of a loopback round trip.
+            _send(router, ident, _MORE)
+            # A big body goes zero-copy: ZeroMQ keeps a reference to the bytes object
+            # until it is sent, rather than a copy in a freshly faulted-in buffer.
+            if len(frames) == 3:  # unsigned: unrolled, the loop costs as much as a send
+                _send(router, frames[0], _MORE)
+                _send(router, frames[1], _MORE)
+                body = frames[2]
+                _send(router, body, _DONTWAIT, len(body) < ZERO_COPY)
+            else:
+                last = len(frames) - 1
+                for i, frame in enumerate(frames):
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
+        except zmq.Again:  # the peer's queue is full: it is not reading (see PeerLedger)
+            acct, peers = self.handler.acct, self.handler.peers
+            if peers is None:
+                acct.drop("reply_hwm")
+            else:
+                idle = not peers.backlog
+                if not peers.defer(ident, frames):
+                    acct.drop("reply_over_budget")
+                elif idle:  # the I/O loop retries a backlog often, once it knows of one
+                    self.wake_locked()
+        except zmq.ZMQError as e:
+            # EHOSTUNREACH: the client went away first. Anything else is unexpected,
+            # but must not leave the call counted in flight forever.
+            self.handler.acct.drop("reply_unroutable")
+            if e.errno == errno.EHOSTUNREACH:
+                self.handler.client_gone(ident)
+            else:
+                _log.error("backend could not send a reply: %s", e)
+
+    def _flush_backlog_locked(self) -> None:
+        """Hand ZeroMQ the replies waiting for peers whose queue was full, oldest first,
+        until a queue is full again; forget (and count) those of peers that left."""
+        router, peers = self.router, self.handler.peers
+        if router is None or peers is None:
+            return
+        for ident, queue in list(peers.backlog.items()):
+            while queue:
+                frames = queue[0][0]
+                try:
+                    _send(router, ident, _MORE)  # a full queue or a gone peer fails here
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    self.handler.acct.drop("reply_unroutable", peers.forget(ident))
+                    self.handler.client_gone(ident)
+                    break
+                last = len(frames) - 1
+                for i, frame in enumerate(frames):
+                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
+                peers.sent(ident)
+
+    def _tell_stopping(self) -> None:
+        """Tell every client heard from lately that a graceful stop has begun, so its
+        FrontEnd sends no new call here, even one that has none in flight now.
+        Clients gone meanwhile, or not reading, are skipped silently."""
+        self.told = True
+        frames, idents = self.handler.stopping_notice()
+        last = len(frames) - 1
+        with self.lock:
+            router = self.router
+            if router is None:
+                return
+            for ident in idents:
+                try:
+                    _send(router, ident, _MORE)
+                    for i, frame in enumerate(frames):
+                        _send(router, frame, _MORE if i < last else _DONTWAIT)
+                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                    pass
