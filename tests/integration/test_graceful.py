@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import signal
 import threading
 import time
@@ -20,6 +19,7 @@ from taskit.protocol import Kind
 
 from ..conftest import free_port
 from ._backend_helpers import ChildScript, RawClient
+
 
 def add(a, b):
     return a + b
