@@ -212,11 +212,18 @@ def test_stop_and_kill_need_admin_tasks(serve, client):
 
 
 def test_admin_signals_work_while_the_pool_is_saturated(serve, client):
-    gate = threading.Event()
-    tasks = {"block": lambda: gate.wait(20), **ADMIN_TASKS}
+    gate, started = threading.Event(), threading.Event()
+
+    def block() -> bool:
+        started.set()
+        return gate.wait(20)
+
+    tasks = {"block": block, **ADMIN_TASKS}
     b = serve(tasks, workers=1)
     c = client(b)
     ids = [c.send("block") for _ in range(3)]
+    # the worker has taken the first one (else, on a busy machine, all 3 are queued)
+    assert started.wait(20)
     assert c.call("<status>") == "3"  # 1 running + 2 queued, answered by the I/O thread
     stats = c.call("<stats>")
     assert stats["in_flight"] == 3 and stats["queue_depth"] == 2 and stats["pool_running"] == 1
