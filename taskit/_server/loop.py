@@ -685,15 +685,15 @@ class ServerLoop:
 
     def _skip_for_gone_client(self, call: Call) -> bool:
         """True (and counted) when the caller's connection is known closed: a call of
-        it that has not started is not run. Called by the thread that would run it."""
+        it that has not started is not run. Called by the pool thread that would run it
+        (never the I/O thread), which wakes that one when this ends a graceful stop."""
         handler = self.handler
         if call.ident not in handler.gone:
             return False
         with self.lock:
             handler.unaccept(call)  # settles its ledger charge too
             handler.acct.drop("client_gone")
-            if threading.get_ident() != self.io_owner:
-                self._wake_if_needed_locked()
+            self._wake_if_needed_locked()
         return True
 
     def _reply(self, call: Call, frames: list[bytes], ok: bool, run_time: float | None) -> None:

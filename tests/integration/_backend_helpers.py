@@ -1,12 +1,17 @@
 """A raw DEALER client speaking taskit.protocol (the ``client`` fixture's, in conftest.py).
 
 Used by the backend, security and fuzz tests: the "client in another language"
-view of a BackEnd. Not collected by pytest (no test_ prefix).
+view of a BackEnd. Also :class:`ChildScript`, a backend script in a child process
+(the bounds, reliability and graceful tests). Not collected by pytest (no test_ prefix).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import selectors
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,6 +20,50 @@ import zmq
 from taskit import protocol
 from taskit.codecs import MsgpackCodec, Signer, get_codec
 from taskit.protocol import Kind
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ChildScript:
+    """``python -c script *args`` in a child process, importing this checkout's taskit;
+    it is ready once it has printed a line (``ready``: that line, stripped).
+
+    ``stdin_eof_stops``: the script ends when its stdin closes (then stop() closes
+    it and waits), else stop() kills it. stop() always ends it, by pid; a child that
+    printed nothing within 30 s is stopped and RuntimeError raised.
+    """
+
+    def __init__(self, script: str, *args: str, stdin_eof_stops: bool = True) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE if stdin_eof_stops else None,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            self.ready = self.proc.stdout.readline().strip() if sel.select(30) else b""
+        if not self.ready:
+            self.stop()
+            raise RuntimeError(f"the child {args} printed nothing: it did not start")
+
+    def stop(self, timeout: float = 10) -> None:
+        proc = self.proc
+        if proc.poll() is None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 class RemoteError(Exception):

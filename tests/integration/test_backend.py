@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from taskit import protocol
+from taskit._server import accounting
 from taskit.backend import ADMIN_TASKS, BackEnd
 from taskit.codecs import JSONCodec, MsgpackCodec
 from taskit.errors import BackendBindError
@@ -210,11 +212,18 @@ def test_stop_and_kill_need_admin_tasks(serve, client):
 
 
 def test_admin_signals_work_while_the_pool_is_saturated(serve, client):
-    gate = threading.Event()
-    tasks = {"block": lambda: gate.wait(20), **ADMIN_TASKS}
+    gate, started = threading.Event(), threading.Event()
+
+    def block() -> bool:
+        started.set()
+        return gate.wait(20)
+
+    tasks = {"block": block, **ADMIN_TASKS}
     b = serve(tasks, workers=1)
     c = client(b)
     ids = [c.send("block") for _ in range(3)]
+    # the worker has taken the first one (else, on a busy machine, all 3 are queued)
+    assert started.wait(20)
     assert c.call("<status>") == "3"  # 1 running + 2 queued, answered by the I/O thread
     stats = c.call("<stats>")
     assert stats["in_flight"] == 3 and stats["queue_depth"] == 2 and stats["pool_running"] == 1
@@ -576,22 +585,24 @@ def test_failing_calls_log_one_traceback_per_task_and_error_per_interval(
 
 
 def test_skipped_tracebacks_are_counted_in_the_next_one_logged(serve, client, caplog, monkeypatch):
-    monkeypatch.setattr("taskit._server.accounting.TRACEBACK_INTERVAL", 0.05, raising=False)
+    # The limiter's clock is the test's: a real interval would race the burst on a
+    # busy machine (when its last call happened to be logged, none was left to count).
+    now = [1000.0]
+    monkeypatch.setattr(accounting, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     b = serve(TASKS)
     c = client(b)
     caplog.set_level(logging.INFO, logger="taskit.backend")
     for n in range(100):
         with pytest.raises(RemoteError):
             c.call("add", n)
-    start = time.monotonic()
-    while time.monotonic() - start < 0.06:  # the interval passes: the next one is logged
-        time.sleep(0.01)
+    now[0] += accounting.TRACEBACK_INTERVAL  # the interval passes: the next one is logged
     with pytest.raises(RemoteError):
         c.call("add", -1)
     full = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
     counts = [re.search(r"and (\d+) more failures of task 'add'", m) for m in full]
     assert counts[-1] is not None  # the last one logged tells of the skipped ones
     assert len(full) + sum(int(m.group(1)) for m in counts if m) == 101
+    assert len(full) == 2 and counts[-1].group(1) == "99"  # the first, then the next one
 
 
 # --- real processes ---------------------------------------------------------------------------

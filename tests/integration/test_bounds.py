@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,13 +24,12 @@ from taskit import protocol
 from taskit.codecs import MsgpackCodec
 from taskit.frontend import FrontEnd
 from taskit.protocol import HEADER, MAGIC, Kind
-from tests.integration._backend_helpers import RawClient
+from tests.integration._backend_helpers import ChildScript, RawClient
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/status"), reason="reads the backend's RSS from /proc"
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1024 * 1024
 
 SERVER = r"""
@@ -53,26 +49,15 @@ b.close(timeout=5)
 """
 
 
-class ChildBackend:
+class ChildBackend(ChildScript):
     """A BackEnd in a child process (options as JSON); stop() always ends it, by pid."""
 
     def __init__(self, **options: Any) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, json.dumps(options)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=ROOT,
-        )
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            line = self.proc.stdout.readline() if sel.select(30) else b""
-        if not line.strip().isdigit():
+        super().__init__(SERVER, json.dumps(options))
+        if not self.ready.isdigit():
             self.stop()
-            raise RuntimeError("the backend child did not start")
-        self.endpoint = f"tcp://127.0.0.1:{int(line)}"
+            raise RuntimeError(f"the backend child did not start: {self.ready!r}")
+        self.endpoint = f"tcp://127.0.0.1:{int(self.ready)}"
 
     def memory(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the child, in bytes."""
@@ -93,16 +78,6 @@ class ChildBackend:
                 return False
             time.sleep(0.02)  # polling /proc: there is no event to wait on
         return True
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc.stdout.close()
 
 
 @pytest.fixture

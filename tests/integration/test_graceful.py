@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
-import selectors
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,9 +18,7 @@ from taskit.frontend import FrontEnd
 from taskit.protocol import Kind
 
 from ..conftest import free_port
-from ._backend_helpers import RawClient
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ._backend_helpers import ChildScript, RawClient
 
 
 def add(a, b):
@@ -178,35 +172,20 @@ BackEnd({"add": add}, port=int(sys.argv[1]), workers=4, logger=note).main()
 """
 
 
-class Child:
+class Child(ChildScript):
     """A backend serving "add" in a child process (``main()``: SIGTERM stops it
     gracefully); stop() always ends it, by pid."""
 
     def __init__(self, port: int) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, env=env
-        )
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(30) and self.proc.stdout.readline().startswith(b"Serving on")
-        if not ready:
+        super().__init__(SERVER, str(port), stdin_eof_stops=False)
+        if not self.ready.startswith(b"Serving on"):
             self.stop()
-            raise AssertionError(f"backend on port {port} did not start")
+            raise AssertionError(f"backend on port {port} did not start: {self.ready!r}")
 
     def sigterm(self, timeout: float = 30) -> int:
         """Stop it gracefully; its exit status."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 @pytest.fixture

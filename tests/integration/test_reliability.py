@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,8 +18,7 @@ from taskit.errors import BackendLostError
 from taskit.frontend import FrontEnd
 
 from ..conftest import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ._backend_helpers import ChildScript
 
 SERVER = r"""
 import os, sys, time
@@ -44,39 +40,22 @@ os._exit(0)
 """
 
 
-class Server:
+class Server(ChildScript):
     """A BackEnd in a child process on ``port``; stop() always ends it, by pid."""
 
     def __init__(self, port: int, name: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.port, self.name = port, name
         self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(port), name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(30) and self.proc.stdout.readline().strip() == b"READY"
-        if not ready:
+        super().__init__(SERVER, str(port), name)
+        if self.ready != b"READY":
             self.stop()
-            raise RuntimeError(f"backend {name} did not start")
+            raise RuntimeError(f"backend {name} did not start: {self.ready!r}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         os.kill(self.proc.pid, sig)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc.stdout.close()
+    def stop(self, timeout: float = 5) -> None:
+        super().stop(timeout)
 
 
 @pytest.fixture
