@@ -60,6 +60,14 @@ def send_all(core):
     return {c.id: (c.backend, core.frames_for(c)) for c in core.drain_outbox()}
 
 
+def sent_call(core):
+    """A call of task "t" submitted and written out, as a driver would."""
+    c = core.new_call("t")
+    core.submit(c)
+    send_all(core)
+    return c
+
+
 def reply_result(core, call, value, codec=JSONCodec):
     return core.on_message(call.backend, encode_result(codec, call.id, value, core.signer))
 
@@ -280,9 +288,7 @@ def test_deadline_times_out_and_late_reply_is_ignored():
 
 def test_busy_goes_to_other_backend_then_backs_off():
     core, clock = make(2, busy_retries=2)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     assert c.backend == A
     assert core.on_message(A, encode_error(JSONCodec, c.id, "Busy", [], "")) == []
     assert send_all(core)[c.id][0] == B  # another backend had room: at once
@@ -301,9 +307,7 @@ def test_busy_goes_to_other_backend_then_backs_off():
 
 def test_stopping_reroutes_once_then_fails():
     core, _ = make(2)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     assert core.on_message(A, encode_error(JSONCodec, c.id, "Stopping", [], "")) == []
     assert core.snapshot()[A]["state"] == STOPPING
     assert send_all(core)[c.id][0] == B
@@ -337,9 +341,7 @@ def test_other_notices_are_counted_not_obeyed():
 
 def test_a_json_reply_spelling_nan_is_a_decode_error():
     core, _ = make(1)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     ((_, ok, exc),) = core.on_message(A, pack(Kind.RESULT, JSONCodec.wire_id, c.id, b"NaN"))
     assert not ok and isinstance(exc, DecodeError) and "RFC 8259" in str(exc)
 
@@ -367,9 +369,7 @@ def test_signed_replies_only():
 
 def test_pickle_reply_is_never_unpickled_by_a_json_client():
     core, _ = make(1)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     ((_, ok, exc),) = core.on_message(A, encode_result(PickleCodec, c.id, 1))
     assert not ok and isinstance(exc, DecodeError) and "does not accept" in str(exc)
 
@@ -383,9 +383,7 @@ def test_garbage_is_counted_not_raised():
 
 def test_cancel_forgets_the_call():
     core, _ = make(1)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     core.cancel(c)
     assert core.pending == 0 and core.snapshot()[A]["in_flight"] == 0
     assert core.on_message(A, encode_result(JSONCodec, c.id, 1)) == []
@@ -423,9 +421,7 @@ def test_memoryview_bodies_are_accepted():
 
 def test_pinned_calls_reach_a_stopping_backend():
     core, _ = make(2)
-    c = core.new_call("t")
-    core.submit(c)
-    send_all(core)
+    c = sent_call(core)
     core.on_message(A, encode_error(JSONCodec, c.id, "Stopping", [], ""))
     assert core.snapshot()[A]["state"] == STOPPING
     sig = core.new_call("<status>", target=A)

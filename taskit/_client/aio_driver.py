@@ -211,10 +211,7 @@ class AsyncIO(Connections):
         self._timer = self._timer_at = None
         if self.closed:
             return
-        core = self._core
-        self.resolve(core.tick())
-        if core.pings or core.suspects:
-            self.liveness()
+        self.tick()
         self._send()
         self._schedule()
 

@@ -353,6 +353,14 @@ class Connections:
 
     # -- liveness ----------------------------------------------------------------------
 
+    def tick(self) -> None:
+        """Fire the core's due timers: resolve what they settled, then act on the
+        liveness check's PINGs and suspects, if it ran."""
+        core = self._core
+        self.resolve(core.tick())
+        if core.pings or core.suspects:
+            self.liveness()
+
     def liveness(self) -> None:
         """Send the PINGs the core asked for; drop the connections it finds silent
         (after reading what they still hold: the core decides on everything heard)."""

@@ -126,7 +126,8 @@ class ClientFace:
     def backends_status(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "for": seconds,
         "in_flight", "sent", "answered", "failed", "lost", "busy", "connects",
-        "disconnects", "last_error"}}`` as this client sees each backend now."""
+        "disconnects", "pings", "last_error"}}`` as this client sees each backend now
+        ("pings": PINGs sent to it by the liveness check)."""
         return self._core.snapshot()
 
     @property

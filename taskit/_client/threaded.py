@@ -387,9 +387,7 @@ class ThreadedIO(Connections):
                 self.flush()
             timers = core.timers
             if timers and timers[0][0] <= time.monotonic():  # one is due (the core's clock)
-                self.resolve(core.tick())
-                if core.pings or core.suspects:
-                    self.liveness()
+                self.tick()
             if until is not None:
                 if until.ok is not None:
                     return
@@ -553,9 +551,7 @@ class ThreadedIO(Connections):
         if self._redial:
             self._redial_due()
         if core.timers:
-            self.resolve(core.tick())
-            if core.pings or core.suspects:
-                self.liveness()
+            self.tick()
         if self._inbox:
             self._drain_inbox()
         if core.outbox:

@@ -56,26 +56,35 @@ def test_a_jobs_own_timeouterror_passes_through_map_unchanged():
             assert not isinstance(info.value, WaitTimeoutError)
 
 
-def nap(event_seconds):
-    threading.Event().wait(event_seconds)
-    return "late"
+def held_until(gate: threading.Event):
+    """A task answering "late" once ``gate`` is set (bounded: 30 s), so a busy
+    machine cannot let it finish before the test's short waits run out."""
+    return lambda: gate.wait(30) and "late"
 
 
 def test_frontend_future_wait_timeout_is_a_waittimeouterror(serve):
-    b = serve({"nap": nap})
+    gate = threading.Event()
+    b = serve({"held": held_until(gate)})
     with FrontEnd([("127.0.0.1", b.port)]) as fe:
-        fut = fe.submit("nap", 1.0)
-        with pytest.raises(WaitTimeoutError, match="did not arrive within"):
-            fut.result(timeout=0.05)
-        with pytest.raises(WaitTimeoutError):
-            fut.exception(timeout=0.05)
+        fut = fe.submit("held")
+        try:
+            with pytest.raises(WaitTimeoutError, match="did not arrive within"):
+                fut.result(timeout=0.05)
+            with pytest.raises(WaitTimeoutError):
+                fut.exception(timeout=0.05)
+        finally:
+            gate.set()
         assert fut.result(30) == "late"
 
 
 def test_frontend_future_keeps_the_calls_own_calltimeouterror(serve):
-    b = serve({"nap": nap})
-    with FrontEnd([("127.0.0.1", b.port)], timeout=0.05) as fe:
-        fut = fe.submit("nap", 2.0)
-        with pytest.raises(CallTimeoutError):
-            fut.result(30)
-        assert isinstance(fut.exception(30), CallTimeoutError)
+    gate = threading.Event()
+    b = serve({"held": held_until(gate)})
+    try:
+        with FrontEnd([("127.0.0.1", b.port)], timeout=0.05) as fe:
+            fut = fe.submit("held")
+            with pytest.raises(CallTimeoutError):
+                fut.result(30)
+            assert isinstance(fut.exception(30), CallTimeoutError)
+    finally:
+        gate.set()
