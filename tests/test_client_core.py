@@ -331,6 +331,28 @@ def test_stop_notice_routes_new_calls_elsewhere_until_reconnected():
     assert core.stats["late_replies"] == 0 and core.stats["bad_replies"] == 0
 
 
+def test_stopped_notice_reroutes_the_calls_it_left_unanswered():
+    # "Stopped": the backend answered every call it read and reads no more, so a call
+    # still unanswered there never ran -- re-sent elsewhere, not lost (issue 11).
+    core, _ = make(2)
+    c = sent_call(core)
+    first = c.backend
+    other = B if first == A else A
+    assert core.on_message(first, encode_error(JSONCodec, 0, "Stopped", ["stopped"], "")) == []
+    assert core.snapshot()[first]["state"] == STOPPING
+    assert send_all(core)[c.id][0] == other and c.attempts == 1
+    assert core.backend_down(first) == []  # nothing left there to lose
+    assert reply_result(core, c, 7) == [(c, True, 7)]
+
+
+def test_stopped_notice_with_no_other_backend_fails_the_call_as_stopping():
+    core, _ = make(1)
+    c = sent_call(core)
+    ((call, ok, exc),) = core.on_message(A, encode_error(JSONCodec, 0, "Stopped", ["x"], ""))
+    assert call is c and not ok and isinstance(exc, StoppingError)
+    assert core.snapshot()[A]["lost"] == 0
+
+
 def test_other_notices_are_counted_not_obeyed():
     core, _ = make(1)
     core.on_message(A, encode_error(JSONCodec, 0, "Busy", [], ""))

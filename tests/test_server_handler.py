@@ -185,3 +185,9 @@ def test_the_stop_notice_goes_to_every_client_heard():
     frames, idents = h.stopping_notice()
     call_id, (type_name, _a, _t) = error_of(frames)
     assert (call_id, type_name, idents) == (0, "Stopping", {ID, b"\x00client-2"})
+
+
+def test_the_stopped_notice_is_an_error_of_call_id_0():
+    h, _ = make()
+    call_id, (type_name, args, _t) = error_of(h.stopped_notice())
+    assert (call_id, type_name) == (0, "Stopped") and "never ran" in args[0]

@@ -662,8 +662,8 @@ class ClientCore:
             if b is not None:
                 b.heard += 1
             if call_id == 0 and kind == _ERROR:
-                self._notice(endpoint, codec_id, body)
-            elif kind != _PONG:
+                return self._notice(endpoint, codec_id, body)
+            if kind != _PONG:
                 self.stats["late_replies"] += 1
             return []
         b = self.backends.get(call.backend or "")
@@ -1036,21 +1036,32 @@ class ClientCore:
                 self._route(call)
                 return
 
-    def _notice(self, endpoint: str, codec_id: int, body: Any) -> None:
-        """An ERROR with call id 0 is the backend's word about itself: ``Stopping``
-        (a graceful stop began) makes it take no new call from this client, as a
-        ``Stopping`` reply would, until it is reconnected (a new process)."""
+    def _notice(self, endpoint: str, codec_id: int, body: Any) -> Done:
+        """An ERROR with call id 0 is the backend's word about itself. ``Stopping`` (a
+        graceful stop began) makes it take no new call from this client, as a
+        ``Stopping`` reply would, until it is reconnected (a new process). ``Stopped``
+        (the stop is over: it answered every call it read and reads no more) means
+        the calls still unanswered on it never ran: they are re-routed as if refused
+        with ``Stopping``. Returns the calls that are resolved now."""
         codec = self._reply_codecs.get(codec_id)
         b = self.backends.get(endpoint)
         try:
-            type_name = decode_error(codec, bytes(body))[0] if codec is not None else None
+            error = decode_error(codec, bytes(body)) if codec is not None else None
         except (DecodeError, ProtocolError):
-            type_name = None
-        if type_name != "Stopping" or b is None:
+            error = None
+        type_name = error[0] if error is not None else None
+        if type_name not in ("Stopping", "Stopped") or b is None or error is None:
             self.stats["bad_replies"] += 1
-            return
+            return []
         if b.state == UP:
             b.state, b.since = STOPPING, self.clock()
+        done: Done = []
+        if type_name == "Stopped":
+            # Calls not on the wire yet are re-routed when the connection drops.
+            sent = [c for c in b.calls.values() if c.on_wire]
+            for call in sorted(sent, key=lambda c: c.id):
+                self._stopping(call, b, error[1], error[2], done)
+        return done
 
     def _stopping(
         self, call: PendingCall, b: BackendState | None, args: Any, tb: str, done: Done

@@ -45,6 +45,7 @@ _CALL = int(Kind.CALL)
 _PEER_GENERATION = 10_000
 _READ_ONLY_SIGNALS = frozenset((STATUS, STATS, TASKS))
 STOPPING = "this backend is stopping and accepts no new calls; use another backend"
+STOPPED = "this backend has stopped: a call it did not answer never ran there"
 
 
 class Server(Protocol):
@@ -400,6 +401,12 @@ class RequestHandler:
         those heard from lately."""
         frames = self.encode_error(JSONCodec, 0, "Stopping", [STOPPING], "")
         return frames, self.heard | self.heard_old
+
+    def stopped_notice(self) -> list[bytes]:
+        """The last word of a graceful stop (an ERROR ``Stopped`` with call id 0): every
+        call read from this connection has been answered before it, and nothing more
+        is read, so a call still unanswered on it never ran (doc/protocol.md §5)."""
+        return self.encode_error(JSONCodec, 0, "Stopped", [STOPPED], "")
 
     # -- from an outcome to reply frames ---------------------------------------------
 

@@ -92,6 +92,9 @@ _WAIT_MS = 10
 # end_resp * _DRAIN seconds (a client that ignores Stopping cannot hold it open).
 _QUIET = 0.5
 _DRAIN = 10
+# Clients that lost a reply, remembered so they are not told "never ran" at the end
+# of a graceful stop; past this many, nobody is told (see _tell_stopped_locked).
+_LOSSY_MAX = 10_000
 _CALL_KIND = bytes([Kind.CALL])  # the first byte of a CALL's header frame
 
 # Life cycle of a BackEnd.
@@ -171,6 +174,8 @@ class ServerLoop:
         self.inline_seen = 0.0  # start of the latest inline task
         self.started_at = 0.0
         self.told = False  # the clients were told of the stop
+        # Clients that lost a reply (see _tell_stopped_locked); None: too many to track.
+        self.lossy: set[bytes] | None = set()
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -358,6 +363,8 @@ class ServerLoop:
     def _teardown(self) -> None:
         graceful = not self.terminating
         with self.lock:
+            if graceful:
+                self._tell_stopped_locked()
             sock, self.router = self.router, None
             wake_r, wake_w = self.wake_r, self.wake_w
             self.wake_r = self.wake_w = -1
@@ -751,10 +758,12 @@ class ServerLoop:
             acct, peers = self.handler.acct, self.handler.peers
             if peers is None:
                 acct.drop("reply_hwm")
+                self._reply_dropped_locked(ident)
             else:
                 idle = not peers.backlog
                 if not peers.defer(ident, frames):
                     acct.drop("reply_over_budget")
+                    self._reply_dropped_locked(ident)
                 elif idle:  # the I/O loop retries a backlog often, once it knows of one
                     self.wake_locked()
         except zmq.ZMQError as e:
@@ -787,6 +796,40 @@ class ServerLoop:
                 for i, frame in enumerate(frames):
                     _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
                 peers.sent(ident)
+
+    def _tell_stopped_locked(self) -> None:
+        """Tell each client heard from lately that this graceful stop is over (lock
+        held; nothing is read after it): its calls still unanswered here never ran,
+        so its FrontEnd re-sends them elsewhere instead of failing them as lost.
+
+        Not told: a client with replies still waiting in the ledger (the notice would
+        overtake them) or one whose reply was ever dropped (a call of it ran
+        unanswered); and no one once too many such clients were seen to remember.
+        They learn of the stop from the closed connection, as before."""
+        handler, router = self.handler, self.router
+        if router is None or self.lossy is None:
+            return
+        frames = handler.stopped_notice()
+        backlog = handler.peers.backlog if handler.peers is not None else {}
+        last = len(frames) - 1
+        for ident in handler.heard | handler.heard_old:
+            if ident in backlog or ident in self.lossy:
+                continue
+            try:
+                _send(router, ident, _MORE)
+                for i, frame in enumerate(frames):
+                    _send(router, frame, _MORE if i < last else _DONTWAIT)
+            except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                pass
+
+    def _reply_dropped_locked(self, ident: bytes) -> None:
+        """Remember a client that lost a reply (lock held): it must not be told that its
+        unanswered calls never ran. Past _LOSSY_MAX such clients, no one is told."""
+        lossy = self.lossy
+        if lossy is not None:
+            lossy.add(ident)
+            if len(lossy) > _LOSSY_MAX:
+                self.lossy = None
 
     def _tell_stopping(self) -> None:
         """Tell every client heard from lately that a graceful stop has begun, so its

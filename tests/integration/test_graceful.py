@@ -106,6 +106,28 @@ def test_stop_tells_idle_clients(serve):
         idle.close()
 
 
+def test_stopped_is_the_last_word_of_a_graceful_stop(serve):
+    """After answering every call it read, a stopping backend says ``Stopped`` (call id
+    0) and reads no more: a FrontEnd then re-sends what is still unanswered there,
+    which never ran, instead of failing it as lost when the connection drops."""
+    gate = threading.Event()
+    b = serve({"wait": lambda: gate.wait(30)}, workers=2)
+    client = RawClient(b.endpoint)
+    try:
+        cid = client.send("wait")
+        assert client.call("<status>") == "1"
+        b.stop_server(wait=False)
+        gate.set()
+        assert client.recv()[2] == cid  # the accepted call is answered first
+        assert b.join(30)
+        with pytest.raises(TimeoutError):  # notices only from here on
+            client.recv(1.0)
+        assert [n[0] for n in client.notices] == ["Stopping", "Stopped"]
+    finally:
+        gate.set()
+        client.close()
+
+
 @pytest.mark.parametrize("kind", ["ping", "call"])
 def test_stop_is_bounded_while_a_client_keeps_sending(serve, kind):
     """PINGs do not hold a stop open at all; CALLs from a client that ignores
