@@ -207,11 +207,18 @@ def test_pings_keep_a_long_call_alive_and_cost_nothing_while_replies_flow(server
         assert fe.submit("nap", 1.5).result(30) == "a"
         pinged = fe.backends_status()[a.endpoint]["pings"]
         assert pinged >= 2
-        # replies flowing faster than heartbeat_interval prove it alive: no PING
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
+        # replies flowing faster than heartbeat_interval prove it alive: no PING. A
+        # loaded machine may stall one round trip past the interval, which earns a
+        # PING fairly: count those gaps (one more for the timer already running).
+        gaps = 0
+        last = time.monotonic()
+        end = last + 1.0
+        while last < end:
             assert fe.work("add", 1, 2) == 3
-        assert fe.backends_status()[a.endpoint]["pings"] <= pinged + 1
+            now = time.monotonic()
+            gaps += now - last >= 0.1
+            last = now
+        assert fe.backends_status()[a.endpoint]["pings"] <= pinged + 1 + gaps
 
 
 def test_calls_failed_by_their_client_during_a_freeze_do_not_run_after_it(servers):
