@@ -90,7 +90,7 @@ class Supervisor:
         self._first_backoff = first_backoff
         self._max_backoff = max_backoff
         self._start_tries = start_tries
-        self._failed: list[str] = []
+        self._failed = False  # a child could not start: run() stops every child, returns 1
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -136,7 +136,7 @@ class Supervisor:
                         how,
                     )
                     child.done = True
-                    self._failed.append(child.name)
+                    self._failed = True
                     return
             child.backoff = min(self._max_backoff, max(self._first_backoff, child.backoff * 2))
         child.restart_at = now + child.backoff

@@ -148,19 +148,25 @@ def test_a_child_that_cannot_start_stops_every_child_and_run_returns_1(tmp_path,
 
 def test_a_child_that_was_up_once_is_restarted_without_a_limit(tmp_path):
     runs = tmp_path / "runs"
-    # the first run stays up past min_uptime, every later one dies at once
+    # The first run stays up past min_uptime, every later one dies at once. A start
+    # of Python on a busy machine plus the supervisor's 1 s poll stays well under
+    # min_uptime: each later run surely counts as a young death.
     code = (
         f"import sys, time; p = {str(runs)!r}; open(p, 'a').write('x')\n"
-        "if len(open(p).read()) == 1: time.sleep(0.5)\n"
+        "if len(open(p).read()) == 1: time.sleep(4.5)\n"
         "sys.exit(1)"
     )
     sup = Supervisor(
-        {"a": [sys.executable, "-c", code]}, min_uptime=0.2, first_backoff=0.01, max_backoff=0.02
+        {"a": [sys.executable, "-c", code]}, min_uptime=4, first_backoff=0.01, max_backoff=0.02
     )
     runner, result = run_in_thread(sup)
     try:
-        wait_until(lambda: runs.exists() and len(runs.read_text()) >= 6, timeout=60)
-        assert runner.is_alive()
+        # 1 + start_tries (5) + 1 runs: one more young death than a never-up child gets
+        wait_until(
+            lambda: not runner.is_alive() or runs.exists() and len(runs.read_text()) >= 7,
+            timeout=60,
+        )
+        assert runner.is_alive(), f"gave up after {len(runs.read_text())} runs, result {result}"
     finally:
         sup.stop()
         runner.join(30)

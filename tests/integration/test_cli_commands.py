@@ -16,63 +16,17 @@ import zmq
 from tests.integration._cli_helpers import (
     TASKIT,
     TASKS_SOURCE,
+    Backend,
     alive,
     children,
     env,
     free_port_range,
-    kill_tree,
     run,
     wait_until,
 )
 
 pytest.importorskip("taskit.frontend", reason="the FrontEnd has not landed yet")
 pytest.importorskip("taskit.backend", reason="the BackEnd has not landed yet")
-
-# the command's own start-up line, one per backend process (the BackEnd logs another)
-SERVING = re.compile(r"taskit\.cli\[\d+\]: serving \d+ tasks? \(.*\) on tcp://127\.0\.0\.1:(\d+)")
-
-
-class Backend:
-    """A `taskit backend` subprocess; its log goes to a file we can read."""
-
-    def __init__(self, workdir, *args):
-        self.log_path = workdir / f"backend-{len(list(workdir.glob('backend-*.log')))}.log"
-        self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [*TASKIT, "backend", *args],
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env(),
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_serving(self, count=1) -> list[int]:
-        """Ports announced in the log once `count` backends are bound."""
-
-        def ports():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"backend exited {self.proc.returncode}:\n{self.log()}")
-            found = sorted({int(p) for p in SERVING.findall(self.log())})
-            return found if len(found) >= count else None
-
-        return wait_until(ports, 60, "backend serving")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            kids = children(self.proc.pid)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                kill_tree(self.proc.pid)
-                self.proc.wait()
-            for k in kids:
-                if alive(k):
-                    kill_tree(k)
-        self.log_file.close()
 
 
 @pytest.fixture

@@ -13,15 +13,14 @@ import zmq
 
 from tests.integration._cli_helpers import (
     ROOT,
-    TASKIT,
     TASKS_SOURCE,
+    Backend,
     alive,
     children,
     env,
     free_port_range,
     kill_tree,
     run,
-    wait_until,
 )
 
 TASKITD = ROOT / "daemonizing" / "taskitd"
@@ -174,23 +173,14 @@ def test_taskitd_leaves_another_process_backend_alone(service):
     """A port already served by an unrelated backend: start used to say "started"
     (any backend answering <status> counted) and stop then sent it <stop>."""
     p1, p2 = service["ports"]
-    d = service["dir"]
-    log = open(d / "other.log", "w")
-    other = subprocess.Popen(
-        [*TASKIT, "backend", "svc_tasks", "--port", str(p2)],
-        cwd=d,
-        env=env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    other = Backend(service["dir"], "svc_tasks", "--port", str(p2))
     try:
-        wait_until(
-            lambda: run(["ctl", "status", "127.0.0.1", str(p2)]).returncode == 0, 60, "other up"
-        )
+        other.wait_serving()
         started = taskitd(service, "start")
         assert started.returncode == 1, started.stdout + started.stderr
         assert "taskitd started" not in started.stdout
-        assert f"127.0.0.1:{p2} --> served by another process (pid {other.pid})" in started.stderr
+        stranger = f"127.0.0.1:{p2} --> served by another process (pid {other.proc.pid})"
+        assert stranger in started.stderr
         assert not service["pidfile"].exists()
         assert run(["ctl", "status", f"127.0.0.1:{p1}", "--connect-timeout", "0.5"]).returncode == 1
 
@@ -198,12 +188,10 @@ def test_taskitd_leaves_another_process_backend_alone(service):
         assert stopped.returncode == 0 and "not running" in stopped.stdout
         killed = taskitd(service, "kill")
         assert killed.returncode == 0 and "not running" in killed.stdout
-        assert other.poll() is None
+        assert other.proc.poll() is None
         assert run(["call", f"127.0.0.1:{p2}", "add", "1", "2"]).stdout == "3\n"
     finally:
-        other.terminate()
-        other.wait(60)
-        log.close()
+        other.stop()
 
 
 def test_taskitd_refuses_bad_usage_and_missing_module(service, tmp_path):
