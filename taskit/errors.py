@@ -46,6 +46,8 @@ __all__ = [
     "CodecNotAllowedError",
     "BusyError",
     "StoppingError",
+    "ExpiredError",
+    "ProtocolVersionError",
     "BackendBindError",
     "InsecureCodecError",
     # operations
@@ -303,6 +305,17 @@ class BusyError(BackendProcessingError):
 
 class StoppingError(BackendProcessingError):
     """The backend is stopping and accepts no new calls."""
+
+
+class ExpiredError(BackendProcessingError, CallTimeoutError):
+    """The call's deadline (its ``timeout``) passed before the backend could start it
+    (``.type == 'Expired'``): it did not run, so it is safe to send again. Also a
+    :class:`CallTimeoutError` (and a builtin ``TimeoutError``)."""
+
+
+class ProtocolVersionError(FrontEndError, ProtocolError):
+    """The peer speaks another version of the taskit wire protocol (an older taskit,
+    or a newer one): upgrade the older side. The message names both versions."""
 
 
 class BackendBindError(TaskItError, OSError):
