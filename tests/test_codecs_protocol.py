@@ -1,4 +1,4 @@
-"""Codecs and the version-1 frames, without sockets (plus one user codec end to end)."""
+"""Codecs and the message bodies they build, without sockets (tests/test_protocol.py: frames)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from taskit.errors import (
     DecodeError,
     EncodeError,
     ProtocolError,
-    SignatureError,
     UnknownCodecError,
 )
 
@@ -126,10 +125,9 @@ class StrJSON:
 
 
 def test_a_codec_returning_str_is_sent_as_utf8():
-    frames = protocol.encode_result(codecs.get_codec(StrJSON), 5, {"x": "é"})
-    assert frames[2] == json.dumps({"x": "é"}).encode()
-    call = protocol.encode_call(StrJSON, 6, "t", [1], {})
-    assert protocol.decode_call(StrJSON, protocol.unpack(call).body) == ("t", [1], {})
+    body = protocol.encode_call(codecs.get_codec(StrJSON), "t", [1], {})
+    assert body == json.dumps(["t", [1], {}]).encode()
+    assert protocol.decode_call(StrJSON, body) == ("t", [1], {}, None)
 
 
 def test_a_codec_returning_nonsense_is_an_encode_error_but_errors_still_go_out():
@@ -141,37 +139,18 @@ def test_a_codec_returning_nonsense_is_an_encode_error_but_errors_still_go_out()
 
     codecs.register(Bad)
     with pytest.raises(EncodeError, match="returned int"):
-        protocol.encode_result(Bad, 1, "x")
-    frames = protocol.encode_error(Bad, 1, "ValueError", ["boom"], "tb")
-    msg = protocol.unpack(frames)
-    assert msg.codec_id == JSONCodec.wire_id  # fell back to JSON
-    assert protocol.decode_error(JSONCodec, msg.body) == ("ValueError", ["'boom'"], "tb")
+        protocol.encode_call(Bad, "t", ["x"])
+    codec_id, body = protocol.encode_error(Bad, "ValueError", ["boom"], "tb")
+    assert codec_id == JSONCodec.wire_id  # fell back to JSON
+    assert protocol.decode_error(JSONCodec, body) == ("ValueError", ["'boom'"], "tb")
 
 
-def test_frames_follow_the_documented_layout():
-    frames = protocol.encode_call(MsgpackCodec, 7, "add", (1, 2), {})
-    assert frames[0] == b"TKIT\x01"
-    assert frames[1] == bytes([1, 2]) + (7).to_bytes(8, "big")
-    msg = protocol.unpack(frames)
-    assert (msg.kind, msg.codec_id, msg.call_id) == (protocol.Kind.CALL, 2, 7)
-    assert protocol.decode_call(MsgpackCodec, msg.body) == ("add", [1, 2], {})
-    assert protocol.peek_call_id(frames) == 7
-
-
-@pytest.mark.parametrize(
-    "frames, words",
-    [
-        ([b"TKIT\x01", b"\x01\x02" + bytes(8)], "3 frames"),
-        ([b"XXXX\x01", b"\x01\x02" + bytes(8), b""], "magic"),
-        ([b"TKIT\x02", b"\x01\x02" + bytes(8), b""], "version 2"),
-        ([b"TKIT\x01", b"\x01\x02", b""], "header"),
-        ([b"TKIT\x01", b"\x09\x02" + bytes(8), b""], "kind 9"),
-        ([b"TKIT\x01", b"\x01\x02" + bytes(8), b"", b"sig"], "no shared key"),
-    ],
-)
-def test_malformed_frames_are_protocol_errors(frames, words):
-    with pytest.raises(ProtocolError, match=words):
-        protocol.unpack(frames)
+def test_call_bodies_carry_meta_only_when_given():
+    plain = protocol.encode_call(MsgpackCodec, "add", (1, 2))
+    assert MsgpackCodec.decode(plain) == ["add", [1, 2], {}]
+    meta = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    traced = protocol.encode_call(MsgpackCodec, "add", (1, 2), None, meta)
+    assert protocol.decode_call(MsgpackCodec, traced) == ("add", [1, 2], {}, meta)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +160,8 @@ def test_malformed_frames_are_protocol_errors(frames, words):
         (["t", 5, {}], "args"),
         (["t", [], {"k": 1, 2: 3}], "string keys"),
         (["t", []], r"\[task, args, kwargs\]"),
+        (["t", [], {}, {"k": 1}], "meta"),
+        (["t", [], {}, {}, 5], r"\[task, args, kwargs\]"),
     ],
 )
 def test_malformed_call_bodies_are_protocol_errors(body, words):
@@ -188,17 +169,6 @@ def test_malformed_call_bodies_are_protocol_errors(body, words):
         protocol.decode_call(MsgpackCodec, MsgpackCodec.encode(body))
 
 
-def test_signed_frames_verify_and_tampering_is_detected():
-    signer = Signer("secret")
-    frames = protocol.encode_result(MsgpackCodec, 9, [1, 2], signer)
-    assert len(frames) == 4 and len(frames[3]) == Signer.digest_size
-    assert protocol.unpack(frames, signer).call_id == 9
-    tampered = frames[:2] + [MsgpackCodec.encode([1, 3]), frames[3]]
-    with pytest.raises(SignatureError, match="does not match"):
-        protocol.unpack(tampered, signer)
-    with pytest.raises(SignatureError, match="not signed"):
-        protocol.unpack(frames[:3], signer)
-    with pytest.raises(SignatureError):
-        protocol.unpack(frames, Signer("other"))
+def test_empty_keys_are_refused():
     with pytest.raises(ValueError):
         Signer(b"")
