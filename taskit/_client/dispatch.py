@@ -1,0 +1,238 @@
+"""Credit-based dispatch: which backend takes a client's next call, or none yet.
+
+Pure logic, no sockets, no clock of its own (times are passed in). The client
+core asks :meth:`Dispatcher.pick` for each call; ``None`` means every backend
+is out of *credit* (or is expected to finish later than waiting for one that
+is), and the call waits in the client until :meth:`Dispatcher.answered` frees
+a slot.
+
+The model, per backend ``b``:
+
+- ``capacity``: its workers, from its WELCOME (1 until known);
+- ``limit = capacity * prefetch``: this client's calls it may hold at once
+  (its *credit* is ``limit - in_flight``);
+- ``others``: calls of other clients queued or running there, from the load
+  it reports in every reply (its reported total minus this client's calls in
+  flight when the reply was built);
+- ``service``: seconds one call keeps one worker busy, an exponentially
+  weighted estimate from this client's replies (latency divided by how many
+  calls' worth of work were ahead of it per worker).
+
+Its expected finish for one more call is ``((others + in_flight) //
+capacity + 1) * service``: the rounds of work ahead of it per worker, then
+its own. A call goes to the backend expected to finish it soonest, among
+those with credit; a backend without credit still counts as a candidate
+(the call then waits for it), so a slow backend does not take a call that a
+fast one would finish sooner even after waiting for its credit.
+
+Cost per call stays flat in the number of backends: up to :data:`SCAN`
+backends are compared exactly; beyond, the candidates are two drawn at
+random from those with credit (power-of-two choices), O(1).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["Dispatcher", "Slot", "DEFAULT_PREFETCH", "SCAN"]
+
+DEFAULT_PREFETCH = 8  # calls per worker one client may keep on a backend (measured)
+SCAN = 8  # up to this many backends, every one is compared
+_FIRST_SERVICE = 0.001  # seconds: the guess before any reply (equal for all)
+_WEIGHT = 0.2  # weight of a new sample in the service-time average
+
+
+class Slot:
+    """What the dispatcher knows of one backend (public, read-only to others)."""
+
+    __slots__ = (
+        "key",
+        "capacity",
+        "limit",
+        "in_flight",
+        "others",
+        "service",
+        "samples",
+        "usable",
+        "_pos",
+    )
+
+    def __init__(self, key: Any, capacity: int, prefetch: int) -> None:
+        self.key = key
+        self.capacity = max(1, capacity)
+        self.limit = self.capacity * prefetch
+        self.in_flight = 0
+        self.others = 0
+        self.service = _FIRST_SERVICE
+        self.samples = 0
+        self.usable = False  # up and taking calls
+        self._pos = -1  # index in Dispatcher._open, or -1
+
+    @property
+    def credit(self) -> int:
+        return self.limit - self.in_flight
+
+    def expected(self) -> float:
+        """Seconds until one more call sent here would be done (the model above)."""
+        return ((self.others + self.in_flight) // self.capacity + 1) * self.service
+
+    def __repr__(self) -> str:
+        return (
+            f"<Slot {self.key} cap={self.capacity} {self.in_flight}/{self.limit} "
+            f"others={self.others} service={self.service * 1e3:.3f}ms>"
+        )
+
+
+class Dispatcher:
+    """Backends with credit and the choice among them (see the module docstring).
+
+    ``prefetch``: calls per worker this client may keep on one backend.
+    Not thread-safe (the client core serialises).
+    """
+
+    def __init__(self, prefetch: int = DEFAULT_PREFETCH, seed: int | None = None) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {prefetch!r}")
+        self.prefetch = int(prefetch)
+        self.slots: dict[Any, Slot] = {}
+        self._usable: list[Slot] = []  # up, in order of arrival
+        self._open: list[Slot] = []  # usable with credit (swap-remove; O(1))
+        self._rand = random.Random(seed).random
+
+    # -- membership ------------------------------------------------------------
+
+    def add(self, key: Any, capacity: int = 1) -> Slot:
+        """Start tracking ``key`` (not usable until :meth:`up`)."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = Slot(key, capacity, self.prefetch)
+        return slot
+
+    def up(self, key: Any, capacity: int) -> None:
+        """``key`` takes calls now, with ``capacity`` workers (from its handshake)."""
+        slot = self.add(key)
+        slot.capacity = max(1, int(capacity))
+        slot.limit = slot.capacity * self.prefetch
+        if not slot.usable:
+            slot.usable = True
+            self._usable.append(slot)
+        self._update(slot)
+
+    def down(self, key: Any) -> None:
+        """``key`` takes no new calls (down, stopping, draining); its calls in flight
+        are still counted until they are :meth:`answered` or :meth:`forget`-ed."""
+        slot = self.slots.get(key)
+        if slot is None or not slot.usable:
+            return
+        slot.usable = False
+        self._usable.remove(slot)
+        self._close(slot)
+
+    def remove(self, key: Any) -> None:
+        """Forget ``key`` entirely."""
+        self.down(key)
+        self.slots.pop(key, None)
+
+    # -- calls -------------------------------------------------------------------
+
+    def pick(self, waiting: int = 0) -> Slot | None:
+        """The backend for the next call (not yet charged: call :meth:`sent`), or
+        None: the call should wait (no credit anywhere, or the best backend is one
+        without credit: the call is expected to finish sooner after waiting).
+        ``waiting``: calls already waiting in the client, ahead of this one (they
+        are counted against the backends without credit, which they wait for)."""
+        usable = self._usable
+        n = len(usable)
+        if n == 1:
+            slot = usable[0]
+            return slot if slot.in_flight < slot.limit else None
+        if n == 0:
+            return None
+        if n <= SCAN:
+            best: Slot | None = None
+            best_t = 0.0
+            for slot in usable:
+                t = slot.expected()
+                if waiting and slot.in_flight >= slot.limit:
+                    t += waiting // slot.capacity * slot.service
+                if best is None or t < best_t:
+                    best, best_t = slot, t
+            if best is not None and best.in_flight < best.limit:
+                return best
+            # The best has no credit: wait for it, unless one with credit is as good.
+            return None
+        open_ = self._open
+        m = len(open_)
+        if m == 0:
+            return None
+        rand = self._rand
+        a = open_[int(rand() * m)]
+        b = open_[int(rand() * m)]
+        return a if a.expected() <= b.expected() else b
+
+    def sent(self, slot: Slot) -> None:
+        """A call was sent to ``slot``."""
+        slot.in_flight += 1
+        if slot.in_flight >= slot.limit:
+            self._close(slot)
+
+    def answered(
+        self,
+        slot: Slot,
+        latency: float | None = None,
+        ahead: int = 0,
+        reported: int | None = None,
+    ) -> None:
+        """A call sent to ``slot`` is over (answered, refused, lost or withdrawn).
+
+        ``latency``: seconds from send to reply, when it ran there; ``ahead``: the
+        calls in flight there (this client's, plus others' known) when it was sent,
+        not counting itself; ``reported``: the backend's queued + running in the
+        reply, which counted this call."""
+        slot.in_flight -= 1
+        if reported is not None:
+            # This reply was built while our calls in flight included this one.
+            slot.others = max(0, reported - slot.in_flight - 1)
+        if latency is not None and latency > 0:
+            per_worker = 1.0 + ahead / slot.capacity
+            sample = latency / per_worker
+            if slot.samples:
+                slot.service += _WEIGHT * (sample - slot.service)
+            else:
+                slot.service = sample
+            slot.samples += 1
+        if slot.usable and slot._pos < 0 and slot.in_flight < slot.limit:
+            self._open_slot(slot)
+
+    def reported(self, slot: Slot, total: int) -> None:
+        """A load report not tied to one of our calls (a PONG, a WELCOME)."""
+        slot.others = max(0, total - slot.in_flight)
+
+    def usable(self) -> Iterable[Slot]:
+        return list(self._usable)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _update(self, slot: Slot) -> None:
+        if slot.usable and slot.in_flight < slot.limit:
+            self._open_slot(slot)
+        else:
+            self._close(slot)
+
+    def _open_slot(self, slot: Slot) -> None:
+        if slot._pos < 0:
+            slot._pos = len(self._open)
+            self._open.append(slot)
+
+    def _close(self, slot: Slot) -> None:
+        pos = slot._pos
+        if pos < 0:
+            return
+        open_ = self._open
+        last = open_.pop()
+        if last is not slot:
+            open_[pos] = last
+            last._pos = pos
+        slot._pos = -1
