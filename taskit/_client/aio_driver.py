@@ -94,7 +94,8 @@ class AsyncIO(Connections):
 
     def _forget(self, fut: asyncio.Future[Any], *, call: PendingCall) -> None:
         if fut.cancelled() and not self.closed:
-            self._core.cancel(call)
+            self._core.cancel(call)  # on the wire: a CANCEL goes out, not awaited
+            self._send()
             self._schedule()
 
     def resolve(self, done: list[tuple[PendingCall, bool, Any]]) -> None:
@@ -111,7 +112,7 @@ class AsyncIO(Connections):
         """Write the routed calls, then read what the sockets hold: ZeroMQ's descriptor
         is edge-triggered and a send may consume the edge, so every use of a socket
         outside its reader task ends by emptying it (the reader can never miss a reply)."""
-        if not self._core.outbox:
+        if not (self._core.outbox or self._core.control):
             return  # nothing routed, nothing sent
         self.flush()
         for link in list(self.links.values()):
@@ -167,7 +168,12 @@ class AsyncIO(Connections):
                 frames = await sock.recv_multipart(copy=True)
             except zmq.ZMQError:
                 return  # closed
-            self.resolve(core.on_message(endpoint, frames))
+            if len(frames) == 1:
+                self.resolve(core.on_message(endpoint, frames[0]))
+            else:
+                self.resolve(core.on_frames(endpoint, frames))
+            if core.resets:
+                self.reset()
             self.drain(link)  # what else is queued, before yielding
             self._send()  # Busy/Stopping replies re-route calls
             self._schedule()
@@ -225,6 +231,11 @@ class AsyncIO(Connections):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._core.cancel_on_wire() and self._loop is not None:
+            try:  # withdraw the calls still on the wire (CANCEL; no answer awaited)
+                self.flush()
+            except Exception:  # closing regardless
+                self._stdlog.debug("CANCEL on close failed", exc_info=True)
         self.resolve(
             self._core.fail_all(
                 FrontEndClosedError("the AsyncFrontEnd was closed before this call was answered")
