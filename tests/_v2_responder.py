@@ -21,8 +21,9 @@ class Responder:
 
     ``mode``: "ok", "silent" (never answers HELLO), "v1" (answers anything with a v1
     ERROR), "version" (WELCOME says version 3). ``codecs``: accepted codec ids.
-    A task named "hold" waits until :attr:`release` is set (so CANCEL finds it queued);
-    "block" likewise but counts as running (CANCEL answers NOT_CANCELLED).
+    A task named "hold" (its argument other than 0) waits until :attr:`release` is set,
+    so a CANCEL finds it queued; "block" likewise but counts as running (a CANCEL
+    answers NOT_CANCELLED). Both return their argument.
     """
 
     def __init__(self, tasks=None, mode="ok", codecs=(1, 2), key=None, load=(0, 0)):
@@ -135,7 +136,9 @@ class Responder:
             if item.kind == Kind.CALL:
                 self.budgets.append(item.a)
                 task = protocol.decode_call(get_codec(item.codec_id), item.body)[0]
-                if task in ("hold", "block") and not self.release.is_set():
+                args = protocol.decode_call(get_codec(item.codec_id), item.body)[1]
+                held = task in ("hold", "block") and args != [0]
+                if held and not self.release.is_set():
                     self.held[(ident, item.call_id)] = (session, item)
                     continue
                 replies.append(self._run(item))

@@ -387,7 +387,7 @@ class BackendState:
         self.hello_id = -1
         # Why calls to it fail at once (a WELCOME or refusal ruled it out): a function
         # of the task name giving the exception, or None.
-        self.fatal: Callable[[str], TaskItError] | None = None
+        self.fatal: Callable[[str | None], TaskItError] | None = None
         self.info: dict[str, Any] = {}
         # The load it reported last (every item it sends carries it) and when.
         self.queued = self.running = 0
@@ -619,13 +619,13 @@ class ClientCore:
                 self._route(call)
         return done
 
-    def _reject(self, b: BackendState, fatal: Callable[[str], TaskItError]) -> Done:
+    def _reject(self, b: BackendState, fatal: Callable[[str | None], TaskItError]) -> Done:
         """``b`` cannot serve this client (its WELCOME or a refusal said why): calls to
         it fail at once with ``fatal(task)`` -- those on it now, and those waiting for a
         backend when no other can take them -- until a new connection's handshake fits."""
         b.state, b.since = REJECTED, self.clock()
         b.fatal = fatal
-        b.last_error = str(fatal("?"))
+        b.last_error = str(fatal(None))
         done: Done = []
         for call in sorted(b.calls.values(), key=lambda c: c.id):
             self._finish(call, False, fatal(call.task), done)
@@ -637,7 +637,7 @@ class ClientCore:
                 self._timer(now, call, "park")
         return done
 
-    def _fatal_for(self, call: PendingCall) -> Callable[[str], TaskItError] | None:
+    def _fatal_for(self, call: PendingCall) -> Callable[[str | None], TaskItError] | None:
         """Why ``call`` cannot be served at all: its target, or every backend, rejected."""
         if call.target is not None:
             b = self.backends.get(call.target)
@@ -1117,6 +1117,7 @@ class ClientCore:
         ep = b.endpoint
         if type_name == UNAUTHENTICATED:
             why = self._why_keys(args)
+            self.stats["refused_signatures"] += 1
             done += self._reject(
                 b,
                 lambda task: AuthenticationError(
