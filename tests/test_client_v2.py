@@ -177,3 +177,14 @@ def test_cancelling_an_async_call_sends_cancel(responder):
 
     asyncio.run(run())
     assert len(r.cancelled) == 1 and not r.held
+
+
+def test_an_async_map_sends_its_calls_in_batches(responder):
+    r = responder()
+
+    async def run():
+        async with AsyncFrontEnd([r.endpoint]) as fe:
+            return [v async for v in fe.map("add", range(300), range(300))]
+
+    assert asyncio.run(run()) == [2 * i for i in range(300)]
+    assert max(r.batches) > 1

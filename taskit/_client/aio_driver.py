@@ -79,18 +79,33 @@ class AsyncIO(Connections):
             self.open(endpoint)
 
     def submit(
-        self, task: str, args: Any, kwargs: Any, timeout: float | None, target: str | None
+        self,
+        task: str,
+        args: Any,
+        kwargs: Any,
+        timeout: float | None,
+        target: str | None,
+        send: bool = True,
     ) -> asyncio.Future[Any]:
-        """Send a call; the future of its result (cancelling it forgets the call)."""
+        """Send a call (``send`` false: only route it; :meth:`send_now` sends what is
+        routed, in batches); the future of its result (cancelling it forgets the
+        call, and withdraws it from its backend if it has not started)."""
         self.start()
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         call = self._core.new_call(task, args, kwargs, waiter=fut, timeout=timeout, target=target)
         fut.add_done_callback(functools.partial(self._forget, call=call))
         self._core.submit(call)
-        self._send()
-        self._schedule()
+        if send:
+            self._send()
+            self._schedule()
         return fut
+
+    def send_now(self) -> None:
+        """Send every routed call (those of ``submit(..., send=False)``)."""
+        if not self.closed and self._loop is not None:
+            self._send()
+            self._schedule()
 
     def _forget(self, fut: asyncio.Future[Any], *, call: PendingCall) -> None:
         if fut.cancelled() and not self.closed:

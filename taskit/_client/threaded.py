@@ -57,6 +57,7 @@ _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _FOLLOW, _LEAD, _INSIDE = 0, 1, 2  # ThreadedIO._lead(): this thread's role
+_BURST = 64  # calls submitted while others are out: sent together once this many wait
 
 
 class Waiter:
@@ -358,8 +359,25 @@ class ThreadedIO(Connections):
         raise w.value
 
     def start(self, call: PendingCall) -> None:
-        """Register and send ``call`` without waiting for its reply."""
-        self.start_many((call,))
+        """Register and send ``call`` without waiting for its reply. In a burst (other
+        calls already out, fewer than ``_BURST`` routed and unsent) it is routed and
+        left for the next send, which packs the burst into one message: the caller's
+        ``result()``, its next submit, or the background thread (woken on release)."""
+        if self._closed:
+            raise self._closed_error()
+        if self._lead() != _LEAD:
+            self.start_many((call,))
+            return
+        try:
+            if self._inbox:  # queued while bg was stepping down
+                self._drain_inbox()
+            core = self._core
+            core.submit(call)
+            waiting = len(core.outbox)
+            if waiting >= _BURST or core.pending <= waiting:
+                self.flush()
+        finally:
+            self._release()
 
     def start_many(self, calls: Sequence[PendingCall], own: int = 0) -> None:
         """Register and send ``calls`` without waiting; ``own`` as in :meth:`wait`."""
@@ -421,7 +439,7 @@ class ThreadedIO(Connections):
         ``own`` ones this thread will come back for (``map``) are left behind."""
         self._leader = None
         self._io_lock.release()
-        if self._inbox or self._core.pending > own:
+        if (self._inbox or self._core.pending > own) and not self._bg_wake.is_set():
             self._bg_wake.set()  # work remains: the background thread drives it
 
     def _wake(self) -> None:
