@@ -982,7 +982,7 @@ def test_withdrawing_a_call_on_the_wire_asks_its_backend():
     assert refused.cancel_state == CANCEL_REFUSED and core.pending == 1
     assert hooks == [confirmed.id, refused.id]
     assert reply_result(core, refused, 9) == [(refused, True, 9)]  # its reply as usual
-    assert core.stats["cancelled"] == 1 and core.stats["late_replies"] == 0
+    assert core.snapshot()[A]["cancelled"] == 1 and core.stats["late_replies"] == 0
 
 
 def test_forgetting_a_call_on_the_wire_cancels_it_there():

@@ -188,3 +188,20 @@ def test_an_async_map_sends_its_calls_in_batches(responder):
 
     assert asyncio.run(run()) == [2 * i for i in range(300)]
     assert max(r.batches) > 1
+
+
+@pytest.mark.parametrize("face", ["sync", "aio"])
+def test_a_large_reply_is_read_whole_on_both_faces(responder, face):
+    r = responder()
+    payload = bytes(range(256)) * 4096  # 1 MiB: read from libzmq's buffer, uncopied
+
+    if face == "sync":
+        with FrontEnd([r.endpoint], codec=MsgpackCodec) as fe:
+            assert fe.work("echo", payload) == payload
+        return
+
+    async def run():
+        async with AsyncFrontEnd([r.endpoint], codec=MsgpackCodec) as fe:
+            return await fe.work("echo", payload)
+
+    assert asyncio.run(run()) == payload

@@ -28,7 +28,7 @@ from taskit._client.connection import (
     monitor_event,
 )
 from taskit._client.core import ClientCore, PendingCall
-from taskit._wire import EVENTS, POLLIN
+from taskit._wire import EVENTS, POLLIN, ZERO_COPY
 from taskit.errors import FrontEndClosedError
 
 __all__ = ["AsyncIO"]
@@ -180,13 +180,15 @@ class AsyncIO(Connections):
         core, sock, endpoint = self._core, link.sock, link.endpoint
         while True:
             try:
-                frames = await sock.recv_multipart(copy=True)
+                f = await sock.recv(copy=False)
+                if f.more:  # never in protocol v2: maybe a v1 peer; read it whole
+                    rest = await sock.recv_multipart()
+                    done = core.on_frames(endpoint, [f.bytes, *rest])
+                else:  # a large message is decoded from libzmq's buffer, uncopied
+                    done = core.on_message(endpoint, f.bytes if len(f) < ZERO_COPY else f.buffer)
             except zmq.ZMQError:
                 return  # closed
-            if len(frames) == 1:
-                self.resolve(core.on_message(endpoint, frames[0]))
-            else:
-                self.resolve(core.on_frames(endpoint, frames))
+            self.resolve(done)
             if core.resets:
                 self.reset()
             self.drain(link)  # what else is queued, before yielding

@@ -359,6 +359,7 @@ class BackendState:
         "queued",
         "running",
         "load_at",
+        "cancelled",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -392,6 +393,7 @@ class BackendState:
         # The load it reported last (every item it sends carries it) and when.
         self.queued = self.running = 0
         self.load_at: float | None = None
+        self.cancelled = 0  # calls it withdrew unrun on our CANCEL
 
     def snapshot(self, now: float) -> dict[str, Any]:
         info = self.info
@@ -418,6 +420,7 @@ class BackendState:
             "connects": self.connects,
             "disconnects": self.disconnects,
             "pings": self.pings,
+            "cancelled": self.cancelled,
             "last_error": self.last_error,
         }
 
@@ -483,7 +486,6 @@ class ClientCore:
             "bad_signatures": 0,
             "refused_signatures": 0,
             "replayed": 0,
-            "cancelled": 0,
         }
         # Read-only for drivers: endpoints whose connection must be replaced (the backend
         # holds no handshake for it); see take_resets().
@@ -1093,7 +1095,7 @@ class ClientCore:
                     self._slot_freed()
         elif kind == _CANCELLED:
             if call.cancel_state == CANCEL_ASKED:  # it never runs: no other reply follows
-                self.stats["cancelled"] += 1
+                b.cancelled += 1
                 self._finish(call, False, CancelledError(), done)
                 if self._busy_waiting:
                     self._slot_freed()
