@@ -205,3 +205,21 @@ def test_a_large_reply_is_read_whole_on_both_faces(responder, face):
             return await fe.work("echo", payload)
 
     assert asyncio.run(run()) == payload
+
+
+def test_closing_an_async_front_end_cancels_its_calls_on_the_wire(responder):
+    r = responder()
+
+    async def run():
+        fe = AsyncFrontEnd([r.endpoint])
+        futs = [fe.submit("hold", i) for i in range(1, 4)]
+        for _ in range(1000):  # bounded: up to 10 s
+            if len(r.held) == 3:
+                break
+            await asyncio.sleep(0.01)
+        await fe.aclose()
+        return futs
+
+    futs = asyncio.run(run())
+    assert all(f.done() for f in futs)
+    assert wait_for(lambda: len(r.cancelled) == 3)

@@ -248,17 +248,14 @@ class AsyncIO(Connections):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._core.cancel_on_wire() and self._loop is not None:
-            try:  # withdraw the calls still on the wire (CANCEL; no answer awaited)
-                self.flush()
-            except Exception:  # closing regardless
-                self._stdlog.debug("CANCEL on close failed", exc_info=True)
+        tasks = [t for link in self.links.values() for t in link.tasks]
+        if self._loop is not None:  # withdraw the calls still on the wire (CANCEL)
+            self.withdraw_all()  # and close the sockets
         self.resolve(
             self._core.fail_all(
                 FrontEndClosedError("the AsyncFrontEnd was closed before this call was answered")
             )
         )
-        tasks = [t for link in self.links.values() for t in link.tasks]
         for t in tasks:
             t.cancel()
         return tasks

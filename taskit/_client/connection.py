@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _DRAIN_ALL = 1 << 62  # receive(): no limit (read until the socket is empty)
+CLOSE_LINGER_MS = 200  # closing: how long a socket's last CANCELs may take to leave
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
 DEFAULT_BUSY_RETRIES = 50  # re-sends after Busy answers (with backoff) before BusyError
@@ -197,14 +198,16 @@ def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings, connect: b
     return monitor
 
 
-def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
-    """Stop the monitor and close both sockets at once (nothing lingers)."""
+def close_dealer(sock: zmq.Socket, monitor: zmq.Socket, linger_ms: int = 0) -> None:
+    """Stop the monitor and close both sockets at once; messages still queued on
+    ``sock`` get up to ``linger_ms`` to leave (when the context terminates), else
+    nothing lingers."""
     try:
         sock.disable_monitor()
     except zmq.ZMQError:
         pass
     monitor.close(0)
-    sock.close(0)
+    sock.close(linger_ms)
 
 
 def monitor_event(frames: list[bytes]) -> int:
@@ -283,12 +286,12 @@ class Connections:
         self._watch(link)
         return link
 
-    def discard(self, link: Link) -> None:
-        """Stop watching ``link`` and close its sockets."""
+    def discard(self, link: Link, linger_ms: int = 0) -> None:
+        """Stop watching ``link`` and close its sockets (``linger_ms``: see close_dealer)."""
         if self.links.get(link.endpoint) is link:
             del self.links[link.endpoint]
         self._unwatch(link)
-        close_dealer(link.sock, link.monitor)
+        close_dealer(link.sock, link.monitor, linger_ms)
 
     def renew(self, link: Link) -> None:
         """Replace a disconnected backend's socket: whatever it still queued for the
@@ -299,6 +302,20 @@ class Connections:
     def close_all(self) -> None:
         for link in list(self.links.values()):
             self.discard(link)
+
+    def withdraw_all(self) -> None:
+        """Closing: send a CANCEL for every call still on the wire (no answer awaited)
+        and close every socket, giving those that sent one ``CLOSE_LINGER_MS`` to
+        deliver it (the context's termination waits that long at most)."""
+        endpoints: set[str] = set()
+        if self._core.cancel_on_wire():
+            endpoints = {ep for ep, _ in self._core.control}
+            try:
+                self.flush()
+            except Exception:  # closing regardless
+                self._stdlog.debug("CANCEL on close failed", exc_info=True)
+        for link in list(self.links.values()):
+            self.discard(link, CLOSE_LINGER_MS if link.endpoint in endpoints else 0)
 
     def dial(self, link: Link) -> None:
         """Connect ``link``'s socket once its backoff is over (if it is still in use)."""

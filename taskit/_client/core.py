@@ -13,30 +13,40 @@ Interface (what a driver does)::
     call = core.new_call("add", (1, 2), {}, waiter=w, timeout=None)  # encodes now;
                                                   # raises EncodeError
     core.submit(call)             # routes it (or parks it until a backend is up)
-    for call in core.drain_outbox():          # calls ready to go on the wire
-        ok = try_send(call.backend, core.frames_for(call))
-        if not ok: done = core.send_failed(call)   # zmq.Again: the peer is gone
-    ... when frames arrive from backend `ep`:
-        done = core.on_message(ep, frames)    # -> list of (call, ok, value)
-    ... socket monitor:   core.backend_up(ep) / done = core.backend_down(ep, why)
+    if core.outbox or core.control:           # something to send
+        for ep, frame, calls in core.messages():   # in this order, at once (sealed)
+            ok = try_send(ep, frame)
+            if not ok: done = core.send_failed(calls)  # zmq.Again: the peer is gone
+    ... when a message arrives from backend `ep`:
+        done = core.on_message(ep, frame)     # -> list of (call, ok, value)
+        (several frames: done = core.on_frames(ep, frames) -- a v1 peer)
+        for ep in core.take_resets(): replace ep's socket (it lost our handshake)
+    ... socket monitor:   core.backend_up(ep)   # connected: queues the HELLO; the
+                                                # backend is up once its WELCOME is in
+                          done = core.backend_down(ep, why)
     ... a connection closed before it came up (handshake refused, not taskit):
                           done, delay, line = core.connect_refused(ep, why)
                           -> connect again after ``delay`` s; log ``line`` if any
     ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff,
                                               # liveness checks
                           core.next_wakeup()  # monotonic time to poll until, or None
-    ... after a tick:     for ep in core.take_pings(): send core.ping_frames() to ep
+    ... after a tick:     for ep in core.take_pings(): core.ping(ep)  # then send
                           for ep in core.take_suspects():
                               read what ep's socket holds (core.on_message), then
                               done = core.check_suspect(ep)  # None: it spoke meanwhile
                               if done is not None: replace ep's socket (it is lost)
-    ... a waiter gave up: core.cancel(call)
+    ... a waiter gave up: core.cancel(call)   # forgets it; CANCEL if on the wire
+    ... cancel() asked:   core.withdraw(call) # "local" | "sent" (await the answer:
+                                              # call.cancel_hook) | "done"
+    ... closing:          core.cancel_on_wire(); send; done = core.fail_all(exc)
     for call, ok, value in done: resolve call.waiter (value is the result, or the
-                                 exception instance to raise when ok is False)
+                                 exception instance to raise when ok is False; a
+                                 ``concurrent.futures.CancelledError`` when its
+                                 backend confirmed a CANCEL)
 
 Every returned ``(call, ok, value)`` has left the core: it is resolved exactly
 once. Calls put back for a re-send (``retries``, ``Busy``) show up again in
-:meth:`ClientCore.drain_outbox`.
+:meth:`ClientCore.messages`.
 
 Semantics decided here:
 
@@ -74,6 +84,26 @@ Semantics decided here:
 - **Replies are trusted only in the client's own codec or JSON** (the backend's
   fallback for errors): a pickle reply to a JSON client is refused, never
   unpickled.
+- **Handshake** (wire protocol v2): on each new connection the core says HELLO
+  (its codec, whether it signs, a fresh nonce); the backend is ``up`` only once
+  its WELCOME echoes that nonce. A WELCOME of another version, without this
+  client's codec, or with the other signing mode -- or an ``Unauthenticated``
+  answer to the HELLO, or a v1 reply -- makes the backend ``rejected``: calls
+  that only it could serve fail at once with the typed error
+  (:class:`ProtocolVersionError`, :class:`CodecNotAllowedError`,
+  :class:`AuthenticationError`). No WELCOME: calls wait ``connect_timeout``, then
+  :class:`BackendNotAvailableError` says the handshake went unanswered.
+- **Sessions** (a key set): each connection signs with its own
+  :class:`taskit.protocol.Session` (zero nonces for HELLO/WELCOME, then both);
+  a replayed reply is dropped and counted (``stats["replayed"]``). A backend
+  that holds no session for us (``NO_SESSION``) did not run the call: the calls
+  on that connection are put back unsent and the driver replaces it.
+- **Deadlines**: a CALL carries its remaining time (``protocol.budget_ms``) when
+  it is sent; the backend answers ``Expired`` (:class:`ExpiredError`) rather than
+  start it late.
+- **Batches**: calls drained together for one backend go in one message (at most
+  ``BATCH_ITEMS`` items, ``BATCH_BYTES`` of bodies; a 64 KiB body alone); each
+  item of a reply is handled as a single reply would be.
 """
 
 from __future__ import annotations

@@ -649,14 +649,9 @@ class ThreadedIO(Connections):
         """Fail what is pending and close every socket (with the I/O lock held)."""
         self._drain_inbox_on_close()
         # Calls still on the wire are withdrawn where they wait (CANCEL, no answer
-        # awaited: the sends do not block, and the sockets close next).
-        if self._core.cancel_on_wire():
-            try:
-                self.flush()
-            except Exception:  # closing regardless
-                _log.debug("CANCEL on close failed", exc_info=True)
+        # awaited; the sockets then close with a short linger to deliver them).
+        self.withdraw_all()
         self.resolve(self._core.fail_all(self._closed_error()))
-        self.close_all()
         self._by_sock.clear()
         self._by_monitor.clear()
         # destroy, not term: a socket left open by any path would block term() for ever
