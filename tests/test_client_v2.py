@@ -15,6 +15,7 @@ from taskit.codecs import MsgpackCodec
 from taskit.errors import (
     AuthenticationError,
     BackendNotAvailableError,
+    BackendProcessingError,
     CodecNotAllowedError,
     ProtocolVersionError,
 )
@@ -223,3 +224,17 @@ def test_closing_an_async_front_end_cancels_its_calls_on_the_wire(responder):
     futs = asyncio.run(run())
     assert all(f.done() for f in futs)
     assert wait_for(lambda: len(r.cancelled) == 3)
+
+
+def test_calls_in_a_batch_fail_and_succeed_as_single_calls_do(responder):
+    r = responder(tasks={"inv": lambda x: 1 / x})
+    with FrontEnd([r.endpoint]) as fe:
+        with pytest.raises(BackendProcessingError) as single:
+            fe.work("inv", 0)
+        results = fe.map("inv", [1, 2, 0, 4] * 50)
+        assert [next(results) for _ in range(2)] == [1.0, 0.5]
+        with pytest.raises(BackendProcessingError) as batched:
+            next(results)
+        assert max(r.batches) > 1
+        assert (batched.value.type, batched.value.args) == (single.value.type, single.value.args)
+        assert batched.value.type == "ZeroDivisionError"
