@@ -1011,3 +1011,11 @@ def test_calls_drained_together_go_in_batches_and_resolve_as_singles():
     assert [(c, ok, v) for c, ok, v in done[:3]] == [(c, True, c.id) for c in calls[:3]]
     assert done[3][0] is calls[4] and isinstance(done[3][2], BackendProcessingError)
     assert calls[3].busy_tries == 1  # Busy: put back as a single would be
+
+
+def test_a_keyed_client_reads_nothing_from_a_connection_without_a_handshake():
+    core, _ = make(1, signer=Signer(b"k"))
+    c = sent_call(core)
+    core.backend_down(A)  # its session is gone with the connection
+    assert core.on_message(A, pack_one(Kind.RESULT, 1, c.id, 0, 0, b"666")) == []
+    assert core.stats["bad_signatures"] == 1

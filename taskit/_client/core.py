@@ -1018,8 +1018,14 @@ class ClientCore:
                 done = []
                 self._item(b, kind, codec_id, call_id, frame[HEAD_SIZE:], done)
                 return done
+        session = b.session
+        if session is None and self.signer is not None:
+            # no handshake on this connection (down, or not connected yet): nothing
+            # from it can be verified, so nothing is read (not even a refusal)
+            self.stats["bad_signatures"] += 1
+            return []
         try:
-            items = parse(frame, b.session)
+            items = parse(frame, session)
         except ReplayError:
             self.stats["replayed"] += 1
             return []
