@@ -1226,7 +1226,7 @@ class ClientCore:
     # -- liveness ---------------------------------------------------------------
 
     def take_pings(self) -> list[str]:
-        """Endpoints to send a PING to now (:meth:`ping_frames`); empties the list."""
+        """Endpoints to send a PING to now (:meth:`ping` queues it); empties the list."""
         pings, self.pings = self.pings, []
         return pings
 
