@@ -238,3 +238,15 @@ def test_calls_in_a_batch_fail_and_succeed_as_single_calls_do(responder):
         assert max(r.batches) > 1
         assert (batched.value.type, batched.value.args) == (single.value.type, single.value.args)
         assert batched.value.type == "ZeroDivisionError"
+
+
+def test_a_burst_of_async_submits_goes_out_in_one_message(responder):
+    r = responder()
+
+    async def run():
+        async with AsyncFrontEnd([r.endpoint]) as fe:
+            assert await fe.work("add", 0, 0) == 0  # connected: the burst is not parked
+            return await asyncio.gather(*(fe.submit("add", i, 1) for i in range(50)))
+
+    assert asyncio.run(run()) == [i + 1 for i in range(50)]
+    assert r.batches[-1] == 50

@@ -5,8 +5,9 @@ Everything runs on the event loop's thread, so the core has one driver and needs
 no lock: a reader task per DEALER hands replies to the core, a task per backend
 reads its socket monitor, and one ``loop.call_later`` timer fires at the core's
 next deadline (call timeouts, connect waits, Busy back-off, liveness). Calls are
-written to the socket as soon as the core routes them, without a hop through
-another task. Private to :mod:`taskit.aio`.
+written to the socket when the loop next runs its callbacks (before the caller's
+task awaits the reply), without a hop through another task: the calls of a burst
+go out together, in batches. Private to :mod:`taskit.aio`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class AsyncIO(Connections):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._send_soon = False  # a send_now() is scheduled on the loop
         self.closed = False
 
     @staticmethod
@@ -87,7 +89,8 @@ class AsyncIO(Connections):
         target: str | None,
         send: bool = True,
     ) -> asyncio.Future[Any]:
-        """Send a call (``send`` false: only route it; :meth:`send_now` sends what is
+        """Send a call -- at the loop's next callbacks, with the others submitted
+        meanwhile (``send`` false: only route it; :meth:`send_now` sends what is
         routed, in batches); the future of its result (cancelling it forgets the
         call, and withdraws it from its backend if it has not started)."""
         self.start()
@@ -96,13 +99,17 @@ class AsyncIO(Connections):
         call = self._core.new_call(task, args, kwargs, waiter=fut, timeout=timeout, target=target)
         fut.add_done_callback(functools.partial(self._forget, call=call))
         self._core.submit(call)
-        if send:
-            self._send()
-            self._schedule()
+        if send and not self._send_soon:
+            # Sent when the loop next runs callbacks -- before this task awaits the
+            # reply -- so the calls of a burst (gather, a loop of submits) that the
+            # caller makes before yielding go out together, packed in one message.
+            self._send_soon = True
+            self._loop.call_soon(self.send_now)
         return fut
 
     def send_now(self) -> None:
         """Send every routed call (those of ``submit(..., send=False)``)."""
+        self._send_soon = False
         if not self.closed and self._loop is not None:
             self._send()
             self._schedule()
