@@ -1019,3 +1019,13 @@ def test_a_keyed_client_reads_nothing_from_a_connection_without_a_handshake():
     core.backend_down(A)  # its session is gone with the connection
     assert core.on_message(A, pack_one(Kind.RESULT, 1, c.id, 0, 0, b"666")) == []
     assert core.stats["bad_signatures"] == 1
+
+
+def test_a_call_rerouted_before_it_was_sent_goes_out_once():
+    core, _ = make(2)
+    c = core.new_call("t")
+    core.submit(c)
+    assert c.backend == A
+    core.backend_down(A)  # before the driver sent it: re-routed to B
+    ((ep, frame, calls),) = core.messages()
+    assert (ep, calls) == (B, [c]) and len(parse(frame)) == 1 and c.attempts == 1

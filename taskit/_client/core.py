@@ -818,7 +818,11 @@ class ClientCore:
         if not out:
             return out
         self.outbox = []
-        return [c for c in out if not c.done and c.backend is not None]
+        if len(out) == 1:  # the hot path
+            return out if not out[0].done and out[0].backend is not None else []
+        # A call re-routed before it was sent (its backend went down, or answered
+        # Busy meanwhile) is in the outbox twice: keep it once, for its new backend.
+        return list({c.id: c for c in out if not c.done and c.backend is not None}.values())
 
     def messages(self) -> list[tuple[str, bytes, Sequence[PendingCall]]]:
         """The messages to send now, in this order, each ``(endpoint, frame, calls)``:
@@ -863,7 +867,13 @@ class ClientCore:
             b = self.backends.get(endpoint)
             session = None if b is None else b.session
             if self.signer is not None and session is None:
-                continue  # not reachable: every routed backend did its handshake
+                # its connection went since these were routed: route them again
+                for call in group:
+                    if b is not None:
+                        b.calls.pop(call.id, None)
+                    call.backend = None
+                    self._route(call)
+                continue
             batch: list[PendingCall] = []
             items: list[tuple[int, int, int, int, int, bytes]] = []
             size = 0
