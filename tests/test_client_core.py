@@ -1029,3 +1029,15 @@ def test_a_call_rerouted_before_it_was_sent_goes_out_once():
     core.backend_down(A)  # before the driver sent it: re-routed to B
     ((ep, frame, calls),) = core.messages()
     assert (ep, calls) == (B, [c]) and len(parse(frame)) == 1 and c.attempts == 1
+
+
+def test_a_malformed_welcome_rules_the_backend_out_with_a_protocol_error():
+    core, _ = make(0)
+    core.add_backend(A)
+    c = core.new_call("t")
+    core.submit(c)
+    call_id, _ = peer(core, A).hello()
+    assert peer(core, A).reply(Kind.WELCOME, 1, call_id, b"{}") == []
+    ((call, ok, exc),) = core.tick()
+    assert call is c and type(exc).__name__ == "ProtocolError" and "malformed WELCOME" in str(exc)
+    assert core.snapshot()[A]["state"] == REJECTED

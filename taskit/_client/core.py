@@ -579,12 +579,8 @@ class ClientCore:
             info = parse_handshake(body, _WELCOME)
         except ProtocolError as e:
             self.stats["bad_replies"] += 1
-            return self._reject(
-                b,
-                lambda task, e=e: ProtocolError(
-                    f"backend {b.endpoint} answered the handshake with a malformed WELCOME: {e}"
-                ),
-            )
+            why = f"backend {b.endpoint} answered the handshake with a malformed WELCOME: {e}"
+            return self._reject(b, lambda task: ProtocolError(why))
         ep = b.endpoint
         if info["nonce"] != b.nonce.hex():
             self.stats["replayed"] += 1  # a WELCOME to another HELLO: not ours
