@@ -125,35 +125,65 @@ def _router() -> Any:
 
 
 def _serve_wire() -> None:
-    """The strict floor's loop speaking taskit's frames: isolates the FrontEnd's own
-    cost. One plain ``recv`` per frame (the bench's clients always send 3 frames);
-    answers the PINGs a FrontEnd sends to a backend that is silent or idle for a
-    while, as a BackEnd does."""
+    """The strict floor's loop speaking taskit's wire protocol v2: isolates the
+    FrontEnd's own cost. One frame per message: a single CALL is answered through
+    the ``protocol.HEAD`` fast path (one unpack, one pack); a batch item by item in
+    one reply frame. Answers the handshake (HELLO -> WELCOME, unsigned), the PINGs a
+    FrontEnd sends to a backend silent or idle for a while (PONG) and CANCELs
+    (NOT_CANCELLED: it runs each call as it reads it), as a BackEnd does; the load
+    fields are 0."""
     import msgpack
     import zmq
 
-    from taskit.protocol import HEADER, MAGIC, Kind
+    from taskit import protocol
+    from taskit.protocol import HEAD, HEAD_SIZE, Kind
 
     sock = _router()
     packb, unpackb = msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb
-    recv, unpack, pack = sock.recv, HEADER.unpack, HEADER.pack
+    recv, unpack_head, pack_one = sock.recv, HEAD.unpack_from, protocol.pack_one
     send = zmq.backend.Socket.send.__get__(sock)
     more = zmq.SNDMORE
-    result, call, pong = int(Kind.RESULT), int(Kind.CALL), int(Kind.PONG)
+    result, call = int(Kind.RESULT), int(Kind.CALL)
+    started = protocol.new_nonce()
+
+    def answer(kind: int, codec: int, call_id: int, body: Any) -> tuple:
+        if kind == call:
+            name, args, kwargs = unpackb(body)[:3]
+            return (result, codec, call_id, 0, 0, packb(FUNCS[name](*args, **kwargs)))
+        if kind == Kind.HELLO:
+            hello = protocol.parse_handshake(body, Kind.HELLO)
+            welcome = protocol.welcome_body(
+                client_nonce=hello["nonce"],
+                server_nonce=protocol.new_nonce(),
+                name="bench-wire",
+                pid=os.getpid(),
+                started=started,
+                codec_ids=[1, 2],
+                signed=False,
+                workers=1,
+                max_pending=None,
+                max_message_size=None,
+            )
+            return (Kind.WELCOME, 1, call_id, 0, 0, welcome)
+        if kind == Kind.PING:
+            return (Kind.PONG, codec, call_id, 0, 0, b"")
+        return (Kind.NOT_CANCELLED, 0, call_id, 0, 0, b"")  # a CANCEL
+
     while True:
         ident = recv()
-        recv()  # magic
-        kind, codec, call_id = unpack(recv())
-        body = recv()
+        frame = recv()
+        _, _, _, kind, codec, _, call_id, _, _, blen = unpack_head(frame)
         send(ident, more)
-        send(MAGIC, more)
-        if kind != call:  # a PING
-            send(pack(pong, codec, call_id), more)
-            send(b"")
+        if HEAD_SIZE + blen == len(frame):  # one item: the hot path
+            if kind == call:
+                name, args, kwargs = unpackb(memoryview(frame)[HEAD_SIZE:])[:3]
+                out = FUNCS[name](*args, **kwargs)
+                send(pack_one(result, codec, call_id, 0, 0, packb(out)), copy=blen < 65536)
+            else:
+                send(pack_one(*answer(kind, codec, call_id, frame[HEAD_SIZE:])))
             continue
-        name, args, kwargs = unpackb(body)
-        send(pack(result, codec, call_id), more)
-        send(packb(FUNCS[name](*args, **kwargs)))
+        items = [answer(i.kind, i.codec_id, i.call_id, i.body) for i in protocol.parse(frame)]
+        send(protocol.pack_items(items))
 
 
 def _serve_taskit() -> None:

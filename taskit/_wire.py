@@ -48,6 +48,7 @@ __all__ = [
     "ZERO_COPY",
     "send_frames",
     "FUTURE_RUNNING",
+    "FUTURE_PENDING",
 ]
 
 # Typed loosely: pyzmq's stubs overload them on literal flags, which int flags miss.
@@ -65,6 +66,7 @@ POLLIN = int(zmq.POLLIN)
 ZERO_COPY = 64 * 1024  # frames at least this long are sent and read without a copy
 
 FUTURE_RUNNING = getattr(_futures_base, "RUNNING", "RUNNING")
+FUTURE_PENDING = getattr(_futures_base, "PENDING", "PENDING")
 
 
 def send_frames(send: Callable[..., Any], frames: list[bytes]) -> None:

@@ -90,7 +90,8 @@ class AsyncFrontEnd(ClientFace):
 
         Must run in the event loop's thread. Raises :class:`EncodeError` at once
         for unencodable arguments. The future raises what :meth:`work` raises;
-        cancelling it forgets the call (a late reply is ignored).
+        cancelling it forgets the call (a late reply is ignored) and withdraws it
+        from its backend if it has not started there (a CANCEL, not awaited).
         """
         return self._io.submit(task, args, kwargs, self.timeout, None)
 
@@ -128,7 +129,9 @@ class AsyncFrontEnd(ClientFace):
         with many calls in flight (a window of 1000, input consumed lazily); yield
         the results in input order (``async for``). A failed call raises its
         exception when its result is reached; calls not yet answered when the
-        consumer stops are forgotten. ``progress=True`` draws a progress bar."""
+        consumer stops are forgotten, and withdrawn from their backends if they have
+        not started. Calls drawn together go out in batches (one message each).
+        ``progress=True`` draws a progress bar."""
         bar = self._map_bar(task, iterables, progress)
         t = self.timeout if timeout is None else timeout
         source = zip(*iterables, strict=False)  # like the builtin: stop at the shortest
@@ -136,8 +139,11 @@ class AsyncFrontEnd(ClientFace):
         try:
             while True:
                 if len(window) <= _MAP_WINDOW // 2:  # refill in batches
-                    for args in itertools.islice(source, _MAP_WINDOW - len(window)):
-                        window.append(self._io.submit(task, args, {}, t, None))
+                    try:  # sent together at the end: batched on the wire
+                        for args in itertools.islice(source, _MAP_WINDOW - len(window)):
+                            window.append(self._io.submit(task, args, {}, t, None, send=False))
+                    finally:
+                        self._io.send_now()
                 if not window:
                     return
                 value = await window.popleft()

@@ -232,8 +232,10 @@ class FrontEnd(ClientFace):
     def submit(self, task: str, *args: Any, **kwargs: Any) -> Future:
         """Start ``task`` and return a :class:`concurrent.futures.Future` of its result.
 
-        Does not block on the network. The Future is already *running*, so
-        ``cancel()`` returns False: a call on the wire cannot be taken back.
+        Does not block on the network. The Future is already *running*; its
+        ``cancel()`` withdraws the call: True only when it will never run (not sent
+        yet, or still queued on its backend, which confirmed), False when it runs
+        or ran (a bounded round trip to the backend).
         Its ``result()``/``exception()`` drive the sockets from the waiting thread
         when no other thread does. Done-callbacks run in the thread that receives
         the reply: keep them short, and never wait there on another Future of this
@@ -242,7 +244,7 @@ class FrontEnd(ClientFace):
         unencodable arguments.
         """
         fut = CallFuture(self._io)
-        call = self._core.new_call(task, args, kwargs, fut, self.timeout)
+        call = fut._call = self._core.new_call(task, args, kwargs, fut, self.timeout)
         self._io.start(call)
         return fut
 

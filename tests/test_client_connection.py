@@ -17,9 +17,8 @@ from taskit._client.connection import (
     monitor_event,
     open_dealer,
 )
-from taskit._client.core import UP, ClientCore
-from taskit.codecs import JSONCodec
-from taskit.protocol import encode_result, unpack
+from taskit._client.core import HANDSHAKE, UP, ClientCore
+from taskit.protocol import Kind, pack_items, parse, parse_handshake, welcome_body
 
 
 def test_curve_keys_rules():
@@ -86,9 +85,31 @@ def _next_event(link: Link) -> int:
     return monitor_event(link.monitor.recv_multipart())
 
 
+def _welcome(router: zmq.Socket, endpoint: str) -> None:
+    """Answer the HELLO waiting on ``router`` (a raw v2 backend's part)."""
+    assert router.poll(10_000)
+    ident, frame = router.recv_multipart()
+    (hello,) = parse(frame)
+    assert hello.kind == Kind.HELLO
+    info = parse_handshake(hello.body, Kind.HELLO)
+    body = welcome_body(
+        client_nonce=info["nonce"],
+        server_nonce=bytes(16),
+        name=endpoint,
+        pid=1,
+        started=bytes(16),
+        codec_ids=[1],
+        signed=False,
+        workers=2,
+        max_pending=None,
+        max_message_size=None,
+    )
+    router.send_multipart([ident, pack_items([(Kind.WELCOME, 1, hello.call_id, 0, 0, body)])])
+
+
 def test_connections_serve_a_call_and_replace_a_dropped_socket():
-    # One object does the socket handling of both drivers: up, send, receive, and a
-    # dropped connection's socket replaced (its replies read first).
+    # One object does the socket handling of both drivers: up, handshake, send,
+    # receive, and a dropped connection's socket replaced (its replies read first).
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
@@ -102,19 +123,28 @@ def test_connections_serve_a_call_and_replace_a_dropped_socket():
         assert io.watched == [link] and io.links == {endpoint: link}
         while not io.on_event(link, _next_event(link)) and not link.up:
             pass
-        assert link.up and core.backends[endpoint].state == UP
+        assert link.up and core.backends[endpoint].state == HANDSHAKE  # HELLO sent
         assert f"backend {endpoint} is up" in io.notes
-
         call = core.new_call("add", (1, 2))
         core.submit(call)
         io.flush()
+        assert call.backend is None  # parked until the WELCOME
+        _welcome(router, endpoint)
+        assert link.raw.poll(10_000)
+        io.receive(link, None)
+        assert core.backends[endpoint].state == UP
+        io.flush()
         assert router.poll(10_000)
-        ident, *frames = router.recv_multipart()
-        request = unpack(frames)
-        router.send_multipart([ident, *encode_result(JSONCodec, request.call_id, 3)])
+        ident, frame = router.recv_multipart()
+        (request,) = parse(frame)
+        assert request.kind == Kind.CALL and request.call_id == call.id
+        reply = (Kind.RESULT, 1, request.call_id, 5, 1, b"3")
+        router.send_multipart([ident, pack_items([reply])])
         assert link.raw.poll(10_000)
         io.receive(link, None)
         assert [(c is call, ok, value) for c, ok, value in io.done] == [(True, True, 3)]
+        snap = core.snapshot()[endpoint]
+        assert (snap["queued"], snap["running"], snap["capacity"]["workers"]) == (5, 1, 2)
 
         router.close(0)  # the backend goes: the socket is replaced, not reused
         replaced = False

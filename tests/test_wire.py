@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import pytest
 import zmq
 
 from taskit import _wire
@@ -61,3 +62,12 @@ def test_a_future_can_be_made_running_by_its_state_name():
     assert f.running() and not f.cancel()
     f.set_result(1)
     assert f.done() and f.result() == 1
+
+
+def test_a_running_future_can_be_cancelled_by_way_of_its_pending_state_name():
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f._state = _wire.FUTURE_RUNNING
+    f._state = _wire.FUTURE_PENDING  # what CallFuture does once its backend withdrew it
+    assert f.cancel() and f.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        f.result(0)

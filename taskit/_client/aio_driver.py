@@ -5,8 +5,9 @@ Everything runs on the event loop's thread, so the core has one driver and needs
 no lock: a reader task per DEALER hands replies to the core, a task per backend
 reads its socket monitor, and one ``loop.call_later`` timer fires at the core's
 next deadline (call timeouts, connect waits, Busy back-off, liveness). Calls are
-written to the socket as soon as the core routes them, without a hop through
-another task. Private to :mod:`taskit.aio`.
+written to the socket when the loop next runs its callbacks (before the caller's
+task awaits the reply), without a hop through another task: the calls of a burst
+go out together, in batches. Private to :mod:`taskit.aio`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from taskit._client.connection import (
     monitor_event,
 )
 from taskit._client.core import ClientCore, PendingCall
-from taskit._wire import EVENTS, POLLIN
+from taskit._wire import EVENTS, POLLIN, ZERO_COPY
 from taskit.errors import FrontEndClosedError
 
 __all__ = ["AsyncIO"]
@@ -46,6 +47,7 @@ class AsyncIO(Connections):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._send_soon = False  # a send_now() is scheduled on the loop
         self.closed = False
 
     @staticmethod
@@ -79,22 +81,43 @@ class AsyncIO(Connections):
             self.open(endpoint)
 
     def submit(
-        self, task: str, args: Any, kwargs: Any, timeout: float | None, target: str | None
+        self,
+        task: str,
+        args: Any,
+        kwargs: Any,
+        timeout: float | None,
+        target: str | None,
+        send: bool = True,
     ) -> asyncio.Future[Any]:
-        """Send a call; the future of its result (cancelling it forgets the call)."""
+        """Send a call -- at the loop's next callbacks, with the others submitted
+        meanwhile (``send`` false: only route it; :meth:`send_now` sends what is
+        routed, in batches); the future of its result (cancelling it forgets the
+        call, and withdraws it from its backend if it has not started)."""
         self.start()
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         call = self._core.new_call(task, args, kwargs, waiter=fut, timeout=timeout, target=target)
         fut.add_done_callback(functools.partial(self._forget, call=call))
         self._core.submit(call)
-        self._send()
-        self._schedule()
+        if send and not self._send_soon:
+            # Sent when the loop next runs callbacks -- before this task awaits the
+            # reply -- so the calls of a burst (gather, a loop of submits) that the
+            # caller makes before yielding go out together, packed in one message.
+            self._send_soon = True
+            self._loop.call_soon(self.send_now)
         return fut
+
+    def send_now(self) -> None:
+        """Send every routed call (those of ``submit(..., send=False)``)."""
+        self._send_soon = False
+        if not self.closed and self._loop is not None:
+            self._send()
+            self._schedule()
 
     def _forget(self, fut: asyncio.Future[Any], *, call: PendingCall) -> None:
         if fut.cancelled() and not self.closed:
-            self._core.cancel(call)
+            self._core.cancel(call)  # on the wire: a CANCEL goes out, not awaited
+            self._send()
             self._schedule()
 
     def resolve(self, done: list[tuple[PendingCall, bool, Any]]) -> None:
@@ -111,7 +134,7 @@ class AsyncIO(Connections):
         """Write the routed calls, then read what the sockets hold: ZeroMQ's descriptor
         is edge-triggered and a send may consume the edge, so every use of a socket
         outside its reader task ends by emptying it (the reader can never miss a reply)."""
-        if not self._core.outbox:
+        if not (self._core.outbox or self._core.control):
             return  # nothing routed, nothing sent
         self.flush()
         for link in list(self.links.values()):
@@ -164,10 +187,17 @@ class AsyncIO(Connections):
         core, sock, endpoint = self._core, link.sock, link.endpoint
         while True:
             try:
-                frames = await sock.recv_multipart(copy=True)
+                f = await sock.recv(copy=False)
+                if f.more:  # never in protocol v2: maybe a v1 peer; read it whole
+                    rest = await sock.recv_multipart()
+                    done = core.on_frames(endpoint, [f.bytes, *rest])
+                else:  # a large message is decoded from libzmq's buffer, uncopied
+                    done = core.on_message(endpoint, f.bytes if len(f) < ZERO_COPY else f.buffer)
             except zmq.ZMQError:
                 return  # closed
-            self.resolve(core.on_message(endpoint, frames))
+            self.resolve(done)
+            if core.resets:
+                self.reset()
             self.drain(link)  # what else is queued, before yielding
             self._send()  # Busy/Stopping replies re-route calls
             self._schedule()
@@ -225,12 +255,14 @@ class AsyncIO(Connections):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        tasks = [t for link in self.links.values() for t in link.tasks]
+        if self._loop is not None:  # withdraw the calls still on the wire (CANCEL)
+            self.withdraw_all()  # and close the sockets
         self.resolve(
             self._core.fail_all(
                 FrontEndClosedError("the AsyncFrontEnd was closed before this call was answered")
             )
         )
-        tasks = [t for link in self.links.values() for t in link.tasks]
         for t in tasks:
             t.cancel()
         return tasks

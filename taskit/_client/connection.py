@@ -32,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from taskit._client.core import DOWN, ClientCore
 from taskit._curve import check_pair, curve_key
-from taskit._wire import MORE, NOBLOCK, ZERO_COPY, base_send, send_frames
+from taskit._wire import NOBLOCK, ZERO_COPY, base_send
 from taskit.log import ERROR, INFO
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _DRAIN_ALL = 1 << 62  # receive(): no limit (read until the socket is empty)
+CLOSE_LINGER_MS = 200  # closing: how long a socket's last CANCELs may take to leave
 
 # Client defaults, shared by FrontEnd and AsyncFrontEnd (seconds; bytes).
 DEFAULT_BUSY_RETRIES = 50  # re-sends after Busy answers (with backoff) before BusyError
@@ -197,14 +198,16 @@ def _setup(sock: zmq.Socket, endpoint: str, settings: DealerSettings, connect: b
     return monitor
 
 
-def close_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
-    """Stop the monitor and close both sockets at once (nothing lingers)."""
+def close_dealer(sock: zmq.Socket, monitor: zmq.Socket, linger_ms: int = 0) -> None:
+    """Stop the monitor and close both sockets at once; messages still queued on
+    ``sock`` get up to ``linger_ms`` to leave (when the context terminates), else
+    nothing lingers."""
     try:
         sock.disable_monitor()
     except zmq.ZMQError:
         pass
     monitor.close(0)
-    sock.close(0)
+    sock.close(linger_ms)
 
 
 def monitor_event(frames: list[bytes]) -> int:
@@ -283,12 +286,12 @@ class Connections:
         self._watch(link)
         return link
 
-    def discard(self, link: Link) -> None:
-        """Stop watching ``link`` and close its sockets."""
+    def discard(self, link: Link, linger_ms: int = 0) -> None:
+        """Stop watching ``link`` and close its sockets (``linger_ms``: see close_dealer)."""
         if self.links.get(link.endpoint) is link:
             del self.links[link.endpoint]
         self._unwatch(link)
-        close_dealer(link.sock, link.monitor)
+        close_dealer(link.sock, link.monitor, linger_ms)
 
     def renew(self, link: Link) -> None:
         """Replace a disconnected backend's socket: whatever it still queued for the
@@ -299,6 +302,20 @@ class Connections:
     def close_all(self) -> None:
         for link in list(self.links.values()):
             self.discard(link)
+
+    def withdraw_all(self) -> None:
+        """Closing: send a CANCEL for every call still on the wire (no answer awaited)
+        and close every socket, giving those that sent one ``CLOSE_LINGER_MS`` to
+        deliver it (the context's termination waits that long at most)."""
+        endpoints: set[str] = set()
+        if self._core.cancel_on_wire():
+            endpoints = {ep for ep, _ in self._core.control}
+            try:
+                self.flush()
+            except Exception:  # closing regardless
+                self._stdlog.debug("CANCEL on close failed", exc_info=True)
+        for link in list(self.links.values()):
+            self.discard(link, CLOSE_LINGER_MS if link.endpoint in endpoints else 0)
 
     def dial(self, link: Link) -> None:
         """Connect ``link``'s socket once its backoff is over (if it is still in use)."""
@@ -319,7 +336,8 @@ class Connections:
         if event & UP_EVENT:
             link.up = True
             self._note(INFO, f"backend {endpoint} is up")
-            core.backend_up(endpoint)
+            core.backend_up(endpoint)  # says HELLO: calls go once its WELCOME is in
+            self.flush()
         elif not link.up and event & (DISCONNECTED | HANDSHAKE_FAILED):
             self._refused(link, event)
             return True
@@ -366,12 +384,10 @@ class Connections:
         (after reading what they still hold: the core decides on everything heard)."""
         core = self._core
         for endpoint in core.take_pings():
-            link = self.links.get(endpoint)
-            if link is not None:
-                try:
-                    send_frames(link.send, core.ping_frames())
-                except zmq.ZMQError:  # a dead connection: the monitor reports it
-                    pass
+            if endpoint in self.links:
+                core.ping(endpoint)
+        if core.control:
+            self.flush()
         for endpoint in core.take_suspects():
             link = self.links.get(endpoint)
             if link is None:
@@ -393,64 +409,69 @@ class Connections:
         on_message, resolve = core.on_message, self.resolve
         for _ in range(limit):  # bounded, so timers and sends get a turn
             try:
-                # Frame objects tell whether more parts follow without a getsockopt
-                # call per part (measurably cheaper than recv_multipart).
+                # A Frame object tells its size and whether more parts follow without
+                # a getsockopt call; a large message is decoded straight from libzmq's
+                # buffer (a memoryview), without a copy.
                 f = recv(NOBLOCK, copy=False)
-                frames = [f.bytes]
-                while f.more:
-                    f = recv(NOBLOCK, copy=False)
-                    # a large body is decoded straight from libzmq's buffer: no copy
-                    frames.append(f.bytes if len(f) < ZERO_COPY else f.buffer)  # type: ignore[arg-type]
+                if f.more:  # never in protocol v2: maybe a v1 peer; read it whole
+                    frames = [f.bytes]
+                    while f.more:
+                        f = recv(NOBLOCK, copy=False)
+                        frames.append(f.bytes)
+                    done = core.on_frames(endpoint, frames)
+                else:
+                    done = on_message(endpoint, f.bytes if len(f) < ZERO_COPY else f.buffer)
             except zmq.Again:
-                return
+                break
             except zmq.ZMQError as e:
                 self._stdlog.warning("receive from %s failed: %s", endpoint, e)
-                return
-            done = on_message(endpoint, frames)
+                break
             if done:
                 resolve(done)
                 # Our reply is in: stop if nothing else is awaited (a lone sync call
                 # saves a failed read); else read on while replies are queued, so a
                 # pipelined caller gets them in batches, not one poll per reply.
                 if until is not None and until.ok is not None and not core.calls:
-                    return
+                    break
+        if core.resets:
+            self.reset()
+
+    def reset(self) -> None:
+        """Replace the connections the core asked for (a backend lost our handshake):
+        a new socket says HELLO again."""
+        for endpoint in self._core.take_resets():
+            link = self.links.get(endpoint)
+            if link is not None:
+                self._note(
+                    ERROR, f"backend {endpoint} lost its handshake; reconnecting", logging.INFO
+                )
+                self.renew(link)
+        if self._core.outbox or self._core.control:
+            self.flush()
 
     def drain(self, link: Link) -> None:
         """Read every reply already queued on ``link``'s socket (no waiting)."""
         self.receive(link, None, _DRAIN_ALL)
 
     def flush(self) -> None:
-        """Write every call the core routed to its backend's socket."""
+        """Write every message the core has for its backends (HELLOs, PINGs, CANCELs,
+        calls in batches), in the core's order: with a key they are sealed in it."""
         core, links = self._core, self.links
-        frames_for = core.frames_for
-        failed = False
-        for call in core.drain_outbox():
-            if failed and (
-                call.done or call.backend is None or any(c is call for c in core.outbox)
-            ):
-                continue  # a send_failed above settled, parked or re-routed it
-            link = links.get(call.backend)  # type: ignore[arg-type]
+        for endpoint, frame, calls in core.messages():
+            link = links.get(endpoint)
             try:
                 if link is None:
                     raise zmq.Again()  # its socket is being replaced
-                frames = frames_for(call)
-                if len(frames) == 3 and len(frames[2]) < ZERO_COPY:
-                    send = link.send  # send_frames inlined: the hot path (small, unsigned)
-                    send(frames[0], MORE)
-                    send(frames[1], MORE)
-                    send(frames[2], NOBLOCK)
-                else:
-                    send_frames(link.send, frames)
+                # a big frame goes without a copy (libzmq keeps a reference to it)
+                link.send(frame, NOBLOCK, len(frame) < ZERO_COPY)
             except zmq.Again:
                 # not expected (unbounded queue, no IMMEDIATE); if it happens, keep
                 # the replies the socket holds before failing what is left on it
-                failed = True
                 if link is not None:
                     self.drain(link)
-                self.resolve(core.send_failed(call))
+                self.resolve(core.send_failed(calls))
             except zmq.ZMQError as e:
-                failed = True
-                self.resolve(core.send_failed(call))
-                self._stdlog.warning("send to %s failed: %s", link.endpoint, e)  # type: ignore[union-attr]
-        if core.outbox:  # send_failed may have re-routed calls
+                self.resolve(core.send_failed(calls))
+                self._stdlog.warning("send to %s failed: %s", endpoint, e)
+        if core.outbox or core.control:  # send_failed may have re-routed calls
             self.flush()

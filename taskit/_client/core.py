@@ -13,30 +13,40 @@ Interface (what a driver does)::
     call = core.new_call("add", (1, 2), {}, waiter=w, timeout=None)  # encodes now;
                                                   # raises EncodeError
     core.submit(call)             # routes it (or parks it until a backend is up)
-    for call in core.drain_outbox():          # calls ready to go on the wire
-        ok = try_send(call.backend, core.frames_for(call))
-        if not ok: done = core.send_failed(call)   # zmq.Again: the peer is gone
-    ... when frames arrive from backend `ep`:
-        done = core.on_message(ep, frames)    # -> list of (call, ok, value)
-    ... socket monitor:   core.backend_up(ep) / done = core.backend_down(ep, why)
+    if core.outbox or core.control:           # something to send
+        for ep, frame, calls in core.messages():   # in this order, at once (sealed)
+            ok = try_send(ep, frame)
+            if not ok: done = core.send_failed(calls)  # zmq.Again: the peer is gone
+    ... when a message arrives from backend `ep`:
+        done = core.on_message(ep, frame)     # -> list of (call, ok, value)
+        (several frames: done = core.on_frames(ep, frames) -- a v1 peer)
+        for ep in core.take_resets(): replace ep's socket (it lost our handshake)
+    ... socket monitor:   core.backend_up(ep)   # connected: queues the HELLO; the
+                                                # backend is up once its WELCOME is in
+                          done = core.backend_down(ep, why)
     ... a connection closed before it came up (handshake refused, not taskit):
                           done, delay, line = core.connect_refused(ep, why)
                           -> connect again after ``delay`` s; log ``line`` if any
     ... every loop turn:  done = core.tick()  # timeouts, connect waits, backoff,
                                               # liveness checks
                           core.next_wakeup()  # monotonic time to poll until, or None
-    ... after a tick:     for ep in core.take_pings(): send core.ping_frames() to ep
+    ... after a tick:     for ep in core.take_pings(): core.ping(ep)  # then send
                           for ep in core.take_suspects():
                               read what ep's socket holds (core.on_message), then
                               done = core.check_suspect(ep)  # None: it spoke meanwhile
                               if done is not None: replace ep's socket (it is lost)
-    ... a waiter gave up: core.cancel(call)
+    ... a waiter gave up: core.cancel(call)   # forgets it; CANCEL if on the wire
+    ... cancel() asked:   core.withdraw(call) # "local" | "sent" (await the answer:
+                                              # call.cancel_hook) | "done"
+    ... closing:          core.cancel_on_wire(); send; done = core.fail_all(exc)
     for call, ok, value in done: resolve call.waiter (value is the result, or the
-                                 exception instance to raise when ok is False)
+                                 exception instance to raise when ok is False; a
+                                 ``concurrent.futures.CancelledError`` when its
+                                 backend confirmed a CANCEL)
 
 Every returned ``(call, ok, value)`` has left the core: it is resolved exactly
 once. Calls put back for a re-send (``retries``, ``Busy``) show up again in
-:meth:`ClientCore.drain_outbox`.
+:meth:`ClientCore.messages`.
 
 Semantics decided here:
 
@@ -74,6 +84,26 @@ Semantics decided here:
 - **Replies are trusted only in the client's own codec or JSON** (the backend's
   fallback for errors): a pickle reply to a JSON client is refused, never
   unpickled.
+- **Handshake** (wire protocol v2): on each new connection the core says HELLO
+  (its codec, whether it signs, a fresh nonce); the backend is ``up`` only once
+  its WELCOME echoes that nonce. A WELCOME of another version, without this
+  client's codec, or with the other signing mode -- or an ``Unauthenticated``
+  answer to the HELLO, or a v1 reply -- makes the backend ``rejected``: calls
+  that only it could serve fail at once with the typed error
+  (:class:`ProtocolVersionError`, :class:`CodecNotAllowedError`,
+  :class:`AuthenticationError`). No WELCOME: calls wait ``connect_timeout``, then
+  :class:`BackendNotAvailableError` says the handshake went unanswered.
+- **Sessions** (a key set): each connection signs with its own
+  :class:`taskit.protocol.Session` (zero nonces for HELLO/WELCOME, then both);
+  a replayed reply is dropped and counted (``stats["replayed"]``). A backend
+  that holds no session for us (``NO_SESSION``) did not run the call: the calls
+  on that connection are put back unsent and the driver replaces it.
+- **Deadlines**: a CALL carries its remaining time (``protocol.budget_ms``) when
+  it is sent; the backend answers ``Expired`` (:class:`ExpiredError`) rather than
+  start it late.
+- **Batches**: calls drained together for one backend go in one message (at most
+  ``BATCH_ITEMS`` items, ``BATCH_BYTES`` of bodies; a 64 KiB body alone); each
+  item of a reply is handled as a single reply would be.
 """
 
 from __future__ import annotations
@@ -84,6 +114,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 from taskit.codecs import Signer, as_body, get_codec
@@ -96,8 +127,10 @@ from taskit.errors import (
     CallTimeoutError,
     CodecNotAllowedError,
     DecodeError,
+    ExpiredError,
     MessageTooLargeError,
     ProtocolError,
+    ProtocolVersionError,
     SignatureError,
     StoppingError,
     TaskItError,
@@ -105,15 +138,25 @@ from taskit.errors import (
 )
 from taskit.protocol import (
     DEFAULT_PORT,
-    HEADER,
-    MAGIC,
+    HEAD,
+    HEAD_SIZE,
     NO_KEY_HERE,
+    NO_SESSION,
     UNAUTHENTICATED,
+    V1_MAGIC,
+    VERSION,
     Kind,
+    ReplayError,
+    Session,
+    budget_ms,
     decode_error,
-    pack,
-    peek_call_id,
-    unpack,
+    hello_body,
+    new_nonce,
+    pack_items,
+    pack_one,
+    parse,
+    parse_handshake,
+    peek,
 )
 
 __all__ = [
@@ -130,13 +173,30 @@ __all__ = [
     "UP",
     "DOWN",
     "CONNECTING",
+    "HANDSHAKE",
+    "REJECTED",
     "STOPPING",
+    "BATCH_ITEMS",
+    "BATCH_BYTES",
 ]
 
 CONNECTING = "connecting"  # never connected yet, no evidence of failure
 UP = "up"  # connected (handshake done): calls may be sent
 DOWN = "down"  # disconnected, or connecting failed; libzmq keeps retrying
 STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
+HANDSHAKE = "handshake"  # connected, HELLO sent, its WELCOME not yet in
+REJECTED = "rejected"  # its WELCOME (or refusal) rules it out: calls to it fail at once
+
+# A batch (one frame of several CALL items) holds at most this many items and this
+# many bytes of bodies; a body of ZERO_COPY bytes or more goes alone.
+BATCH_ITEMS = 256
+BATCH_BYTES = 256 * 1024
+_ALONE = 64 * 1024
+
+_HANDSHAKE_SILENT = (
+    "connected but did not answer the taskit handshake (HELLO): an older taskit "
+    "(wire protocol v1), or not a taskit backend"
+)
 
 # A connected backend with no call in flight is pinged after this many times
 # heartbeat_timeout of silence: rarely (idle traffic stays low), yet often enough
@@ -144,13 +204,18 @@ STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 IDLE_PING_FACTOR = 4
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
-_HEADER_UNPACK = HEADER.unpack
-_HEADER_PACK = HEADER.pack
+_unpack_head = HEAD.unpack_from
 _RESULT, _ERROR, _CALL = int(Kind.RESULT), int(Kind.ERROR), int(Kind.CALL)
+_PING, _PONG = int(Kind.PING), int(Kind.PONG)
+_HELLO, _WELCOME = int(Kind.HELLO), int(Kind.WELCOME)
+_CANCEL, _CANCELLED, _NOT_CANCELLED = int(Kind.CANCEL), int(Kind.CANCELLED), int(Kind.NOT_CANCELLED)
 _JSON_ID = get_codec("json").wire_id
 _REFUSAL_MAX = 1024  # bytes: a backend's Unauthenticated body is ~100; unverified, never more
-_PING, _PONG = int(Kind.PING), int(Kind.PONG)
 _BUFFER_CODECS = frozenset((2, 3))  # msgpack and pickle decode from a memoryview
+_MAGIC = b"TK"
+
+# PendingCall.cancel_state
+CANCEL_ASKED, CANCEL_REFUSED = 1, 2
 
 # Remote error type names the backend raises itself -> the exception class.
 _ERROR_CLASSES: dict[str, type[BackendProcessingError]] = {
@@ -158,7 +223,15 @@ _ERROR_CLASSES: dict[str, type[BackendProcessingError]] = {
     "CodecNotAllowed": CodecNotAllowedError,
     "Busy": BusyError,
     "Stopping": StoppingError,
+    "Expired": ExpiredError,
 }
+
+
+def _codec_name(wire_id: Any) -> str:
+    try:
+        return repr(get_codec(int(wire_id)).name)
+    except Exception:  # a codec this process does not know: its id says enough
+        return f"id {wire_id}"
 
 
 def parse_backend(spec: Any, default_port: int = DEFAULT_PORT) -> str:
@@ -248,6 +321,8 @@ class PendingCall:
         "refused_by",
         "done",
         "on_wire",
+        "cancel_state",
+        "cancel_hook",
     )
 
     def __init__(
@@ -274,6 +349,8 @@ class PendingCall:
         self.refused_by: set[str] | None = None  # backends that answered Stopping
         self.done = False
         self.on_wire = False  # sent to its current backend (not just assigned)
+        self.cancel_state = 0  # CANCEL_ASKED: a CANCEL is out; CANCEL_REFUSED: NOT_CANCELLED
+        self.cancel_hook: Callable[[], None] | None = None  # called when a CANCEL is answered
 
     def __repr__(self) -> str:
         return f"<PendingCall {self.id} {self.task!r} on {self.backend}>"
@@ -304,6 +381,15 @@ class BackendState:
         "heard_at",
         "ping_at",
         "pings",
+        "session",
+        "nonce",
+        "hello_id",
+        "fatal",
+        "info",
+        "queued",
+        "running",
+        "load_at",
+        "cancelled",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -325,10 +411,35 @@ class BackendState:
         self.heard_at = now
         self.ping_at: float | None = None  # a PING unanswered since then
         self.pings = 0
+        # The handshake of the current connection: its signing state (None without a
+        # key), this client's nonce and the HELLO's call id; what the WELCOME said.
+        self.session: Session | None = None
+        self.nonce = b""
+        self.hello_id = -1
+        # Why calls to it fail at once (a WELCOME or refusal ruled it out): a function
+        # of the task name giving the exception, or None.
+        self.fatal: Callable[[str | None], TaskItError] | None = None
+        self.info: dict[str, Any] = {}
+        # The load it reported last (every item it sends carries it) and when.
+        self.queued = self.running = 0
+        self.load_at: float | None = None
+        self.cancelled = 0  # calls it withdrew unrun on our CANCEL
 
     def snapshot(self, now: float) -> dict[str, Any]:
+        info = self.info
         return {
             "state": self.state,
+            "name": info.get("name"),
+            "pid": info.get("pid"),
+            "started": info.get("started"),
+            "capacity": {
+                "workers": info.get("workers"),
+                "max_pending": info.get("max_pending"),
+                "max_message_size": info.get("max_message_size"),
+            },
+            "queued": self.queued,
+            "running": self.running,
+            "load_age": None if self.load_at is None else round(now - self.load_at, 3),
             "for": round(now - self.since, 3),
             "in_flight": len(self.calls),
             "sent": self.sent,
@@ -339,6 +450,7 @@ class BackendState:
             "connects": self.connects,
             "disconnects": self.disconnects,
             "pings": self.pings,
+            "cancelled": self.cancelled,
             "last_error": self.last_error,
         }
 
@@ -382,8 +494,10 @@ class ClientCore:
         self._blist: list[BackendState] = []  # backends in order, for routing
         self.calls: dict[int, PendingCall] = {}
         self._ids = itertools.count(1)
-        # Read-only for drivers (a cheap "anything to do?" test): calls to send, timers.
+        # Read-only for drivers (a cheap "anything to do?" test): calls to send, other
+        # items to send (HELLO, PING, CANCEL: (endpoint, item)), timers.
         self.outbox: list[PendingCall] = []
+        self.control: list[tuple[str, tuple[int, int, int, int, int, bytes]]] = []
         self._parked: dict[int, PendingCall] = {}  # waiting for a backend to be up
         self.timers: list[tuple[float, int, int, str]] = []  # (when, seq, call id, what)
         self._seq = itertools.count()
@@ -401,7 +515,14 @@ class ClientCore:
             "bad_replies": 0,
             "bad_signatures": 0,
             "refused_signatures": 0,
+            "replayed": 0,
         }
+        # Read-only for drivers: endpoints whose connection must be replaced (the backend
+        # holds no handshake for it); see take_resets().
+        self.resets: list[str] = []
+        from taskit import __version__  # here: taskit's __init__ imports the faces
+
+        self._agent = f"taskit/{__version__} python"
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = float(heartbeat_timeout)
         self._liveness_armed = False  # a "liveness" timer is in self.timers
@@ -433,24 +554,126 @@ class ClientCore:
         return endpoint
 
     def backend_up(self, endpoint: str) -> None:
-        """The connection to ``endpoint`` is ready: parked calls may go out."""
+        """A connection to ``endpoint`` is ready: say HELLO on it (queued in
+        :attr:`control`). The backend counts as up -- parked calls go out -- only when
+        its WELCOME arrives (:meth:`on_message`)."""
         b = self.backends.get(endpoint)
         if b is None:
             return
-        if b.state != UP:
-            b.state, b.since = UP, self.clock()
-            b.connects += 1
-            b.busy_until, b.busy_streak = 0.0, 0
-            b.refusals, b.reported = 0, None
-            b.seen, b.heard_at, b.ping_at = b.answered + b.heard, b.since, None
-            if self.heartbeat_interval and not self._liveness_armed:
-                self._arm_liveness(b.since)
+        b.state, b.since = HANDSHAKE, self.clock()
+        b.nonce = new_nonce()
+        b.hello_id = next(self._ids)
+        signer = self.signer
+        b.session = Session(signer) if signer is not None else None  # zero nonces: HELLO
+        body = hello_body([self._wire_id], signer is not None, b.nonce, self._agent)
+        self.control.append((endpoint, (_HELLO, _JSON_ID, b.hello_id, 0, 0, body)))
+
+    def _welcome(self, b: BackendState, call_id: int, body: Any) -> Done:
+        """The WELCOME of ``b``: check it and, if it fits, mark ``b`` up (parked calls
+        go out); a mismatch rules ``b`` out with a typed error (:meth:`_reject`)."""
+        done: Done = []
+        if b.state != HANDSHAKE or call_id != b.hello_id:
+            self.stats["late_replies"] += 1  # not the answer to this connection's HELLO
+            return done
+        try:
+            info = parse_handshake(body, _WELCOME)
+        except ProtocolError as e:
+            self.stats["bad_replies"] += 1
+            why = f"backend {b.endpoint} answered the handshake with a malformed WELCOME: {e}"
+            return self._reject(b, lambda task: ProtocolError(why))
+        ep = b.endpoint
+        if info["nonce"] != b.nonce.hex():
+            self.stats["replayed"] += 1  # a WELCOME to another HELLO: not ours
+            return done
+        if info["version"] != VERSION:
+            v = info["version"]
+            return self._reject(
+                b,
+                lambda task: ProtocolVersionError(
+                    f"backend {ep} speaks taskit wire protocol version {v}; this client speaks "
+                    f"{VERSION}: run the same taskit version on both sides"
+                ),
+            )
+        if info["signed"] != (self.signer is not None):
+            mine = "has a key" if self.signer is not None else "has no key"
+            theirs = "has one" if info["signed"] else "has none"
+            return self._reject(
+                b,
+                lambda task: AuthenticationError(
+                    f"backend {ep} refused the handshake: this client {mine} and the backend "
+                    f"{theirs}; give both sides the same key"
+                ),
+            )
+        if self._wire_id not in info["codecs"]:
+            names = [_codec_name(c) for c in info["codecs"]]
+            mine = self.codec.name
+            return self._reject(
+                b,
+                lambda task: CodecNotAllowedError(
+                    "CodecNotAllowed",
+                    [
+                        f"backend accepts codecs {', '.join(names)}, not {mine!r}; create the "
+                        f"client with codec= one of those"
+                    ],
+                    "",
+                    task,
+                    ep,
+                ),
+            )
+        if self.signer is not None:
+            b.session = Session(self.signer, b.nonce, bytes.fromhex(info["session"]), outgoing=b"C")
+        b.info = {
+            "name": info.get("name"),
+            "pid": info.get("pid"),
+            "started": info.get("started"),
+            "codecs": info["codecs"],
+            "workers": info["workers"],
+            "max_pending": info.get("max_pending"),
+            "max_message_size": info.get("max_message_size"),
+        }
+        b.fatal = None
+        b.state, b.since = UP, self.clock()
+        b.connects += 1
+        b.busy_until, b.busy_streak = 0.0, 0
+        b.refusals, b.reported = 0, None
+        b.seen, b.heard_at, b.ping_at = b.answered + b.heard, b.since, None
+        if self.heartbeat_interval and not self._liveness_armed:
+            self._arm_liveness(b.since)
         if self._parked:
             parked = sorted(self._parked.values(), key=lambda c: c.id)
             self._parked.clear()
             for call in parked:
                 call.wait_until = None
                 self._route(call)
+        return done
+
+    def _reject(self, b: BackendState, fatal: Callable[[str | None], TaskItError]) -> Done:
+        """``b`` cannot serve this client (its WELCOME or a refusal said why): calls to
+        it fail at once with ``fatal(task)`` -- those on it now, and those waiting for a
+        backend when no other can take them -- until a new connection's handshake fits."""
+        b.state, b.since = REJECTED, self.clock()
+        b.fatal = fatal
+        b.last_error = str(fatal(None))
+        done: Done = []
+        for call in sorted(b.calls.values(), key=lambda c: c.id):
+            self._finish(call, False, fatal(call.task), done)
+        b.calls.clear()
+        now = self.clock()
+        for call in list(self._parked.values()):
+            if self._fatal_for(call) is not None and call.wait_until != now:
+                call.wait_until = now  # the "park" timer fails it on the next tick
+                self._timer(now, call, "park")
+        return done
+
+    def _fatal_for(self, call: PendingCall) -> Callable[[str | None], TaskItError] | None:
+        """Why ``call`` cannot be served at all: its target, or every backend, rejected."""
+        if call.target is not None:
+            b = self.backends.get(call.target)
+            return b.fatal if b is not None and b.state == REJECTED else None
+        blist = self._blist
+        if blist and all(b.state == REJECTED for b in blist):
+            return blist[0].fatal
+        return None
 
     def connect_refused(self, endpoint: str, reason: str) -> tuple[Done, float, str | None]:
         """A connection to ``endpoint`` ended before it came up: the peer closed it or
@@ -487,6 +710,7 @@ class ClientCore:
             return []
         was_up = b.state in (UP, STOPPING)
         b.ping_at = None
+        b.session, b.hello_id = None, -1
         if b.state != DOWN:
             b.state, b.since = DOWN, self.clock()
             if was_up:
@@ -590,40 +814,156 @@ class ClientCore:
         if not out:
             return out
         self.outbox = []
-        return [c for c in out if not c.done and c.backend is not None]
+        if len(out) == 1:  # the hot path
+            return out if not out[0].done and out[0].backend is not None else []
+        # A call re-routed before it was sent (its backend went down, or answered
+        # Busy meanwhile) is in the outbox twice: keep it once, for its new backend.
+        return list({c.id: c for c in out if not c.done and c.backend is not None}.values())
 
-    def frames_for(self, call: PendingCall) -> list[bytes]:
-        """The CALL frames of ``call`` (signed when a key is set); counts the attempt."""
-        call.attempts += 1
-        call.on_wire = True
-        b = self.backends.get(call.backend or "")
-        if b is not None:
-            b.sent += 1
-        if self.signer is None:  # pack() inlined: the hot path
-            return [MAGIC, _HEADER_PACK(_CALL, call.codec.wire_id, call.id), call.body]
-        return pack(Kind.CALL, call.codec.wire_id, call.id, call.body, self.signer)
+    def messages(self) -> list[tuple[str, bytes, Sequence[PendingCall]]]:
+        """The messages to send now, in this order, each ``(endpoint, frame, calls)``:
+        :attr:`control` items (HELLO, PING, CANCEL; no calls) first, then the routed
+        calls, those for one backend packed into batches (at most ``BATCH_ITEMS`` items
+        and ``BATCH_BYTES`` of bodies; a body of 64 KiB or more alone). Counts each
+        call's attempt and carries its remaining time budget. With a key each frame is
+        sealed here, so the driver must send them in this order, at once (sealing in
+        send order: the receiver's replay window)."""
+        out: list[tuple[str, bytes, Sequence[PendingCall]]] = []
+        if self.control:
+            control, self.control = self.control, []
+            for endpoint, item in control:
+                b = self.backends.get(endpoint)
+                if b is None:
+                    continue
+                if self.signer is None:
+                    out.append((endpoint, pack_one(*item), ()))
+                elif b.session is not None:
+                    out.append((endpoint, pack_items((item,), b.session), ()))
+        calls = self.drain_outbox()
+        if not calls:
+            return out
+        if len(calls) == 1 and self.signer is None:  # the hot path: one call, unsigned
+            call = calls[0]
+            b = self.backends.get(call.backend)  # type: ignore[arg-type]
+            if b is not None:
+                b.sent += 1
+            call.attempts += 1
+            call.on_wire = True
+            deadline = call.deadline
+            a = 0 if deadline is None else budget_ms(deadline - self.clock())
+            out.append(
+                (call.backend, pack_one(_CALL, call.codec.wire_id, call.id, a, 0, call.body), calls)  # type: ignore[arg-type]
+            )
+            return out
+        now = self.clock()
+        groups: dict[str, list[PendingCall]] = {}
+        for call in calls:
+            groups.setdefault(call.backend, []).append(call)  # type: ignore[arg-type]
+        for endpoint, group in groups.items():
+            b = self.backends.get(endpoint)
+            session = None if b is None else b.session
+            if self.signer is not None and session is None:
+                # its connection went since these were routed: route them again
+                for call in group:
+                    if b is not None:
+                        b.calls.pop(call.id, None)
+                    call.backend = None
+                    self._route(call)
+                continue
+            batch: list[PendingCall] = []
+            items: list[tuple[int, int, int, int, int, bytes]] = []
+            size = 0
+            for call in group:
+                n = len(call.body)
+                if batch and (n >= _ALONE or len(batch) >= BATCH_ITEMS or size + n > BATCH_BYTES):
+                    out.append((endpoint, self._pack(items, session), batch))
+                    batch, items, size = [], [], 0
+                call.attempts += 1
+                call.on_wire = True
+                deadline = call.deadline
+                a = 0 if deadline is None else budget_ms(deadline - now)
+                batch.append(call)
+                items.append((_CALL, call.codec.wire_id, call.id, a, 0, call.body))
+                size += n
+                if n >= _ALONE:
+                    out.append((endpoint, self._pack(items, session), batch))
+                    batch, items, size = [], [], 0
+            if batch:
+                out.append((endpoint, self._pack(items, session), batch))
+            if b is not None:
+                b.sent += len(group)
+        return out
 
-    def send_failed(self, call: PendingCall) -> Done:
-        """The driver could not hand ``call`` to its backend's socket (no connected peer,
-        so its connection just dropped): undo the attempt and treat the backend as down
-        until the socket monitor reports it connected again. Returns calls resolved now."""
-        call.attempts -= 1
-        call.on_wire = False
-        b = self.backends.get(call.backend or "")
-        if b is None:
-            if not call.done:
+    @staticmethod
+    def _pack(items: list[tuple[int, int, int, int, int, bytes]], session: Session | None) -> bytes:
+        if session is None and len(items) == 1:
+            return pack_one(*items[0])
+        return pack_items(items, session)
+
+    def send_failed(self, calls: Sequence[PendingCall]) -> Done:
+        """The driver could not hand a message of ``calls`` to its backend's socket (no
+        connected peer, so its connection just dropped): undo their attempts and treat
+        the backend as down until the socket monitor reports it connected again.
+        Returns the calls resolved now."""
+        done: Done = []
+        for call in calls:
+            if call.done or not call.on_wire:
+                continue  # settled meanwhile (an earlier failure re-routed it)
+            call.attempts -= 1
+            call.on_wire = False
+            b = self.backends.get(call.backend or "")
+            if b is None:
                 call.backend = None
                 self._route(call)
-            return []
-        b.sent -= 1
-        return self.backend_down(b.endpoint, "no connection")
+                continue
+            b.sent -= 1
+            done += self.backend_down(b.endpoint, "no connection")
+        return done
 
     def cancel(self, call: PendingCall) -> None:
-        """Forget ``call`` (its waiter gave up); a late reply is ignored."""
+        """Forget ``call`` (its waiter gave up, or its ``map`` was abandoned); a late
+        reply is ignored. A call on the wire is also withdrawn on its backend: a
+        CANCEL goes out (its answer is not awaited)."""
         if call.done:
             return
+        if call.on_wire and call.backend is not None:
+            self.control.append((call.backend, (_CANCEL, 0, call.id, 0, 0, b"")))
         call.done = True
         self._detach(call)
+
+    def withdraw(self, call: PendingCall) -> str:
+        """Ask for ``call`` to be cancelled: ``"done"`` when it is resolved already,
+        ``"local"`` when it was not on the wire (it is forgotten: resolve it as
+        cancelled), ``"sent"`` when a CANCEL is queued for its backend: the call
+        stays pending until the backend answers CANCELLED (the call resolves with a
+        ``concurrent.futures.CancelledError`` value) or NOT_CANCELLED
+        (``call.cancel_state`` becomes CANCEL_REFUSED), or its own reply comes.
+        ``call.cancel_hook`` is called on either answer."""
+        if call.done:
+            return "done"
+        if not call.on_wire or call.backend is None:
+            call.done = True
+            self._detach(call)
+            return "local"
+        if call.cancel_state != CANCEL_ASKED:
+            call.cancel_state = CANCEL_ASKED
+            self.control.append((call.backend, (_CANCEL, 0, call.id, 0, 0, b"")))
+        return "sent"
+
+    def cancel_on_wire(self) -> int:
+        """Queue a CANCEL for every call on the wire (closing: nothing waits for the
+        answers); the number queued."""
+        n = 0
+        for call in self.calls.values():
+            if call.on_wire and call.backend is not None and not call.done:
+                self.control.append((call.backend, (_CANCEL, 0, call.id, 0, 0, b"")))
+                n += 1
+        return n
+
+    def take_resets(self) -> list[str]:
+        """Endpoints whose connection the driver must replace now; empties the list."""
+        resets, self.resets = self.resets, []
+        return resets
 
     def fail_all(self, exc: BaseException) -> Done:
         """Resolve every pending call with ``exc`` (closing)."""
@@ -637,77 +977,136 @@ class ClientCore:
         """Calls registered and not yet resolved."""
         return len(self.calls)
 
-    def on_message(self, endpoint: str, frames: Sequence[bytes]) -> Done:
-        """Handle frames received from ``endpoint``; returns the calls resolved by them.
+    def on_message(self, endpoint: str, frame: Any) -> Done:
+        """Handle one message (frame) received from ``endpoint``; returns the calls
+        resolved by it. ``frame`` may be a ``memoryview`` (a driver's zero-copy
+        receive). Every item's load fields are recorded for the backend.
 
-        The body frame may be a ``memoryview`` (a driver's zero-copy receive).
-
-        Malformed, badly signed or unknown-id replies are dropped and counted in
-        :attr:`stats`; they never raise.
+        Malformed, badly signed, replayed or unknown-id replies are dropped and
+        counted in :attr:`stats`; they never raise.
         """
-        if self.signer is None and len(frames) == 3 and frames[0] == MAGIC and len(frames[1]) == 10:
-            kind, codec_id, call_id = _HEADER_UNPACK(frames[1])  # the hot path, pre-checked
-            body = frames[2]
-        else:
-            try:
-                kind, codec_id, call_id, body = unpack(frames, self.signer)
-            except SignatureError:
-                return self._unverified(endpoint, frames)
-            except ProtocolError:
-                self.stats["bad_replies"] += 1
-                return []
-        call = self.calls.get(call_id)
-        if call is None:  # a PONG, a notice, or a reply to a call given up on: it lives
-            b = self.backends.get(endpoint)
-            if b is not None:
-                b.heard += 1
-            if call_id == 0 and kind == _ERROR:
-                return self._notice(endpoint, codec_id, body)
-            if kind != _PONG:
-                self.stats["late_replies"] += 1
+        b = self.backends.get(endpoint)
+        if b is None:
             return []
-        b = self.backends.get(call.backend or "")
-        if kind == _RESULT and codec_id == self._wire_id and b is not None and not call.done:
-            # the hot path: a result in our own codec for a call on a known backend
-            # (what _finish and _detach do, inlined)
-            codec = self.codec
-            if type(body) is memoryview and codec_id not in _BUFFER_CODECS:
-                body = bytes(body)
-            try:
-                value = codec.decode(body)
-            except DecodeError as e:
-                b.heard += 1
-                done: Done = []
-                self._finish(call, False, e, done)
+        if self.signer is None and len(frame) >= HEAD_SIZE:
+            magic, ver, flags, kind, codec_id, _, call_id, qa, qb, blen = _unpack_head(frame)
+            if magic == _MAGIC and ver == 2 and not flags and HEAD_SIZE + blen == len(frame):
+                # the hot path: one unsigned item (what _item does, for a result)
+                b.queued, b.running, b.load_at = qa, qb, self.clock()
+                call = self.calls.get(call_id)
+                if (
+                    kind == _RESULT
+                    and codec_id == self._wire_id
+                    and call is not None
+                    and call.backend == endpoint
+                ):
+                    body = frame[HEAD_SIZE:]
+                    codec = self.codec
+                    if type(body) is memoryview and codec_id not in _BUFFER_CODECS:
+                        body = bytes(body)
+                    try:
+                        value = codec.decode(body)
+                    except DecodeError as e:
+                        b.heard += 1
+                        done: Done = []
+                        self._finish(call, False, e, done)
+                        return done
+                    b.answered += 1
+                    b.busy_streak = 0
+                    call.done = True
+                    del self.calls[call_id]
+                    b.calls.pop(call_id, None)
+                    if self._busy_waiting:
+                        self._slot_freed()
+                    if call.cancel_hook is not None:
+                        call.cancel_hook()
+                    return [(call, True, value)]
+                done = []
+                self._item(b, kind, codec_id, call_id, frame[HEAD_SIZE:], done)
                 return done
-            b.answered += 1
-            b.busy_streak = 0
-            call.done = True
-            del self.calls[call_id]
-            b.calls.pop(call_id, None)
-            if self._parked:
-                self._parked.pop(call_id, None)
-            if self._busy_waiting:
-                self._slot_freed()
-            return [(call, True, value)]
+        session = b.session
+        if session is None and self.signer is not None:
+            # no handshake on this connection (down, or not connected yet): nothing
+            # from it can be verified, so nothing is read (not even a refusal)
+            self.stats["bad_signatures"] += 1
+            return []
+        try:
+            items = parse(frame, session)
+        except ReplayError:
+            self.stats["replayed"] += 1
+            return []
+        except SignatureError:
+            return self._unverified(b, frame)
+        except ProtocolError:
+            if len(frame) >= 3 and frame[:2] == _MAGIC and frame[2] != VERSION:
+                return self._other_version(b, f"version {frame[2]}")
+            if bytes(frame[:5]) == V1_MAGIC:
+                return self._other_version(b, "version 1")
+            self.stats["bad_replies"] += 1
+            return []
         done = []
-        if b is not None:
+        now = self.clock()
+        for kind, codec_id, call_id, qa, qb, body in items:
+            b.queued, b.running, b.load_at = qa, qb, now
+            self._item(b, kind, codec_id, call_id, body, done)
+        return done
+
+    def on_frames(self, endpoint: str, frames: Sequence[Any]) -> Done:
+        """Handle a message of several frames: no version-2 message has them. One of
+        protocol version 1 (``'TKIT\\x01'`` first) rules the backend out with
+        :class:`ProtocolVersionError`; anything else is dropped and counted."""
+        b = self.backends.get(endpoint)
+        if b is not None and frames and bytes(frames[0]) == V1_MAGIC:
+            return self._other_version(b, "version 1")
+        self.stats["bad_replies"] += 1
+        return []
+
+    def _other_version(self, b: BackendState, theirs: str) -> Done:
+        ep = b.endpoint
+        return self._reject(
+            b,
+            lambda task: ProtocolVersionError(
+                f"backend {ep} speaks taskit wire protocol {theirs}; this client speaks "
+                f"version {VERSION}: run the same taskit version on both sides"
+            ),
+        )
+
+    def _item(
+        self, b: BackendState, kind: int, codec_id: int, call_id: int, body: Any, done: Done
+    ) -> None:
+        """One verified item from backend ``b``: resolve what it answers into ``done``."""
+        endpoint = b.endpoint
+        call = self.calls.get(call_id)
+        if call is None or call.backend != endpoint:
+            # A PONG, a notice, the handshake, or a reply to a call given up on: it lives
             b.heard += 1
+            if kind == _PONG:
+                return
+            if kind == _WELCOME:
+                done += self._welcome(b, call_id, body)
+            elif call_id == 0 and kind == _ERROR:
+                done += self._notice(endpoint, codec_id, body)
+            elif kind == _ERROR and call_id == b.hello_id and b.state == HANDSHAKE:
+                self._hello_refused(b, codec_id, body, done)
+            elif kind != _CANCELLED and kind != _NOT_CANCELLED:
+                self.stats["late_replies"] += 1
+            return
+        b.heard += 1
         if kind == _RESULT:
             codec = self._reply_codecs.get(codec_id)
             if codec is None:
                 self._bad_codec(call, codec_id, endpoint, done)
-                return done
+                return
             if type(body) is memoryview and codec.wire_id not in _BUFFER_CODECS:
                 body = bytes(body)  # a driver's zero-copy buffer; this codec wants bytes
             try:
                 value = codec.decode(body)
             except DecodeError as e:
                 self._finish(call, False, e, done)
-                return done
-            if b is not None:
-                b.answered += 1
-                b.busy_streak = 0
+                return
+            b.heard -= 1
+            b.answered += 1
+            b.busy_streak = 0
             self._finish(call, True, value, done)
             if self._busy_waiting:
                 self._slot_freed()
@@ -715,14 +1114,14 @@ class ClientCore:
             codec = self._reply_codecs.get(codec_id)
             if codec is None:
                 self._bad_codec(call, codec_id, endpoint, done)
-                return done
+                return
             if type(body) is memoryview:
                 body = bytes(body)
             try:
                 type_name, args, tb = decode_error(codec, body)
             except (DecodeError, ProtocolError) as e:
                 self._finish(call, False, e, done)
-                return done
+                return
             if type_name == UNAUTHENTICATED:
                 self._refused_signature(call, endpoint, args, done)
             elif type_name == "Busy" and call.target is None:
@@ -730,16 +1129,61 @@ class ClientCore:
             elif type_name == "Stopping" and call.target is None:
                 self._stopping(call, b, args, tb, done)
             else:
-                if b is not None:
-                    b.failed += 1
+                b.failed += 1
                 self._finish(
                     call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
                 )
                 if self._busy_waiting:
                     self._slot_freed()
+        elif kind == _CANCELLED:
+            if call.cancel_state == CANCEL_ASKED:  # it never runs: no other reply follows
+                b.cancelled += 1
+                self._finish(call, False, CancelledError(), done)
+                if self._busy_waiting:
+                    self._slot_freed()
+            else:
+                self.stats["bad_replies"] += 1
+        elif kind == _NOT_CANCELLED:
+            if call.cancel_state == CANCEL_ASKED:
+                call.cancel_state = CANCEL_REFUSED
+                if call.cancel_hook is not None:
+                    call.cancel_hook()
         else:
             self.stats["bad_replies"] += 1
-        return done
+
+    def _hello_refused(self, b: BackendState, codec_id: int, body: Any, done: Done) -> None:
+        """An ERROR answering ``b``'s HELLO: the backend will not talk to this client."""
+        codec = self._reply_codecs.get(codec_id)
+        try:
+            type_name, args, _ = decode_error(codec, bytes(body)) if codec else ("?", [], "")
+        except (DecodeError, ProtocolError):
+            type_name, args = "?", []
+        ep = b.endpoint
+        if type_name == UNAUTHENTICATED:
+            why = self._why_keys(args)
+            self.stats["refused_signatures"] += 1
+            done += self._reject(
+                b,
+                lambda task: AuthenticationError(
+                    f"backend {ep} refused the handshake: the keys differ, or one side has none "
+                    f"({why}); give both sides the same key"
+                ),
+            )
+        else:
+            text = ", ".join(map(str, args)) or type_name
+            done += self._reject(
+                b,
+                lambda task: ProtocolError(
+                    f"backend {ep} refused the handshake: {type_name}: {text}"
+                ),
+            )
+
+    def _why_keys(self, args: Any) -> str:
+        if self.signer is None:
+            return "this client has no key"
+        if args and args[0] == NO_KEY_HERE:
+            return "the backend has none"
+        return "the backend's key is not this client's"
 
     def tick(self) -> Done:
         """Fire due timers: call deadlines, connect waits, Busy back-offs, and the
@@ -788,7 +1232,7 @@ class ClientCore:
     # -- liveness ---------------------------------------------------------------
 
     def take_pings(self) -> list[str]:
-        """Endpoints to send a PING to now (:meth:`ping_frames`); empties the list."""
+        """Endpoints to send a PING to now (:meth:`ping` queues it); empties the list."""
         pings, self.pings = self.pings, []
         return pings
 
@@ -798,10 +1242,10 @@ class ClientCore:
         suspects, self.suspects = self.suspects, []
         return suspects
 
-    def ping_frames(self) -> list[bytes]:
-        """The frames of one PING (signed when a key is set). Its call id is a fresh
-        one, never a call's, so its PONG is told apart from replies."""
-        return pack(_PING, self._wire_id, next(self._ids), b"", self.signer)
+    def ping(self, endpoint: str) -> None:
+        """Queue a PING for ``endpoint`` (sent with :meth:`messages`). Its call id is a
+        fresh one, never a call's, so its PONG is told apart from replies."""
+        self.control.append((endpoint, (_PING, self._wire_id, next(self._ids), 0, 0, b"")))
 
     def check_suspect(self, endpoint: str) -> Done | None:
         """Decide on a backend :meth:`take_suspects` listed, once the driver has read
@@ -889,13 +1333,22 @@ class ClientCore:
 
     def _park(self, call: PendingCall) -> None:
         if call.wait_until is None:
-            call.wait_until = self.clock() + self.connect_timeout
+            # A call no backend could ever serve (each ruled itself out) fails on the
+            # next tick, else it waits up to connect_timeout.
+            now = self.clock()
+            wait = 0.0 if self._fatal_for(call) is not None else self.connect_timeout
+            call.wait_until = now + wait
             self._timer(call.wait_until, call, "park")
         self._parked[call.id] = call
 
     def _not_available(self, call: PendingCall) -> TaskItError:
         """The error of a call that found no backend up within ``connect_timeout``;
-        it names each backend's last connection error (a refused handshake says so)."""
+        it names each backend's last connection error (a refused handshake says so).
+        When no backend can serve it at all, the typed error of that (e.g.
+        :class:`CodecNotAllowedError`, :class:`ProtocolVersionError`)."""
+        fatal = self._fatal_for(call)
+        if fatal is not None:
+            return fatal(call.task)
         if call.target is not None:
             where = f"backend {call.target} is not reachable"
             named = [b for b in self._blist if b.endpoint == call.target]
@@ -909,11 +1362,15 @@ class ClientCore:
             return BackendNotAvailableError(
                 "this FrontEnd has no backends; pass backends= or call add_backends()"
             )
-        errors = [b for b in named if b.last_error]
+
+        def error(b: BackendState) -> str | None:
+            return _HANDSHAKE_SILENT if b.state == HANDSHAKE else b.last_error
+
+        errors = [b for b in named if error(b)]
         if len(errors) == 1 and len(named) == 1:
-            why = f"; last error: {errors[0].last_error}"
+            why = f"; last error: {error(errors[0])}"
         else:
-            why = "".join(f"; {b.endpoint}: {b.last_error}" for b in errors)
+            why = "".join(f"; {b.endpoint}: {error(b)}" for b in errors)
         return BackendNotAvailableError(
             f"{where} (waited {self.connect_timeout:g} s for task {call.task!r}{why}); "
             "start a backend there or check host, port and keys"
@@ -932,6 +1389,8 @@ class ClientCore:
         call.done = True
         self._detach(call)
         done.append((call, ok, value))
+        if call.cancel_hook is not None:
+            call.cancel_hook()
 
     def _bad_codec(self, call: PendingCall, codec_id: int, endpoint: str, done: Done) -> None:
         self.stats["bad_replies"] += 1
@@ -945,43 +1404,63 @@ class ClientCore:
             done,
         )
 
-    def _unverified(self, endpoint: str, frames: Sequence[Any]) -> Done:
+    def _unverified(self, b: BackendState, frame: Any) -> Done:
         """A reply whose signature does not check out (missing, wrong, or present where
         this client has no key): never decoded for a value, dropped and counted. One
         exception, so that a key mismatch is an error rather than a hang: the
-        backend's refusal of our signature (an unsigned JSON ERROR ``Unauthenticated``
-        for one of our calls on that backend, see protocol.UNAUTHENTICATED) fails that
-        call with :class:`AuthenticationError`. A forger can do no more with it than
-        by cutting the connection: fail a call, never complete one."""
+        backend's refusal (an unsigned JSON ERROR ``Unauthenticated``, see
+        protocol.UNAUTHENTICATED) of our HELLO rules the backend out with
+        :class:`AuthenticationError`; of one of our calls on that backend fails that
+        call so -- or, when it says the backend holds no handshake for this
+        connection (protocol.NO_SESSION), puts the calls on it back as never run
+        and has the driver replace the connection (:meth:`take_resets`). A forger
+        can do no more with it than by cutting the connection: fail a call, never
+        complete one."""
         self.stats["bad_signatures"] += 1
-        call_id = peek_call_id(frames)
-        call = None if call_id is None else self.calls.get(call_id)
-        if call is None or call.backend != endpoint or len(frames) != 3:
+        head = peek(frame)
+        if head is None or head[0] != _ERROR or head[1] != _JSON_ID or len(frame) > _REFUSAL_MAX:
             return []
-        kind, codec_id, _ = _HEADER_UNPACK(frames[1])
-        json = self._reply_codecs.get(_JSON_ID)
-        if kind != _ERROR or codec_id != _JSON_ID or json is None or len(frames[2]) > _REFUSAL_MAX:
+        call_id = head[2]
+        call = self.calls.get(call_id)
+        hello = call_id == b.hello_id and b.state == HANDSHAKE
+        if not hello and (call is None or call.backend != b.endpoint):
             return []
         try:
-            type_name, args, _ = decode_error(json, bytes(frames[2]))
-        except (DecodeError, ProtocolError):
+            items = parse(frame)  # unsigned, or SignatureError
+            if len(items) != 1:
+                return []
+            type_name, args, _ = decode_error(self._reply_codecs[_JSON_ID], bytes(items[0].body))
+        except (DecodeError, ProtocolError):  # SignatureError included
             return []
         if type_name != UNAUTHENTICATED:
             return []
         done: Done = []
-        self._refused_signature(call, endpoint, args, done)
+        if hello:
+            self._hello_refused(b, _JSON_ID, items[0].body, done)
+        elif args and args[0] == NO_SESSION:
+            self._no_session(b, done)
+        else:
+            self._refused_signature(call, b.endpoint, args, done)  # type: ignore[arg-type]
         return done
+
+    def _no_session(self, b: BackendState, done: Done) -> None:
+        """The backend holds no handshake for this connection (it forgot it, or never
+        saw the HELLO): the calls on it did not run -- put them back, unsent -- and
+        the connection must be replaced (a new one says HELLO)."""
+        ep = b.endpoint
+        if ep not in self.resets:
+            self.resets.append(ep)
+        for call in b.calls.values():
+            if call.on_wire:
+                call.attempts -= 1  # refused unrun: does not use up a retry
+                call.on_wire = False
+        done += self.backend_down(ep, "lost its handshake with this client (no session)")
 
     def _refused_signature(self, call: PendingCall, endpoint: str, args: Any, done: Done) -> None:
         """The backend at ``endpoint`` refused ``call``'s signature (it did not run)."""
         # In no interface's words (key=, --key-file): the CLI shows this line as it is.
-        if self.signer is None:
-            why = "this client has no key"
-        elif args and args[0] == NO_KEY_HERE:
-            why = "the backend has none"
-        else:
-            why = "the backend's key is not this client's"
         self.stats["refused_signatures"] += 1
+        why = self._why_keys(args)
         b = self.backends.get(endpoint)
         if b is not None:
             b.failed += 1

@@ -124,10 +124,16 @@ class ClientFace:
         return list(self._core.backends)
 
     def backends_status(self) -> dict[str, dict[str, Any]]:
-        """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "for": seconds,
-        "in_flight", "sent", "answered", "failed", "lost", "busy", "connects",
-        "disconnects", "pings", "last_error"}}`` as this client sees each backend now
-        ("pings": PINGs sent to it by the liveness check)."""
+        """``{endpoint: {"state", "for": seconds, "name", "pid", "started",
+        "capacity": {"workers", "max_pending", "max_message_size"}, "queued",
+        "running", "load_age", "in_flight", "sent", "answered", "failed", "lost",
+        "busy", "connects", "disconnects", "pings", "cancelled", "last_error"}}`` as
+        this client sees each backend now. ``state``: "connecting", "handshake"
+        (connected, its WELCOME not in yet), "up", "stopping", "down" or "rejected"
+        (its handshake ruled it out: ``last_error`` says why). ``name`` ... ``capacity``
+        are what its WELCOME said (None before); ``queued``/``running`` the load it
+        reported last (every reply carries it), ``load_age`` seconds ago; ``pings``:
+        PINGs sent by the liveness check; ``cancelled``: calls it withdrew unrun."""
         return self._core.snapshot()
 
     @property
@@ -138,8 +144,9 @@ class ClientFace:
     @property
     def dropped(self) -> dict[str, int]:
         """Replies dropped: ``late_replies`` (after a timeout), ``bad_replies``,
-        ``bad_signatures`` (wrong or missing HMAC); and ``refused_signatures``: calls
-        the backend refused for their signature (failed with AuthenticationError)."""
+        ``bad_signatures`` (wrong or missing HMAC), ``replayed`` (correctly signed but
+        seen before, or too old: a replay); and ``refused_signatures``: calls or
+        handshakes the backend refused for their signature (AuthenticationError)."""
         return dict(self._core.stats)
 
     # -- helpers of the faces' calls -----------------------------------------------

@@ -32,8 +32,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as _FuturesTimeout
+from concurrent.futures import wait as _futures_wait
 from typing import Any
 
 import zmq
@@ -45,7 +46,7 @@ from taskit._client.connection import (
     monitor_event,
 )
 from taskit._client.core import ClientCore, PendingCall
-from taskit._wire import FUTURE_RUNNING, zmq_poll
+from taskit._wire import FUTURE_PENDING, FUTURE_RUNNING, zmq_poll
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
@@ -56,6 +57,7 @@ _IDLE_CHECK = 0.25  # seconds between monitor checks while no call is in flight
 _USER_GRACE = 0.001  # s: the background thread leaves the sockets to a busy user thread
 _LONGEST_POLL = 1000  # ms: a leader re-checks the closed flag at least this often
 _FOLLOW, _LEAD, _INSIDE = 0, 1, 2  # ThreadedIO._lead(): this thread's role
+_BURST = 64  # calls submitted while others are out: sent together once this many wait
 
 
 class Waiter:
@@ -84,19 +86,86 @@ class _Op:
         self.error: BaseException | None = None
 
 
+_CANCEL_WAIT = 2.0  # s: the longest a cancel() waits for its backend's answer
+
+
+class _Answered:
+    """What a cancel() drives the sockets for: ``ok`` turns true once its CANCEL is
+    answered (or the call resolved)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    @property
+    def ok(self) -> bool | None:
+        return True if self.event.is_set() else None
+
+
 class CallFuture(Future):
     """The :class:`concurrent.futures.Future` of a submitted call. ``result()`` and
     ``exception()`` let the waiting thread drive the sockets itself when nobody
-    else does -- ``submit(...).result()`` then costs no thread hand-off."""
+    else does -- ``submit(...).result()`` then costs no thread hand-off.
+    ``cancel()`` withdraws the call from its backend when it has not started there."""
 
     def __init__(self, io: ThreadedIO) -> None:
         super().__init__()
-        # Running from the start: a call on the wire cannot be taken back. Set directly,
-        # as set_running_or_notify_cancel() would on a new Future (no lock needed: no
-        # other thread sees this one yet).
+        # Running from the start (the call goes out at once); cancel() is ours. Set
+        # directly, as set_running_or_notify_cancel() would on a new Future (no lock
+        # needed: no other thread sees this one yet).
         self._state = FUTURE_RUNNING
         self._io = io
+        self._call: PendingCall | None = None
         self.ok: bool | None = None
+
+    def cancel(self) -> bool:
+        """Withdraw the call: True when it will never run -- it was not sent yet, or
+        its backend confirmed (CANCELLED) that it removed it before it started; then
+        ``result()`` raises ``concurrent.futures.CancelledError``. False when it is
+        done, running or answered (NOT_CANCELLED), or no answer came within
+        ``min(heartbeat_timeout, 2 s)``; the call then goes on as usual. Blocks for
+        at most about that long (one round trip to the backend)."""
+        call, io = self._call, self._io
+        if call is None or self.ok is not None or self.done():
+            return self.cancelled()
+        answered = _Answered()
+        outcome: list[str] = []
+
+        def withdraw() -> None:
+            call.cancel_hook = answered.event.set
+            outcome.append(io._core.withdraw(call))
+            if outcome[0] == "local":
+                self._cancelled_here()
+            elif outcome[0] == "sent":
+                io.flush()
+
+        try:
+            io.as_leader(withdraw)
+        except FrontEndClosedError:
+            return self.cancelled()
+        if not outcome or outcome[0] != "sent":
+            return self.cancelled()
+        if io._leader == threading.get_ident():
+            return False  # a callback run by the driver: nobody could read the answer
+        bound = min(io._core.heartbeat_timeout, _CANCEL_WAIT)
+        deadline = time.monotonic() + bound
+        while not answered.event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or io.closed:
+                break
+            io.drive_for(answered, left)  # type: ignore[arg-type]  # returns at once when another thread drives
+            answered.event.wait(max(0.0, min(left, deadline - time.monotonic())))
+        if call.done:  # CANCELLED, or the call's own reply: its resolution is under way
+            _futures_wait([self], timeout=bound)
+        return self.cancelled()
+
+    def _cancelled_here(self) -> None:
+        """Mark this (running) future cancelled: its call will never run."""
+        with self._condition:
+            self._state = FUTURE_PENDING  # what Future.cancel() accepts
+        self.ok = False
+        Future.cancel(self)
 
     def result(self, timeout: float | None = None) -> Any:
         """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
@@ -290,8 +359,25 @@ class ThreadedIO(Connections):
         raise w.value
 
     def start(self, call: PendingCall) -> None:
-        """Register and send ``call`` without waiting for its reply."""
-        self.start_many((call,))
+        """Register and send ``call`` without waiting for its reply. In a burst (other
+        calls already out, fewer than ``_BURST`` routed and unsent) it is routed and
+        left for the next send, which packs the burst into one message: the caller's
+        ``result()``, its next submit, or the background thread (woken on release)."""
+        if self._closed:
+            raise self._closed_error()
+        if self._lead() != _LEAD:
+            self.start_many((call,))
+            return
+        try:
+            if self._inbox:  # queued while bg was stepping down
+                self._drain_inbox()
+            core = self._core
+            core.submit(call)
+            waiting = len(core.outbox)
+            if waiting >= _BURST or core.pending <= waiting:
+                self.flush()
+        finally:
+            self._release()
 
     def start_many(self, calls: Sequence[PendingCall], own: int = 0) -> None:
         """Register and send ``calls`` without waiting; ``own`` as in :meth:`wait`."""
@@ -353,7 +439,7 @@ class ThreadedIO(Connections):
         ``own`` ones this thread will come back for (``map``) are left behind."""
         self._leader = None
         self._io_lock.release()
-        if self._inbox or self._core.pending > own:
+        if (self._inbox or self._core.pending > own) and not self._bg_wake.is_set():
             self._bg_wake.set()  # work remains: the background thread drives it
 
     def _wake(self) -> None:
@@ -383,7 +469,7 @@ class ThreadedIO(Connections):
                     return
             if self._inbox:
                 self._drain_inbox()
-            if core.outbox:
+            if core.outbox or core.control:
                 self.flush()
             timers = core.timers
             if timers and timers[0][0] <= time.monotonic():  # one is due (the core's clock)
@@ -451,6 +537,8 @@ class ThreadedIO(Connections):
                 try:
                     if ok:
                         w.set_result(value)
+                    elif type(value) is CancelledError:  # its backend withdrew it unrun
+                        w._cancelled_here()
                     else:
                         w.set_exception(value)
                 except Exception:  # noqa: BLE001 - a Future resolved elsewhere
@@ -554,14 +642,16 @@ class ThreadedIO(Connections):
             self.tick()
         if self._inbox:
             self._drain_inbox()
-        if core.outbox:
+        if core.outbox or core.control:
             self.flush()
 
     def _shutdown(self) -> None:
         """Fail what is pending and close every socket (with the I/O lock held)."""
         self._drain_inbox_on_close()
+        # Calls still on the wire are withdrawn where they wait (CANCEL, no answer
+        # awaited; the sockets then close with a short linger to deliver them).
+        self.withdraw_all()
         self.resolve(self._core.fail_all(self._closed_error()))
-        self.close_all()
         self._by_sock.clear()
         self._by_monitor.clear()
         # destroy, not term: a socket left open by any path would block term() for ever

@@ -100,22 +100,24 @@ def test_a_key_mismatch_fails_the_call_with_authenticationerror(
     )
     assert isinstance(out, AuthenticationError), out
     msg = str(out)
-    assert msg.startswith(f"backend {b.endpoint} refused the signature of task 'add': ")
+    # protocol v2: the backend refuses the HELLO, so no call is ever sent
+    assert msg.startswith(f"backend {b.endpoint} refused the handshake: ")
     assert msg.endswith(
         f"the keys differ, or one side has none ({why}); give both sides the same key"
     )
     assert took < 5.0  # within the connect timeout (it is one round trip)
     assert dropped["refused_signatures"] == 1  # counted on the client...
-    assert status[b.endpoint]["failed"] == 1
-    assert "refused the signature" in status[b.endpoint]["last_error"]
+    assert "refused the handshake" in status[b.endpoint]["last_error"]
+    assert status[b.endpoint]["state"] == "rejected"
     assert b.stats()["dropped"]["bad_signature"] == 1  # ...and on the backend
 
 
 class Forger:
-    """A ROUTER on a free port that reads one call and answers it with the frames
-    ``reply(call_id)`` builds (a thread; every wait bounded)."""
+    """A ROUTER on a free port that completes the handshake of a client keyed with
+    ``KEY``, reads one call and answers it with the frame ``reply(call_id)`` builds
+    (a thread; every wait bounded)."""
 
-    def __init__(self, reply: Callable[[int], list[bytes]]) -> None:
+    def __init__(self, reply: Callable[[int], bytes]) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
@@ -127,11 +129,31 @@ class Forger:
         self.thread.start()
 
     def _run(self) -> None:
+        if not self.sock.poll(20_000):
+            return
+        ident, frame = self.sock.recv_multipart()
+        zero = protocol.Session(Signer(KEY), outgoing=b"B")
+        (hello,) = protocol.parse(frame, zero)
+        info = protocol.parse_handshake(hello.body, protocol.Kind.HELLO)
+        body = protocol.welcome_body(
+            client_nonce=info["nonce"],
+            server_nonce=bytes(16),
+            name=self.endpoint,
+            pid=1,
+            started=bytes(16),
+            codec_ids=[1],
+            signed=True,
+            workers=1,
+            max_pending=None,
+            max_message_size=None,
+        )
+        welcome = (protocol.Kind.WELCOME, 1, hello.call_id, 0, 0, body)
+        self.sock.send_multipart([ident, protocol.pack_items([welcome], zero)])
         if self.sock.poll(20_000):
-            ident, *frames = self.sock.recv_multipart()
-            call_id = protocol.peek_call_id(frames)
-            assert call_id is not None
-            self.sock.send_multipart([ident, *self.reply(call_id)])
+            ident, frame = self.sock.recv_multipart()
+            peeked = protocol.peek(frame)
+            assert peeked is not None and peeked[0] == protocol.Kind.CALL
+            self.sock.send_multipart([ident, self.reply(peeked[2])])
             self.answered.set()
 
     def close(self) -> None:
@@ -140,8 +162,11 @@ class Forger:
         self.ctx.term()
 
 
+KEY = b"k"
+
+
 @contextlib.contextmanager
-def forger(reply: Callable[[int], list[bytes]]) -> Iterator[Forger]:
+def forger(reply: Callable[[int], bytes]) -> Iterator[Forger]:
     f = Forger(reply)
     try:
         yield f
@@ -149,25 +174,29 @@ def forger(reply: Callable[[int], list[bytes]]) -> Iterator[Forger]:
         f.close()
 
 
-def _result(call_id: int) -> list[bytes]:
-    return protocol.encode_result(JSONCodec, call_id, 666)
+def _item(kind: int, call_id: int, value: Any) -> tuple:
+    return (kind, JSONCodec.wire_id, call_id, 0, 0, JSONCodec.encode(value))
 
 
-def _missigned_result(call_id: int) -> list[bytes]:
-    return protocol.encode_result(JSONCodec, call_id, 666, Signer(b"not the key"))
+def _result(call_id: int) -> bytes:
+    return protocol.pack_items([_item(protocol.Kind.RESULT, call_id, 666)])
 
 
-def _refusal(call_id: int) -> list[bytes]:
-    return protocol.encode_error(
-        JSONCodec, call_id, protocol.UNAUTHENTICATED, [protocol.KEY_DIFFERS]
-    )
+def _missigned_result(call_id: int) -> bytes:
+    session = protocol.Session(Signer(b"not the key"), outgoing=b"B")
+    return protocol.pack_items([_item(protocol.Kind.RESULT, call_id, 666)], session)
+
+
+def _refusal(call_id: int) -> bytes:
+    body = [protocol.UNAUTHENTICATED, [protocol.KEY_DIFFERS], ""]
+    return protocol.pack_items([_item(protocol.Kind.ERROR, call_id, body)])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reply", [_result, _missigned_result], ids=["unsigned", "mis-signed"])
 def test_a_forged_reply_never_completes_a_keyed_call(kind, reply):
     with forger(reply) as f:
-        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=b"k", timeout=1.0)
+        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=KEY, timeout=1.0)
         assert f.answered.is_set()
     assert isinstance(out, CallTimeoutError), out  # the forged 666 was not delivered
     assert dropped["bad_signatures"] == 1
@@ -176,7 +205,7 @@ def test_a_forged_reply_never_completes_a_keyed_call(kind, reply):
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_unsigned_refusal_can_only_fail_a_keyed_call(kind):
     with forger(_refusal) as f:
-        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=b"k", timeout=10)
+        out, _, dropped, _ = call_with(kind, [f.endpoint], "add", 1, 2, key=KEY, timeout=10)
     assert isinstance(out, AuthenticationError), out
     assert dropped["bad_signatures"] == 1 and dropped["refused_signatures"] == 1
 

@@ -204,7 +204,7 @@ def test_json_carries_no_nan_or_infinity_either_way(backends, frontends, client)
             fe.work(task)
         assert info.value.type == "EncodeError"
     raw = client(be)  # a call whose body spells NaN (another client's encoder)
-    raw.send_raw(protocol.pack(Kind.CALL, JSONCodec.wire_id, 7, b'["echo",[NaN],{}]'))
+    raw.send_raw([protocol.pack_one(Kind.CALL, JSONCodec.wire_id, 7, 0, 0, b'["echo",[NaN],{}]')])
     kind, _codec, call_id, value = raw.recv()
     assert (kind, call_id, value[0]) == (Kind.ERROR, 7, "DecodeError")
     assert fe.work("add", 1, 2) == 3
@@ -272,7 +272,7 @@ def test_future_result_waits_at_most_its_timeout(backends, frontends):
         fut.exception(timeout=0.1)
     assert time.monotonic() - t < 0.9
     assert fut.result(10) == "late"
-    assert fut.cancel() is False  # already on the wire
+    assert fut.cancel() is False  # answered already: nothing to withdraw
 
 
 def test_callback_and_ignore(backends, frontends):
