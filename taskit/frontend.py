@@ -91,6 +91,12 @@ class FrontEnd(ClientFace):
       last connection error (e.g. "refused the CURVE handshake", "not a taskit
       backend"). A backend that refuses every connection is retried after
       0.1 s, doubling up to 5 s, and its cause logged once.
+    - ``prefetch`` (8): calls per worker this client keeps on one backend at
+      most (a backend's workers come from its handshake). Further calls wait
+      in the client and go, in order, to the backend expected to finish them
+      soonest (its reported load, other clients' included, and its service
+      time), so a slow backend does not hoard calls a fast one would finish
+      first, and a backend that joins later takes waiting calls at once.
     - ``heartbeat_interval`` / ``heartbeat_timeout`` (0.5 s / 2 s): liveness.
       Any reply proves a backend alive; one with calls in flight that is silent
       for ``heartbeat_interval`` gets a PING (an idle one after 4 x

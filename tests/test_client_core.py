@@ -996,7 +996,7 @@ def test_forgetting_a_call_on_the_wire_cancels_it_there():
 
 
 def test_calls_drained_together_go_in_batches_and_resolve_as_singles():
-    core, _ = make(1, codec=MsgpackCodec)
+    core, _ = make(1, codec=MsgpackCodec, prefetch=100)  # credit for all of them
     calls = [core.new_call("t", (i,)) for i in range(BATCH_ITEMS + 10)]
     big = core.new_call("t", (b"x" * 70_000,))
     for c in calls[:5] + [big] + calls[5:]:

@@ -117,6 +117,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
 from typing import Any
 
+from taskit._client.dispatch import DEFAULT_PREFETCH, Dispatcher
 from taskit.codecs import Signer, as_body, get_codec
 from taskit.errors import (
     AuthenticationError,
@@ -323,6 +324,8 @@ class PendingCall:
         "on_wire",
         "cancel_state",
         "cancel_hook",
+        "sent_at",
+        "ahead",
     )
 
     def __init__(
@@ -351,6 +354,8 @@ class PendingCall:
         self.on_wire = False  # sent to its current backend (not just assigned)
         self.cancel_state = 0  # CANCEL_ASKED: a CANCEL is out; CANCEL_REFUSED: NOT_CANCELLED
         self.cancel_hook: Callable[[], None] | None = None  # called when a CANCEL is answered
+        self.sent_at = 0.0  # when it last went on the wire (the service-time sample)
+        self.ahead = 0  # calls in flight on its backend when it was assigned there
 
     def __repr__(self) -> str:
         return f"<PendingCall {self.id} {self.task!r} on {self.backend}>"
@@ -390,6 +395,7 @@ class BackendState:
         "running",
         "load_at",
         "cancelled",
+        "slot",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -424,6 +430,7 @@ class BackendState:
         self.queued = self.running = 0
         self.load_at: float | None = None
         self.cancelled = 0  # calls it withdrew unrun on our CANCEL
+        self.slot: Any = None  # its Dispatcher slot: credit, others' load, service time
 
     def snapshot(self, now: float) -> dict[str, Any]:
         info = self.info
@@ -480,8 +487,14 @@ class ClientCore:
         max_body: int | None = None,
         heartbeat_interval: float | None = None,
         heartbeat_timeout: float = 2.0,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         self.codec = get_codec(codec)
+        # Credit: at most capacity x prefetch of this client's calls on one backend;
+        # the rest wait here, in order (_waiting), for the backend expected to finish
+        # them soonest (taskit._client.dispatch).
+        self.dispatch = Dispatcher(prefetch)
+        self._waiting: collections.deque[PendingCall] = collections.deque()
         # A call whose body is larger is refused: a backend with this limit would drop
         # the connection, failing every call in flight on it (None: no limit).
         self.max_body = max_body
@@ -538,6 +551,7 @@ class ClientCore:
         if endpoint in self.backends:
             return False
         b = self.backends[endpoint] = BackendState(endpoint, self.clock())
+        b.slot = self.dispatch.add(endpoint)
         self._blist.append(b)
         return True
 
@@ -560,7 +574,7 @@ class ClientCore:
         b = self.backends.get(endpoint)
         if b is None:
             return
-        b.state, b.since = HANDSHAKE, self.clock()
+        self._set_state(b, HANDSHAKE)
         b.nonce = new_nonce()
         b.hello_id = next(self._ids)
         signer = self.signer
@@ -632,7 +646,7 @@ class ClientCore:
             "max_message_size": info.get("max_message_size"),
         }
         b.fatal = None
-        b.state, b.since = UP, self.clock()
+        self._set_state(b, UP)
         b.connects += 1
         b.busy_until, b.busy_streak = 0.0, 0
         b.refusals, b.reported = 0, None
@@ -651,13 +665,12 @@ class ClientCore:
         """``b`` cannot serve this client (its WELCOME or a refusal said why): calls to
         it fail at once with ``fatal(task)`` -- those on it now, and those waiting for a
         backend when no other can take them -- until a new connection's handshake fits."""
-        b.state, b.since = REJECTED, self.clock()
+        self._set_state(b, REJECTED)
         b.fatal = fatal
         b.last_error = str(fatal(None))
         done: Done = []
         for call in sorted(b.calls.values(), key=lambda c: c.id):
             self._finish(call, False, fatal(call.task), done)
-        b.calls.clear()
         now = self.clock()
         for call in list(self._parked.values()):
             if self._fatal_for(call) is not None and call.wait_until != now:
@@ -712,13 +725,15 @@ class ClientCore:
         b.ping_at = None
         b.session, b.hello_id = None, -1
         if b.state != DOWN:
-            b.state, b.since = DOWN, self.clock()
+            self._set_state(b, DOWN)
             if was_up:
                 b.disconnects += 1
         b.last_error = reason
         if not b.calls:
             return []
         victims = sorted(b.calls.values(), key=lambda c: c.id)
+        for _ in victims:
+            self.dispatch.answered(b.slot)
         b.calls.clear()
         done: Done = []
         for call in victims:
@@ -742,28 +757,10 @@ class ClientCore:
         return done
 
     def choose(self) -> BackendState | None:
-        """The backend for the next call (fewest in flight, ties round-robin), or None."""
-        backends = self._blist
-        n = len(backends)
-        if n == 1:  # the common case, on the hot path
-            b = backends[0]
-            return b if b.state == UP else None
-        now = self.clock()
-        best: BackendState | None = None
-        best_key: tuple[bool, int] | None = None
-        best_i = 0
-        rr = self._rr
-        for i in range(n):
-            j = (rr + i) % n
-            b = backends[j]
-            if b.state != UP:
-                continue
-            key = (b.busy_until > now, len(b.calls))  # not-busy first, then load
-            if best_key is None or key < best_key:
-                best, best_key, best_i = b, key, j
-        if best is not None:
-            self._rr = (best_i + 1) % n
-        return best
+        """The backend the next call would go to now (see taskit._client.dispatch), or
+        None: no backend is up, or the call would wait for credit."""
+        slot = self.dispatch.pick(len(self._waiting))
+        return None if slot is None else self.backends.get(slot.key)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {state, for, in_flight, sent, answered, ...}}`` for every backend."""
@@ -849,8 +846,9 @@ class ClientCore:
                 b.sent += 1
             call.attempts += 1
             call.on_wire = True
+            call.sent_at = now = self.clock()
             deadline = call.deadline
-            a = 0 if deadline is None else budget_ms(deadline - self.clock())
+            a = 0 if deadline is None else budget_ms(deadline - now)
             out.append(
                 (call.backend, pack_one(_CALL, call.codec.wire_id, call.id, a, 0, call.body), calls)  # type: ignore[arg-type]
             )
@@ -866,7 +864,7 @@ class ClientCore:
                 # its connection went since these were routed: route them again
                 for call in group:
                     if b is not None:
-                        b.calls.pop(call.id, None)
+                        self._settle(b, call)
                     call.backend = None
                     self._route(call)
                 continue
@@ -880,6 +878,7 @@ class ClientCore:
                     batch, items, size = [], [], 0
                 call.attempts += 1
                 call.on_wire = True
+                call.sent_at = now
                 deadline = call.deadline
                 a = 0 if deadline is None else budget_ms(deadline - now)
                 batch.append(call)
@@ -1015,7 +1014,11 @@ class ClientCore:
                     b.busy_streak = 0
                     call.done = True
                     del self.calls[call_id]
-                    b.calls.pop(call_id, None)
+                    if b.calls.pop(call_id, None) is not None:  # _settle, inlined
+                        latency = b.load_at - call.sent_at if call.on_wire else None
+                        self.dispatch.answered(b.slot, latency, call.ahead, qa + qb)
+                        if self._waiting:
+                            self._release()
                     if self._busy_waiting:
                         self._slot_freed()
                     if call.cancel_hook is not None:
@@ -1107,6 +1110,7 @@ class ClientCore:
             b.heard -= 1
             b.answered += 1
             b.busy_streak = 0
+            self._settle(b, call, True)
             self._finish(call, True, value, done)
             if self._busy_waiting:
                 self._slot_freed()
@@ -1130,6 +1134,7 @@ class ClientCore:
                 self._stopping(call, b, args, tb, done)
             else:
                 b.failed += 1
+                self._settle(b, call, True)
                 self._finish(
                     call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
                 )
@@ -1308,20 +1313,100 @@ class ClientCore:
             b = self.backends.get(call.target)
             if b is not None and b.state not in (UP, STOPPING):  # a stopping one still
                 b = None  # answers admin signals
-        elif len(self._blist) == 1 and not call.refused_by:  # the hot path: choose() inlined
-            b = self._blist[0]
-            if b.state != UP:
-                b = None
         else:
-            b = self.choose()
-            if b is not None and call.refused_by and b.endpoint in call.refused_by:
-                b = self._choose_excluding(call.refused_by)
+            slot = self.dispatch.pick(len(self._waiting))
+            if slot is None:
+                if self.dispatch.up_count:  # out of credit: wait here for the best one
+                    call.backend = None
+                    self._waiting.append(call)
+                    return
+                b = None
+            else:
+                b = self.backends[slot.key]
+                if call.refused_by and b.endpoint in call.refused_by:
+                    b = self._choose_excluding(call.refused_by)
         if b is None:
             self._park(call)
             return
+        self._assign(b, call)
+
+    def _assign(self, b: BackendState, call: PendingCall) -> None:
+        """``call`` goes to ``b`` (charged to its credit) and to the outbox."""
         call.backend = b.endpoint
         b.calls[call.id] = call
+        slot = b.slot
+        call.ahead = slot.in_flight + slot.others
+        self.dispatch.sent(slot)
         self.outbox.append(call)
+
+    def _settle(self, b: BackendState, call: PendingCall, measured: bool = False) -> None:
+        """``call`` leaves ``b`` (answered, refused, lost, withdrawn): its credit comes
+        back, and with ``measured`` (it ran there and this is its reply) its latency
+        and the load in the reply teach the dispatcher. Waiting calls may go now."""
+        if b.calls.pop(call.id, None) is None:
+            return
+        if measured and call.on_wire and b.load_at is not None:
+            latency = b.load_at - call.sent_at
+            self.dispatch.answered(b.slot, latency, call.ahead, b.queued + b.running)
+        else:
+            self.dispatch.answered(b.slot)
+        if self._waiting:
+            self._release()
+
+    def _release(self) -> None:
+        """Send waiting calls, oldest first, while a backend has credit for them."""
+        waiting = self._waiting
+        while waiting:
+            call = waiting[0]
+            if call.done or call.backend is not None:
+                waiting.popleft()
+                continue
+            slot = self.dispatch.pick(len(waiting) - 1)
+            if slot is None:
+                return
+            waiting.popleft()
+            b = self.backends[slot.key]
+            if call.refused_by and b.endpoint in call.refused_by:
+                other = self._choose_excluding(call.refused_by)
+                if other is None:
+                    self._park(call)
+                    continue
+                b = other
+            call.on_wire = False
+            self._assign(b, call)
+
+    def _set_state(self, b: BackendState, state: str) -> None:
+        """``b`` is in ``state`` now: only an UP backend takes new calls. When none is
+        left, the calls waiting for credit wait for a backend instead (parked)."""
+        b.state, b.since = state, self.clock()
+        if state == UP:
+            self.dispatch.up(b.endpoint, int(b.info.get("workers") or 1))
+            if self._waiting:
+                self._release()
+            return
+        self.dispatch.down(b.endpoint)
+        if self._waiting and not self.dispatch.up_count:
+            waiting, self._waiting = self._waiting, collections.deque()
+            for call in waiting:
+                if not call.done and call.backend is None:
+                    self._park(call)
+
+    def _other_with_room(
+        self, not_this: BackendState | None, refused: set[str] | None
+    ) -> BackendState | None:
+        """The up backend other than ``not_this`` (which answered Busy) with credit, not
+        Busy itself lately, expected to finish soonest; None if there is none. O(N): only
+        on the Busy path."""
+        now = self.clock()
+        best: BackendState | None = None
+        for b in self._blist:
+            if b is not_this or b.state != UP or b.busy_until > now or b.slot.credit <= 0:
+                continue
+            if refused and b.endpoint in refused:
+                continue
+            if best is None or b.slot.expected() < best.slot.expected():
+                best = b
+        return best
 
     def _choose_excluding(self, refused: set[str]) -> BackendState | None:
         best = None
@@ -1381,7 +1466,7 @@ class ClientCore:
         self._parked.pop(call.id, None)
         b = self.backends.get(call.backend or "")
         if b is not None:
-            b.calls.pop(call.id, None)
+            self._settle(b, call)
 
     def _finish(self, call: PendingCall, ok: bool, value: Any, done: Done) -> None:
         if call.done:
@@ -1480,7 +1565,7 @@ class ClientCore:
     ) -> None:
         if b is not None:
             b.busy += 1
-            b.calls.pop(call.id, None)
+            self._settle(b, call)
             b.busy_until = self.clock() + backoff_delay(b.busy_streak)
             b.busy_streak += 1
         call.attempts -= 1  # refused unrun: does not use up a retry
@@ -1494,9 +1579,10 @@ class ClientCore:
                 done,
             )
             return
-        other = self.choose()
-        if other is not None and other.busy_until <= self.clock():
-            self._route(call)  # another backend has room: go now
+        other = self._other_with_room(b, call.refused_by)
+        if other is not None:
+            call.on_wire = False
+            self._assign(other, call)  # another backend has room: go now
             return
         # Wait for room: the next answer from a backend frees a slot and sends the
         # oldest waiting call (_slot_freed); a jittered backoff timer is the fallback
@@ -1533,7 +1619,7 @@ class ClientCore:
             self.stats["bad_replies"] += 1
             return []
         if b.state == UP:
-            b.state, b.since = STOPPING, self.clock()
+            self._set_state(b, STOPPING)
         done: Done = []
         if type_name == "Stopped":
             # Calls not on the wire yet are re-routed when the connection drops.
@@ -1548,9 +1634,9 @@ class ClientCore:
         call.attempts -= 1  # refused unrun
         call.backend = None
         if b is not None:
-            b.calls.pop(call.id, None)
+            self._settle(b, call)
             if b.state == UP:
-                b.state, b.since = STOPPING, self.clock()
+                self._set_state(b, STOPPING)
             if call.refused_by is None:
                 call.refused_by = set()
             call.refused_by.add(b.endpoint)

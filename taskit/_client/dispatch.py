@@ -33,7 +33,6 @@ random from those with credit (power-of-two choices), O(1).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["Dispatcher", "Slot", "DEFAULT_PREFETCH", "SCAN"]
@@ -100,6 +99,7 @@ class Dispatcher:
         self._usable: list[Slot] = []  # up, in order of arrival
         self._open: list[Slot] = []  # usable with credit (swap-remove; O(1))
         self._rand = random.Random(seed).random
+        self._next = 0  # where the next scan starts (ties rotate)
 
     # -- membership ------------------------------------------------------------
 
@@ -152,13 +152,19 @@ class Dispatcher:
             return None
         if n <= SCAN:
             best: Slot | None = None
-            best_t = 0.0
-            for slot in usable:
+            best_t = best_load = 0.0
+            start = self._next % n  # ties rotate, so idle backends share the calls
+            best_i = start
+            for i in range(start, start + n):
+                slot = usable[i % n]
                 t = slot.expected()
                 if waiting and slot.in_flight >= slot.limit:
                     t += waiting // slot.capacity * slot.service
-                if best is None or t < best_t:
-                    best, best_t = slot, t
+                # ties (the same rounds of work ahead) go to the less loaded
+                load = (slot.others + slot.in_flight) / slot.capacity
+                if best is None or t < best_t or (t == best_t and load < best_load):
+                    best, best_t, best_load, best_i = slot, t, load, i
+            self._next = best_i + 1
             if best is not None and best.in_flight < best.limit:
                 return best
             # The best has no credit: wait for it, unless one with credit is as good.
@@ -210,8 +216,10 @@ class Dispatcher:
         """A load report not tied to one of our calls (a PONG, a WELCOME)."""
         slot.others = max(0, total - slot.in_flight)
 
-    def usable(self) -> Iterable[Slot]:
-        return list(self._usable)
+    @property
+    def up_count(self) -> int:
+        """How many backends take calls now."""
+        return len(self._usable)
 
     # -- internals ---------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from taskit._client.connection import (
     curve_keys,
 )
 from taskit._client.core import DOWN, ClientCore, parse_backend
+from taskit._client.dispatch import DEFAULT_PREFETCH
 from taskit.codecs import JSONCodec, Signer
 from taskit.errors import BackendProcessingError
 from taskit.log import ERROR, null_logger
@@ -68,6 +69,7 @@ class ClientFace:
         curve_publickey: bytes | str | None = None,
         curve_secretkey: bytes | str | None = None,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
@@ -86,6 +88,8 @@ class ClientFace:
                 f"heartbeat_interval must be > 0 seconds, or None for no liveness checks, "
                 f"not {heartbeat_interval!r}"
             )
+        if type(prefetch) is not int or prefetch < 1:
+            raise ValueError(f"prefetch must be a whole number >= 1, not {prefetch!r}")
         if not heartbeat_timeout > 0:
             raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
         self.default_port = default_port
@@ -109,6 +113,7 @@ class ClientFace:
             max_body=max_message_size,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
+            prefetch=prefetch,
         )
         self.codec = self._core.codec
         self._start_driver(endpoints)
