@@ -141,35 +141,67 @@ def test_unknown_task(serve, client):
 def test_ping_is_answered_with_pong(serve, client):
     b = serve(TASKS)
     c = client(b)
-    c.send_raw(protocol.pack(Kind.PING, 2, 77))
+    c.send_frame(protocol.pack_one(Kind.PING, 2, 77))
     assert c.recv()[0:3:2] == (Kind.PONG, 77)
 
 
 def test_malformed_messages_answered_when_attributable_else_dropped(serve, client):
     b = serve(TASKS)
     c = client(b)
-    # attributable: good magic and header, but 2 frames / unknown kind / garbage body
-    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(1, 2, 5)])
+    # attributable: a good preamble and first header, but a body overrunning the frame /
+    # an unknown kind / a garbage body / not a call / a reply kind / an unknown codec
+    c.send_frame(protocol.pack_one(Kind.CALL, 2, 5, 0, 0, b"abc")[:-1])
     kind, codec, call_id, (type_name, args, _tb) = c.recv()
     assert (kind, codec, call_id, type_name) == (Kind.ERROR, JSONCodec, 5, "ProtocolError")
-    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(9, 2, 6), b""])
-    assert c.recv()[2:] == (6, ("ProtocolError", ["unknown message kind 9"], ""))
-    c.send_raw(protocol.pack(Kind.CALL, 2, 7, b"\xc1garbage"))
+    c.send_frame(
+        protocol.pack_items([(Kind.CALL, 2, 6, 0, 0, b"\x90")])[:4]
+        + bytes([99, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6] + [0] * 12)
+    )
+    kind, codec, call_id, (type_name, args, _tb) = c.recv()
+    assert (call_id, type_name, args) == (6, "ProtocolError", ["unknown message kind 99"])
+    c.send_frame(protocol.pack_one(Kind.CALL, 2, 7, 0, 0, b"\xc1garbage"))
     assert c.recv()[3][0] == "DecodeError"
-    c.send_raw(protocol.pack(Kind.CALL, 1, 8, b'{"not": "a call"}'))
+    c.send_frame(protocol.pack_one(Kind.CALL, 1, 8, 0, 0, b'{"not": "a call"}'))
     assert c.recv()[3][0] == "ProtocolError"
-    c.send_raw(protocol.pack(Kind.RESULT, 1, 9, b"1"))
+    c.send_frame(protocol.pack_one(Kind.RESULT, 1, 9, 0, 0, b"1"))
     assert c.recv()[3][0] == "ProtocolError"
-    c.send_raw(protocol.pack(Kind.CALL, 200, 10, b"x"))
+    c.send_frame(protocol.pack_one(Kind.CALL, 200, 10, 0, 0, b"x"))
     _kind, codec, call_id, (type_name, _args, _tb) = c.recv()
     assert (codec, call_id, type_name) == (JSONCodec, 10, "CodecNotAllowed")
-    # unattributable: wrong magic, short header -> dropped silently, counted
+    # unattributable: no preamble, a short header, several frames (not v1) -> dropped
+    c.send_frame(b"GET / HTTP/1.0\r\n\r\n" + bytes(20))
+    c.send_frame(protocol.PREAMBLE + b"\x00short")
     c.send_raw([b"HTTP", b"GET / HTTP/1.0", b""])
-    c.send_raw([protocol.MAGIC, b"short", b""])
+    c.send_raw([protocol.pack_one(Kind.CALL, 2, 11, 0, 0, b"x"), b"extra"])
     assert c.silent()
     assert c.call("add", 1, 2) == 3
     dropped = c.call("<stats>")["dropped"]
-    assert dropped["malformed"] == 2
+    assert dropped["malformed"] == 4
+
+
+def test_a_v1_call_is_refused_in_v1_frames_with_a_clear_error(serve, client):
+    """A v1 client gets its own frame layout back, saying what to do (upgrade)."""
+    import json
+    import struct
+
+    b = serve(TASKS)
+    c = client(b)
+    header = struct.pack(">BBQ", 1, 1, 42)
+    c.send_raw([protocol.V1_MAGIC, header, b'["add", [1, 2], {}]'])
+    assert c.sock.poll(10_000)
+    frames = c.sock.recv_multipart()
+    assert frames[0] == protocol.V1_MAGIC and struct.unpack(">BBQ", frames[1]) == (3, 1, 42)
+    type_name, args, _tb = json.loads(frames[2])
+    assert type_name == "ProtocolError" and "version 2, not 1" in args[0]
+    assert "upgrade taskit on the client" in args[0]
+    # signed v1 (four frames) too; a v1 PING is dropped (no call to answer)
+    c.send_raw([protocol.V1_MAGIC, struct.pack(">BBQ", 1, 1, 43), b"[]", bytes(32)])
+    assert c.sock.poll(10_000) and struct.unpack(">BBQ", c.sock.recv_multipart()[1])[2] == 43
+    c.send_raw([protocol.V1_MAGIC, struct.pack(">BBQ", 4, 1, 44), b""])
+    assert c.silent()
+    stats = c.call("<stats>")
+    assert stats["refused"]["ProtocolError"] == 2 and stats["dropped"]["malformed"] == 1
+    assert stats["done"] == 0  # nothing ran
 
 
 def test_codec_not_allowed_is_answered_in_json(serve, client):
