@@ -286,6 +286,7 @@ class RequestHandler:
             magic, ver, flags, kind, codec_id, _, call_id, a, _b, blen = _unpack_head(data)
             if (
                 kind == _CALL
+                and call_id
                 and _HEAD_SIZE + blen == n
                 and flags == 0
                 and ver == 2
@@ -343,7 +344,7 @@ class RequestHandler:
             return self._item(ident, items[0])
         out: list[Any] = []
         for item in items:
-            if item.kind == _CANCEL:
+            if item.kind == _CANCEL and item.call_id:
                 o = self._cancel_in_batch(out, item.call_id) or self.cancel(ident, item.call_id)
             else:
                 o = self._item(ident, item)
@@ -365,6 +366,9 @@ class RequestHandler:
 
     def _item(self, ident: bytes, item: protocol.Item) -> Any:
         kind, codec_id, call_id, a, _b, body = item
+        if call_id == 0:  # reserved for notices: an answer would read as one
+            self._drop("malformed")
+            return None
         if kind == _CALL:
             return self.call(ident, codec_id, call_id, a, body, len(body) + _ITEM_SIZE)
         if kind == _PING:
@@ -372,6 +376,9 @@ class RequestHandler:
         if kind == _CANCEL:
             return self.cancel(ident, call_id)
         if kind == _HELLO:  # keyless (a keyed backend answers HELLO in _no_session)
+            if self.signer is not None:  # a connection says HELLO once
+                self._drop("replayed")
+                return None
             try:
                 hello = protocol.parse_handshake(body, _HELLO)
             except ProtocolError as e:
