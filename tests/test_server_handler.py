@@ -187,7 +187,7 @@ def test_oversized_and_malformed_messages_are_dropped_and_counted():
     h, _ = make(request_limit=100)
     assert h.handle(ID, call("add", "x" * 200)) is None
     assert h.handle(ID, zmq.Frame(b"junk" * 10)) is None
-    assert h.handle_frames(ID, [zmq.Frame(b"junk"), zmq.Frame(b"more")]) is None
+    assert h.handle_frames(ID, [zmq.Frame(b"junk"), zmq.Frame(b"more")], 2) is None
     assert h.acct.dropped["oversized"] == 1 and h.acct.dropped["malformed"] == 2
     assert h.acct.in_flight == 0
 

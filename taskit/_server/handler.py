@@ -297,14 +297,15 @@ class RequestHandler:
                 return self.call(ident, codec_id, call_id, a, data[_HEAD_SIZE:], n)
         return self._items(ident, data)
 
-    def handle_frames(self, ident: bytes, frames: list[Any]) -> list[bytes] | None:
-        """A message of several frames (no v2 message has more than one): a v1
-        CALL gets the v1 ERROR telling its client to upgrade (counted refused
-        ProtocolError); anything else is dropped, counted malformed."""
-        try:
-            out = protocol.v1_refusal([bytes(f) for f in frames[:3]])
-        except Exception:  # anything odd in a message that is not ours
-            out = None
+    def handle_frames(self, ident: bytes, frames: list[Any], count: int) -> list[bytes] | None:
+        """A message of ``count`` frames (``frames``: its first two; no v2 message has
+        more than one): a v1 CALL gets the v1 ERROR telling its client to upgrade
+        (counted refused ProtocolError); anything else is dropped, counted
+        malformed. Only the first two frames are read, and copied only when they
+        are as short as a v1 magic and header."""
+        out = None
+        if count >= 3 and len(frames[0]) == len(protocol.V1_MAGIC) and len(frames[1]) == 10:
+            out = protocol.v1_refusal([bytes(frames[0]), bytes(frames[1]), b""])
         with self.lock:
             if out is None:
                 self.acct.drop("malformed")

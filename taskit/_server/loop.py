@@ -76,6 +76,8 @@ __all__ = [
     "STOPPED",
     "CallExpired",
     "run_unless_expired",
+    "REPLY_FRAME_ITEMS",
+    "REPLY_FRAME_BYTES",
 ]
 
 _log = logging.getLogger("taskit.backend")
@@ -85,12 +87,14 @@ _EVENTS, _POLLIN, _NOBLOCK, _DONTWAIT, _MORE = EVENTS, POLLIN, NOBLOCK, DONTWAIT
 
 _BATCH = 64  # requests read per wake-up before flags are checked again
 # A message of several frames is not v2: the I/O loop keeps this many of its frames
-# (a v1 CALL's: magic, header, body, HMAC) to answer a v1 client, and frees the rest.
-_MAX_PARTS = 4
+# (a v1 CALL's magic and header) to answer a v1 client, and frees the rest one by one.
+_MAX_PARTS = 2
 # Replies to one peer packed in one frame: at most this many items, this many bytes
-# of bodies (a body of ZERO_COPY bytes or more goes alone).
-_REPLY_ITEMS = 256
-_REPLY_BYTES = 256 * 1024
+# of items (a body of ZERO_COPY bytes or more goes alone). Batching pays for small
+# replies; the byte cap keeps it from multiplying what a peer's ZeroMQ queue holds
+# (peer_queue counts messages: Q frames of up to REPLY_FRAME_BYTES each).
+REPLY_FRAME_ITEMS = 256
+REPLY_FRAME_BYTES = 64 * 1024
 _RESULT = int(Kind.RESULT)
 _ERROR = int(Kind.ERROR)
 
@@ -476,7 +480,7 @@ class ServerLoop:
         handler's decisions (off the hot path: :meth:`_loop` spells this out)."""
         ident = msg[0]
         if len(msg) != 2:
-            out = self.handler.handle_frames(ident, msg[1:])
+            out = self.handler.handle_frames(ident, msg[1:3], len(msg) - 1)
             if out is not None:
                 with self.lock:
                     self._send_raw_locked(ident, out)
@@ -564,7 +568,7 @@ class ServerLoop:
                         # Replies wait: send them unless another request is there to
                         # be answered with them (this EVENTS read replaces _CHECK's).
                         ready = _get(router, _EVENTS) & _POLLIN
-                        if not ready or npending >= _REPLY_ITEMS:
+                        if not ready or npending >= REPLY_FRAME_ITEMS:
                             flush_pending(pending)
                             npending = 0
                         if not ready and state != _WAIT:
@@ -591,11 +595,13 @@ class ServerLoop:
                     # The frame as a Frame, not bytes: it carries its RCVMORE flag,
                     # read in C, and a big one is read in place.
                     frame = _recv(router, _NOBLOCK, False)
-                    if frame.more:  # not a v2 message: keep a few frames, free the rest
+                    if frame.more:  # not a v2 message: keep two frames, free the rest
                         frames = [frame]
+                        nframes = 1
                         while frame.more:
-                            frame = _recv(router, _NOBLOCK, False)
-                            if len(frames) < _MAX_PARTS:
+                            frame = _recv(router, _NOBLOCK, False)  # frees the one before
+                            nframes += 1
+                            if nframes <= _MAX_PARTS:
                                 frames.append(frame)
                         frame = None
                 try:
@@ -619,7 +625,7 @@ class ServerLoop:
                         elif out is not None and t is not Call:
                             npending += act(ident, out, pending)
                     else:
-                        raw = handler.handle_frames(ident, frames)
+                        raw = handler.handle_frames(ident, frames, nframes)
                         frames = []
                         if raw is not None:
                             with lock:
@@ -885,16 +891,17 @@ class ServerLoop:
 
     def _send_locked(self, ident: bytes, items: list[tuple]) -> None:
         """Send reply items to ``ident`` (lock held): one frame, or several past the
-        caps (_REPLY_ITEMS items, _REPLY_BYTES of bodies; a body of ZERO_COPY bytes
+        caps (REPLY_FRAME_ITEMS items, REPLY_FRAME_BYTES of bodies; a body of ZERO_COPY bytes
         or more goes alone). A full peer queue defers a frame's items to the ledger."""
         if len(items) == 1:
             self._send_frame_locked(ident, items)
             return
         chunk: list[tuple] = []
         size = 0
+        cap = min(REPLY_FRAME_BYTES, self.handler.reply_limit)  # a frame within max_message_size
         for item in items:
-            n = len(item[3])
-            if chunk and (len(chunk) >= _REPLY_ITEMS or size + n > _REPLY_BYTES or n >= ZERO_COPY):
+            n = len(item[3]) + 24  # its header too
+            if chunk and (len(chunk) >= REPLY_FRAME_ITEMS or size + n > cap or n >= ZERO_COPY):
                 self._send_frame_locked(ident, chunk)
                 chunk, size = [], 0
             chunk.append(item)
