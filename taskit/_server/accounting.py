@@ -52,7 +52,9 @@ class Accounting:
     """
 
     def __init__(self) -> None:
-        self.in_flight = 0  # calls accepted, not yet answered
+        # calls accepted, not yet answered (but an inline call, which the I/O thread
+        # answers before it reads the next request: unless the standby took over)
+        self.in_flight = 0
         self.running = 0  # of those, calls a pool worker is running now
         self.cancelled = 0  # calls withdrawn by a CANCEL before they started
         self.sessions_evicted = 0  # keyed: sessions forgotten to bound the table
@@ -76,9 +78,13 @@ class Accounting:
         }
         self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
 
-    def finished(self, name: str, ok: bool, elapsed: float, run_time: float | None) -> None:
-        """Account for a call answered after running (``run_time``: the task alone)."""
-        self.in_flight -= 1
+    def finished(
+        self, name: str, ok: bool, elapsed: float, run_time: float | None, counted: bool = True
+    ) -> None:
+        """Account for a call answered after running (``run_time``: the task alone;
+        ``counted``: it was counted in flight, as every call but an inline one is)."""
+        if counted:
+            self.in_flight -= 1
         counts = self.per_task.get(name)
         if counts is None:
             counts = self.per_task[name] = [0, 0, 0.0]

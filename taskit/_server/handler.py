@@ -488,14 +488,17 @@ class RequestHandler:
         call = Call(ident, codec, call_id, name, size, fn, args, kwargs, inline, pass_backend)
         if budget:
             call.budget, call.expires = budget, expires
+        if inline:
+            # Answered by this thread before the next request is read: not counted in
+            # flight, nor charged (the standby thread counts it if it takes over).
+            return call
         with self.lock:
             acct.in_flight += 1
-            if not inline:  # an inline call is answered before the next is read
-                if peers is not None:
-                    peers.charge(ident, size)
-                key = (ident, call_id)
-                if key not in self.queued:  # a CANCEL finds it here until it starts
-                    self.queued[key] = call
+            if peers is not None:
+                peers.charge(ident, size)
+            key = (ident, call_id)
+            if key not in self.queued:  # a CANCEL finds it here until it starts
+                self.queued[key] = call
         return call
 
     def cancel(self, ident: bytes, call_id: int) -> tuple[int, int, int, bytes]:
@@ -535,9 +538,12 @@ class RequestHandler:
         return self.refusal(call.codec, call.call_id, "Expired", expired_message(call.budget))
 
     def unaccept(self, call: Call) -> None:
-        """Undo the counting of a call that will not run (lock held)."""
+        """Undo the counting of a call that will not run (lock held; an inline call
+        was never counted)."""
+        if call.inline:
+            return
         self.acct.in_flight -= 1
-        if self.peers is not None and not call.inline:
+        if self.peers is not None:
             self.peers.settle(call.ident, call.size)
 
     def _drop(self, reason: str) -> None:

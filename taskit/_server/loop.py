@@ -384,7 +384,11 @@ class ServerLoop:
                     if self.inline_since != since or self.state != RUNNING:
                         continue
                     self.io_owner = me
-                    self.handler.acct.takeovers += 1
+                    acct = self.handler.acct
+                    acct.takeovers += 1
+                    # The inline call still running is in flight now: a graceful stop
+                    # must wait for its reply (_run_inline counts it out).
+                    acct.in_flight += 1
                 _log.debug("standby thread took the socket over from a long inline task")
                 return True
 
@@ -564,19 +568,23 @@ class ServerLoop:
                         if npending:
                             flush_pending(pending)
                         return _DONE
-                    if npending:
-                        # Replies wait: send them unless another request is there to
-                        # be answered with them (this EVENTS read replaces _CHECK's).
-                        ready = _get(router, _EVENTS) & _POLLIN
-                        if not ready or npending >= REPLY_FRAME_ITEMS:
-                            flush_pending(pending)
-                            npending = 0
-                        if not ready and state != _WAIT:
-                            break
+                    if npending >= REPLY_FRAME_ITEMS:
+                        flush_pending(pending)
+                        npending = 0
                     # The routing id as bytes: a ROUTER always has a frame after it.
+                    # Replies made here wait to go out together until no request is
+                    # there to be answered with them (a failed read, or before waiting).
                     if state == _WAIT:
                         try:
-                            ident = _recv(router, 0)
+                            if npending:
+                                try:
+                                    ident = _recv(router, _NOBLOCK)
+                                except zmq.Again:
+                                    flush_pending(pending)
+                                    npending = 0
+                                    ident = _recv(router, 0)
+                            else:
+                                ident = _recv(router, 0)
                         except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
                             state = _CHECK
                             break
@@ -641,13 +649,13 @@ class ServerLoop:
                             flush_pending(pending)
                         self._wake_if_needed_locked()
                     return _DEMOTED
-                # Checked under the lock: a worker's reply and its in_flight decrement
-                # happen in one hold of it, so 0 means no worker will wait for the lock.
-                with lock:
-                    if acct.in_flight == 0 and not (handler.stopping or self.terminating):
-                        state = _WAIT
-                    elif state == _WAIT:
-                        state = _BACKLOG
+                # Read without the lock: a worker's reply and its in_flight decrement
+                # happen in one hold of it, so 0 means no worker will want the lock
+                # (one in that hold now is waited for by the next read's).
+                if acct.in_flight == 0 and not (handler.stopping or self.terminating):
+                    state = _WAIT
+                elif state == _WAIT:
+                    state = _BACKLOG
             else:
                 more = True
             if npending:
@@ -684,13 +692,12 @@ class ServerLoop:
 
     def _run_inline(self, call: Call) -> tuple:
         """Run a quick task on the I/O thread; return its reply item (the caller
-        sends it). :meth:`_run` + :meth:`_reply` with one clock read and one lock
-        round fewer (this is the per-message hot path)."""
+        sends it). :meth:`_run` + :meth:`_reply` with fewer clock reads and lock
+        rounds (this is the per-message hot path): the call was not counted in
+        flight, unless the standby thread took the socket over meanwhile."""
         clock = time.perf_counter
         handler = self.handler
         if call.expires and time.monotonic() > call.expires:
-            with self.lock:
-                handler.unaccept(call)
             return handler.expired(call)
         # The standby thread compares these with time.perf_counter() (see _standby).
         # No in_task mark: this thread is one of the backend's own (inside() knows it).
@@ -698,11 +705,9 @@ class ServerLoop:
         try:
             value = call.fn(*call.args, **call.kwargs)
         except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
-            run_time = clock() - start
             item = handler.error_item(call, e)
             ok = False
         else:
-            run_time = clock() - start
             codec = call.codec
             try:
                 body = codec.encode(value)
@@ -713,13 +718,15 @@ class ServerLoop:
                 ok = True
             else:
                 item, ok = handler.result_item(call, value)
-        elapsed = clock() - start
+        elapsed = clock() - start  # the task and its encoding: what qualifies it inline
         with self.lock:
             self.inline_since = 0.0
-            handler.acct.finished(call.name, ok, elapsed, run_time)
-            if self.io_owner != threading.get_ident():
-                # The standby took the socket over meanwhile: keep this task off the
-                # I/O thread.
+            if self.io_owner == threading.get_ident():
+                handler.acct.finished(call.name, ok, elapsed, elapsed, False)
+            else:
+                # The standby took the socket over meanwhile (and counted this call in
+                # flight): keep this task off the I/O thread.
+                handler.acct.finished(call.name, ok, elapsed, elapsed)
                 handler.acct.bar(call.name)
         if handler.verbose and ok:
             handler.note(INFO, f"Finished fulfilling task {call.name!r}")
