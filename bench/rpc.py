@@ -24,7 +24,8 @@ msgpack-encodes the result:
   a plain ``recv`` per frame, the unwrapped base ``send``, a reused
   ``msgpack.Packer`` -- about 4x the floor's pipelined rate on one frame per
   message. Its ratios (``strict_*``) show how far taskit is from the limit;
-  taskit's wire format alone (3 frames a message) costs about half that rate.
+  taskit's wire format alone (one frame a message, 28 bytes of header) costs
+  little of that rate.
 
 Measured (the sides alternate in small chunks, so noise hits them alike):
 
@@ -262,44 +263,44 @@ class StrictClient(FloorClient):
 
 
 class WireClient(StrictClient):
-    """The strict floor's client speaking taskit's frames: isolates the BackEnd's cost."""
+    """The strict floor's client speaking taskit's frames (wire protocol v2, one
+    frame a message, no handshake: a keyless backend takes calls without one):
+    isolates the BackEnd's cost. Replies may come several to a frame (a BackEnd
+    packs the replies it has ready together)."""
 
     def __init__(self, port: int) -> None:
         super().__init__(port)
-        from taskit.protocol import HEADER, MAGIC
+        from taskit.protocol import HEAD, ITEM
 
-        self.magic, self.header = MAGIC, HEADER
-        # as lean as the floor: one plain recv per frame (replies from the bench's
-        # servers always have 3 frames)
+        self.head, self.item = HEAD, ITEM
 
     def call(self, name: str, *args: Any) -> Any:
-        send, recv, more = self.send, self.sock.recv, self.zmq.SNDMORE
-        send(self.magic, more)
-        send(self.header.pack(1, 2, 1), more)
-        send(self.packb([name, args, {}]))
-        recv()
-        recv()
-        return self.unpackb(recv())
+        body = self.packb([name, args, {}])
+        self.send(self.head.pack(b"TK", 2, 0, 1, 2, 0, 1, 0, 0, len(body)) + body)
+        frame = self.sock.recv()
+        return self.unpackb(frame[28:])
 
     def pipelined(self, n: int, window: int = 1000) -> list[Any]:
         send, recv, packb, unpackb = self.send, self.sock.recv, self.packb, self.unpackb
-        magic, header, more = self.magic, self.header.pack, self.zmq.SNDMORE
-        out = []
+        head, unpack_item = self.head.pack, self.item.unpack_from
+        out: list[Any] = []
         sent = 0
         while sent < min(window, n):
-            send(magic, more)
-            send(header(1, 2, sent), more)
-            send(packb(["add", (sent, 1), {}]))
+            body = packb(["add", (sent, 1), {}])
+            send(head(b"TK", 2, 0, 1, 2, 0, sent + 1, 0, 0, len(body)) + body)
             sent += 1
         while len(out) < n:
-            recv()
-            recv()
-            out.append(unpackb(recv()))
-            if sent < n:
-                send(magic, more)
-                send(header(1, 2, sent), more)
-                send(packb(["add", (sent, 1), {}]))
-                sent += 1
+            frame = recv()
+            pos, end = 4, len(frame)
+            while pos < end:
+                blen = unpack_item(frame, pos)[6]
+                pos += 24
+                out.append(unpackb(frame[pos : pos + blen]))
+                pos += blen
+                if sent < n:
+                    body = packb(["add", (sent, 1), {}])
+                    send(head(b"TK", 2, 0, 1, 2, 0, sent + 1, 0, 0, len(body)) + body)
+                    sent += 1
         return out
 
 
@@ -330,21 +331,20 @@ class IOThreadClient(WireClient):
             if self.wake_r in events:
                 os.read(self.wake_r, 4096)
             while self.outbox:
-                sock.send_multipart(self.outbox.popleft())
+                sock.send(self.outbox.popleft())
             if sock in events:
                 while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    frames = sock.recv_multipart()
-                    slot = self.waiting.pop(self.header.unpack(frames[1])[2])
-                    slot[1] = self.unpackb(frames[2])
+                    frame = sock.recv()
+                    slot = self.waiting.pop(self.head.unpack_from(frame)[6])
+                    slot[1] = self.unpackb(frame[28:])
                     slot[0].set()
 
     def call(self, name: str, *args: Any) -> Any:
         self.ids += 1
         slot: list = [threading.Event(), None]
         self.waiting[self.ids] = slot
-        self.outbox.append(
-            [self.magic, self.header.pack(1, 2, self.ids), self.packb([name, args, {}])]
-        )
+        body = self.packb([name, args, {}])
+        self.outbox.append(self.head.pack(b"TK", 2, 0, 1, 2, 0, self.ids, 0, 0, len(body)) + body)
         os.write(self.wake_w, b"x")
         slot[0].wait()
         return slot[1]
@@ -411,6 +411,16 @@ def echo_rate(call: Callable[..., Any], n: int, payload: bytes) -> float:
     return n * len(payload) / (time.perf_counter() - t) / MiB
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time (user + system) so far, from /proc; None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))]
@@ -440,6 +450,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend_only": ("backend_only", "pipelined"),
     }
     thr = dict.fromkeys(pipes, 0.0)
+    # the server child each pipelined figure runs against: its CPU time per call
+    server_of = {"floor": "floor", "strict": "strict", "submit": "taskit", "map": "taskit"}
+    server_of.update(frontend_only_map="wire", frames_only="wire", backend_only="taskit")
+    cpu_us: dict[str, float] = {}
     mib = dict.fromkeys(("floor", "strict", "taskit", "frontend_only"), 0.0)
     try:
         clients: dict[str, Any] = {
@@ -462,7 +476,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for kind in kinds:
                         lat[kind] += latencies(clients[kind].call, chunk)
                 for key, (client, method) in pipes.items():
+                    pid = servers[server_of[key]].proc.pid
+                    cpu0 = cpu_seconds(pid)
                     thr[key] = max(thr[key], rate(getattr(clients[client], method), args.calls))
+                    cpu1 = cpu_seconds(pid)
+                    if cpu0 is not None and cpu1 is not None:
+                        us_call = (cpu1 - cpu0) / args.calls * 1e6
+                        cpu_us[key] = min(cpu_us.get(key, us_call), us_call)
                 for _ in range(max(1, args.echo // 10)):
                     for kind in mib:
                         mib[kind] = max(mib[kind], echo_rate(clients[kind].call, 10, payload))
@@ -504,6 +524,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frames_only_pipelined_ratio": round(thr["frames_only"] / thr["strict"], 3),
             "backend_only_pipelined_ratio": round(thr["backend_only"] / thr["strict"], 3),
             "echo_1mib_mib_per_s": {k: round(v, 1) for k, v in mib.items()},
+            # the server process's CPU time per pipelined call (best round; /proc ticks)
+            "server_cpu_us_per_call": {k: round(v, 1) for k, v in cpu_us.items()},
             "frontend_only_echo_ratio": round(mib["frontend_only"] / mib["strict"], 3),
             "params": {
                 "sync": args.sync,
@@ -556,6 +578,8 @@ def report(r: dict[str, Any]) -> str:
         f" FrontEnd.map {cps['frontend_only_map']}/s ({d['frontend_only_pipelined_ratio']:.2f})",
         f"  pipelined, lean client (taskit frames) + BackEnd: {cps['backend_only']}/s "
         f"({d['backend_only_pipelined_ratio']:.2f})",
+        "  server CPU per pipelined call (us): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in d["server_cpu_us_per_call"].items()),
         f"  1 MiB echo, FrontEnd + lean server: {mib['frontend_only']:.1f} MiB/s "
         f"({d['frontend_only_echo_ratio']:.2f})",
     ]

@@ -117,28 +117,28 @@ class BackEnd:
     ``insecure_pickle`` is given); ``max_pending`` bounds calls queued or
     running (default 50,000, ``None``: no bound; more get a ``Busy`` error at
     once, which a FrontEnd retries with backoff); ``max_message_size`` bounds
-    every frame of an incoming message (a larger frame makes ZeroMQ drop the
-    connection), the whole message (frames in all, plus 64 bytes of envelope:
-    a larger one, or one of more than four frames, is dropped unread and
-    counted), and every reply (a larger result is answered with an
+    every message, in or out (one frame: a larger one makes ZeroMQ drop the
+    connection; a message of several frames is not one of wire protocol v2,
+    and is read frame by frame, dropped and counted), so a reply body has 68
+    bytes of envelope less (a larger result is answered with an
     ``EncodeError``, since a client with the same limit would drop the
     connection).
 
     What one client (one connection) can make the backend hold, in bytes, with
-    ``M = max_message_size + 64``, ``Q = peer_queue``, ``B = peer_budget``::
+    ``M = max_message_size``, ``Q = peer_queue``, ``B = peer_budget``::
 
           (Q + 1) * M   requests ZeroMQ queued or receiving, not yet read (RCVHWM = Q)
         + E * B + M     its accepted, unanswered calls and its replies waiting in
                         the backend (the ledger: wire bytes + 3 KiB per call, 512 B
                         per reply; decoded arguments take E <= 73 x their wire bytes)
         + Q * M         replies handed to ZeroMQ, not yet sent (SNDHWM = Q)
+        + S             with ``key``: its session (see doc/security.md)
         + kernel        SO_RCVBUF + SO_SNDBUF of its TCP connection (not in our RSS)
 
-    The request terms hold for messages of up to four frames. ZeroMQ bounds
-    each frame (by ``max_message_size``), not their number, and queues a
-    message only once it has all of it: a client sending more frames makes it
-    hold ``frames * max_message_size`` per message until the backend reads and
-    drops it (doc/security.md). A call from a client already holding
+    ZeroMQ bounds each frame (by ``max_message_size``), not their number, and
+    queues a message only once it has all of it: a client sending a message of
+    many frames makes it hold ``frames * max_message_size`` until the backend
+    reads and drops it (doc/security.md). A call from a client already holding
     something that would take it past ``peer_budget`` is answered ``Busy``;
     a reply to a client whose ZeroMQ queue is full (it is not reading) waits
     in the ledger, and past ``peer_budget`` is dropped and counted
@@ -221,7 +221,9 @@ class BackEnd:
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         # replies are bounded too: a client with the same limit would drop a larger one
-        reply_limit = sys.maxsize if max_message_size is None else int(max_message_size)
+        # (max_message_size bounds a whole frame: a reply body has its envelope less)
+        request_limit = sys.maxsize if max_message_size is None else int(max_message_size)
+        reply_limit = max(0, request_limit - ENVELOPE)
         for opt, value, least in (("peer_budget", peer_budget, 0), ("peer_queue", peer_queue, 1)):
             if value is None and opt == "peer_budget":
                 continue
@@ -264,8 +266,7 @@ class BackEnd:
             codecs=codecs_,
             signer=signer,
             admin=(task_stop, task_kill, task_count),
-            # a whole request: ZeroMQ's MAXMSGSIZE only bounds each frame
-            request_limit=reply_limit + ENVELOPE,
+            request_limit=request_limit,
             reply_limit=reply_limit,
             max_message_size=max_message_size,
             max_pending=max_pending,

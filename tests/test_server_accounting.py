@@ -30,11 +30,11 @@ def test_peer_ledger_charges_calls_and_refuses_past_the_budget():
 
 
 def test_peer_ledger_backlog_is_bounded_and_forgotten():
-    one = 100 + REPLY_COST
+    one = 2 * 24 + 100 + REPLY_COST  # two items: their headers and bodies
     ledger = PeerLedger(budget=3 * one)
-    frames = [b"m" * 5, b"h" * 10, b"x" * 85]
-    assert all(ledger.defer(b"a", frames) for _ in range(3))
-    assert not ledger.defer(b"a", frames)  # the fourth would pass the budget
+    items = [(2, 1, 1, b"x" * 60), (2, 1, 2, b"y" * 40)]
+    assert all(ledger.defer(b"a", items) for _ in range(3))
+    assert not ledger.defer(b"a", items)  # the fourth would pass the budget
     assert ledger.held_by(b"a") == 3 * one and len(ledger.backlog[b"a"]) == 3
     ledger.sent(b"a")
     assert ledger.held_by(b"a") == 2 * one

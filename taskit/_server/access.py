@@ -1,5 +1,6 @@
-"""Who may talk to a BackEnd: its CURVE keys, the CurveZMQ client allow-list, and
-what a message with a signature it cannot check gets.
+"""Who may talk to a BackEnd: its CURVE keys and the CurveZMQ client allow-list.
+(What a message with a signature the backend cannot check gets, and the
+per-connection sessions of a keyed backend, are the request handler's.)
 
 The allow-list's ZAP thread is pyzmq's; nothing here owns the backend's socket.
 """
@@ -13,14 +14,9 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 
-from taskit import protocol
 from taskit._curve import check_pair, curve_key
-from taskit.codecs import JSONCodec, Signer
-from taskit.protocol import Kind
 
-__all__ = ["CurveAllowList", "curve_keys", "unauthenticated_reply"]
-
-_CALL = int(Kind.CALL)
+__all__ = ["CurveAllowList", "curve_keys"]
 
 
 class CurveAllowList:
@@ -85,18 +81,3 @@ def curve_keys(secret: Any, public: Any) -> tuple[bytes | None, bytes | None]:
     public = curve_key("curve_publickey", public)
     check_pair(public, secret, "curve_publickey", "curve_secretkey")
     return secret, public
-
-
-def unauthenticated_reply(frames: list[Any], signer: Signer | None) -> list[bytes] | None:
-    """The answer to a message whose signature this backend cannot check (it has a
-    key and the signature is missing or wrong, or it has none and the message is
-    signed): such a message is never read further nor run. A CALL is answered with
-    the fixed, unsigned JSON ERROR ``Unauthenticated`` (its text says which side
-    lacks the key, nothing depends on the key), so the caller gets an
-    AuthenticationError rather than waiting forever; anything else gets None
-    (nothing). The caller counts it as ``dropped["bad_signature"]``."""
-    call_id = protocol.peek_call_id(frames)
-    if call_id is None or frames[1][0] != _CALL:
-        return None
-    why = protocol.KEY_DIFFERS if signer is not None else protocol.NO_KEY_HERE
-    return protocol.encode_error(JSONCodec, call_id, protocol.UNAUTHENTICATED, [why], "", None)

@@ -25,8 +25,8 @@ __all__ = [
 # item, the decoded call's list/dict, the closure and the future (tracemalloc: 2.2
 # KiB per queued call on CPython 3.12, thread pool), rounded up.
 CALL_COST = 3072
-# What one reply waiting in the backlog costs beyond its frames' bytes: three
-# bytes objects, a list, a tuple and a deque slot (~250 bytes), rounded up.
+# What one reply waiting in the backlog costs beyond its bodies' bytes: its item
+# tuples, a list, a tuple and a deque slot (~250 bytes), rounded up.
 REPLY_COST = 512
 
 # A failing task's traceback is logged in full at most once per this many seconds
@@ -52,7 +52,12 @@ class Accounting:
     """
 
     def __init__(self) -> None:
-        self.in_flight = 0  # calls accepted, not yet answered
+        # calls accepted, not yet answered (but an inline call, which the I/O thread
+        # answers before it reads the next request: unless the standby took over)
+        self.in_flight = 0
+        self.running = 0  # of those, calls a pool worker is running now
+        self.cancelled = 0  # calls withdrawn by a CANCEL before they started
+        self.sessions_evicted = 0  # keyed: sessions forgotten to bound the table
         self.subtasks = 0
         self.done = 0
         self.failed = 0
@@ -68,12 +73,18 @@ class Accounting:
             "reply_hwm": 0,
             "reply_over_budget": 0,
             "client_gone": 0,  # calls not started: their client's connection had closed
+            "replayed": 0,  # keyed: a message seen before (or a second HELLO), not run
+            "no_session": 0,  # keyed: a message on a connection that said no HELLO
         }
         self.speed: dict[str, int] = {}  # name -> consecutive fast runs (< 0: barred)
 
-    def finished(self, name: str, ok: bool, elapsed: float, run_time: float | None) -> None:
-        """Account for a call answered after running (``run_time``: the task alone)."""
-        self.in_flight -= 1
+    def finished(
+        self, name: str, ok: bool, elapsed: float, run_time: float | None, counted: bool = True
+    ) -> None:
+        """Account for a call answered after running (``run_time``: the task alone;
+        ``counted``: it was counted in flight, as every call but an inline one is)."""
+        if counted:
+            self.in_flight -= 1
         counts = self.per_task.get(name)
         if counts is None:
             counts = self.per_task[name] = [0, 0, 0.0]
@@ -116,6 +127,7 @@ class Accounting:
             "done": self.done,
             "failed": self.failed,
             "admin": self.admin,
+            "cancelled": self.cancelled,
             "refused": dict(self.refused),
             "dropped": dict(self.dropped),
             "tasks": {
@@ -152,7 +164,7 @@ class PeerLedger:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held: dict[bytes, int] = {}
-        self.backlog: dict[bytes, deque[tuple[list[bytes], int]]] = {}
+        self.backlog: dict[bytes, deque[tuple[list[tuple], int]]] = {}
         self.deferred = 0  # replies that ever waited in a backlog
 
     def over(self, ident: bytes, size: int) -> bool:
@@ -177,9 +189,10 @@ class PeerLedger:
         else:
             held.pop(ident, None)
 
-    def defer(self, ident: bytes, frames: list[bytes]) -> bool:
-        """Keep a reply ZeroMQ refused for ``ident``; False (not kept) past the budget."""
-        size = sum(map(len, frames)) + REPLY_COST
+    def defer(self, ident: bytes, items: list[tuple]) -> bool:
+        """Keep a reply ZeroMQ refused for ``ident`` (its items ``(kind, codec_id,
+        call_id, body)``, packed and sealed when sent); False (not kept) past the budget."""
+        size = sum(len(item[3]) for item in items) + 24 * len(items) + REPLY_COST
         held = self.held.get(ident, 0)
         if held + size > self.budget:
             return False
@@ -187,7 +200,7 @@ class PeerLedger:
         queue = self.backlog.get(ident)
         if queue is None:
             queue = self.backlog[ident] = deque()
-        queue.append((frames, size))
+        queue.append((items, size))
         self.deferred += 1
         return True
 

@@ -52,16 +52,33 @@ from typing import Any
 
 import zmq
 
-from taskit import protocol
 from taskit._server.access import CurveAllowList
-from taskit._server.handler import Call, RequestHandler
+from taskit._server.handler import (
+    CANCELLED,
+    QUEUED,
+    Call,
+    RequestHandler,
+    expired_message,
+)
+from taskit._server.handler import RUNNING as CALL_RUNNING
 from taskit._wire import DONTWAIT, EVENTS, MORE, NOBLOCK, POLLIN, ZERO_COPY, base_get, base_recv
 from taskit._wire import base_send as _send
 from taskit.errors import BackendBindError, PoolShutdownError
 from taskit.log import IMPORTANT, INFO
 from taskit.protocol import Kind
 
-__all__ = ["ServerLoop", "in_task", "NEW", "BINDING", "RUNNING", "STOPPED"]
+__all__ = [
+    "ServerLoop",
+    "in_task",
+    "NEW",
+    "BINDING",
+    "RUNNING",
+    "STOPPED",
+    "CallExpired",
+    "run_unless_expired",
+    "REPLY_FRAME_ITEMS",
+    "REPLY_FRAME_BYTES",
+]
 
 _log = logging.getLogger("taskit.backend")
 
@@ -69,9 +86,17 @@ _recv, _get = base_recv, base_get
 _EVENTS, _POLLIN, _NOBLOCK, _DONTWAIT, _MORE = EVENTS, POLLIN, NOBLOCK, DONTWAIT, MORE
 
 _BATCH = 64  # requests read per wake-up before flags are checked again
-# Frames of the longest valid request, with the routing id: id, magic, header, body,
-# HMAC. The I/O loop stops keeping the frames of a longer message and drops it.
-_MAX_PARTS = 5
+# A message of several frames is not v2: the I/O loop keeps this many of its frames
+# (a v1 CALL's magic and header) to answer a v1 client, and frees the rest one by one.
+_MAX_PARTS = 2
+# Replies to one peer packed in one frame: at most this many items, this many bytes
+# of items (a body of ZERO_COPY bytes or more goes alone). Batching pays for small
+# replies; the byte cap keeps it from multiplying what a peer's ZeroMQ queue holds
+# (peer_queue counts messages: Q frames of up to REPLY_FRAME_BYTES each).
+REPLY_FRAME_ITEMS = 256
+REPLY_FRAME_BYTES = 64 * 1024
+_RESULT = int(Kind.RESULT)
+_ERROR = int(Kind.ERROR)
 
 # A standby thread takes the socket over from an inline task running longer
 # than this, so a task that blocks unexpectedly never stalls the backend.
@@ -95,7 +120,7 @@ _DRAIN = 10
 # Clients that lost a reply, remembered so they are not told "never ran" at the end
 # of a graceful stop; past this many, nobody is told (see _tell_stopped_locked).
 _LOSSY_MAX = 10_000
-_CALL_KIND = bytes([Kind.CALL])  # the first byte of a CALL's header frame
+_CALL_KIND = bytes([Kind.CALL])  # the byte after a CALL message's preamble
 
 # Life cycle of a BackEnd.
 NEW, BINDING, RUNNING, STOPPED = "new", "binding", "running", "stopped"
@@ -230,6 +255,9 @@ class ServerLoop:
                     self.state = STOPPED
                     self.stopped.set()
                 raise
+        size = getattr(self.pool, "size", None)
+        if callable(size):
+            self.handler.workers = size
         self.started_at = time.monotonic()
         with self.lock:
             self.state = RUNNING
@@ -356,7 +384,11 @@ class ServerLoop:
                     if self.inline_since != since or self.state != RUNNING:
                         continue
                     self.io_owner = me
-                    self.handler.acct.takeovers += 1
+                    acct = self.handler.acct
+                    acct.takeovers += 1
+                    # The inline call still running is in flight now: a graceful stop
+                    # must wait for its reply (_run_inline counts it out).
+                    acct.in_flight += 1
                 _log.debug("standby thread took the socket over from a long inline task")
                 return True
 
@@ -424,7 +456,7 @@ class ServerLoop:
                 # Reading EVENTS also re-arms the edge-triggered descriptor polled below.
                 if _get(router, _EVENTS) & _POLLIN:
                     ident, *frames = router.recv_multipart(_NOBLOCK, copy=False)
-                    msg: list[Any] | None = [ident.bytes, *frames]  # as handle() takes it
+                    msg: list[Any] | None = [ident.bytes, *frames]
                 else:
                     msg = None
             if msg is not None:
@@ -434,7 +466,7 @@ class ServerLoop:
                     _log.exception("backend on %s could not handle a message", self.endpoint)
                 # Only a CALL says more may be on their way: a client's periodic PING
                 # (or a peer sending junk) must not hold the stop open until the cap.
-                if len(msg) > 2 and msg[2].bytes[:1] == _CALL_KIND:
+                if len(msg) == 2 and msg[1].bytes[4:5] == _CALL_KIND:
                     quiet_until = time.monotonic() + self.end_resp * _QUIET
                 continue
             left = min(quiet_until, give_up) - time.monotonic()
@@ -448,28 +480,53 @@ class ServerLoop:
                         pass
 
     def _answer(self, msg: list[Any]) -> None:
-        """Handle one message and act on the handler's decision (off the hot path:
-        :meth:`_loop` spells this out)."""
-        out = self.handler.handle(msg)
-        if type(out) is Call:
-            if out.inline:
-                self._run_inline(out)
-            else:
-                self._submit(out)
-        elif out is not None:
+        """Handle one message (the routing id, then its frames) and act on the
+        handler's decisions (off the hot path: :meth:`_loop` spells this out)."""
+        ident = msg[0]
+        if len(msg) != 2:
+            out = self.handler.handle_frames(ident, msg[1:3], len(msg) - 1)
+            if out is not None:
+                with self.lock:
+                    self._send_raw_locked(ident, out)
+            return
+        pending: dict[bytes, list[tuple]] = {}
+        self._act(ident, self.handler.handle(ident, msg[1]), pending)
+        if pending:
             with self.lock:
-                self._send_locked(msg[0], out)
+                self._flush_pending_locked(pending)
+
+    def _act(self, ident: bytes, out: Any, pending: dict[bytes, list[tuple]]) -> int:
+        """Act on the handler's decision ``out`` about a message of ``ident``: run or
+        submit its calls, add reply items to ``pending`` (sent by the caller, one
+        frame per peer), send a complete frame now. Returns the items added."""
+        t = type(out)
+        if t is Call:
+            if out.state == CANCELLED:  # withdrawn by a CANCEL later in its batch
+                return 0
+            if not out.inline:
+                self._submit(out)
+                return 0
+            out = self._run_inline(out)
+            t = tuple
+        if t is tuple:
+            queue = pending.get(ident)
+            if queue is None:
+                pending[ident] = [out]
+            else:
+                queue.append(out)
+            return 1
+        if t is bytes:
+            with self.lock:
+                self._send_raw_locked(ident, [out])
+            return 0
+        if t is list:
+            n = 0
+            for o in out:
+                n += self._act(ident, o, pending)
+            return n
+        return 0
 
     # -- the I/O loop ----------------------------------------------------------------
-
-    def _discard_rest_locked(self, router: zmq.Socket) -> list:
-        """Read and free the remaining frames of a message with too many (lock held);
-        count it dropped. Returns an empty list: nothing to handle."""
-        frame = _recv(router, _NOBLOCK, False)
-        while frame.more:
-            frame = _recv(router, _NOBLOCK, False)  # the previous one is freed here
-        self.handler.acct.drop("malformed")
-        return []
 
     def _loop(self) -> str:
         router = self.router
@@ -484,9 +541,14 @@ class ServerLoop:
         handler = self.handler
         handle = handler.handle
         acct = handler.acct
-        run_inline, submit, send_locked = self._run_inline, self._submit, self._send_locked
+        run_inline, submit, act = self._run_inline, self._submit, self._act
+        flush_pending = self._flush_pending_locked
         peers = handler.peers
         me = threading.get_ident()
+        # Replies made on this thread (refusals, inline results, PONGs...), by peer,
+        # sent together once no request is waiting (one frame per peer, capped).
+        pending: dict[bytes, list[tuple]] = {}
+        npending = 0
         # How to read next. An empty recv raises, which costs more than checking
         # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
         # _TRY when a request is likely (the socket's descriptor woke us, or many
@@ -502,66 +564,104 @@ class ServerLoop:
             more = False
             for _ in range(_BATCH):
                 with lock:
-                    if self.terminating:
+                    if self.terminating:  # a <kill>'s own answer still goes out
+                        if npending:
+                            flush_pending(pending)
                         return _DONE
-                    # The routing id as bytes: a ROUTER always has more frames after it.
+                    if npending >= REPLY_FRAME_ITEMS:
+                        flush_pending(pending)
+                        npending = 0
+                    # The routing id as bytes: a ROUTER always has a frame after it.
+                    # Replies made here wait to go out together until no request is
+                    # there to be answered with them (a failed read, or before waiting).
                     if state == _WAIT:
                         try:
-                            msg = [_recv(router, 0)]
+                            if npending:
+                                try:
+                                    ident = _recv(router, _NOBLOCK)
+                                except zmq.Again:
+                                    flush_pending(pending)
+                                    npending = 0
+                                    ident = _recv(router, 0)
+                            else:
+                                ident = _recv(router, 0)
                         except zmq.Again:  # idle for _WAIT_MS: sleep in poll() from now on
                             state = _CHECK
                             break
                     elif state == _CHECK:
                         if not _get(router, _EVENTS) & _POLLIN:
                             break
-                        msg = [_recv(router, _NOBLOCK)]
+                        ident = _recv(router, _NOBLOCK)
                         state = _BACKLOG
                     else:
                         try:
-                            msg = [_recv(router, _NOBLOCK)]
+                            ident = _recv(router, _NOBLOCK)
                         except zmq.Again:
                             break
                         if state == _TRY:
                             state = _CHECK
-                    # The rest as Frames, not bytes: a Frame carries its RCVMORE flag,
-                    # read in C; each getsockopt(RCVMORE) from Python costs an enum lookup.
+                    # The frame as a Frame, not bytes: it carries its RCVMORE flag,
+                    # read in C, and a big one is read in place.
                     frame = _recv(router, _NOBLOCK, False)
-                    msg.append(frame)
-                    while frame.more:
-                        if len(msg) == _MAX_PARTS:
-                            msg = self._discard_rest_locked(router)
-                            break
-                        frame = _recv(router, _NOBLOCK, False)
-                        msg.append(frame)
-                    frame = None  # hold no frame of this message past its handling
-                if msg:
-                    try:
-                        out = handle(msg)
-                        if type(out) is Call:
+                    if frame.more:  # not a v2 message: keep two frames, free the rest
+                        frames = [frame]
+                        nframes = 1
+                        while frame.more:
+                            frame = _recv(router, _NOBLOCK, False)  # frees the one before
+                            nframes += 1
+                            if nframes <= _MAX_PARTS:
+                                frames.append(frame)
+                        frame = None
+                try:
+                    if frame is not None:
+                        out = handle(ident, frame)
+                        frame = None  # hold no frame of this message past its handling
+                        t = type(out)
+                        if t is Call:
                             if out.inline:
-                                run_inline(out)
+                                out = run_inline(out)
+                                t = tuple
                             else:
                                 submit(out)
-                        elif out is not None:
+                        if t is tuple:
+                            queue = pending.get(ident)
+                            if queue is None:
+                                pending[ident] = [out]
+                            else:
+                                queue.append(out)
+                            npending += 1
+                        elif out is not None and t is not Call:
+                            npending += act(ident, out, pending)
+                    else:
+                        raw = handler.handle_frames(ident, frames, nframes)
+                        frames = []
+                        if raw is not None:
                             with lock:
-                                send_locked(msg[0], out)
-                    except Exception:  # a bug, or a user codec raising oddly: keep serving
-                        _log.exception("backend on %s could not handle a message", self.endpoint)
-                        with lock:
-                            acct.drop("malformed")
-                    out = None
-                    del msg  # free its buffers now, not when the next message arrives
-                if self.io_owner != me:
-                    return _DEMOTED  # the standby took over during an inline task
-                # Checked under the lock: a worker's reply and its in_flight decrement
-                # happen in one hold of it, so 0 means no worker will wait for the lock.
-                with lock:
-                    if acct.in_flight == 0 and not (handler.stopping or self.terminating):
-                        state = _WAIT
-                    elif state == _WAIT:
-                        state = _BACKLOG
+                                self._send_raw_locked(ident, raw)
+                except Exception:  # a bug, or a user codec raising oddly: keep serving
+                    _log.exception("backend on %s could not handle a message", self.endpoint)
+                    with lock:
+                        acct.drop("malformed")
+                out = None
+                if self.io_owner != me:  # the standby took over during an inline task
+                    with lock:
+                        if npending:
+                            flush_pending(pending)
+                        self._wake_if_needed_locked()
+                    return _DEMOTED
+                # Read without the lock: a worker's reply and its in_flight decrement
+                # happen in one hold of it, so 0 means no worker will want the lock
+                # (one in that hold now is waited for by the next read's).
+                if acct.in_flight == 0 and not (handler.stopping or self.terminating):
+                    state = _WAIT
+                elif state == _WAIT:
+                    state = _BACKLOG
             else:
                 more = True
+            if npending:
+                with lock:
+                    flush_pending(pending)
+                npending = 0
             if peers is not None and peers.backlog:
                 with lock:
                     self._flush_backlog_locked()
@@ -590,43 +690,47 @@ class ServerLoop:
 
     # -- running calls ---------------------------------------------------------------
 
-    def _run_inline(self, call: Call) -> None:
-        """Run a quick task on the I/O thread and reply: :meth:`_run` + :meth:`_reply`
-        with one clock read and one lock round fewer (this is the per-message hot path)."""
+    def _run_inline(self, call: Call) -> tuple:
+        """Run a quick task on the I/O thread; return its reply item (the caller
+        sends it). :meth:`_run` + :meth:`_reply` with fewer clock reads and lock
+        rounds (this is the per-message hot path): the call was not counted in
+        flight, unless the standby thread took the socket over meanwhile."""
         clock = time.perf_counter
         handler = self.handler
+        if call.expires and time.monotonic() > call.expires:
+            return handler.expired(call)
         # The standby thread compares these with time.perf_counter() (see _standby).
         # No in_task mark: this thread is one of the backend's own (inside() knows it).
         self.inline_seen = self.inline_since = start = clock()
         try:
             value = call.fn(*call.args, **call.kwargs)
         except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
-            run_time = clock() - start
-            frames = handler.error_frames(call, e)
+            item = handler.error_item(call, e)
             ok = False
         else:
-            run_time = clock() - start
+            codec = call.codec
             try:
-                frames = protocol.encode_result(call.codec, call.call_id, value, handler.signer)
-                ok = True
+                body = codec.encode(value)
             except Exception:
-                frames, ok = handler.result_frames(call, value)
+                body = None
+            if type(body) is bytes and len(body) <= handler.reply_limit:
+                item = (_RESULT, codec.wire_id, call.call_id, body)
+                ok = True
             else:
-                if len(frames[2]) > handler.reply_limit:
-                    frames, ok = handler.oversized(call, len(frames[2])), False
-        elapsed = clock() - start
+                item, ok = handler.result_item(call, value)
+        elapsed = clock() - start  # the task and its encoding: what qualifies it inline
         with self.lock:
             self.inline_since = 0.0
-            # counted out before sent: see _reply
-            handler.acct.finished(call.name, ok, elapsed, run_time)
-            self._send_locked(call.ident, frames)
-            if self.io_owner != threading.get_ident():
-                # The standby took the socket over meanwhile: keep this task off the
-                # I/O thread, and wake the new owner if this send ate its edge.
+            if self.io_owner == threading.get_ident():
+                handler.acct.finished(call.name, ok, elapsed, elapsed, False)
+            else:
+                # The standby took the socket over meanwhile (and counted this call in
+                # flight): keep this task off the I/O thread.
+                handler.acct.finished(call.name, ok, elapsed, elapsed)
                 handler.acct.bar(call.name)
-                self._wake_if_needed_locked()
         if handler.verbose and ok:
             handler.note(INFO, f"Finished fulfilling task {call.name!r}")
+        return item
 
     def _submit(self, call: Call) -> None:
         """Hand an accepted call to the pool; answer it at once when the pool cannot."""
@@ -637,7 +741,13 @@ class ServerLoop:
                     raise TypeError(
                         f"task {call.name!r} wants the backend, which needs pool='thread'"
                     )
-                fut = self.pool.submit(call.fn, *call.args, **call.kwargs)
+                if call.expires:  # checked again by the child that is handed it
+                    fut = self.pool.submit(
+                        run_unless_expired, call.expires, call.fn, *call.args, **call.kwargs
+                    )
+                else:
+                    fut = self.pool.submit(call.fn, *call.args, **call.kwargs)
+                call.fut = fut
                 fut.add_done_callback(lambda f: self._finish(call, f))
             else:
                 if call.pass_backend:
@@ -645,21 +755,62 @@ class ServerLoop:
                 self.pool.submit(self._run, call)
         except PoolShutdownError:
             with self.lock:
+                self._forget_queued_locked(call)
                 self.handler.unaccept(call)
-            frames = self.handler.refusal(
+            item = self.handler.refusal(
                 call.codec, call.call_id, "Stopping", "this backend's pool is shut down"
             )
             with self.lock:
-                self._send_locked(call.ident, frames)
+                self._send_locked(call.ident, [item])
         except BaseException as e:  # e.g. the pool cannot take it: answer, keep serving
-            self._reply(call, self.handler.error_frames(call, e), False, None)
+            with self.lock:
+                self._forget_queued_locked(call)
+            self._reply(call, self.handler.error_item(call, e), False, None)
+
+    def _forget_queued_locked(self, call: Call) -> None:
+        queued = self.handler.queued
+        key = (call.ident, call.call_id)
+        if queued.get(key) is call:
+            del queued[key]
+
+    def _start_locked(self, call: Call) -> tuple | None:
+        """A pool call is about to start (lock held): None when it may run (now
+        RUNNING); else why not: it was cancelled (an empty tuple: nothing to send),
+        its client is gone (counted; nothing to send) or its deadline passed (the
+        Expired reply item)."""
+        if call.state != QUEUED:
+            return ()
+        self._forget_queued_locked(call)
+        handler = self.handler
+        if call.ident in handler.gone:
+            call.state = CANCELLED
+            handler.unaccept(call)  # settles its ledger charge too
+            handler.acct.drop("client_gone")
+            self._wake_if_needed_locked()
+            return ()
+        if call.expires and time.monotonic() > call.expires:
+            call.state = CANCELLED
+            handler.unaccept(call)
+            handler.acct.refuse("Expired")
+            msg = expired_message(call.budget)
+            return handler.encode_error(call.codec, call.call_id, "Expired", [msg], "")
+        call.state = CALL_RUNNING
+        return None
 
     def _run(self, call: Call) -> None:
         """Run ``call`` on a pool thread and reply from there."""
         # Kept apart from _run_inline on purpose: a shared helper would add a call per
         # message on the inline hot path, and the two differ in marks, locking and reply.
         handler = self.handler
-        if handler.gone and self._skip_for_gone_client(call):
+        with self.lock:
+            why = self._start_locked(call)
+            if why is None:
+                handler.acct.running += 1
+            elif why:
+                self._send_locked(call.ident, [why])
+                if threading.get_ident() != self.io_owner:
+                    self._wake_if_needed_locked()
+        if why is not None:
             return
         in_task.backend = self.owner
         start = time.perf_counter()
@@ -667,55 +818,59 @@ class ServerLoop:
             value = call.fn(*call.args, **call.kwargs)
         except BaseException as e:  # anything a task raises, even SystemExit, is the caller's
             run_time = time.perf_counter() - start
-            frames = handler.error_frames(call, e)
+            item = handler.error_item(call, e)
             ok = False
         else:
             run_time = time.perf_counter() - start
-            frames, ok = handler.result_frames(call, value)
+            item, ok = handler.result_item(call, value)
         finally:
             in_task.backend = None
-        self._reply(call, frames, ok, run_time)
+        self._reply(call, item, ok, run_time, ran=True)
 
     def _finish(self, call: Call, fut: Any) -> None:
         """Reply to a call a process pool ran (``fut``: its future)."""
+        if fut.cancelled():
+            return  # withdrawn by a CANCEL (handler.cancel settled it)
+        with self.lock:
+            self._forget_queued_locked(call)
+            call.state = CALL_RUNNING
         try:
             value = fut.result()
+        except CallExpired:
+            with self.lock:
+                self.handler.unaccept(call)
+            item = self.handler.expired(call)
+            with self.lock:
+                self._send_locked(call.ident, [item])
+                self._wake_if_needed_locked()
+            return
         except BaseException as e:
             # Process pool: the task's own traceback comes from the worker; any other
             # error was raised here by the pool (WorkerLostError, WorkerStartError, ...),
             # whose message says it all and whose frames are the pool's, not the task's.
-            frames = self.handler.error_frames(call, e, local_traceback=False)
+            item = self.handler.error_item(call, e, local_traceback=False)
             ok = False
         else:
-            frames, ok = self.handler.result_frames(call, value)
-        self._reply(call, frames, ok, None)
+            item, ok = self.handler.result_item(call, value)
+        self._reply(call, item, ok, None)
 
-    def _skip_for_gone_client(self, call: Call) -> bool:
-        """True (and counted) when the caller's connection is known closed: a call of
-        it that has not started is not run. Called by the pool thread that would run it
-        (never the I/O thread), which wakes that one when this ends a graceful stop."""
-        handler = self.handler
-        if call.ident not in handler.gone:
-            return False
-        with self.lock:
-            handler.unaccept(call)  # settles its ledger charge too
-            handler.acct.drop("client_gone")
-            self._wake_if_needed_locked()
-        return True
-
-    def _reply(self, call: Call, frames: list[bytes], ok: bool, run_time: float | None) -> None:
+    def _reply(
+        self, call: Call, item: tuple, ok: bool, run_time: float | None, ran: bool = False
+    ) -> None:
         """Account for a call's reply, then send it, from the thread that ran it.
 
         In that order, in one hold of the lock: a caller that has its reply reads
         a ``task_count`` without its call (the I/O loop relies only on both
-        happening in one hold)."""
+        happening in one hold). ``ran``: counted running by :meth:`_run`."""
         handler = self.handler
         elapsed = time.perf_counter() - call.t0
         with self.lock:
             if handler.peers is not None:
                 handler.peers.settle(call.ident, call.size)  # first: the reply may need room
             handler.acct.finished(call.name, ok, elapsed, run_time)
-            self._send_locked(call.ident, frames)
+            if ran:
+                handler.acct.running -= 1
+            self._send_locked(call.ident, [item])
             # A worker's send may have eaten the edge that would wake the I/O thread
             # (the I/O thread itself, after an inline task, checks EVENTS anyway).
             if threading.get_ident() != self.io_owner:
@@ -734,68 +889,137 @@ class ServerLoop:
 
     # -- sending ---------------------------------------------------------------------
 
-    def _send_locked(self, ident: bytes, frames: list[bytes]) -> None:
-        """Send one reply (lock held); a full peer queue defers it to the ledger."""
+    def _flush_pending_locked(self, pending: dict[bytes, list[tuple]]) -> None:
+        """Send the replies the I/O thread made, one frame per peer (lock held)."""
+        send = self._send_locked
+        for ident, items in pending.items():
+            send(ident, items)
+        pending.clear()
+
+    def _send_locked(self, ident: bytes, items: list[tuple]) -> None:
+        """Send reply items to ``ident`` (lock held): one frame, or several past the
+        caps (REPLY_FRAME_ITEMS items, REPLY_FRAME_BYTES of bodies; a body of ZERO_COPY bytes
+        or more goes alone). A full peer queue defers a frame's items to the ledger."""
+        if len(items) == 1:
+            self._send_frame_locked(ident, items)
+            return
+        chunk: list[tuple] = []
+        size = 0
+        cap = min(REPLY_FRAME_BYTES, self.handler.reply_limit)  # a frame within max_message_size
+        for item in items:
+            n = len(item[3]) + 24  # its header too
+            if chunk and (len(chunk) >= REPLY_FRAME_ITEMS or size + n > cap or n >= ZERO_COPY):
+                self._send_frame_locked(ident, chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += n
+            if n >= ZERO_COPY:
+                self._send_frame_locked(ident, chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._send_frame_locked(ident, chunk)
+
+    def _send_frame_locked(self, ident: bytes, items: list[tuple]) -> None:
         router = self.router
         if router is None:
             return  # terminated meanwhile: nobody left to answer
+        handler = self.handler
+        session = None
+        if handler.signer is not None:
+            session = handler.sessions.get(ident)
+            if session is None:  # forgotten (evicted, or its client is gone)
+                handler.acct.drop("no_session", len(items))
+                return
         try:
-            # The backend's send with int flags: pyzmq's send_multipart does enum
-            # arithmetic per frame, a measurable share of a loopback round trip.
+            # The routing id first: a full queue or a gone peer fails here, before
+            # anything is sealed (a seal's sequence must match the send order).
             _send(router, ident, _MORE)
-            # A big body goes zero-copy: ZeroMQ keeps a reference to the bytes object
-            # until it is sent, rather than a copy in a freshly faulted-in buffer.
-            if len(frames) == 3:  # unsigned: unrolled, the loop costs as much as a send
-                _send(router, frames[0], _MORE)
-                _send(router, frames[1], _MORE)
-                body = frames[2]
-                _send(router, body, _DONTWAIT, len(body) < ZERO_COPY)
-            else:
-                last = len(frames) - 1
-                for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
         except zmq.Again:  # the peer's queue is full: it is not reading (see PeerLedger)
-            acct, peers = self.handler.acct, self.handler.peers
+            acct, peers = handler.acct, handler.peers
             if peers is None:
-                acct.drop("reply_hwm")
+                acct.drop("reply_hwm", len(items))
                 self._reply_dropped_locked(ident)
             else:
                 idle = not peers.backlog
-                if not peers.defer(ident, frames):
-                    acct.drop("reply_over_budget")
+                if not peers.defer(ident, items):
+                    acct.drop("reply_over_budget", len(items))
                     self._reply_dropped_locked(ident)
                 elif idle:  # the I/O loop retries a backlog often, once it knows of one
                     self.wake_locked()
+            return
         except zmq.ZMQError as e:
             # EHOSTUNREACH: the client went away first. Anything else is unexpected,
             # but must not leave the call counted in flight forever.
-            self.handler.acct.drop("reply_unroutable")
+            handler.acct.drop("reply_unroutable", len(items))
             if e.errno == errno.EHOSTUNREACH:
-                self.handler.client_gone(ident)
+                handler.client_gone(ident)
             else:
                 _log.error("backend could not send a reply: %s", e)
+            return
+        frame = handler.pack(items, session)
+        # A big frame goes zero-copy: ZeroMQ keeps a reference to the bytes object
+        # until it is sent, rather than a copy in a freshly faulted-in buffer.
+        _send(router, frame, _DONTWAIT, len(frame) < ZERO_COPY)
+
+    def _send_raw_locked(self, ident: bytes, frames: list[bytes]) -> None:
+        """Send a complete message (lock held): a WELCOME, an unsigned refusal, a
+        v1 refusal. Nothing is deferred: a peer not reading misses it."""
+        router = self.router
+        if router is None:
+            return
+        try:
+            _send(router, ident, _MORE)
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
+        except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+            self.handler.acct.drop("reply_unroutable")
 
     def _flush_backlog_locked(self) -> None:
         """Hand ZeroMQ the replies waiting for peers whose queue was full, oldest first,
-        until a queue is full again; forget (and count) those of peers that left."""
-        router, peers = self.router, self.handler.peers
+        until a queue is full again; forget (and count) those of peers that left.
+        Each is packed (and sealed) now, when it goes onto the socket."""
+        router, handler = self.router, self.handler
+        peers = handler.peers
         if router is None or peers is None:
             return
         for ident, queue in list(peers.backlog.items()):
+            session = None
+            if handler.signer is not None:
+                session = handler.sessions.get(ident)
+                if session is None:
+                    handler.acct.drop("no_session", peers.forget(ident))
+                    continue
             while queue:
-                frames = queue[0][0]
+                items = queue[0][0]
                 try:
                     _send(router, ident, _MORE)  # a full queue or a gone peer fails here
                 except zmq.Again:
                     break
                 except zmq.ZMQError:
-                    self.handler.acct.drop("reply_unroutable", peers.forget(ident))
-                    self.handler.client_gone(ident)
+                    handler.acct.drop("reply_unroutable", peers.forget(ident))
+                    handler.client_gone(ident)
                     break
-                last = len(frames) - 1
-                for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
+                frame = handler.pack(items, session)
+                _send(router, frame, _DONTWAIT, len(frame) < ZERO_COPY)
                 peers.sent(ident)
+
+    def _notify_locked(self, ident: bytes, item: tuple) -> None:
+        """Send a notice (call id 0) to ``ident``, sealed with its session when keyed;
+        a client gone or not reading is skipped silently (lock held)."""
+        router, handler = self.router, self.handler
+        if router is None:
+            return
+        session = None
+        if handler.signer is not None:
+            session = handler.sessions.get(ident)
+            if session is None:
+                return
+        try:
+            _send(router, ident, _MORE)
+        except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+            return
+        _send(router, handler.pack([item], session), _DONTWAIT)
 
     def _tell_stopped_locked(self) -> None:
         """Tell each client heard from lately that this graceful stop is over (lock
@@ -809,18 +1033,12 @@ class ServerLoop:
         handler, router = self.handler, self.router
         if router is None or self.lossy is None:
             return
-        frames = handler.stopped_notice()
+        item = handler.stopped_notice()
         backlog = handler.peers.backlog if handler.peers is not None else {}
-        last = len(frames) - 1
         for ident in handler.heard | handler.heard_old:
             if ident in backlog or ident in self.lossy:
                 continue
-            try:
-                _send(router, ident, _MORE)
-                for i, frame in enumerate(frames):
-                    _send(router, frame, _MORE if i < last else _DONTWAIT)
-            except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
-                pass
+            self._notify_locked(ident, item)
 
     def _reply_dropped_locked(self, ident: bytes) -> None:
         """Remember a client that lost a reply (lock held): it must not be told that its
@@ -836,16 +1054,21 @@ class ServerLoop:
         FrontEnd sends no new call here, even one that has none in flight now.
         Clients gone meanwhile, or not reading, are skipped silently."""
         self.told = True
-        frames, idents = self.handler.stopping_notice()
-        last = len(frames) - 1
+        item, idents = self.handler.stopping_notice()
         with self.lock:
-            router = self.router
-            if router is None:
-                return
             for ident in idents:
-                try:
-                    _send(router, ident, _MORE)
-                    for i, frame in enumerate(frames):
-                        _send(router, frame, _MORE if i < last else _DONTWAIT)
-                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
-                    pass
+                self._notify_locked(ident, item)
+
+
+class CallExpired(Exception):
+    """Raised in a process worker by :func:`run_unless_expired`: the call's
+    deadline passed before the child could start it (it did not run)."""
+
+
+def run_unless_expired(expires: float, fn: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
+    """Run ``fn`` in a process worker unless ``time.monotonic()`` (one clock for
+    every process of the machine) is past ``expires``: the check when the parent
+    hands a call with a deadline to a child."""
+    if time.monotonic() > expires:
+        raise CallExpired()
+    return fn(*args, **kw)

@@ -76,8 +76,10 @@ DEFAULT_PEER_QUEUE = 4096
 # queued before it is told Busy (a FrontEnd may submit 20,000 at once).
 DEFAULT_PEER_BUDGET = 64 * 1024 * 1024
 
-# Bytes a valid request has beyond its body: magic 5 + header 10 + HMAC 32, rounded up.
-ENVELOPE = 64
+# Bytes a one-item message has beyond its body: preamble 4 + item header 24 + the
+# trailer of a signed one 40. max_message_size bounds a whole message (one frame; a
+# peer's ZeroMQ drops the connection on a longer one), so a reply body has that less.
+ENVELOPE = 68
 
 
 def check_tasks(tasks: Any) -> None:

@@ -73,7 +73,11 @@ class RemoteError(Exception):
 
 
 class RawClient:
-    """A bare DEALER that speaks wire protocol v1 (one call at a time or pipelined)."""
+    """A bare DEALER that speaks wire protocol v2 (one call at a time or pipelined).
+
+    With ``key``, it says HELLO on its first send (or :meth:`hello`) and seals
+    everything with its connection's session, as a FrontEnd does. ``received``
+    collects every item read, in order (load fields included)."""
 
     def __init__(self, endpoint: str, key: bytes | None = None, **sockopts: Any) -> None:
         self.ctx = zmq.Context()
@@ -83,8 +87,50 @@ class RawClient:
             self.sock.setsockopt(getattr(zmq, opt.upper()), value)
         self.sock.connect(endpoint)
         self.signer = Signer(key) if key is not None else None
+        self.session: protocol.Session | None = None  # after the WELCOME (keyed)
+        self.welcome: dict | None = None
         self.ids = itertools.count(1)
         self.notices: list[Any] = []  # (type, args, traceback) of each notice received
+        self.items: list[protocol.Item] = []  # read, not yet returned
+        self.last_frame = b""  # the last frame sent (for replay tests)
+
+    def hello(self, timeout: float = 10.0) -> dict:
+        """Say HELLO and return the WELCOME's map (the session opened when keyed)."""
+        nonce = protocol.new_nonce()
+        call_id = next(self.ids)
+        body = protocol.hello_body([MsgpackCodec.wire_id], self.signer is not None, nonce, "t")
+        zero = protocol.Session(self.signer) if self.signer is not None else None
+        self.sock.send(protocol.pack_items([(Kind.HELLO, 1, call_id, 0, 0, body)], zero))
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no WELCOME")
+        (item,) = protocol.parse(self.sock.recv(), zero)
+        assert (item.kind, item.call_id) == (Kind.WELCOME, call_id), item
+        self.welcome = protocol.parse_handshake(item.body, Kind.WELCOME)
+        assert self.welcome["nonce"] == nonce.hex()
+        if self.signer is not None:
+            self.session = protocol.Session(
+                self.signer, nonce, bytes.fromhex(self.welcome["session"]), b"C"
+            )
+        return self.welcome
+
+    def frame(self, items: list[tuple], sign: bool = True) -> bytes:
+        """One frame of ``items`` (kind, codec, call id, a, b, body), sealed when keyed."""
+        if self.signer is not None and sign and self.session is None:
+            self.hello()
+        return protocol.pack_items(items, self.session if sign else None)
+
+    def call_item(
+        self,
+        task: str,
+        *args: Any,
+        codec: Any = MsgpackCodec,
+        kwargs: dict | None = None,
+        budget_ms: int = 0,
+        call_id: int | None = None,
+    ) -> tuple:
+        call_id = next(self.ids) if call_id is None else call_id
+        body = protocol.encode_call(codec, task, args, kwargs)
+        return (Kind.CALL, codec.wire_id, call_id, budget_ms, 0, body)
 
     def send(
         self,
@@ -93,36 +139,51 @@ class RawClient:
         codec: Any = MsgpackCodec,
         kwargs: dict | None = None,
         sign: bool = True,
+        budget_ms: int = 0,
     ) -> int:
-        call_id = next(self.ids)
-        signer = self.signer if sign else None
-        self.sock.send_multipart(protocol.encode_call(codec, call_id, task, args, kwargs, signer))
-        return call_id
+        item = self.call_item(task, *args, codec=codec, kwargs=kwargs, budget_ms=budget_ms)
+        self.send_frame(self.frame([item], sign))
+        return item[2]
+
+    def send_items(self, items: list[tuple], sign: bool = True) -> None:
+        self.send_frame(self.frame(items, sign))
+
+    def send_frame(self, frame: bytes) -> None:
+        self.last_frame = frame
+        self.sock.send(frame)
 
     def send_raw(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)
 
-    def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
-        """(kind, codec, call_id, value); ERROR values are (type, args, traceback).
-
-        A backend's notice (an ERROR with call id 0, doc/protocol.md §5) is not a
-        reply: it is kept in ``notices`` and the next message is read."""
+    def recv_item(self, timeout: float = 10.0) -> protocol.Item:
+        """The next item (notices with call id 0 are kept in ``notices``, skipped)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not self.items:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
                 raise TimeoutError(f"no reply within {timeout} s")
-            m = protocol.unpack(self.sock.recv_multipart(), self.signer)
-            codec = get_codec(m.codec_id)
-            if m.kind == Kind.ERROR:
-                value = protocol.decode_error(codec, m.body)
-                if m.call_id == 0:
-                    self.notices.append(value)
-                    continue
-                return m.kind, codec, m.call_id, value
-            if m.kind == Kind.PONG:
-                return m.kind, codec, m.call_id, None
-            return m.kind, codec, m.call_id, codec.decode(m.body)
+            frames = self.sock.recv_multipart()
+            assert len(frames) == 1, frames
+            for item in protocol.parse(frames[0], self.session):
+                if item.kind == Kind.ERROR and item.call_id == 0:
+                    codec = get_codec(item.codec_id)
+                    self.notices.append(protocol.decode_error(codec, item.body))
+                else:
+                    self.items.append(item)
+        return self.items.pop(0)
+
+    def recv(self, timeout: float = 10.0) -> tuple[int, Any, int, Any]:
+        """(kind, codec, call_id, value); ERROR values are (type, args, traceback).
+
+        A backend's notice (an ERROR with call id 0) is not a reply: it is kept
+        in ``notices`` and the next message is read."""
+        item = self.recv_item(timeout)
+        codec = get_codec(item.codec_id) if item.codec_id else None
+        if item.kind == Kind.ERROR:
+            return item.kind, codec, item.call_id, protocol.decode_error(codec, item.body)
+        if item.kind == Kind.RESULT:
+            return item.kind, codec, item.call_id, codec.decode(item.body)
+        return item.kind, codec, item.call_id, None
 
     def results(self, n: int, timeout: float = 30.0) -> dict[int, Any]:
         """The next ``n`` replies, all RESULTs, as {call id: value}."""
@@ -135,7 +196,7 @@ class RawClient:
 
     def silent(self, timeout: float = 0.3) -> bool:
         """True if nothing arrives within ``timeout`` (for messages that must be dropped)."""
-        return not self.sock.poll(int(timeout * 1000))
+        return not self.items and not self.sock.poll(int(timeout * 1000))
 
     def call(self, task: str, *args: Any, timeout: float = 10.0, **kw: Any) -> Any:
         call_id = self.send(task, *args, **kw)

@@ -141,35 +141,67 @@ def test_unknown_task(serve, client):
 def test_ping_is_answered_with_pong(serve, client):
     b = serve(TASKS)
     c = client(b)
-    c.send_raw(protocol.pack(Kind.PING, 2, 77))
+    c.send_frame(protocol.pack_one(Kind.PING, 2, 77))
     assert c.recv()[0:3:2] == (Kind.PONG, 77)
 
 
 def test_malformed_messages_answered_when_attributable_else_dropped(serve, client):
     b = serve(TASKS)
     c = client(b)
-    # attributable: good magic and header, but 2 frames / unknown kind / garbage body
-    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(1, 2, 5)])
+    # attributable: a good preamble and first header, but a body overrunning the frame /
+    # an unknown kind / a garbage body / not a call / a reply kind / an unknown codec
+    c.send_frame(protocol.pack_one(Kind.CALL, 2, 5, 0, 0, b"abc")[:-1])
     kind, codec, call_id, (type_name, args, _tb) = c.recv()
     assert (kind, codec, call_id, type_name) == (Kind.ERROR, JSONCodec, 5, "ProtocolError")
-    c.send_raw([protocol.MAGIC, protocol.HEADER.pack(9, 2, 6), b""])
-    assert c.recv()[2:] == (6, ("ProtocolError", ["unknown message kind 9"], ""))
-    c.send_raw(protocol.pack(Kind.CALL, 2, 7, b"\xc1garbage"))
+    c.send_frame(
+        protocol.pack_items([(Kind.CALL, 2, 6, 0, 0, b"\x90")])[:4]
+        + bytes([99, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6] + [0] * 12)
+    )
+    kind, codec, call_id, (type_name, args, _tb) = c.recv()
+    assert (call_id, type_name, args) == (6, "ProtocolError", ["unknown message kind 99"])
+    c.send_frame(protocol.pack_one(Kind.CALL, 2, 7, 0, 0, b"\xc1garbage"))
     assert c.recv()[3][0] == "DecodeError"
-    c.send_raw(protocol.pack(Kind.CALL, 1, 8, b'{"not": "a call"}'))
+    c.send_frame(protocol.pack_one(Kind.CALL, 1, 8, 0, 0, b'{"not": "a call"}'))
     assert c.recv()[3][0] == "ProtocolError"
-    c.send_raw(protocol.pack(Kind.RESULT, 1, 9, b"1"))
+    c.send_frame(protocol.pack_one(Kind.RESULT, 1, 9, 0, 0, b"1"))
     assert c.recv()[3][0] == "ProtocolError"
-    c.send_raw(protocol.pack(Kind.CALL, 200, 10, b"x"))
+    c.send_frame(protocol.pack_one(Kind.CALL, 200, 10, 0, 0, b"x"))
     _kind, codec, call_id, (type_name, _args, _tb) = c.recv()
     assert (codec, call_id, type_name) == (JSONCodec, 10, "CodecNotAllowed")
-    # unattributable: wrong magic, short header -> dropped silently, counted
+    # unattributable: no preamble, a short header, several frames (not v1) -> dropped
+    c.send_frame(b"GET / HTTP/1.0\r\n\r\n" + bytes(20))
+    c.send_frame(protocol.PREAMBLE + b"\x00short")
     c.send_raw([b"HTTP", b"GET / HTTP/1.0", b""])
-    c.send_raw([protocol.MAGIC, b"short", b""])
+    c.send_raw([protocol.pack_one(Kind.CALL, 2, 11, 0, 0, b"x"), b"extra"])
     assert c.silent()
     assert c.call("add", 1, 2) == 3
     dropped = c.call("<stats>")["dropped"]
-    assert dropped["malformed"] == 2
+    assert dropped["malformed"] == 4
+
+
+def test_a_v1_call_is_refused_in_v1_frames_with_a_clear_error(serve, client):
+    """A v1 client gets its own frame layout back, saying what to do (upgrade)."""
+    import json
+    import struct
+
+    b = serve(TASKS)
+    c = client(b)
+    header = struct.pack(">BBQ", 1, 1, 42)
+    c.send_raw([protocol.V1_MAGIC, header, b'["add", [1, 2], {}]'])
+    assert c.sock.poll(10_000)
+    frames = c.sock.recv_multipart()
+    assert frames[0] == protocol.V1_MAGIC and struct.unpack(">BBQ", frames[1]) == (3, 1, 42)
+    type_name, args, _tb = json.loads(frames[2])
+    assert type_name == "ProtocolError" and "version 2, not 1" in args[0]
+    assert "upgrade taskit on the client" in args[0]
+    # signed v1 (four frames) too; a v1 PING is dropped (no call to answer)
+    c.send_raw([protocol.V1_MAGIC, struct.pack(">BBQ", 1, 1, 43), b"[]", bytes(32)])
+    assert c.sock.poll(10_000) and struct.unpack(">BBQ", c.sock.recv_multipart()[1])[2] == 43
+    c.send_raw([protocol.V1_MAGIC, struct.pack(">BBQ", 4, 1, 44), b""])
+    assert c.silent()
+    stats = c.call("<stats>")
+    assert stats["refused"]["ProtocolError"] == 2 and stats["dropped"]["malformed"] == 1
+    assert stats["done"] == 0  # nothing ran
 
 
 def test_codec_not_allowed_is_answered_in_json(serve, client):
@@ -832,3 +864,250 @@ def test_odd_callables_and_exception_arguments(serve, client):
         c.call("badrepr")
     assert e.value.type == "ValueError" and "repr failed" in e.value.remote_args[0]
     assert c.call("<status>") == "0"
+
+
+# --- protocol v2: handshake, load, deadlines, cancel, batches -----------------------------
+
+
+class Gate:
+    """Tasks for one test: ``block`` holds its worker until the test opens the gate;
+    ``record`` notes that it ran. Every wait is bounded."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.starts = threading.Semaphore(0)
+        self.ran: list[str] = []
+
+    def started(self, n: int = 1) -> bool:
+        """Wait (bounded) until ``n`` more ``block`` calls have started."""
+        return all(self.starts.acquire(timeout=10) for _ in range(n))
+
+    def block(self) -> str:
+        self.starts.release()
+        assert self.open.wait(30), "the test never opened the gate"
+        self.ran.append("block")
+        return "unblocked"
+
+    def record(self, name: str) -> str:
+        self.ran.append(name)
+        return name
+
+    def tasks(self) -> dict:
+        return {"block": self.block, "record": self.record, **TASKS}
+
+
+def test_welcome_tells_the_backends_identity_capacity_and_load(serve, client):
+    gate = Gate()
+    b = serve(gate.tasks(), workers=2, max_pending=77, max_message_size=1 << 20)
+    c = client(b)
+    w = c.hello()
+    assert (w["version"], w["signed"], w["name"], w["pid"]) == (2, False, b.endpoint, os.getpid())
+    assert (w["workers"], w["max_pending"], w["max_message_size"]) == (2, 77, 1 << 20)
+    assert sorted(w["codecs"]) == sorted([JSONCodec.wire_id, MsgpackCodec.wire_id])
+    assert len(bytes.fromhex(w["started"])) == 16 and len(bytes.fromhex(w["session"])) == 16
+    other = client(b).hello()
+    assert other["started"] == w["started"] and other["session"] != w["session"]
+    # every reply carries the load: (queued, running)
+    c.send("block")
+    c.send("block")
+    assert gate.started(2)
+    call_id = c.send("<status>")
+    item = c.recv_item()
+    assert (item.call_id, item.a, item.b) == (call_id, 0, 2)  # both blocks running
+    gate.open.set()
+    assert {c.recv_item().kind for _ in range(2)} == {Kind.RESULT}
+    c.send("<status>")
+    item = c.recv_item()
+    assert (item.a, item.b) == (0, 0)
+
+
+def test_a_cancelled_queued_call_never_runs_a_running_one_is_not_cancelled(serve, client):
+    gate = Gate()
+    b = serve(gate.tasks(), workers=1)
+    c = client(b)
+    first = c.send("block")
+    assert gate.started()  # the one worker is held
+    second = c.send("record", "second")
+    c.send_items([(Kind.CANCEL, 0, second, 0, 0, b"")])
+    item = c.recv_item()
+    assert (item.kind, item.call_id) == (Kind.CANCELLED, second)
+    c.send_items([(Kind.CANCEL, 0, first, 0, 0, b"")])  # running: cannot be withdrawn
+    item = c.recv_item()
+    assert (item.kind, item.call_id) == (Kind.NOT_CANCELLED, first)
+    gate.open.set()
+    assert c.recv()[2:] == (first, "unblocked")  # its own reply still comes
+    assert c.call("record", "after") == "after"  # ran after the cancelled one's turn
+    assert gate.ran == ["block", "after"] and c.silent(0.1)  # no reply to the cancelled
+    stats = c.call("<stats>")
+    assert stats["cancelled"] == 1 and stats["in_flight"] == 0
+    assert "record" not in stats["tasks"] or stats["tasks"]["record"]["calls"] == 1
+    # unknown, or already answered: NOT_CANCELLED
+    c.send_items([(Kind.CANCEL, 0, first, 0, 0, b""), (Kind.CANCEL, 0, 999, 0, 0, b"")])
+    assert [(i.kind, i.call_id) for i in (c.recv_item(), c.recv_item())] == [
+        (Kind.NOT_CANCELLED, first),
+        (Kind.NOT_CANCELLED, 999),
+    ]
+
+
+def test_an_expired_call_never_starts(serve, client):
+    gate = Gate()
+    b = serve(gate.tasks(), workers=1)
+    c = client(b)
+    first = c.send("block")
+    assert gate.started()
+    late = c.send("record", "late", budget_ms=50)
+    in_time = c.send("record", "in time", budget_ms=60_000)
+    time.sleep(0.1)  # the late call's budget passes while the worker is held
+    gate.open.set()
+    replies = {}
+    for _ in range(3):
+        kind, _codec, call_id, value = c.recv()
+        replies[call_id] = (kind, value)
+    assert replies[first] == (Kind.RESULT, "unblocked")
+    assert replies[in_time] == (Kind.RESULT, "in time")
+    kind, (type_name, args, _tb) = replies[late]
+    assert (kind, type_name) == (Kind.ERROR, "Expired")
+    assert args == [
+        "the call's deadline passed before it could start (budget 50 ms); it did not run"
+    ]
+    assert gate.ran == ["block", "in time"]  # the late one never ran
+    stats = c.call("<stats>")
+    assert stats["refused"]["Expired"] == 1 and stats["in_flight"] == 0
+
+
+def test_an_expired_call_never_starts_inline_either(serve, client):
+    """A quick task runs on the I/O thread: a budget already spent when it is read
+    (here 1 ms behind a batch of slow inline calls) is not run there either."""
+    ran = []
+
+    def quick(x):
+        if x == "slow":
+            time.sleep(0.01)
+        ran.append(x)
+        return x
+
+    b = serve({"quick": quick}, inline={"quick"})
+    c = client(b)
+    items = [c.call_item("quick", "slow") for _ in range(5)]
+    late = c.call_item("quick", "late", budget_ms=1)
+    c.send_items([*items, late])
+    got = {}
+    for _ in range(6):
+        kind, _codec, call_id, value = c.recv()
+        got[call_id] = (kind, value[0] if kind == Kind.ERROR else value)
+    assert got[late[2]] == (Kind.ERROR, "Expired") and "late" not in ran
+
+
+def sleepy(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_an_expired_call_never_starts_in_a_process_pool(serve, client):
+    b = serve({"sleepy": sleepy}, pool="process", workers=1)
+    c = client(b)
+    assert c.call("sleepy", 0, timeout=60) == 0  # the child is up
+    first = c.send("sleepy", 0.5)
+    late = c.send("sleepy", 5, budget_ms=50)
+    got = {}
+    for _ in range(2):
+        kind, _codec, call_id, value = c.recv(60)
+        got[call_id] = (kind, value)
+    assert got[first] == (Kind.RESULT, 0.5)
+    kind, (type_name, _args, _tb) = got[late]
+    assert (kind, type_name) == (Kind.ERROR, "Expired")
+    stats = c.call("<stats>")
+    assert stats["refused"]["Expired"] == 1 and stats["tasks"]["sleepy"]["calls"] == 2
+
+
+def test_a_batch_gives_the_same_results_and_errors_as_single_calls(serve, client):
+    b = serve(TASKS, codecs=["msgpack", "json"])
+    single, batch = client(b), client(b)
+
+    def items(c):
+        return [
+            c.call_item("add", 1, 2),
+            c.call_item("fail", "boom", 3),
+            c.call_item("nope"),
+            c.call_item("add", 1),  # wrong arity
+            c.call_item("echo", {"k": [1, 2.5, None]}),
+            (Kind.CALL, 2, next(c.ids), 0, 0, b"\xc1garbage"),  # undecodable
+            (Kind.CALL, 99, next(c.ids), 0, 0, b"x"),  # unknown codec
+            c.call_item("add", "a", "b", codec=JSONCodec),
+        ]
+
+    def outcome(kind, value):
+        if kind == Kind.ERROR:
+            type_name, args, tb = value
+            return type_name, args, bool(tb)
+        return value
+
+    one_by_one = []
+    for item in items(single):
+        single.send_items([item])
+        kind, _codec, call_id, value = single.recv()
+        assert call_id == item[2]
+        one_by_one.append(outcome(kind, value))
+    sent = items(batch)
+    batch.send_items(sent)
+    got = {}
+    for _ in sent:
+        kind, _codec, call_id, value = batch.recv()
+        got[call_id] = outcome(kind, value)
+    assert [got[item[2]] for item in sent] == one_by_one
+    assert one_by_one[0] == 3 and one_by_one[2][0] == "UnknownTask"
+    assert [o[0] for o in one_by_one[5:7]] == ["DecodeError", "CodecNotAllowed"]
+
+
+def test_replies_ready_together_for_one_peer_go_in_one_frame(serve, client):
+    b = serve({"quick": lambda x: x}, inline={"quick"})
+    c = client(b)
+    c.send_items([c.call_item("quick", i) for i in range(10)])
+    assert c.sock.poll(10_000)
+    items = protocol.parse(c.sock.recv())
+    assert [MsgpackCodec.decode(i.body) for i in items] == list(range(10))
+    # and capped: 300 items come in two frames at least
+    c.send_items([c.call_item("quick", i) for i in range(300)])
+    frames = 0
+    got = []
+    while len(got) < 300:
+        assert c.sock.poll(10_000)
+        got += protocol.parse(c.sock.recv())
+        frames += 1
+    assert frames >= 2 and [MsgpackCodec.decode(i.body) for i in got] == list(range(300))
+
+
+def test_cancel_racing_the_workers_either_withdraws_or_answers_never_both(serve, client):
+    ran = []
+    lock = threading.Lock()
+
+    def note(i):
+        with lock:
+            ran.append(i)
+        return i
+
+    b = serve({"note": note}, workers=2, inline=False)
+    c = client(b)
+    sent = []
+    for i in range(300):  # each call, then its CANCEL in the next message: a close race
+        item = c.call_item("note", i)
+        sent.append(item[2])
+        c.send_items([item])
+        c.send_items([(Kind.CANCEL, 0, item[2], 0, 0, b"")])
+    replies = collections.defaultdict(list)
+
+    def settled(call_id):  # withdrawn, or answered and its CANCEL refused
+        return replies[call_id] == [Kind.CANCELLED] or len(replies[call_id]) == 2
+
+    while not all(settled(call_id) for call_id in sent):
+        item = c.recv_item(30)
+        replies[item.call_id].append(item.kind)
+    assert c.silent(0.1)  # nothing more: no reply after a CANCELLED
+    cancelled = {i for i, kinds in replies.items() if kinds == [Kind.CANCELLED]}
+    answered = {
+        i for i, kinds in replies.items() if sorted(kinds) == [Kind.RESULT, Kind.NOT_CANCELLED]
+    }
+    assert cancelled | answered == set(sent) and not cancelled & answered, replies
+    assert sorted(ran) == sorted(c_id - sent[0] for c_id in answered)  # ran iff answered
+    stats = c.call("<stats>")
+    assert stats["cancelled"] == len(cancelled) and stats["in_flight"] == 0

@@ -45,7 +45,8 @@ import zmq
 from taskit import protocol
 from taskit.codecs import MsgpackCodec
 endpoint, seconds, PER_ROUND = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-frames = protocol.encode_call(MsgpackCodec, 1, "add", (1, 2), {})
+body = protocol.encode_call(MsgpackCodec, "add", (1, 2), {})
+frame = protocol.pack_one(protocol.Kind.CALL, MsgpackCodec.wire_id, 1, 0, 0, body)
 ctx = zmq.Context()
 rounds = 0
 end = time.monotonic() + seconds
@@ -55,7 +56,7 @@ while time.monotonic() < end:
     s.setsockopt(zmq.SNDHWM, 0)
     s.connect(endpoint)
     for _ in range(PER_ROUND):
-        s.send_multipart(frames, zmq.NOBLOCK)
+        s.send(frame, zmq.NOBLOCK)
     s.poll(200)  # until replies arrive (never read), or 0.2 s
     s.close()
     rounds += 1

@@ -1,46 +1,90 @@
-"""Fuzz the BackEnd with >= 10,000 random and mutated multipart messages from a raw socket.
+"""Fuzz the BackEnd with >= 10,000 random and mutated v2 messages from a raw socket
+(single items, batches, signed ones, old v1 and junk multipart messages), while a
+well-behaved client calls alongside.
 
 Afterwards the backend must still answer correct calls, must not have grown its
-memory without bound, and must account for every message: each one is either
-answered exactly once or counted as dropped in ``<stats>``.
+memory without bound, and must account for every unit: each item of a message it
+could read is answered once, counted dropped, or withdrawn by a CANCEL (counted
+``cancelled``); a message it could not read is answered once (a refusal) or counted
+dropped. The well-behaved client gets every one of its replies, right.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import struct
 import time
 import tracemalloc
 
 import msgpack
-import zmq
 
 from taskit import protocol
 from taskit.codecs import JSONCodec, MsgpackCodec, PickleCodec, Signer, get_codec
-from taskit.protocol import HEADER, MAGIC, Kind
+from taskit.protocol import Kind
 from tests.integration._backend_helpers import RawClient
 
 KEY = b"fuzz key"
 TASKS = {"add": lambda a, b: a + b, "echo": lambda x: x}
-REPLY_KINDS = {Kind.RESULT, Kind.ERROR, Kind.PONG}
+REPLY_KINDS = {Kind.RESULT, Kind.ERROR, Kind.PONG, Kind.WELCOME, Kind.CANCELLED}
+REPLY_KINDS |= {Kind.NOT_CANCELLED}
+DROPS = ("malformed", "bad_signature", "replayed", "no_session", "oversized")
 
 
-def _valid(rng: random.Random, call_id: int) -> list[bytes]:
+def _call(rng: random.Random, call_id: int) -> tuple:
     codec = rng.choice([JSONCodec, MsgpackCodec])
     task = rng.choice(["add", "echo", "<status>", "<tasks>", "nope", "<stop>", "<kill>"])
     args = [rng.randint(-9, 9), rng.randint(-9, 9)] if task == "add" else []
     if task == "echo":
         args = [rng.choice([None, "x" * rng.randint(0, 50), [1, 2], {"k": 1.5}])]
-    return protocol.encode_call(codec, call_id, task, args)
+    budget = rng.choice([0, 0, 0, 1, 5000])
+    return (Kind.CALL, codec.wire_id, call_id, budget, 0, protocol.encode_call(codec, task, args))
 
 
-def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
-    frames = list(frames)
+HOSTILE = [
+    b"\xdd\xff\xff\xff\xff",  # msgpack array claiming 4 G elements
+    b"\xdb\xff\xff\xff\xff",  # msgpack str claiming 4 GiB
+    b"[" * 50_000,  # JSON nesting deeper than the recursion limit
+    b"9" * 20_000,  # an integer too long to convert
+    msgpack.packb([1, 2, 3]),  # not [task, args, kwargs]
+    msgpack.packb(["add", {"a": 1}, {}]),  # args not a list
+    msgpack.packb(["add", [1, 2], {1: 2}]),  # kwargs keys not str
+    msgpack.packb(["add", [1, 2], {}, {"m": 1}]),  # meta not str -> str
+    json.dumps([7, [], {}]).encode(),  # task name not a string
+    msgpack.packb(["add", [1], {}]),  # wrong arity: TypeError from the task
+]
+
+
+def _item(rng: random.Random, call_id: int) -> tuple:
+    r = rng.randrange(10)
+    if r < 4:
+        return _call(rng, call_id)
+    if r == 4:  # hostile but well-formed bodies
+        body = rng.choice(HOSTILE)
+        return (Kind.CALL, 1 if body[:1] in b"[9" else 2, call_id, 0, 0, body)
+    if r == 5:  # random body in a real codec, or an unknown / refused codec
+        codec_id = rng.choice([1, 2, 2, 0, 77, 255, PickleCodec.wire_id])
+        return (Kind.CALL, codec_id, call_id, 0, 0, rng.randbytes(rng.randint(0, 200)))
+    if r == 6:  # kinds a backend never expects, PING, HELLO, CANCEL (of anything)
+        kind = rng.choice(list(Kind))
+        cid = rng.choice([call_id, call_id, rng.randrange(1, call_id + 2), 0])
+        body = b""
+        if kind == Kind.HELLO:
+            body = protocol.hello_body([2], False, protocol.new_nonce(), "fuzz")
+            body = body if rng.random() < 0.7 else body[: rng.randrange(len(body))]
+        return (kind, rng.choice([0, 1, 2]), cid, 0, 0, body)
+    if r == 7:  # huge body (garbage, below the size limit)
+        return (Kind.CALL, 2, call_id, 0, 0, rng.randbytes(rng.randint(60_000, 120_000)))
+    if r == 8:  # a call id 0 (reserved for notices)
+        return _call(rng, 0)
+    return _call(rng, call_id)
+
+
+def _mutate(rng: random.Random, frame: bytes) -> bytes:
+    data = bytearray(frame)
     for _ in range(rng.randint(1, 3)):
-        i = rng.randrange(len(frames))
-        data = bytearray(frames[i])
         op = rng.randrange(4)
-        if op == 0 and data:  # flip a byte
+        if op == 0 and data:  # flip a bit
             j = rng.randrange(len(data))
             data[j] ^= 1 << rng.randrange(8)
         elif op == 1:  # insert bytes
@@ -48,129 +92,149 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
             data[j:j] = rng.randbytes(rng.randint(1, 8))
         elif op == 2 and data:  # truncate
             del data[rng.randrange(len(data)) :]
-        else:  # drop or duplicate a frame
-            if len(frames) > 1 and rng.random() < 0.5:
-                del frames[i]
+        else:  # set a header byte (kind, codec, flags, version, length)
+            j = rng.choice([2, 3, 4, 5, 24, 25, 26, 27])
+            if j < len(data):
+                data[j] = rng.randrange(256)
+    return bytes(data)
+
+
+class Fuzzer:
+    """Makes messages for one connection; ``units`` what each should produce."""
+
+    def __init__(self, rng: random.Random, session: protocol.Session | None) -> None:
+        self.rng = rng
+        self.session = session
+        self.next_id = 1
+        self.sealed: list[bytes] = []  # frames sent sealed, for replays
+
+    def ids(self, n: int) -> list[int]:
+        first = self.next_id
+        self.next_id += n
+        return list(range(first, first + n))
+
+    def message(self) -> tuple[list[bytes], int]:
+        """(frames, units): units = the items of a readable message, else 1."""
+        rng = self.rng
+        r = rng.randrange(20)
+        if r == 0:  # not v2: junk, v1 CALL (refused in v1), v1 PING, other multipart
+            call_id = self.ids(1)[0]
+            frames = rng.choice(
+                [
+                    [protocol.V1_MAGIC, struct.pack(">BBQ", 1, 2, call_id), b"\x90"],
+                    [protocol.V1_MAGIC, struct.pack(">BBQ", 4, 2, call_id), b""],
+                    [b"HTTP", b"GET /"],
+                    [rng.randbytes(5), rng.randbytes(10), b"", b"", b"x"],
+                ]
+            )
+            return frames, 1
+        if r == 1:  # no preamble, short, empty
+            return [rng.choice([b"", b"TK", rng.randbytes(rng.randint(1, 40))])], 1
+        if r == 2 and self.sealed:  # a replay of a sealed message
+            return [rng.choice(self.sealed)], 1
+        n = 1 if rng.random() < 0.6 else rng.randint(2, 6)
+        items = [_item(rng, i) for i in self.ids(n)]
+        if sum(len(item[5]) for item in items) > 200_000:
+            items = items[:1]  # under max_message_size: a bigger one ends the connection
+            n = 1
+        frame = protocol.pack_items(items, self.session)
+        if self.session is not None:
+            if r < 5:  # unsigned, on a keyed backend
+                return [protocol.pack_items(items)], 1
+            if r < 8:  # sealed, then changed on the way
+                return [_mutate(rng, frame)], 1
+            self.sealed = self.sealed[-20:] + [frame]
+            if items[0][0] == Kind.HELLO:  # a HELLO again on this connection: all dropped
+                return [frame], 1
+            return [frame], n
+        if r < 10:
+            frame = _mutate(rng, frame)
+            try:
+                return [frame], len(protocol.parse(frame))
+            except protocol.SignatureError:
+                return [frame], 1
+            except protocol.ProtocolError:
+                return [frame], 1
+        return [frame], n
+
+
+def _replies(frames: list[bytes], session: protocol.Session | None) -> int:
+    """Check one reply message; the number of replies in it that are not the
+    backend's refusals of a signature or session (those units are counted dropped)."""
+    if len(frames) > 1:  # a v1 client's refusal, in v1
+        assert frames[0] == protocol.V1_MAGIC and len(frames) == 3
+        return 1
+    frame = frames[0]
+    if session is not None and not frame[3] & protocol.SIGNED:
+        (item,) = protocol.parse(frame)
+        assert item.kind == Kind.ERROR and item.codec_id == JSONCodec.wire_id
+        assert protocol.decode_error(JSONCodec, item.body)[0] == protocol.UNAUTHENTICATED
+        return 0
+    n = 0
+    for item in protocol.parse(frame, session):
+        assert item.kind in REPLY_KINDS, item
+        if item.kind == Kind.ERROR:
+            codec = get_codec(item.codec_id)  # pickle too, on the keyed backend
+            type_name, args, _tb = protocol.decode_error(codec, item.body)
+            assert isinstance(type_name, str) and isinstance(args, list)
+            if type_name == protocol.UNAUTHENTICATED:
                 continue
-            frames.insert(i, bytes(data))
-        frames[i] = bytes(data)
-    return frames
+        n += 1
+    return n
 
 
-def _message(rng: random.Random, call_id: int, signer: Signer | None) -> list[bytes]:
-    kind = rng.randrange(16)
-    header = HEADER.pack(Kind.CALL, rng.choice([1, 2]), call_id)
-    if kind == 0:
-        frames = _valid(rng, call_id)
-    elif kind == 1:  # wrong magic / other protocol version
-        frames = [rng.choice([b"TKIT\x02", b"HTTP/", rng.randbytes(5), b""]), header, b"[]"]
-    elif kind == 2:  # short or long header
-        frames = [MAGIC, rng.randbytes(rng.choice([0, 1, 9, 11, 64])), b"[]"]
-    elif kind == 3:  # unknown kind or codec
-        frames = protocol.pack(rng.choice([0, 6, 99, 255]), 2, call_id, b"\x90")
-        if rng.random() < 0.5:
-            frames = protocol.pack(Kind.CALL, rng.choice([0, 4, 77, 255]), call_id, b"\x90")
-    elif kind == 4:  # truncated body
-        body = _valid(rng, call_id)[2]
-        frames = [MAGIC, _valid(rng, call_id)[1], body[: rng.randrange(max(1, len(body)))]]
-    elif kind == 5:  # random body in a real codec
-        frames = [MAGIC, header, rng.randbytes(rng.randint(0, 200))]
-    elif kind == 6:  # hostile but well-formed bodies
-        body = rng.choice(
-            [
-                b"\xdd\xff\xff\xff\xff",  # msgpack array claiming 4 G elements
-                b"\xdb\xff\xff\xff\xff",  # msgpack str claiming 4 GiB
-                b"[" * 50_000,  # JSON nesting deeper than the recursion limit
-                b"9" * 20_000,  # an integer too long to convert
-                msgpack.packb([1, 2, 3]),  # not [task, args, kwargs]
-                msgpack.packb(["add", {"a": 1}, {}]),  # args not a list
-                msgpack.packb(["add", [1, 2], {1: 2}]),  # kwargs keys not str
-                json.dumps([7, [], {}]).encode(),  # task name not a string
-                msgpack.packb(["add", [1], {}]),  # wrong arity: TypeError from the task
-            ]
-        )
-        frames = [MAGIC, HEADER.pack(Kind.CALL, 1 if body[:1] in b"[9" else 2, call_id), body]
-    elif kind == 7:  # huge body (garbage, below the size limit)
-        frames = [MAGIC, header, rng.randbytes(rng.randint(100_000, 200_000))]
-    elif kind == 8:  # pickle: must be refused, never loaded
-        frames = protocol.pack(Kind.CALL, PickleCodec.wire_id, call_id, b"\x80\x05garbage")
-    elif kind == 9:  # messages a backend never expects, and PING
-        frames = protocol.pack(
-            rng.choice([Kind.RESULT, Kind.ERROR, Kind.PONG, Kind.PING]), 2, call_id, b""
-        )
-    elif kind == 10:  # wrong number of frames
-        frames = _valid(rng, call_id)
-        frames = frames[: rng.randint(1, 2)] if rng.random() < 0.5 else frames + [b"x"] * 3
-    else:  # mutations of a valid call
-        frames = _mutate(rng, _valid(rng, call_id))
-    if signer is not None:
-        r = rng.random()
-        if r < 0.4:
-            frames = frames + [signer.sign(frames[:3])] if len(frames) >= 3 else frames
-        elif r < 0.6:
-            frames = frames + [rng.randbytes(32)]  # bad signature
-        elif r < 0.7:
-            frames = frames[:3] + [signer.sign(frames[:3])[:31]]  # short digest
-    return frames or [b""]
-
-
-def _check_reply(frames: list[bytes], signer: Signer | None) -> bool:
-    """Check one reply; True when it is the backend's refusal of a signature (the
-    fixed unsigned ``Unauthenticated``: that call is also counted as dropped)."""
-    if len(frames) == 3 and signer is not None:
-        m = protocol.unpack(frames)
-        assert m.kind == Kind.ERROR and m.codec_id == JSONCodec.wire_id
-        assert protocol.decode_error(JSONCodec, m.body)[0] == protocol.UNAUTHENTICATED
-        return True
-    m = protocol.unpack(frames, signer)
-    assert m.kind in REPLY_KINDS
-    if m.kind == Kind.ERROR:
-        codec = get_codec(m.codec_id)  # pickle too, on the keyed backend
-        type_name, args, _tb = protocol.decode_error(codec, m.body)
-        assert isinstance(type_name, str) and isinstance(args, list)
-        return type_name == protocol.UNAUTHENTICATED
-    return False
-
-
-def _fuzz(backend, rng: random.Random, n: int, signer: Signer | None, on_progress=None) -> None:
-    fuzzer = RawClient(backend.endpoint, rcvhwm=0)
+def _fuzz(backend, rng: random.Random, n: int, key: bytes | None, on_progress=None) -> None:
+    fuzzer = RawClient(backend.endpoint, key=key, rcvhwm=0)
+    good = RawClient(backend.endpoint, key=key)  # well behaved, alongside
     try:
-        received = 0  # replies, less the refusals of signatures (counted as dropped)
+        if key is not None:
+            fuzzer.hello()
+        gen = Fuzzer(rng, fuzzer.session)
+        units = received = 0
+        expected: dict[int, int] = {}  # the well-behaved client's calls: id -> a + b
 
         def drain(timeout_ms: int) -> None:
             nonlocal received
             while fuzzer.sock.poll(timeout_ms):
-                if not _check_reply(fuzzer.sock.recv_multipart(), signer):
-                    received += 1
+                received += _replies(fuzzer.sock.recv_multipart(), fuzzer.session)
 
         for i in range(n):
-            fuzzer.send_raw(_message(rng, i, signer))
+            frames, u = gen.message()
+            units += u
+            fuzzer.send_raw(frames)
+            if i % 100 == 99:  # the good client: a batch of three, answered in full
+                items = [good.call_item("add", i, k) for k in range(3)]
+                good.send_items(items)
+                expected.update({item[2]: i + k for k, item in enumerate(items)})
+                for _ in range(3):
+                    kind, _codec, call_id, value = good.recv(30)
+                    assert (kind, value) == (Kind.RESULT, expected.pop(call_id))
             if i % 500 == 499:
                 drain(0)
                 if on_progress:
                     on_progress(i + 1)
-        # Every message is answered once or counted as dropped: wait for the sum.
-        watcher = RawClient(backend.endpoint, key=KEY if signer else None)
+        # Every unit is answered once, counted dropped or cancelled: wait for the sum.
         deadline = time.monotonic() + 30
         while True:
             drain(50)
-            stats = watcher.call("<stats>")
-            dropped = stats["dropped"]["malformed"] + stats["dropped"]["bad_signature"]
-            if received + dropped >= n or time.monotonic() > deadline:
+            stats = good.call("<stats>")
+            accounted = received + sum(stats["dropped"][d] for d in DROPS) + stats["cancelled"]
+            if accounted >= units or time.monotonic() > deadline:
                 break
-        watcher.close()
         drain(200)
-        assert received + dropped == n, (received, stats["dropped"], n)
+        assert accounted == units, (received, stats["dropped"], stats["cancelled"], units)
+        assert not expected and good.silent(0)
         assert stats["dropped"]["malformed"] > 0
         assert stats["dropped"]["reply_hwm"] == 0
-        if signer is not None:
-            assert stats["dropped"]["bad_signature"] > 0
+        if key is not None:
+            assert stats["dropped"]["bad_signature"] > 0 and stats["dropped"]["replayed"] > 0
         assert stats["refused"].get("ProtocolError", 0) > 0
         assert stats["refused"].get("CodecNotAllowed", 0) > 0
         assert stats["refused"].get("DecodeError", 0) > 0
         assert stats["in_flight"] == 0
     finally:
         fuzzer.close()
+        good.close()
 
 
 def test_fuzz_10000_messages(serve, client):
@@ -193,7 +257,7 @@ def test_fuzz_10000_messages(serve, client):
     # Oversized messages: ZeroMQ drops that connection; the backend carries on.
     big = client(b)
     for _ in range(3):
-        big.send_raw([MAGIC, HEADER.pack(Kind.CALL, 2, 1), b"\0" * (300 * 1024)])
+        big.send_frame(protocol.pack_one(Kind.CALL, 2, 1, 0, 0, b"\0" * (300 * 1024)))
     assert big.silent(0.3)
     c = client(b)
     assert c.call("add", 2, 3) == 5 and c.call("echo", "still here") == "still here"
@@ -202,12 +266,11 @@ def test_fuzz_10000_messages(serve, client):
 
 def test_fuzz_signed_backend(serve, client):
     b = serve(TASKS, key=KEY, workers=2)
-    _fuzz(b, random.Random(7), 3000, Signer(KEY))
+    _fuzz(b, random.Random(7), 3000, KEY)
     c = client(b, key=KEY)
     assert c.call("add", 20, 22) == 42
     unsigned = client(b)
     unsigned.send("add", 1, 2)
     assert unsigned.sock.poll(5000)
-    assert _check_reply(unsigned.sock.recv_multipart(), Signer(KEY))  # refused, never run
+    assert _replies(unsigned.sock.recv_multipart(), Signer(KEY)) == 0  # refused, never run
     assert unsigned.silent()
-    assert isinstance(zmq.zmq_version(), str)

@@ -141,7 +141,7 @@ def test_stop_is_bounded_while_a_client_keeps_sending(serve, kind):
         while not b.join(0.02):  # one message every 20 ms
             assert time.monotonic() - start < 10
             if kind == "ping":
-                c.send_raw(protocol.pack(Kind.PING, 2, 0xFFFF, b""))
+                c.send_frame(protocol.pack_one(Kind.PING, 2, 0xFFFF))
             else:
                 c.send("add", 1, 1)
         took = time.monotonic() - start

@@ -36,26 +36,83 @@ class _Touch:
 def test_signed_calls_are_answered_with_signed_replies(serve, client):
     b = serve(TASKS, key=KEY)
     c = client(b, key=KEY)
-    assert c.call("add", 1, 2) == 3  # RawClient.recv verifies the reply's signature
+    assert c.call("add", 1, 2) == 3  # RawClient.recv verifies the reply's session seal
     c.send("add", 2, 2)
     assert c.sock.poll(5000)
-    frames = c.sock.recv_multipart()
-    assert len(frames) == 4 and protocol.unpack(frames, c.signer).kind == Kind.RESULT
+    frame = c.sock.recv()
+    assert frame[3] & protocol.SIGNED
+    assert protocol.parse(frame, c.session)[0].kind == Kind.RESULT
+    with pytest.raises(protocol.SignatureError):  # sealed for this connection only
+        protocol.parse(frame, protocol.Session(c.signer, bytes(16), bytes(16)))
+
+
+def test_the_handshake_is_signed_and_the_welcome_echoes_the_nonce(serve, client):
+    b = serve(TASKS, key=KEY, workers=3, max_pending=100)
+    c = client(b, key=KEY)
+    w = c.hello()  # checks the seal (zero-nonce session) and the nonce echo
+    assert w["signed"] and w["workers"] == 3 and w["max_pending"] == 100
+    assert w["name"] == b.endpoint and w["pid"] == os.getpid()
+    other = client(b, key=KEY).hello()
+    assert other["session"] != w["session"] and other["started"] == w["started"]
+
+
+COUNT: list[int] = []
+COUNTED = {"count": lambda: COUNT.append(1) or len(COUNT), **TASKS}
+
+
+def test_a_message_sent_twice_by_a_man_in_the_middle_runs_once(serve, client):
+    COUNT.clear()
+    b = serve(COUNTED, key=KEY)
+    c = client(b, key=KEY)
+    call_id = c.send("count")
+    captured = c.last_frame  # what a man in the middle saw go by
+    assert c.recv()[2:] == (call_id, 1)
+    c.send_frame(captured)  # replayed on the same connection: dropped, never run
+    assert c.silent()
+    assert c.call("<stats>")["dropped"]["replayed"] == 1
+    # replayed on a connection of its own: no session there, refused unsigned
+    mitm = client(b)
+    mitm.send_frame(captured)
+    assert_refused_unsigned(mitm, call_id=call_id, why=protocol.NO_SESSION)
+    assert mitm.silent()
+    stats = c.call("<stats>")
+    assert stats["dropped"]["no_session"] == 1 and stats["tasks"]["count"]["calls"] == 1
+    assert COUNT == [1]
+
+
+def test_a_second_hello_on_a_connection_is_dropped_as_a_replay(serve, client):
+    b = serve(TASKS, key=KEY)
+    zero = protocol.Session(protocol.Signer(KEY))
+    body = protocol.hello_body([MsgpackCodec.wire_id], True, protocol.new_nonce(), "t")
+    frame = protocol.pack_items([(Kind.HELLO, 1, 1, 0, 0, body)], zero)
+    c = client(b)
+    c.send_frame(frame)
+    assert c.sock.poll(5000) and protocol.parse(c.sock.recv(), zero)[0].kind == Kind.WELCOME
+    c.send_frame(frame)  # the same HELLO again: its connection has a session now
+    assert c.silent()
+    assert b.stats()["dropped"]["replayed"] == 1
 
 
 @pytest.mark.parametrize("how", ["unsigned", "wrong key", "tampered", "truncated digest"])
 def test_bad_signatures_are_dropped_unread_and_counted(serve, client, how):
     b = serve(TASKS, key=KEY)
     good = client(b, key=KEY)
-    bad = client(b, key=b"not the key" if how == "wrong key" else KEY)
-    frames = protocol.encode_call(MsgpackCodec, 1, "add", (1, 2), None, bad.signer)
+    bad = client(b, key=KEY)
+    bad.hello()
+    item = bad.call_item("add", 1, 2, call_id=1)
+    if how == "wrong key":
+        frame = protocol.pack_items([item], protocol.Session(protocol.Signer(b"not the key")))
+    else:
+        frame = protocol.pack_items([item], bad.session)
     if how == "unsigned":
-        frames = frames[:3]
+        frame = protocol.pack_items([item])
     elif how == "tampered":
-        frames[2] = MsgpackCodec.encode(["add", [1000, 2], {}])
+        body = MsgpackCodec.encode(["add", [9, 2], {}])
+        assert len(body) == len(item[5])
+        frame = frame.replace(item[5], body)
     elif how == "truncated digest":
-        frames[3] = frames[3][:16]
-    bad.send_raw(frames)
+        frame = frame[:-16]
+    bad.send_frame(frame)
     # Never run; answered only with the fixed, unsigned refusal (nothing in it
     # depends on the key), so the caller gets an error instead of a hang.
     assert_refused_unsigned(bad, call_id=1, why=protocol.KEY_DIFFERS)
@@ -67,33 +124,37 @@ def assert_refused_unsigned(c, call_id, why):
     """``c`` received exactly the backend's fixed refusal of a signature: an unsigned
     JSON ERROR ``Unauthenticated`` for ``call_id``."""
     assert c.sock.poll(5000)
-    frames = c.sock.recv_multipart()
-    m = protocol.unpack(frames)  # unsigned: 3 frames, no key needed to read it
+    (m,) = protocol.parse(c.sock.recv())  # unsigned: no key needed to read it
     assert (m.kind, m.codec_id, m.call_id) == (Kind.ERROR, JSONCodec.wire_id, call_id)
     assert protocol.decode_error(JSONCodec, m.body) == (protocol.UNAUTHENTICATED, [why], "")
 
 
 def test_a_keyless_backend_refuses_signed_calls_unread(serve, client):
     b = serve(TASKS)
-    keyed = client(b, key=KEY)
-    keyed.send_raw(protocol.encode_call(JSONCodec, 7, "add", (1, 2), None, keyed.signer))
+    keyed = client(b)
+    item = keyed.call_item("add", 1, 2, call_id=7, codec=JSONCodec)
+    keyed.send_frame(protocol.pack_items([item], protocol.Session(protocol.Signer(KEY))))
     assert_refused_unsigned(keyed, call_id=7, why=protocol.NO_KEY_HERE)
     assert b.stats()["dropped"]["bad_signature"] == 1
 
 
 def test_admin_signals_need_a_signature_when_a_key_is_set(serve, client):
     b = serve(TASKS, key=KEY)
-    stranger = client(b)
+    stranger = client(b)  # no key: no HELLO, no session
     for signal in ("<kill>", "<stop>", "<status>"):
         stranger.send(signal)
     for _ in range(3):  # each refused, none run
-        frames = stranger.sock.recv_multipart() if stranger.sock.poll(5000) else []
-        m = protocol.unpack(frames)
-        assert protocol.decode_error(JSONCodec, m.body)[0] == protocol.UNAUTHENTICATED
+        assert stranger.sock.poll(5000)
+        (m,) = protocol.parse(stranger.sock.recv())
+        assert protocol.decode_error(JSONCodec, m.body) == (
+            protocol.UNAUTHENTICATED,
+            [protocol.NO_SESSION],
+            "",
+        )
     assert stranger.silent()
     assert b.running
     owner = client(b, key=KEY)
-    assert owner.call("<stats>")["dropped"]["bad_signature"] == 3
+    assert owner.call("<stats>")["dropped"]["no_session"] == 3
     assert owner.call("<stop>") is None
     assert b.join(10)
 
@@ -106,7 +167,7 @@ def test_pickle_is_refused_without_key_and_never_unpickled(serve, client, tmp_pa
     c = client(b)
     marker = tmp_path / "pwned"
     body = pickle.dumps(["echo", [_Touch(str(marker))], {}])
-    c.send_raw(protocol.pack(Kind.CALL, PickleCodec.wire_id, 9, body))
+    c.send_frame(protocol.pack_one(Kind.CALL, PickleCodec.wire_id, 9, 0, 0, body))
     kind, codec, call_id, (type_name, args, _tb) = c.recv()
     assert (kind, codec, call_id, type_name) == (Kind.ERROR, JSONCodec, 9, "CodecNotAllowed")
     assert "pickle" not in b.codecs and "json" in args[0]
