@@ -9,8 +9,12 @@ a slot.
 The model, per backend ``b``:
 
 - ``capacity``: its workers, from its WELCOME (1 until known);
-- ``limit = capacity * prefetch``: this client's calls it may hold at once
-  (its *credit* is ``limit - in_flight``);
+- ``limit = capacity * max(prefetch, WINDOW_SECONDS / service)`` (at most
+  ``MAX_PER_WORKER`` per worker): this client's calls it may hold at once (its
+  *credit* is ``limit - in_flight``). Quick calls get a window covering about
+  2 ms of work per worker, so pipelining does not stall on the round trip,
+  while the backend's queue never holds more than that (or ``prefetch``
+  calls per worker) of this client's work ahead of other clients' calls;
 - ``others``: calls of other clients queued or running there, from the load
   it reports in every reply (its reported total minus this client's calls in
   flight when the reply was built);
@@ -35,9 +39,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
-__all__ = ["Dispatcher", "Slot", "DEFAULT_PREFETCH", "SCAN"]
+__all__ = ["Dispatcher", "Slot", "DEFAULT_PREFETCH", "SCAN", "WINDOW_SECONDS", "MAX_PER_WORKER"]
 
 DEFAULT_PREFETCH = 8  # calls per worker one client may keep on a backend (measured)
+# ... or more, when that is less than this much work per worker: a window of quick
+# calls must cover the round trip, or pipelining stalls (measured: 2 ms of 10 us calls
+# is 200 per worker; a backend's queue then holds ~2 ms of this client's work).
+WINDOW_SECONDS = 0.002
+MAX_PER_WORKER = 256
 SCAN = 8  # up to this many backends, every one is compared
 _FIRST_SERVICE = 0.001  # seconds: the guess before any reply (equal for all)
 _WEIGHT = 0.2  # weight of a new sample in the service-time average
@@ -50,6 +59,7 @@ class Slot:
         "key",
         "capacity",
         "limit",
+        "per_worker",
         "in_flight",
         "others",
         "service",
@@ -61,6 +71,7 @@ class Slot:
     def __init__(self, key: Any, capacity: int, prefetch: int) -> None:
         self.key = key
         self.capacity = max(1, capacity)
+        self.per_worker = prefetch
         self.limit = self.capacity * prefetch
         self.in_flight = 0
         self.others = 0
@@ -114,7 +125,7 @@ class Dispatcher:
         """``key`` takes calls now, with ``capacity`` workers (from its handshake)."""
         slot = self.add(key)
         slot.capacity = max(1, int(capacity))
-        slot.limit = slot.capacity * self.prefetch
+        slot.limit = slot.capacity * slot.per_worker
         if not slot.usable:
             slot.usable = True
             self._usable.append(slot)
@@ -209,6 +220,12 @@ class Dispatcher:
             else:
                 slot.service = sample
             slot.samples += 1
+            per = WINDOW_SECONDS / slot.service
+            per = self.prefetch if per <= self.prefetch else min(MAX_PER_WORKER, int(per))
+            slot.per_worker = per
+            slot.limit = slot.capacity * per
+            if slot.in_flight >= slot.limit:
+                self._close(slot)
         if slot.usable and slot._pos < 0 and slot.in_flight < slot.limit:
             self._open_slot(slot)
 
