@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from taskit._client.aio_driver import AsyncIO
-from taskit._client.core import parse_backend
 from taskit._client.face import ClientFace
 from taskit.errors import (
     BackendLostError,
@@ -70,18 +69,30 @@ class AsyncFrontEnd(ClientFace):
 
     def _start_driver(self, endpoints: list[str]) -> None:
         self._io = AsyncIO(self._core, self._settings, self._note)
+        if self.resolve_every is not None:
+            self._io.refresh = (self.resolve_every, self._refresh)
         for endpoint in endpoints:
             self._io.connect(endpoint)
 
     # -- backends -------------------------------------------------------------------
 
     def add_backends(self, *backends: Any) -> None:
-        """Use more backends (same forms as the constructor). Raises ``ValueError``
-        for a malformed one. Sockets connect when the loop first uses this front end."""
+        """Use more backends (same forms as the constructor; a host name that resolves
+        to several addresses adds that many). Raises ``ValueError`` for a malformed
+        one. Sockets connect when the loop first uses this front end."""
         if self._io.closed:
             raise self._io.closed_error()
-        for spec in backends:
-            self._io.connect(parse_backend(spec, self.default_port))
+        for endpoint in self._expand(backends):
+            self._io.connect(endpoint)
+
+    def remove_backends(self, *backends: Any) -> None:
+        """Stop using backends (as given, or one address a name stood for): no new
+        calls go there; calls running there finish, and each connection closes once
+        it has none left. Does not wait. ``ValueError('No such backend!')`` for one
+        this client does not use. Call it from the event loop's thread."""
+        if self._io.closed:
+            raise self._io.closed_error()
+        self._io.apply_members([], self._leaving(backends))
 
     # -- calls ----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ and rejoins by itself.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -37,7 +38,7 @@ from taskit._client.connection import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
 )
-from taskit._client.core import PendingCall, parse_backend
+from taskit._client.core import PendingCall
 from taskit._client.face import ClientFace
 from taskit._client.threaded import CallFuture, ThreadedIO, Waiter
 from taskit.errors import (
@@ -45,6 +46,7 @@ from taskit.errors import (
     BackendNotAvailableError,
     BackendProcessingError,
     CallTimeoutError,
+    FrontEndClosedError,
 )
 from taskit.protocol import DEFAULT_PORT, KILL, STATS, STATUS, STOP, TASKS
 
@@ -128,6 +130,27 @@ class FrontEnd(ClientFace):
         self._cb_pool: ThreadPoolExecutor | None = None
         self._cb_pool_lock = threading.Lock()
         self._io = ThreadedIO(self._core, self._settings, endpoints, self._note)
+        self._resolving = threading.Event()  # set: stop re-resolving (closing)
+        self._resolver_thread: threading.Thread | None = None
+        if self.resolve_every is not None:
+            self._resolver_thread = threading.Thread(
+                target=self._resolve_loop, name="taskit-frontend-resolve", daemon=True
+            )
+            self._resolver_thread.start()
+
+    def _resolve_loop(self) -> None:
+        """Every ``resolve_every`` seconds, resolve the backends' names again (off the
+        I/O thread: DNS blocks) and hand the changes to the I/O thread."""
+        every = self.resolve_every
+        assert every is not None
+        while not self._resolving.wait(every):
+            joined, left = self._refresh()
+            if (joined or left) and not self._io.closed:
+                try:
+                    apply = functools.partial(self._io.apply_members, joined, left)
+                    self._io.as_leader(apply, wait=False)
+                except FrontEndClosedError:
+                    return
 
     # -- TaskIt 4.0 API ------------------------------------------------------------
 
@@ -217,9 +240,19 @@ class FrontEnd(ClientFace):
             return "down"
 
     def add_backends(self, *backends: Any) -> None:
-        """Connect to more backends (same forms as the constructor). Blocks until done."""
-        endpoints = [parse_backend(b, self.default_port) for b in backends]
-        self._io.as_leader(lambda: [self._io.connect(ep) for ep in endpoints])  # type: ignore[func-returns-value]
+        """Connect to more backends (same forms as the constructor; a host name that
+        resolves to several addresses adds that many). Blocks until done."""
+        endpoints = self._expand(backends)
+        self._io.as_leader(lambda: self._io.apply_members(endpoints, []))
+
+    def remove_backends(self, *backends: Any) -> None:
+        """Stop using backends (as given to the constructor or :meth:`add_backends`, or
+        one address a name stood for): they get no new calls; calls they are running
+        finish there (their replies still come), and each connection closes once it
+        has none left. Does not wait for that. ``ValueError('No such backend!')`` for
+        one this client does not use."""
+        endpoints = self._leaving(backends)
+        self._io.as_leader(lambda: self._io.apply_members([], endpoints))
 
     # -- modern API ----------------------------------------------------------------
 
@@ -312,6 +345,7 @@ class FrontEnd(ClientFace):
     def close(self) -> None:
         """Fail every pending call with :class:`FrontEndClosedError`, close the sockets
         and stop the I/O thread. Idempotent; blocks briefly."""
+        self._resolving.set()
         self._io.close()
         with self._cb_pool_lock:
             if self._cb_pool is not None:

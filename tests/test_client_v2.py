@@ -244,7 +244,8 @@ def test_a_burst_of_async_submits_goes_out_in_one_message(responder):
     r = responder()
 
     async def run():
-        async with AsyncFrontEnd([r.endpoint]) as fe:
+        # credit for the whole burst (3 workers x 64): this is about batching
+        async with AsyncFrontEnd([r.endpoint], prefetch=64) as fe:
             assert await fe.work("add", 0, 0) == 0  # connected: the burst is not parked
             return await asyncio.gather(*(fe.submit("add", i, 1) for i in range(50)))
 

@@ -49,6 +49,10 @@ class AsyncIO(Connections):
         self._timer_at: float | None = None
         self._send_soon = False  # a send_now() is scheduled on the loop
         self.closed = False
+        # (seconds, refresh) to re-resolve the backends' names: refresh() runs in the
+        # loop's default executor (DNS blocks), its (joined, left) applied on the loop.
+        self.refresh: tuple[float, Callable[[], tuple[list[str], list[str]]]] | None = None
+        self._refresh_timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def closed_error() -> FrontEndClosedError:
@@ -70,6 +74,8 @@ class AsyncIO(Connections):
                 self.release()  # close what opened, so no term() can block
                 self._loop = None
                 raise
+            if self.refresh is not None:
+                self._refresh_timer = loop.call_later(self.refresh[0], self._re_resolve)
         elif self._loop is not loop:
             raise RuntimeError(
                 "this AsyncFrontEnd belongs to another event loop; create one per loop"
@@ -222,6 +228,24 @@ class AsyncIO(Connections):
             if replaced:
                 return  # the new socket has its own tasks
 
+    def _re_resolve(self) -> None:
+        """Resolve the names again in the executor; apply the changes on the loop."""
+        if self.closed or self._loop is None or self.refresh is None:
+            return
+        every, refresh = self.refresh
+        loop = self._loop
+
+        def applied(fut: asyncio.Future[tuple[list[str], list[str]]]) -> None:
+            if self.closed:
+                return
+            if not fut.cancelled() and fut.exception() is None:
+                joined, left = fut.result()
+                if joined or left:
+                    self.apply_members(joined, left)
+            self._refresh_timer = loop.call_later(every, self._re_resolve)
+
+        loop.run_in_executor(None, refresh).add_done_callback(applied)
+
     def _schedule(self) -> None:
         """Keep one timer armed for the core's next deadline."""
         if self.closed or self._loop is None:
@@ -255,6 +279,9 @@ class AsyncIO(Connections):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
         tasks = [t for link in self.links.values() for t in link.tasks]
         if self._loop is not None:  # withdraw the calls still on the wire (CANCEL)
             self.withdraw_all()  # and close the sockets

@@ -378,6 +378,8 @@ class Connections:
         self.resolve(core.tick())
         if core.pings or core.suspects:
             self.liveness()
+        if core.retired:
+            self.retire()
 
     def liveness(self) -> None:
         """Send the PINGs the core asked for; drop the connections it finds silent
@@ -435,6 +437,38 @@ class Connections:
                     break
         if core.resets:
             self.reset()
+        if core.retired:
+            self.retire()
+
+    def connect(self, endpoint: str) -> None:
+        raise NotImplementedError  # each driver: start using one more backend
+
+    def apply_members(self, joined: list[str], left: list[str]) -> None:
+        """A re-resolution (or ``remove_backends``) changed the fleet: connect the
+        backends that ``joined``; drain those that ``left`` (no new calls, those in
+        flight finish) and close them once drained."""
+        for endpoint in joined:
+            try:
+                self.connect(endpoint)
+            except ValueError as e:  # a resolver that returned something unusable
+                self._note(ERROR, f"cannot use backend {endpoint}: {e}", logging.WARNING)
+                continue
+            self._note(INFO, f"backend {endpoint} joined")
+        for endpoint in left:
+            if endpoint in self._core.backends:
+                self._note(INFO, f"backend {endpoint} left: draining")
+                self._core.drain_backend(endpoint)
+        self.retire()
+        if self._core.outbox or self._core.control:
+            self.flush()
+
+    def retire(self) -> None:
+        """Close the connections of backends the core drained and forgot."""
+        for endpoint in self._core.take_retired():
+            link = self.links.get(endpoint)
+            if link is not None:
+                self._note(INFO, f"backend {endpoint} drained: closed")
+                self.discard(link)
 
     def reset(self) -> None:
         """Replace the connections the core asked for (a backend lost our handshake):

@@ -177,6 +177,7 @@ __all__ = [
     "HANDSHAKE",
     "REJECTED",
     "STOPPING",
+    "DRAINING",
     "BATCH_ITEMS",
     "BATCH_BYTES",
 ]
@@ -187,6 +188,7 @@ DOWN = "down"  # disconnected, or connecting failed; libzmq keeps retrying
 STOPPING = "stopping"  # answered Stopping: connected but takes no new calls
 HANDSHAKE = "handshake"  # connected, HELLO sent, its WELCOME not yet in
 REJECTED = "rejected"  # its WELCOME (or refusal) rules it out: calls to it fail at once
+DRAINING = "draining"  # being removed: no new calls; closed once its calls in flight end
 
 # A batch (one frame of several CALL items) holds at most this many items and this
 # many bytes of bodies; a body of ZERO_COPY bytes or more goes alone.
@@ -396,6 +398,7 @@ class BackendState:
         "load_at",
         "cancelled",
         "slot",
+        "draining",
     )
 
     def __init__(self, endpoint: str, now: float) -> None:
@@ -431,6 +434,7 @@ class BackendState:
         self.load_at: float | None = None
         self.cancelled = 0  # calls it withdrew unrun on our CANCEL
         self.slot: Any = None  # its Dispatcher slot: credit, others' load, service time
+        self.draining = False  # remove_backends() or a re-resolution dropped it
 
     def snapshot(self, now: float) -> dict[str, Any]:
         info = self.info
@@ -446,6 +450,12 @@ class BackendState:
             },
             "queued": self.queued,
             "running": self.running,
+            "credit": {"limit": self.slot.limit, "in_use": len(self.calls)}
+            if self.slot is not None
+            else None,
+            "service_time": None
+            if self.slot is None or not self.slot.samples
+            else round(self.slot.service, 6),
             "load_age": None if self.load_at is None else round(now - self.load_at, 3),
             "for": round(now - self.since, 3),
             "in_flight": len(self.calls),
@@ -533,6 +543,9 @@ class ClientCore:
         # Read-only for drivers: endpoints whose connection must be replaced (the backend
         # holds no handshake for it); see take_resets().
         self.resets: list[str] = []
+        # Read-only for drivers: endpoints drained and forgotten, whose connection the
+        # driver closes now; see take_retired().
+        self.retired: list[str] = []
         from taskit import __version__  # here: taskit's __init__ imports the faces
 
         self._agent = f"taskit/{__version__} python"
@@ -721,7 +734,7 @@ class ClientCore:
         b = self.backends.get(endpoint)
         if b is None:
             return []
-        was_up = b.state in (UP, STOPPING)
+        was_up = b.state in (UP, STOPPING, DRAINING)
         b.ping_at = None
         b.session, b.hello_id = None, -1
         if b.state != DOWN:
@@ -735,6 +748,8 @@ class ClientCore:
         for _ in victims:
             self.dispatch.answered(b.slot)
         b.calls.clear()
+        if b.draining:
+            self._retire(b)
         done: Done = []
         for call in victims:
             call.backend = None
@@ -959,6 +974,38 @@ class ClientCore:
                 n += 1
         return n
 
+    def drain_backend(self, endpoint: str) -> None:
+        """Take ``endpoint`` out of service: it gets no new call from now on; calls
+        routed there but not sent go elsewhere; calls on the wire finish there (or
+        are lost with it, as any). Once none is left it is forgotten and listed in
+        :attr:`retired` for the driver to close. Unknown endpoints are ignored."""
+        b = self.backends.get(endpoint)
+        if b is None or b.draining:
+            return
+        b.draining = True
+        self._set_state(b, b.state)
+        for call in sorted(b.calls.values(), key=lambda c: c.id):
+            if not call.on_wire:
+                self._settle(b, call)
+                call.backend = None
+                self._route(call)
+        if not b.calls:
+            self._retire(b)
+
+    def _retire(self, b: BackendState) -> None:
+        """Forget a drained backend (no call left on it); the driver closes it."""
+        if self.backends.get(b.endpoint) is not b:
+            return
+        del self.backends[b.endpoint]
+        self._blist.remove(b)
+        self.dispatch.remove(b.endpoint)
+        self.retired.append(b.endpoint)
+
+    def take_retired(self) -> list[str]:
+        """Endpoints drained and forgotten (close their connections); empties the list."""
+        retired, self.retired = self.retired, []
+        return retired
+
     def take_resets(self) -> list[str]:
         """Endpoints whose connection the driver must replace now; empties the list."""
         resets, self.resets = self.resets, []
@@ -1017,6 +1064,8 @@ class ClientCore:
                     if b.calls.pop(call_id, None) is not None:  # _settle, inlined
                         latency = b.load_at - call.sent_at if call.on_wire else None
                         self.dispatch.answered(b.slot, latency, call.ahead, qa + qb)
+                        if b.draining and not b.calls:
+                            self._retire(b)
                         if self._waiting:
                             self._release()
                     if self._busy_waiting:
@@ -1258,7 +1307,7 @@ class ClientCore:
         connected); else it is lost -- as :meth:`backend_down`, whose resolved calls
         are returned -- and the driver must replace its connection."""
         b = self.backends.get(endpoint)
-        if b is None or b.state not in (UP, STOPPING) or b.ping_at is None:
+        if b is None or b.state not in (UP, STOPPING, DRAINING) or b.ping_at is None:
             return None
         if b.answered + b.heard != b.seen:
             b.seen, b.heard_at, b.ping_at = b.answered + b.heard, self.clock(), None
@@ -1284,7 +1333,7 @@ class ClientCore:
         idle = IDLE_PING_FACTOR * timeout
         connected = False
         for b in self._blist:
-            if b.state != UP and b.state != STOPPING:
+            if b.state not in (UP, STOPPING, DRAINING):
                 continue
             connected = True
             heard = b.answered + b.heard
@@ -1311,7 +1360,7 @@ class ClientCore:
         call.on_wire = False
         if call.target is not None:
             b = self.backends.get(call.target)
-            if b is not None and b.state not in (UP, STOPPING):  # a stopping one still
+            if b is not None and b.state not in (UP, STOPPING, DRAINING):  # a stopping one still
                 b = None  # answers admin signals
         else:
             slot = self.dispatch.pick(len(self._waiting))
@@ -1345,6 +1394,8 @@ class ClientCore:
         and the load in the reply teach the dispatcher. Waiting calls may go now."""
         if b.calls.pop(call.id, None) is None:
             return
+        if b.draining and not b.calls:
+            self._retire(b)
         if measured and call.on_wire and b.load_at is not None:
             latency = b.load_at - call.sent_at
             self.dispatch.answered(b.slot, latency, call.ahead, b.queued + b.running)
@@ -1378,7 +1429,10 @@ class ClientCore:
     def _set_state(self, b: BackendState, state: str) -> None:
         """``b`` is in ``state`` now: only an UP backend takes new calls. When none is
         left, the calls waiting for credit wait for a backend instead (parked)."""
-        b.state, b.since = state, self.clock()
+        if b.draining and state in (UP, STOPPING):
+            state = DRAINING
+        if b.state != state:
+            b.state, b.since = state, self.clock()
         if state == UP:
             self.dispatch.up(b.endpoint, int(b.info.get("workers") or 1))
             if self._waiting:

@@ -12,6 +12,7 @@ awaitable.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from taskit._client.connection import (
 )
 from taskit._client.core import DOWN, ClientCore, parse_backend
 from taskit._client.dispatch import DEFAULT_PREFETCH
+from taskit._client.membership import Membership, Resolver
 from taskit.codecs import JSONCodec, Signer
 from taskit.errors import BackendProcessingError
 from taskit.log import ERROR, null_logger
@@ -70,10 +72,12 @@ class ClientFace:
         curve_secretkey: bytes | str | None = None,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         prefetch: int = DEFAULT_PREFETCH,
+        resolve_every: float | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
-        endpoints = [parse_backend(spec, default_port) for spec in backends]  # ValueError
+        specs = [parse_backend(spec, default_port) for spec in backends]  # ValueError
         if logger is None:
             logger = null_logger  # accepted as "no logger", as before
         if not callable(logger) or isinstance(logger, type) or hasattr(logger, "encode"):
@@ -88,6 +92,19 @@ class ClientFace:
                 f"heartbeat_interval must be > 0 seconds, or None for no liveness checks, "
                 f"not {heartbeat_interval!r}"
             )
+        if resolve_every is not None and not resolve_every > 0:
+            raise ValueError(
+                f"resolve_every must be > 0 seconds, or None never to re-resolve host "
+                f"names, not {resolve_every!r}"
+            )
+        if resolver is not None and not callable(resolver):
+            raise TypeError(f"resolver must be resolver(host, port) -> addresses, not {resolver!r}")
+        # What each backend given stands for (a name may be several backends);
+        # re-resolved every ``resolve_every`` seconds off the I/O thread (DNS blocks).
+        self._members = Membership(resolver)
+        self._members_lock = threading.Lock()
+        self.resolve_every = resolve_every
+        endpoints = [e for spec in specs for e in self._members.add(spec)]
         if type(prefetch) is not int or prefetch < 1:
             raise ValueError(f"prefetch must be a whole number >= 1, not {prefetch!r}")
         if not heartbeat_timeout > 0:
@@ -121,6 +138,38 @@ class ClientFace:
     def _start_driver(self, endpoints: list[str]) -> None:
         raise NotImplementedError  # each face binds its driver
 
+    # -- membership ------------------------------------------------------------------
+
+    def _expand(self, backends: tuple[Any, ...]) -> list[str]:
+        """The new endpoints ``backends`` stand for (ValueError for a malformed one)."""
+        specs = [parse_backend(spec, self.default_port) for spec in backends]
+        with self._members_lock:
+            return [e for spec in specs for e in self._members.add(spec)]
+
+    def _leaving(self, backends: tuple[Any, ...]) -> list[str]:
+        """The endpoints that leave when ``backends`` are removed; ``ValueError('No
+        such backend!')`` for one this client does not use."""
+        specs = []
+        for spec in backends:
+            endpoint = parse_backend(spec, self.default_port)
+            with self._members_lock:
+                known = endpoint in self._members.specs or self._members.owner(endpoint)
+            if not known and endpoint not in self._core.backends:
+                raise ValueError("No such backend!")
+            specs.append(endpoint)
+        with self._members_lock:
+            return [e for spec in specs for e in self._members.remove(spec)]
+
+    def _refresh(self) -> tuple[list[str], list[str]]:
+        """Resolve the backends' host names again: ``(joined, left)``. Blocks on DNS:
+        called off the I/O thread. A resolver that fails changes nothing."""
+        with self._members_lock:
+            try:
+                return self._members.refresh()
+            except Exception:
+                self._stdlog.warning("re-resolving the backends' names failed", exc_info=True)
+                return [], []
+
     # -- what never waits ----------------------------------------------------------
 
     @property
@@ -131,14 +180,19 @@ class ClientFace:
     def backends_status(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {"state", "for": seconds, "name", "pid", "started",
         "capacity": {"workers", "max_pending", "max_message_size"}, "queued",
-        "running", "load_age", "in_flight", "sent", "answered", "failed", "lost",
+        "running", "load_age", "credit": {"limit", "in_use"}, "service_time",
+        "in_flight", "sent", "answered", "failed", "lost",
         "busy", "connects", "disconnects", "pings", "cancelled", "last_error"}}`` as
         this client sees each backend now. ``state``: "connecting", "handshake"
-        (connected, its WELCOME not in yet), "up", "stopping", "down" or "rejected"
-        (its handshake ruled it out: ``last_error`` says why). ``name`` ... ``capacity``
-        are what its WELCOME said (None before); ``queued``/``running`` the load it
-        reported last (every reply carries it), ``load_age`` seconds ago; ``pings``:
-        PINGs sent by the liveness check; ``cancelled``: calls it withdrew unrun."""
+        (connected, its WELCOME not in yet), "up", "stopping", "draining" (being
+        removed: no new calls), "down" or "rejected" (its handshake ruled it out:
+        ``last_error`` says why). ``credit``: how many of this client's calls it may
+        hold (``limit``) and holds (``in_use``); ``service_time``: seconds one call
+        keeps one of its workers busy, as this client measures it (None before).
+        ``name`` ... ``capacity`` are what its WELCOME said (None before);
+        ``queued``/``running`` the load it reported last (every reply carries it),
+        ``load_age`` seconds ago; ``pings``: PINGs sent by the liveness check;
+        ``cancelled``: calls it withdrew unrun."""
         return self._core.snapshot()
 
     @property
