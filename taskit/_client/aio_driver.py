@@ -150,9 +150,9 @@ class AsyncIO(Connections):
         """Read every reply already queued on ``link``'s socket, asking EVENTS before
         each read rather than reading until zmq.Again: an exception per drain would
         cost as much as the rest of a call's reading (drains follow every send)."""
-        events, receive = link.raw.getsockopt, self.receive
-        while cast(int, events(EVENTS)) & POLLIN:
-            receive(link, None, 1)
+        events, receive, links = link.raw.getsockopt, self.receive, self.links
+        while links.get(link.endpoint) is link and cast(int, events(EVENTS)) & POLLIN:
+            receive(link, None, 1)  # (a drained backend's link closes in there)
 
     # -- Connections' hooks ---------------------------------------------------------
 
@@ -204,7 +204,15 @@ class AsyncIO(Connections):
             self.resolve(done)
             if core.resets:
                 self.reset()
+            if core.retired:
+                self.retire()
+            if self.links.get(endpoint) is not link:
+                return  # drained and closed, or replaced, meanwhile
             self.drain(link)  # what else is queued, before yielding
+            if self.links.get(endpoint) is not link:
+                self._send()
+                self._schedule()
+                return
             self._send()  # Busy/Stopping replies re-route calls
             self._schedule()
 

@@ -1062,7 +1062,9 @@ class ClientCore:
                     call.done = True
                     del self.calls[call_id]
                     if b.calls.pop(call_id, None) is not None:  # _settle, inlined
-                        latency = b.load_at - call.sent_at if call.on_wire else None
+                        # (admin signals, answered on the I/O thread, say nothing of it)
+                        measured = call.on_wire and call.target is None
+                        latency = b.load_at - call.sent_at if measured else None
                         self.dispatch.answered(b.slot, latency, call.ahead, qa + qb)
                         if b.draining and not b.calls:
                             self._retire(b)
@@ -1396,7 +1398,7 @@ class ClientCore:
             return
         if b.draining and not b.calls:
             self._retire(b)
-        if measured and call.on_wire and b.load_at is not None:
+        if measured and call.on_wire and call.target is None and b.load_at is not None:
             latency = b.load_at - call.sent_at
             self.dispatch.answered(b.slot, latency, call.ahead, b.queued + b.running)
         else:

@@ -50,6 +50,10 @@ MAX_PER_WORKER = 256
 SCAN = 8  # up to this many backends, every one is compared
 _FIRST_SERVICE = 0.001  # seconds: the guess before any reply (equal for all)
 _WEIGHT = 0.2  # weight of a new sample in the service-time average
+# Expected finishes this close count as equal; between idle backends, within a factor
+# of two (their estimates are noisy, and one never chosen is never measured again).
+_SIMILAR = (0.8, 1.25)
+_IDLE_SIMILAR = (0.5, 2.0)
 
 
 class Slot:
@@ -124,6 +128,12 @@ class Dispatcher:
     def up(self, key: Any, capacity: int) -> None:
         """``key`` takes calls now, with ``capacity`` workers (from its handshake)."""
         slot = self.add(key)
+        if not slot.samples:
+            # Unmeasured: assume it as quick as the backends already measured (their
+            # mean), so it is tried at once rather than shunned by a made-up guess.
+            known = [s.service for s in self._usable if s.samples]
+            if known:
+                slot.service = sum(known) / len(known)
         slot.capacity = max(1, int(capacity))
         slot.limit = slot.capacity * slot.per_worker
         if not slot.usable:
@@ -171,9 +181,12 @@ class Dispatcher:
                 t = slot.expected()
                 if waiting and slot.in_flight >= slot.limit:
                     t += waiting // slot.capacity * slot.service
-                # ties (the same rounds of work ahead) go to the less loaded
+                # Backends about as quick (service times are noisy estimates): the
+                # less loaded wins, and among equals the scan's rotating start, so
+                # idle backends share the calls.
                 load = (slot.others + slot.in_flight) / slot.capacity
-                if best is None or t < best_t or (t == best_t and load < best_load):
+                low, high = _IDLE_SIMILAR if load == best_load == 0 else _SIMILAR
+                if best is None or t < best_t * low or (t <= best_t * high and load < best_load):
                     best, best_t, best_load, best_i = slot, t, load, i
             self._next = best_i + 1
             if best is not None and best.in_flight < best.limit:

@@ -4,7 +4,8 @@ Pure logic around one injectable resolver (``socket.getaddrinfo`` by default).
 A spec whose host name resolves to several addresses is that many backends,
 one ``tcp://ADDRESS:PORT`` endpoint each (how round-robin DNS, Consul and
 Kubernetes headless Services list a fleet); a name that resolves to one
-address keeps its own endpoint (``tcp://NAME:PORT``, which ZeroMQ resolves),
+address keeps its own endpoint (``tcp://NAME:PORT``, which ZeroMQ resolves;
+with a resolver of the user's, its address is used instead),
 and so do literal addresses, ``ipc://`` and ``inproc://``. A name that does not
 resolve (yet) keeps its own endpoint too: ZeroMQ keeps trying it.
 
@@ -70,6 +71,9 @@ class Membership:
 
     def __init__(self, resolver: Resolver | None = None) -> None:
         self.resolver: Resolver = resolver or system_resolver
+        # A resolver of the user's (Consul, a registry) knows names ZeroMQ cannot
+        # resolve: its answers are always used as addresses.
+        self.custom = resolver is not None
         self.specs: dict[str, list[str]] = {}  # spec endpoint -> the endpoints it is now
 
     def add(self, spec: str) -> list[str]:
@@ -133,8 +137,8 @@ class Membership:
             addresses = []
         if not addresses:  # a DNS hiccup must not drain a fleet: keep what it was
             return current or [spec]
-        if len(addresses) == 1 and (current is None or current == [spec]):
-            return [spec]  # one address: ZeroMQ resolves the name itself
+        if len(addresses) == 1 and not self.custom and (current is None or current == [spec]):
+            return [spec]  # one address: ZeroMQ resolves the name itself, as we did
         # Once a fleet, always addresses: shrinking to one does not churn connections.
         return [_endpoint(a, port) for a in addresses]
 
