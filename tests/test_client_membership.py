@@ -21,13 +21,20 @@ def test_a_name_with_several_addresses_is_that_many_backends():
     assert m.add("tcp://fleet:5000") == []  # known already
 
 
-def test_literal_addresses_ipc_and_single_address_names_stay_as_given():
+def test_literal_addresses_ipc_and_names_that_do_not_resolve_stay_as_given():
     m = Membership(FakeDNS(one=["10.0.0.9"]))
     assert m.add("tcp://127.0.0.1:1") == ["tcp://127.0.0.1:1"]
     assert m.add("ipc:///tmp/x") == ["ipc:///tmp/x"]
-    assert m.add("tcp://one:2") == ["tcp://one:2"]
     assert m.add("tcp://nowhere:3") == ["tcp://nowhere:3"]  # ZeroMQ keeps trying it
+    # a resolver of the user's knows names ZeroMQ does not: its address is used
+    assert m.add("tcp://one:2") == ["tcp://10.0.0.9:2"]
     assert not Membership().dynamic
+
+
+def test_with_the_system_resolver_a_name_of_one_address_stays_a_name():
+    m = Membership()
+    assert m.add("tcp://localhost:5") == ["tcp://localhost:5"]
+    assert m.refresh() == ([], [])
 
 
 def test_refresh_reports_joins_and_leaves():
@@ -47,9 +54,9 @@ def test_refresh_reports_joins_and_leaves():
 def test_a_name_that_grows_from_one_address_to_several_expands():
     dns = FakeDNS(svc=["10.0.0.1"])
     m = Membership(dns)
-    assert m.add("tcp://svc:7") == ["tcp://svc:7"]
+    assert m.add("tcp://svc:7") == ["tcp://10.0.0.1:7"]
     dns.records["svc"] = ["10.0.0.1", "10.0.0.2"]
-    assert m.refresh() == (["tcp://10.0.0.1:7", "tcp://10.0.0.2:7"], ["tcp://svc:7"])
+    assert m.refresh() == (["tcp://10.0.0.2:7"], [])
 
 
 def test_remove_takes_a_spec_or_one_of_its_addresses():

@@ -454,7 +454,7 @@ class BackendState:
             if self.slot is not None
             else None,
             "service_time": None
-            if self.slot is None or not self.slot.samples
+            if self.slot is None or self.slot.samples < 2
             else round(self.slot.service, 6),
             "load_age": None if self.load_at is None else round(now - self.load_at, 3),
             "for": round(now - self.since, 3),

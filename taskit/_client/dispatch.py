@@ -88,9 +88,11 @@ class Slot:
     def credit(self) -> int:
         return self.limit - self.in_flight
 
-    def expected(self) -> float:
-        """Seconds until one more call sent here would be done (the model above)."""
-        return ((self.others + self.in_flight) // self.capacity + 1) * self.service
+    def expected(self, unmeasured: float = _FIRST_SERVICE) -> float:
+        """Seconds until one more call sent here would be done (the model above);
+        ``unmeasured``: the service time to assume while it has no measure of its own."""
+        service = self.service if self.samples > 1 else unmeasured
+        return ((self.others + self.in_flight) // self.capacity + 1) * service
 
     def __repr__(self) -> str:
         return (
@@ -115,6 +117,8 @@ class Dispatcher:
         self._open: list[Slot] = []  # usable with credit (swap-remove; O(1))
         self._rand = random.Random(seed).random
         self._next = 0  # where the next scan starts (ties rotate)
+        self._typical = _FIRST_SERVICE  # service time of the backends measured, averaged
+        self._measured = False  # _typical is a measure, not the first guess
 
     # -- membership ------------------------------------------------------------
 
@@ -128,12 +132,6 @@ class Dispatcher:
     def up(self, key: Any, capacity: int) -> None:
         """``key`` takes calls now, with ``capacity`` workers (from its handshake)."""
         slot = self.add(key)
-        if not slot.samples:
-            # Unmeasured: assume it as quick as the backends already measured (their
-            # mean), so it is tried at once rather than shunned by a made-up guess.
-            known = [s.service for s in self._usable if s.samples]
-            if known:
-                slot.service = sum(known) / len(known)
         slot.capacity = max(1, int(capacity))
         slot.limit = slot.capacity * slot.per_worker
         if not slot.usable:
@@ -176,9 +174,10 @@ class Dispatcher:
             best_t = best_load = 0.0
             start = self._next % n  # ties rotate, so idle backends share the calls
             best_i = start
+            ref = self._typical
             for i in range(start, start + n):
                 slot = usable[i % n]
-                t = slot.expected()
+                t = slot.expected(ref)
                 if waiting and slot.in_flight >= slot.limit:
                     t += waiting // slot.capacity * slot.service
                 # Backends about as quick (service times are noisy estimates): the
@@ -200,7 +199,8 @@ class Dispatcher:
         rand = self._rand
         a = open_[int(rand() * m)]
         b = open_[int(rand() * m)]
-        return a if a.expected() <= b.expected() else b
+        ref = self._typical
+        return a if a.expected(ref) <= b.expected(ref) else b
 
     def sent(self, slot: Slot) -> None:
         """A call was sent to ``slot``."""
@@ -226,13 +226,21 @@ class Dispatcher:
             # This reply was built while our calls in flight included this one.
             slot.others = max(0, reported - slot.in_flight - 1)
         if latency is not None and latency > 0:
+            slot.samples += 1
+        if latency is not None and latency > 0 and slot.samples > 1:
+            # (a backend's first call pays for its warm-up: not a sample)
             per_worker = 1.0 + ahead / slot.capacity
             sample = latency / per_worker
-            if slot.samples:
+            if slot.samples > 2:
                 slot.service += _WEIGHT * (sample - slot.service)
             else:
                 slot.service = sample
-            slot.samples += 1
+            # What an unmeasured backend is assumed to take: like the others (so it is
+            # tried at once, neither shunned nor flooded by a made-up guess).
+            if self._measured:
+                self._typical += _WEIGHT * (sample - self._typical)
+            else:
+                self._typical, self._measured = sample, True
             per = WINDOW_SECONDS / slot.service
             per = self.prefetch if per <= self.prefetch else min(MAX_PER_WORKER, int(per))
             slot.per_worker = per

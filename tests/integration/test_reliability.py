@@ -227,9 +227,7 @@ def test_calls_failed_by_their_client_during_a_freeze_do_not_run_after_it(server
     and does not start that connection's calls still queued."""
     a = servers("a")
     # prefetch: credit for all 300 on the backend (by default most wait in the client)
-    with FrontEnd(
-        [a.endpoint], heartbeat_interval=0.2, heartbeat_timeout=1.0, prefetch=100
-    ) as fe:
+    with FrontEnd([a.endpoint], heartbeat_interval=0.2, heartbeat_timeout=1.0, prefetch=100) as fe:
         assert fe.work("who") == "a"
         futures = [fe.submit("nap", 0.01) for _ in range(300)]  # ~0.75 s on 4 workers
         # A ROUTER reads each peer in order: once this is answered, all 300 are read.
