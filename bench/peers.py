@@ -53,7 +53,7 @@ if ROOT not in sys.path:
     # Run as a script from a checkout, taskit is importable without install.
     sys.path.insert(0, ROOT)
 
-from _child import BenchError, ChildServer, announce  # noqa: E402 (after the sys.path set-up)
+from _child import BenchError, ChildServer, announce, wait_eof  # noqa: E402 (after the sys.path set-up)
 
 LIBS = ("floor", "taskit", "zerorpc", "pyro5", "rpyc")
 MODULES = {
@@ -114,7 +114,7 @@ def _serve_taskit() -> None:
     backend.start()
     announce(backend.port, exit_on_eof=False)
     try:
-        sys.stdin.buffer.read()
+        wait_eof()
     finally:
         close = getattr(backend, "close", None) or backend.stop_server
         close()
