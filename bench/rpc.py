@@ -2,7 +2,8 @@
 
     python bench/rpc.py            # figures and ratios (taskit / floor)
     python bench/rpc.py --json     # one JSON object: sync_median_ratio, sync_p99_ratio,
-                                   #   pipelined_ratio, echo_ratio (+ strict_* and details)
+                                   #   pipelined_ratio, echo_ratio, cpu_*_ratio (+ strict_*
+                                   #   and details, among them cpu_us_per_call)
     python bench/rpc.py --quick    # fewer calls, one round
 
 Same arrangement for every side: the server runs in a child process
@@ -35,7 +36,20 @@ Measured (the sides alternate in small chunks, so noise hits them alike):
   best round (ratio taskit/floor: higher is better, target >= 0.5;
   ``pipelined_ratio`` is the better of submit and map, both are printed);
 - 1 MiB ``echo`` throughput, sync calls, best round (ratio: higher is better,
-  target >= 0.8).
+  target >= 0.8), each side's client a fresh process making
+  ``work("echo", b"x" * 2**20)``, as a user's program does. Not from this
+  long-lived process: the floor's ``msgpack.packb`` frees a 2 MiB buffer per
+  call, which raises glibc's malloc thresholds for the whole process, and then
+  the FrontEnd's 1 MiB bodies no longer fault in fresh pages (~470 minor page
+  faults per call in a fresh process: glibc trims the heap top after each
+  call). The in-process figure is kept as ``warm_echo`` (it shows the protocol
+  without the page faults, not what a user gets);
+- CPU time per call on each side: this process's CPU time (every thread:
+  ``time.process_time``) and the child server's own (it reports it on a
+  stdin query, see ``_child.py``) over each measured stretch, divided by its
+  calls, with minor page faults per call; ``cpu_*_ratio``: taskit's total
+  (client + server) over the floor's. Steadier than wall time on a shared
+  machine, and the figure to drive down.
 
 Attribution rows (not targets), against the strict floor: a server speaks
 taskit's frames with the strict floor's loop, so the cost of the wire format
