@@ -1,7 +1,8 @@
 """Bench servers in child processes: the child announces its port and lives until
 its stdin closes; the parent starts it, reads the port, and always ends it.
 
-While it runs, the parent may ask the child for its own resource use: a line
+While it runs, the parent may ask the child for its own resource use (and, for a
+child that offers one, a report: :meth:`ChildServer.report`): a line
 ``usage`` on the child's stdin is answered with one line ``USAGE cpu_ns minflt
 csw`` on its stdout -- the child's process CPU time (every thread, user +
 system, ``time.process_time_ns()``), its minor page faults and its context
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["BenchError", "ChildServer", "READY_TIMEOUT", "Usage", "announce", "wait_eof", "usage"]
 
@@ -31,6 +32,7 @@ USAGE_TIMEOUT = 10.0  # seconds a child has to answer a usage query
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _eof = threading.Event()
+_report: list = [None]  # a child's answer to a "report" query: a callable returning one line
 
 
 class BenchError(Exception):
@@ -64,16 +66,22 @@ def _serve_stdin(exit_on_eof: bool) -> None:
             u = usage()
             out.write(f"USAGE {round(u.cpu * 1e9)} {u.minflt} {u.csw}\n")
             out.flush()
+        elif line.strip() == b"report":
+            text = _report[0]() if _report[0] is not None else ""
+            out.write(f"REPORT {text}\n")
+            out.flush()
     if exit_on_eof:
         os._exit(0)
     _eof.set()
 
 
-def announce(port: int, exit_on_eof: bool = True) -> None:
+def announce(port: int, exit_on_eof: bool = True, report: Any = None) -> None:
     """In the child, once listening: tell the parent the port, and answer its usage
     queries from a thread. With ``exit_on_eof``, exit when the parent closes our
     stdin (or dies); else the caller waits for that with :func:`wait_eof` (to stop
-    gracefully)."""
+    gracefully). ``report``: a callable returning one line of text, the answer to
+    :meth:`ChildServer.report`."""
+    _report[0] = report
     threading.Thread(
         target=_serve_stdin, args=(exit_on_eof,), name="bench-stdin-watch", daemon=True
     ).start()
@@ -137,6 +145,16 @@ class ChildServer:
             raise BenchError(f"server {self.kind} answered {line!r} to a usage query")
         cpu_ns, minflt, csw = (int(x) for x in line.split()[1:4])
         return Usage(cpu_ns / 1e9, minflt, csw)
+
+    def report(self) -> str:
+        """The child's answer to a report query (what its ``announce(report=...)`` returns)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"report\n")
+        self.proc.stdin.flush()
+        line = self._line(USAGE_TIMEOUT, "answer a report query")
+        if not line.startswith("REPORT"):
+            raise BenchError(f"server {self.kind} answered {line!r} to a report query")
+        return line[len("REPORT ") :]
 
     def _tail(self) -> str:
         self._stderr.seek(0)
