@@ -53,7 +53,7 @@ if ROOT not in sys.path:
     # Run as a script from a checkout, taskit is importable without install.
     sys.path.insert(0, ROOT)
 
-from _child import BenchError, ChildServer, announce  # noqa: E402 (after the sys.path set-up)
+from _child import BenchError, ChildServer, announce, usage, wait_eof  # noqa: E402 (after the sys.path set-up)
 
 LIBS = ("floor", "taskit", "zerorpc", "pyro5", "rpyc")
 MODULES = {
@@ -114,7 +114,7 @@ def _serve_taskit() -> None:
     backend.start()
     announce(backend.port, exit_on_eof=False)
     try:
-        sys.stdin.buffer.read()
+        wait_eof()
     finally:
         close = getattr(backend, "close", None) or backend.stop_server
         close()
@@ -533,13 +533,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 _log(f"round {rnd + 1}/{args.rounds}: {lib}")
                 try:
-                    figures = _measure(lib, servers[lib].port, args)
+                    figures = _measure(lib, servers[lib], args)
                 except Exception as e:  # any failure of a peer skips it, never the bench
                     reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
                     results[lib] = {"skipped": f"failed while measuring: {reason}"}
                     _log(f"skip {lib}: {reason}")
                     continue
-                b = best.setdefault(lib, dict(figures, rounds=[]))
+                cpu = figures.pop("cpu")
+                b = best.setdefault(lib, dict(figures, rounds=[], cpu_totals={}))
                 # Every round's figures are kept too: their spread shows the noise.
                 b["rounds"].append({k: v for k, v in figures.items() if k != "throughput_method"})
                 for key in ("add_median_us", "add_p99_us", "echo64k_median_us"):
@@ -547,12 +548,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for key in ("throughput_calls_per_s", "map_calls_per_s"):
                     if key in figures:
                         b[key] = max(b[key], figures[key])
+                # CPU time: summed over every round, divided by every call at the end
+                for phase, (n, client, server) in cpu.items():
+                    tot = b["cpu_totals"].setdefault(phase, [0, 0.0, 0.0])
+                    tot[0] += n
+                    tot[1] += client
+                    tot[2] += server
     finally:
         for server in servers.values():
             server.stop()
     floor = best.get("floor")
     if floor is None:
         raise SystemExit(f"the floor could not be measured: {results.get('floor')}")
+    for b in best.values():
+        b["cpu_us_per_call"] = _cpu_per_call(b.pop("cpu_totals"))
     for lib in libs:
         if lib in best and "skipped" not in results.get(lib, {}):
             b = best[lib]
@@ -562,6 +571,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             b["throughput_ratio"] = b["throughput_calls_per_s"] / floor["throughput_calls_per_s"]
             if "map_calls_per_s" in b:
                 b["map_ratio"] = b["map_calls_per_s"] / floor["throughput_calls_per_s"]
+            fc = floor["cpu_us_per_call"]
+            # map is compared with the floor's throughput run, as its calls/s are
+            b["cpu_ratio"] = {
+                phase: round(v["total"] / fc["throughput" if phase == "map" else phase]["total"], 3)
+                for phase, v in b["cpu_us_per_call"].items()
+            }
             b["version"] = _version(lib)
             results[lib] = b
     return {
@@ -580,22 +595,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _measure(lib: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+def _measure(lib: str, server: ChildServer, args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.monotonic() + args.budget
-    client = _open_client(lib, port, args)
+    client = _open_client(lib, server.port, args)
+    cpu: dict[str, tuple[int, float, float]] = {}  # phase -> (calls, client s, server s)
+
+    def measured(phase: str, calls: int, fn: Callable[[], Any]) -> Any:
+        s0, c0 = server.usage(), usage()
+        out = fn()
+        c, s = usage() - c0, server.usage() - s0
+        cpu[phase] = (calls, c.cpu, s.cpu)
+        return out
+
     try:
         gc.collect()
-        median, p99 = _latency(client.call, 3, args.calls, args.warmup, deadline)
-        echo_median, _ = _latency(
-            lambda: client.echo(PAYLOAD),
-            PAYLOAD,
-            args.echo_calls,
-            max(3, args.warmup // 20),
-            deadline,
+        median, p99 = measured(
+            "add",
+            args.calls + args.warmup,
+            lambda: _latency(client.call, 3, args.calls, args.warmup, deadline),
+        )
+        echo_warmup = max(3, args.warmup // 20)
+        echo_median, _ = measured(
+            "echo64k",
+            args.echo_calls + echo_warmup,
+            lambda: _latency(
+                lambda: client.echo(PAYLOAD), PAYLOAD, args.echo_calls, echo_warmup, deadline
+            ),
         )
         gc.collect()
         deadline = time.monotonic() + args.budget
-        rate = client.throughput(args.throughput_calls, args.window, deadline)
+        n = args.throughput_calls
+        rate = measured("throughput", n, lambda: client.throughput(n, args.window, deadline))
         figures = {
             "add_median_us": median,
             "add_p99_us": p99,
@@ -607,10 +637,20 @@ def _measure(lib: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
         if map_throughput is not None:
             gc.collect()
             deadline = time.monotonic() + args.budget
-            figures["map_calls_per_s"] = map_throughput(args.throughput_calls, deadline)
+            figures["map_calls_per_s"] = measured("map", n, lambda: map_throughput(n, deadline))
     finally:
         client.close()
+    figures["cpu"] = cpu
     return figures
+
+
+def _cpu_per_call(totals: dict[str, list]) -> dict[str, dict[str, float]]:
+    """phase -> client, server and total CPU us per call (process CPU time / calls)."""
+    out = {}
+    for phase, (n, client, server) in totals.items():
+        c, s = client / n * 1e6, server / n * 1e6
+        out[phase] = {"client": round(c, 1), "server": round(s, 1), "total": round(c + s, 1)}
+    return out
 
 
 NAMES = {
@@ -653,7 +693,33 @@ def _table(report: dict[str, Any]) -> str:
                 f"{name + ' (map)':<17}{'':>53}{r['map_calls_per_s']:>9.0f}{r['map_ratio']:>7.2f}"
             )
             notes.append(f"  {name} (map): FrontEnd.map('add', ...) with its own window")
-    return "\n".join(lines + ["", "throughput driven by:"] + notes)
+    lines += ["", "throughput driven by:"] + notes
+    lines += [
+        "",
+        "CPU us per call, client + server (process CPU time over every round's calls, warm-up",
+        "included, / calls; every thread of each process); 'x': total / the floor's total:",
+        f"{'library':<17}{'add c+s':>16}{'x':>6}{'echo64k c+s':>20}{'x':>6}"
+        f"{'throughput c+s':>18}{'x':>6}",
+    ]
+    for lib, r in report["results"].items():
+        if "skipped" in r:
+            continue
+        cells = []
+        for phase in ("add", "echo64k", "throughput", "map"):
+            c = r["cpu_us_per_call"].get(phase)
+            cells.append(
+                None
+                if c is None
+                else (f"{c['client']:.0f}+{c['server']:.0f}", r["cpu_ratio"][phase])
+            )
+        line = f"{NAMES[lib]:<17}"
+        for (text, ratio), width in zip(cells[:3], (16, 20, 18), strict=True):
+            line += f"{text:>{width}}{ratio:>6.2f}"
+        lines.append(line)
+        if cells[3] is not None:
+            text, ratio = cells[3]
+            lines.append(f"{NAMES[lib] + ' (map)':<17}{'':>48}{text:>18}{ratio:>6.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
