@@ -183,16 +183,27 @@ def encode_call(
     return pack(Kind.CALL, codec.wire_id, call_id, body, signer)
 
 
-def decode_call(codec: Any, body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
-    """``(task, args, kwargs)`` of a CALL body.
+def decode_call(
+    codec: Any, body: bytes
+) -> tuple[str, list[Any], dict[str, Any], dict[str, str] | None]:
+    """``(task, args, kwargs, meta)`` of a CALL body; ``meta`` is the optional fourth
+    element (a map of strings: the trace context), None when absent.
 
     Raises :class:`DecodeError` when the body does not decode and
-    :class:`ProtocolError` when it is not ``[str, list, map-with-str-keys]``.
+    :class:`ProtocolError` when it is not ``[str, list, map-with-str-keys]`` plus
+    maybe a map of strings.
     """
     value = codec.decode(body)
-    if not (isinstance(value, (list, tuple)) and len(value) == 3):
+    if not isinstance(value, (list, tuple)):
         raise ProtocolError("a CALL body must be [task, args, kwargs]")
-    task, args, kwargs = value
+    if len(value) == 3:
+        task, args, kwargs = value
+        meta = None
+    elif len(value) == 4:  # OBS: the optional trace context (the v2 slot)
+        task, args, kwargs, meta = value
+        meta = _meta(meta)
+    else:
+        raise ProtocolError("a CALL body must be [task, args, kwargs]")
     if not isinstance(task, str):
         raise ProtocolError(f"task name must be a string, got {type(task).__name__}")
     if type(args) is not list:  # a fresh list from the decoder is returned as is
@@ -201,7 +212,16 @@ def decode_call(codec: Any, body: bytes) -> tuple[str, list[Any], dict[str, Any]
         args = list(args)
     if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
         raise ProtocolError("kwargs must be a map with string keys")
-    return task, args, kwargs
+    return task, args, kwargs, meta
+
+
+def _meta(meta: Any) -> dict[str, str] | None:
+    """A CALL's metadata map, checked: string keys and values (empty: None)."""
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise ProtocolError("a CALL's metadata must be a map of strings")
+    return meta or None
 
 
 def encode_result(

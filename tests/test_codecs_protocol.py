@@ -129,7 +129,7 @@ def test_a_codec_returning_str_is_sent_as_utf8():
     frames = protocol.encode_result(codecs.get_codec(StrJSON), 5, {"x": "é"})
     assert frames[2] == json.dumps({"x": "é"}).encode()
     call = protocol.encode_call(StrJSON, 6, "t", [1], {})
-    assert protocol.decode_call(StrJSON, protocol.unpack(call).body) == ("t", [1], {})
+    assert protocol.decode_call(StrJSON, protocol.unpack(call).body) == ("t", [1], {}, None)
 
 
 def test_a_codec_returning_nonsense_is_an_encode_error_but_errors_still_go_out():
@@ -154,7 +154,7 @@ def test_frames_follow_the_documented_layout():
     assert frames[1] == bytes([1, 2]) + (7).to_bytes(8, "big")
     msg = protocol.unpack(frames)
     assert (msg.kind, msg.codec_id, msg.call_id) == (protocol.Kind.CALL, 2, 7)
-    assert protocol.decode_call(MsgpackCodec, msg.body) == ("add", [1, 2], {})
+    assert protocol.decode_call(MsgpackCodec, msg.body) == ("add", [1, 2], {}, None)
     assert protocol.peek_call_id(frames) == 7
 
 
@@ -181,11 +181,23 @@ def test_malformed_frames_are_protocol_errors(frames, words):
         (["t", 5, {}], "args"),
         (["t", [], {"k": 1, 2: 3}], "string keys"),
         (["t", []], r"\[task, args, kwargs\]"),
+        (["t", [], {}, {"traceparent": 5}], "metadata must be a map of strings"),
+        (["t", [], {}, ["traceparent"]], "metadata must be a map of strings"),
+        (["t", [], {}, {}, 5], r"\[task, args, kwargs\]"),
     ],
 )
 def test_malformed_call_bodies_are_protocol_errors(body, words):
     with pytest.raises(ProtocolError, match=words):
         protocol.decode_call(MsgpackCodec, MsgpackCodec.encode(body))
+
+
+def test_a_call_body_may_carry_a_metadata_map_as_fourth_element():
+    # the trace context's slot (doc/protocol.md): strings only; an empty map is no metadata
+    meta = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    for codec in (MsgpackCodec, JSONCodec):
+        body = codec.encode(["t", [1], {"k": 2}, meta])
+        assert protocol.decode_call(codec, body) == ("t", [1], {"k": 2}, meta)
+        assert protocol.decode_call(codec, codec.encode(["t", [], {}, {}]))[3] is None
 
 
 def test_signed_frames_verify_and_tampering_is_detected():

@@ -86,6 +86,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from taskit._tracing import outgoing as _trace_context
 from taskit.codecs import Signer, as_body, get_codec
 from taskit.errors import (
     AuthenticationError,
@@ -248,6 +249,7 @@ class PendingCall:
         "refused_by",
         "done",
         "on_wire",
+        "sent_at",
     )
 
     def __init__(
@@ -274,6 +276,7 @@ class PendingCall:
         self.refused_by: set[str] | None = None  # backends that answered Stopping
         self.done = False
         self.on_wire = False  # sent to its current backend (not just assigned)
+        self.sent_at = 0.0  # when last sent, kept only when latency is observed
 
     def __repr__(self) -> str:
         return f"<PendingCall {self.id} {self.task!r} on {self.backend}>"
@@ -293,6 +296,7 @@ class BackendState:
         "answered",
         "failed",
         "lost",
+        "retried",
         "busy",
         "connects",
         "disconnects",
@@ -314,6 +318,7 @@ class BackendState:
         self.busy_until = 0.0
         self.busy_streak = 0
         self.sent = self.answered = self.failed = self.lost = self.busy = 0
+        self.retried = 0  # lost calls re-sent (retries)
         self.connects = self.disconnects = 0
         self.last_error: str | None = None
         self.refusals = 0  # connections in a row that ended before coming up
@@ -335,6 +340,7 @@ class BackendState:
             "answered": self.answered,
             "failed": self.failed,
             "lost": self.lost,
+            "retried": self.retried,
             "busy": self.busy,
             "connects": self.connects,
             "disconnects": self.disconnects,
@@ -409,6 +415,9 @@ class ClientCore:
         # check (and drop) -- see take_pings() and take_suspects().
         self.pings: list[str] = []
         self.suspects: list[str] = []
+        # OBS HOOK, set when metrics are on: observe(endpoint, seconds) for each call
+        # answered (result or task error), timed from its last send.
+        self.observe: Callable[[str, float], None] | None = None
 
     # -- backends ---------------------------------------------------------------
 
@@ -502,6 +511,7 @@ class ClientCore:
             if not call.on_wire or call.attempts <= self.retries:
                 if call.on_wire:
                     b.lost += 1
+                    b.retried += 1
                 self._route(call)  # never sent, or retries left: re-send
                 continue
             b.lost += 1
@@ -563,7 +573,11 @@ class ClientCore:
         ``target`` pins it to one backend endpoint (no load balancing, no re-sends).
         Does not touch the table, so it may run outside the driver's lock.
         """
-        body = self.codec.encode([task, list(args), kwargs or {}])
+        meta = _trace_context()  # OBS HOOK: the caller's trace context, mostly None
+        if meta is None:
+            body = self.codec.encode([task, list(args), kwargs or {}])
+        else:
+            body = self.codec.encode([task, list(args), kwargs or {}, meta])
         if type(body) is not bytes:
             body = as_body(self.codec, body)
         limit = self.max_body
@@ -599,6 +613,8 @@ class ClientCore:
         b = self.backends.get(call.backend or "")
         if b is not None:
             b.sent += 1
+        if self.observe is not None:  # OBS HOOK: metrics on
+            call.sent_at = self.clock()
         if self.signer is None:  # pack() inlined: the hot path
             return [MAGIC, _HEADER_PACK(_CALL, call.codec.wire_id, call.id), call.body]
         return pack(Kind.CALL, call.codec.wire_id, call.id, call.body, self.signer)
@@ -682,6 +698,8 @@ class ClientCore:
                 return done
             b.answered += 1
             b.busy_streak = 0
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(b.endpoint, self.clock() - call.sent_at)
             call.done = True
             del self.calls[call_id]
             b.calls.pop(call_id, None)
@@ -708,6 +726,8 @@ class ClientCore:
             if b is not None:
                 b.answered += 1
                 b.busy_streak = 0
+                if self.observe is not None:  # OBS HOOK: metrics on
+                    self.observe(b.endpoint, self.clock() - call.sent_at)
             self._finish(call, True, value, done)
             if self._busy_waiting:
                 self._slot_freed()
@@ -732,6 +752,8 @@ class ClientCore:
             else:
                 if b is not None:
                     b.failed += 1
+                    if self.observe is not None:  # OBS HOOK: metrics on
+                        self.observe(b.endpoint, self.clock() - call.sent_at)
                 self._finish(
                     call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
                 )

@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, final
 
-from taskit import protocol
+from taskit import _tracing, protocol
 from taskit._server.access import unauthenticated_reply
 from taskit._server.accounting import QUALIFY, Accounting, PeerLedger, TracebackLimiter
 from taskit._server.options import split_entry
@@ -78,7 +78,8 @@ class Call:
     ``size``: the request's bytes (charged to the caller's ledger); ``t0``: when it
     was handed to the pool (``time.perf_counter()``; set by the loop); ``fn``,
     ``args``, ``kwargs``: what to run; ``inline``: run it on the I/O thread;
-    ``pass_backend``: the task wants the BackEnd as its first argument.
+    ``pass_backend``: the task wants the BackEnd as its first argument; ``meta``:
+    the call's metadata (its trace context), or None.
     """
 
     __slots__ = (
@@ -93,6 +94,7 @@ class Call:
         "kwargs",
         "inline",
         "pass_backend",
+        "meta",
     )
 
     def __init__(
@@ -119,6 +121,7 @@ class Call:
         self.kwargs = kwargs
         self.inline = inline
         self.pass_backend = pass_backend
+        self.meta: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Call {self.call_id} {self.name!r} from {self.ident!r}>"
@@ -172,6 +175,12 @@ class RequestHandler:
         self.note: Callable[[str, str], None] = note or (lambda importance, msg: None)
         self.acct = Accounting()  # counters, under lock
         self.tb_limit = TracebackLimiter()  # tracebacks logged per task and error type
+        # OBS HOOKS. Metrics on: called with each decoded call's task name (on the
+        # reading thread). A call's trace context: its task runs in a span on the
+        # thread running it, unless the tasks run in processes (then the I/O loop
+        # keeps the span, see ServerLoop._submit).
+        self.on_received: Callable[[str], None] | None = None
+        self.trace_in_thread = True
         # A graceful stop has begun: new calls are refused (Stopping).
         self.stopping = False
         # Clients heard from lately (routing ids; two generations bound the memory):
@@ -249,14 +258,14 @@ class RequestHandler:
         if type(body) is not bytes and codec is not MsgpackCodec and codec is not PickleCodec:
             body = bytes(body)  # other codecs (json, users') are promised bytes
         try:
-            name, args, kwargs = protocol.decode_call(codec, body)
+            name, args, kwargs, meta = protocol.decode_call(codec, body)
         except DecodeError as e:
             return self.refusal(codec, call_id, "DecodeError", str(e))
         except ProtocolError as e:
             return self.refusal(codec, call_id, "ProtocolError", str(e))
         except Exception as e:  # a user codec that raises something else than DecodeError
             return self.refusal(codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
-        return self.dispatch(ident, codec, call_id, name, args, kwargs, size)
+        return self.dispatch(ident, codec, call_id, name, args, kwargs, size, meta)
 
     def dispatch(
         self,
@@ -267,12 +276,15 @@ class RequestHandler:
         args: list,
         kwargs: dict,
         size: int = 0,
+        meta: dict[str, str] | None = None,
     ) -> Call | list[bytes] | None:
         """Decide on one decoded call (as :meth:`handle` returns); ``size``: its
-        request's bytes (the peer ledger's charge)."""
+        request's bytes (the peer ledger's charge); ``meta``: its metadata."""
         if self.gone and ident in self.gone:  # read before its connection closed
             self._drop("client_gone")
             return None
+        if self.on_received is not None:  # OBS HOOK: metrics on
+            self.on_received(name)
         entry = self.tasks.get(name)
         if entry is None:
             if name in _READ_ONLY_SIGNALS:
@@ -327,7 +339,12 @@ class RequestHandler:
             acct.in_flight += 1
             if peers is not None and not inline:  # an inline call is answered before the next
                 peers.charge(ident, size)
-        return Call(ident, codec, call_id, name, size, fn, args, kwargs, inline, pass_backend)
+        call = Call(ident, codec, call_id, name, size, fn, args, kwargs, inline, pass_backend)
+        if meta is not None:  # OBS HOOK: run the task in a span continuing the caller's trace
+            call.meta = meta
+            if self.trace_in_thread:
+                call.fn = _tracing.traced(fn, name, meta)
+        return call
 
     def refusal(self, codec: Any, call_id: int, type_name: str, msg: str) -> list[bytes]:
         """The ERROR frames refusing a call with the backend's ``type_name`` (counted)."""

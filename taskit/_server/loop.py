@@ -52,7 +52,7 @@ from typing import Any
 
 import zmq
 
-from taskit import protocol
+from taskit import _tracing, protocol
 from taskit._server.access import CurveAllowList
 from taskit._server.handler import Call, RequestHandler
 from taskit._wire import DONTWAIT, EVENTS, MORE, NOBLOCK, POLLIN, ZERO_COPY, base_get, base_recv
@@ -176,6 +176,10 @@ class ServerLoop:
         self.told = False  # the clients were told of the stop
         # Clients that lost a reply (see _tell_stopped_locked); None: too many to track.
         self.lossy: set[bytes] | None = set()
+        # OBS HOOKS, set when metrics are on (taskit._metering.ServerMeter): a call
+        # answered (under the lock), a message that ran no call (reading thread).
+        self.observe: Callable[[Call, bool, float | None, list[bytes]], None] | None = None
+        self.observe_other: Callable[[list[Any], list[bytes] | None], None] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -486,6 +490,7 @@ class ServerLoop:
         acct = handler.acct
         run_inline, submit, send_locked = self._run_inline, self._submit, self._send_locked
         peers = handler.peers
+        observe_other = self.observe_other  # OBS HOOK: metrics on (set before serving)
         me = threading.get_ident()
         # How to read next. An empty recv raises, which costs more than checking
         # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
@@ -545,6 +550,8 @@ class ServerLoop:
                         elif out is not None:
                             with lock:
                                 send_locked(msg[0], out)
+                        if observe_other is not None and type(out) is not Call:  # OBS HOOK
+                            observe_other(msg, out)
                     except Exception:  # a bug, or a user codec raising oddly: keep serving
                         _log.exception("backend on %s could not handle a message", self.endpoint)
                         with lock:
@@ -619,6 +626,8 @@ class ServerLoop:
             self.inline_since = 0.0
             # counted out before sent: see _reply
             handler.acct.finished(call.name, ok, elapsed, run_time)
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(call, ok, run_time, frames)
             self._send_locked(call.ident, frames)
             if self.io_owner != threading.get_ident():
                 # The standby took the socket over meanwhile: keep this task off the
@@ -638,6 +647,10 @@ class ServerLoop:
                         f"task {call.name!r} wants the backend, which needs pool='thread'"
                     )
                 fut = self.pool.submit(call.fn, *call.args, **call.kwargs)
+                if call.meta is not None:  # OBS HOOK: a span for the call's time in the pool
+                    end_span = _tracing.span_until_done(call.name, call.meta)
+                    if end_span is not None:
+                        fut.add_done_callback(end_span)
                 fut.add_done_callback(lambda f: self._finish(call, f))
             else:
                 if call.pass_backend:
@@ -715,6 +728,8 @@ class ServerLoop:
             if handler.peers is not None:
                 handler.peers.settle(call.ident, call.size)  # first: the reply may need room
             handler.acct.finished(call.name, ok, elapsed, run_time)
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(call, ok, run_time, frames)
             self._send_locked(call.ident, frames)
             # A worker's send may have eaten the edge that would wake the I/O thread
             # (the I/O thread itself, after an inline task, checks EVENTS anyway).
