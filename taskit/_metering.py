@@ -68,7 +68,7 @@ class Histogram:
     def cumulative(self) -> list[tuple[str, int]]:
         """``[(le, count of observations <= le), ..., ("+Inf", total)]``."""
         out, total = [], 0
-        for bound, count in zip((*map(repr, BUCKETS), "+Inf"), self.counts):
+        for bound, count in zip((*map(repr, BUCKETS), "+Inf"), self.counts, strict=True):
             total += count
             out.append((bound, total))
         return out

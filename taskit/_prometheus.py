@@ -119,7 +119,9 @@ class BackendCollector(Collector):
             "Replies that waited for a client not reading",
             stats["reply_deferred"],
         )
-        yield _gauge("taskit_calls_in_flight", "Calls accepted, not yet answered", stats["in_flight"])
+        yield _gauge(
+            "taskit_calls_in_flight", "Calls accepted, not yet answered", stats["in_flight"]
+        )
         yield _gauge("taskit_queue_depth", "Calls waiting for a pool worker", stats["queue_depth"])
         yield _gauge("taskit_running", "Calls running on pool workers", stats["pool_running"])
         yield _gauge("taskit_pool_size", "Workers in the pool", stats["pool_size"])
@@ -146,8 +148,17 @@ class ClientCollector(Collector):
         self.face = face
         self.meter = meter
 
+    def describe(self) -> Iterator[Any]:
+        # The families without samples: a registry checks their names on register(),
+        # so a second client's metrics cannot silently duplicate the first one's.
+        return self._families({}, {}, {})
+
     def collect(self) -> Iterator[Any]:
-        status = self.face.backends_status()
+        return self._families(self.face.backends_status(), self.meter.latency, self.face.dropped)
+
+    def _families(
+        self, status: dict[str, Any], latency: dict[str, Histogram], dropped_replies: dict
+    ) -> Iterator[Any]:
         for key, doc in (
             ("sent", "Calls sent to a backend, re-sends included"),
             ("answered", "Calls a backend answered with a result"),
@@ -176,14 +187,14 @@ class ClientCollector(Collector):
             "taskit_client_call",
             "Time from sending a call to its answer (result or task error), by backend",
             "backend",
-            self.meter.latency,
+            latency,
         )
         dropped = CounterMetricFamily(
             "taskit_client_dropped_replies",
             "Replies dropped unread (late, malformed, badly signed), by cause",
             labels=["cause"],
         )
-        for cause, n in self.face.dropped.items():
+        for cause, n in dropped_replies.items():
             dropped.add_metric([cause], n)
         yield dropped
 

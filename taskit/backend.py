@@ -308,11 +308,20 @@ class BackEnd:
         self.metrics_port = metrics_port
         self._metrics: Any = None  # the HTTP server, while serving metrics
         self._collector: Any = None
+        replied = []  # what runs on each reply (the loop's observe hook), if anything
         if metrics_port is not None:
-            self._meter_on(metrics_port)
+            replied.append(self._meter_on(metrics_port))
+        if _log.isEnabledFor(logging.DEBUG):
+            replied.append(_log_reply)
+        if len(replied) == 1:
+            self._loop.observe = replied[0]
+        elif replied:
+            meter, log_reply = replied
+            self._loop.observe = lambda *a: (meter(*a), log_reply(*a))
 
-    def _meter_on(self, port: Any) -> None:
-        """Record what the metrics need per call (hooks on the handler and loop)."""
+    def _meter_on(self, port: Any) -> Callable[..., None]:
+        """Record what the metrics need per call (hooks on the handler and loop);
+        return the reply hook."""
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ValueError(f"metrics_port must be a port number (0: any free port), not {port!r}")
         try:
@@ -325,9 +334,9 @@ class BackEnd:
 
         meter = ServerMeter(self.tasks)
         self._handler.on_received = meter.received
-        self._loop.observe = meter.replied
         self._loop.observe_other = meter.other
         self._collector = _prometheus.BackendCollector(self, meter)
+        return meter.replied
 
     # -- public state ----------------------------------------------------------------
 
@@ -555,6 +564,24 @@ class BackEnd:
                 self.log(importance, msg)
             except Exception:  # a broken logger must not break serving
                 _log.exception("the TaskIt logger given to the BackEnd raised")
+
+
+def _log_reply(call: Any, ok: bool, run_time: float | None, frames: Any) -> None:
+    """Log one answered call at DEBUG, with its fields for structured logs (set as the
+    loop's reply hook only when DEBUG is on for taskit.backend when the BackEnd is made)."""
+    _log.debug(
+        "call %d of task %r from %s %s",
+        call.call_id,
+        call.name,
+        call.ident.hex(),
+        "answered" if ok else "failed",
+        extra={
+            "task": call.name,
+            "call_id": call.call_id,
+            "peer": call.ident.hex(),
+            "duration": run_time,
+        },
+    )
 
 
 def build_backend(

@@ -68,6 +68,7 @@ class ClientFace:
         curve_publickey: bytes | str | None = None,
         curve_secretkey: bytes | str | None = None,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        metrics_registry: Any = None,
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
@@ -111,7 +112,40 @@ class ClientFace:
             heartbeat_timeout=heartbeat_timeout,
         )
         self.codec = self._core.codec
+        self._metrics: tuple[Any, Any] | None = None  # (registry, collector)
+        if metrics_registry is not None:
+            self._meter_on(metrics_registry)
         self._start_driver(endpoints)
+
+    def _meter_on(self, registry: Any) -> None:
+        """Time each answer and register this client's collector in ``registry``."""
+        try:
+            from taskit import _prometheus
+        except ImportError:
+            raise ImportError(
+                "metrics_registry needs the prometheus_client package: "
+                "pip install 'taskit[metrics]'"
+            ) from None
+        from taskit._metering import ClientMeter
+
+        meter = ClientMeter()
+        collector = _prometheus.ClientCollector(self, meter)
+        try:
+            registry.register(collector)
+        except ValueError:
+            raise ValueError(
+                "another client's metrics are in this metrics_registry: close that client "
+                "first, or give each client its own CollectorRegistry"
+            ) from None
+        self._core.observe = meter.answered
+        self._metrics = (registry, collector)
+
+    def _meter_off(self) -> None:
+        """Take this client's metrics out of the registry (closing). Idempotent."""
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            registry, collector = metrics
+            registry.unregister(collector)
 
     def _start_driver(self, endpoints: list[str]) -> None:
         raise NotImplementedError  # each face binds its driver
@@ -125,7 +159,7 @@ class ClientFace:
 
     def backends_status(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {"state": "up"|"down"|"connecting"|"stopping", "for": seconds,
-        "in_flight", "sent", "answered", "failed", "lost", "busy", "connects",
+        "in_flight", "sent", "answered", "failed", "lost", "retried", "busy", "connects",
         "disconnects", "pings", "last_error"}}`` as this client sees each backend now
         ("pings": PINGs sent to it by the liveness check)."""
         return self._core.snapshot()

@@ -352,7 +352,9 @@ class RequestHandler:
         with self.lock:
             self.acct.refuse(type_name)
         if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
+            _log.debug(
+                "refused call %d: %s: %s", call_id, type_name, msg, extra={"call_id": call_id}
+            )
         return frames
 
     def unaccept(self, call: Call) -> None:
@@ -487,15 +489,19 @@ class RequestHandler:
             shown = ", ".join(map(_safe_repr, args))
             self.note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")
         if tb and (self.verbose or _log.isEnabledFor(logging.INFO)):
-            self._log_traceback(name, type_name, tb)
+            self._log_traceback(name, type_name, tb, call)
         return self.encode_error(call.codec, call.call_id, type_name, args, tb)
 
-    def _log_traceback(self, name: str, type_name: str, tb: str) -> None:
+    def _log_traceback(self, name: str, type_name: str, tb: str, call: Call) -> None:
         """Log a failing call's traceback, at most once per task and exception type
         per TRACEBACK_INTERVAL; the next one logged says how many were skipped."""
         skipped = self.tb_limit.admit((name, type_name))
+        # for structured logs (taskit backend --log-format json)
+        extra = {"task": name, "call_id": call.call_id, "peer": call.ident.hex()}
         if skipped is None:
-            _log.debug("task %r failed again with %s (traceback not logged)", name, type_name)
+            _log.debug(
+                "task %r failed again with %s (traceback not logged)", name, type_name, extra=extra
+            )
             return
         if skipped:
             tb = (
@@ -505,4 +511,4 @@ class RequestHandler:
         if self.verbose:
             self.note(ERROR, tb)
         if _log.isEnabledFor(logging.INFO):
-            _log.info("task %r failed: %s", name, tb.rstrip())
+            _log.info("task %r failed: %s", name, tb.rstrip(), extra=extra)
