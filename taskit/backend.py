@@ -19,6 +19,7 @@ they work while every worker is busy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -308,7 +309,8 @@ class BackEnd:
         self.metrics_port = metrics_port
         self._metrics: Any = None  # the HTTP server, while serving metrics
         self._collector: Any = None
-        replied = []  # what runs on each reply (the loop's observe hook), if anything
+        # What runs on each reply (the loop's observe hook): nothing, unless asked for.
+        replied: list[Callable[..., None]] = []
         if metrics_port is not None:
             replied.append(self._meter_on(metrics_port))
         if _log.isEnabledFor(logging.DEBUG):
@@ -316,8 +318,7 @@ class BackEnd:
         if len(replied) == 1:
             self._loop.observe = replied[0]
         elif replied:
-            meter, log_reply = replied
-            self._loop.observe = lambda *a: (meter(*a), log_reply(*a))
+            self._loop.observe = functools.partial(_each, replied)
 
     def _meter_on(self, port: Any) -> Callable[..., None]:
         """Record what the metrics need per call (hooks on the handler and loop);
@@ -543,6 +544,7 @@ class BackEnd:
         from taskit._prometheus import MetricsServer
 
         host, port = self.metrics_host, self.metrics_port
+        assert port is not None
         try:
             self._metrics = MetricsServer(self._collector, host, port)
         except OSError as e:
@@ -564,6 +566,11 @@ class BackEnd:
                 self.log(importance, msg)
             except Exception:  # a broken logger must not break serving
                 _log.exception("the TaskIt logger given to the BackEnd raised")
+
+
+def _each(hooks: list[Callable[..., None]], *args: Any) -> None:
+    for hook in hooks:
+        hook(*args)
 
 
 def _log_reply(call: Any, ok: bool, run_time: float | None, frames: Any) -> None:
