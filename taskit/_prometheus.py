@@ -15,18 +15,24 @@ endpoints, as configured). Never a call id or a client.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from taskit._metering import ClientMeter, Histogram, ServerMeter
 
-__all__ = ["BackendCollector", "ClientCollector", "MetricsServer", "INSTALL_HINT"]
+__all__ = ["BackendCollector", "ClientCollector", "MetricsServer"]
 
-INSTALL_HINT = "pip install 'taskit[metrics]'"
+# How often the HTTP server's thread looks for close() (the stdlib's default, 0.5 s,
+# would make every BackEnd.close() wait that long).
+_POLL = 0.05
 
 
 def _histogram(name: str, doc: str, label: str, hists: dict[str, Histogram]) -> Any:
@@ -199,6 +205,19 @@ class ClientCollector(Collector):
         yield dropped
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress must not hold the process open
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape is not news (wsgiref writes every request to stderr)
+
+
 class MetricsServer:
     """``/metrics`` over HTTP for one collector, in its own registry, on ``host:port``
     (0: a free port; :attr:`port` is the bound one). Serves from a daemon thread
@@ -207,13 +226,21 @@ class MetricsServer:
     def __init__(self, collector: Collector, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(collector)
-        self._httpd, thread = start_http_server(port, host, self.registry)
+        server_class: type[_Server] = _Server6 if ":" in host else _Server
+        app = make_wsgi_app(self.registry)
+        self._httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.port: int = self._httpd.server_address[1]
-        thread.name = f"taskit-metrics:{self.port}"
-        self._thread = thread
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": _POLL},
+            name=f"taskit-metrics:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
 
     def close(self) -> None:
-        """Stop serving and release the port. Blocks until the thread ends."""
+        """Stop serving and release the port. Blocks until the thread ends (at most
+        a poll interval, 50 ms, plus a scrape in progress)."""
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
