@@ -149,3 +149,40 @@ def test_a_backend_command_serves_metrics_and_logs_json_lines(tmp_path):
     failed = [r for r in lines if r.get("task") == "fail" and r["level"] == "INFO"]
     assert len(failed) == 1 and "ValueError: no good" in failed[0]["message"]
     assert failed[0]["peer"] == answered["peer"]  # the same client, the same connection
+
+
+@pytest.mark.slow
+def test_supervised_backends_serve_metrics_on_consecutive_ports(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from tests.integration._cli_helpers import free_port_range
+
+    (tmp_path / "jobs.py").write_text(TASKS_SOURCE)
+    ports, metrics = free_port_range(2), free_port_range(2)
+    backend = Backend(
+        tmp_path,
+        "jobs.py",
+        "--ports",
+        f"{ports}-{ports + 1}",
+        "--metrics-port",
+        str(metrics),
+        "--log-format",
+        "json",
+    )
+    try:
+
+        def scrape(port):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return r.read().decode()
+            except OSError:
+                if backend.proc.poll() is not None:
+                    raise AssertionError(f"exited:\n{backend.log()}") from None
+                return None
+
+        for i in range(2):
+            page = wait_until(lambda i=i: scrape(metrics + i), BOUND, f"metrics of backend {i}")
+            assert "taskit_pool_size" in page
+    finally:
+        backend.stop()
+    for line in backend.log().splitlines():  # the supervisor's and the children's lines
+        json.loads(line)
