@@ -175,7 +175,10 @@ class BackEnd:
     :meth:`main`) until :meth:`close`. Needs ``pip install 'taskit[metrics]'``
     (else ``ImportError`` at once); doc/operations.md lists the metrics. A call
     made inside an OpenTelemetry span runs its task in a child span (see
-    doc/operations.md), whatever these options.
+    doc/operations.md), whatever these options. When the ``taskit.backend``
+    logger is enabled for DEBUG as the BackEnd is made, every answered call is
+    logged there, with ``task``, ``call_id``, ``peer`` and ``duration`` as record
+    attributes (for :class:`taskit.log.JSONFormatter`).
 
     Anything a task raises, even ``SystemExit`` or ``KeyboardInterrupt``,
     becomes an ERROR reply and the backend keeps serving: a caller must not

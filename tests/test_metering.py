@@ -60,3 +60,28 @@ def test_a_client_meter_keeps_one_histogram_per_backend():
     assert sorted(meter.latency) == ["tcp://a:1", "tcp://b:2"]
     assert dict(meter.latency["tcp://a:1"].cumulative())["0.0025"] == 1
     assert meter.latency["tcp://b:2"].sum == 2.0
+
+
+def test_without_metrics_or_debug_logs_no_hook_is_set():
+    import logging
+
+    from taskit.backend import BackEnd
+
+    assert not logging.getLogger("taskit.backend").isEnabledFor(logging.DEBUG)
+    be = BackEnd({"t": print}, port=0)
+    assert be._handler.on_received is None
+    assert be._loop.observe is None and be._loop.observe_other is None
+    assert be._handler.trace_in_thread
+    assert not BackEnd({"t": print}, port=0, pool="process")._handler.trace_in_thread
+
+
+def test_metrics_set_the_hooks_without_serving_yet():
+    import pytest
+
+    pytest.importorskip("prometheus_client")
+    from taskit.backend import BackEnd
+
+    be = BackEnd({"t": print}, port=0, metrics_port=0)
+    assert be._handler.on_received is not None
+    assert be._loop.observe is not None and be._loop.observe_other is not None
+    assert be.metrics_port == 0  # the bound one is known once started
