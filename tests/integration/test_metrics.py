@@ -269,3 +269,24 @@ def test_an_async_frontend_publishes_the_same_metrics(serve):
     assert value(page, "taskit_client_answered_total", backend=endpoint) == 1
     assert value(page, "taskit_client_call_seconds_count", backend=endpoint) == 1
     assert prometheus_client.generate_latest(registry) == b""
+
+
+def test_doc_operations_lists_every_metric_with_its_type(serve):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "doc" / "operations.md").read_text()
+    listed = {}
+    for name, kind in re.findall(r"^\| `(taskit_\w+)` \| (\w+) \|", doc, re.M):
+        listed[name.removesuffix("_total")] = kind
+    be = serve({"add": add}, metrics_port=0)
+    registry = prometheus_client.CollectorRegistry()
+    with FrontEnd([("127.0.0.1", be.port)], metrics_registry=registry) as fe:
+        assert fe.work("add", 1, 1) == 2
+        client_page = prometheus_client.generate_latest(registry).decode()
+    exposed = {
+        family.name: family.type
+        for page in (scrape(be.metrics_port), client_page)
+        for family in text_string_to_metric_families(page)
+    }
+    assert exposed == listed
