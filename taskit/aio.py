@@ -58,8 +58,9 @@ class AsyncFrontEnd(ClientFace):
     long a call waits for a reachable backend), ``heartbeat_interval`` /
     ``heartbeat_timeout`` (liveness by taskit PINGs: a backend silent for
     ``heartbeat_timeout``, its PING unanswered, is lost), ``key`` (shared HMAC
-    key), ``curve_serverkey`` / ``curve_publickey`` / ``curve_secretkey`` and
-    ``max_message_size``.
+    key), ``curve_serverkey`` / ``curve_publickey`` / ``curve_secretkey``,
+    ``max_message_size`` and ``metrics_registry`` (a Prometheus registry to
+    publish this client's metrics in).
 
     Sockets are created when a running event loop first uses the front end
     (``async with``, or the first call); from then on it belongs to that loop.
@@ -270,11 +271,13 @@ class AsyncFrontEnd(ClientFace):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._io.release()
+        self._meter_off()
 
     def close(self) -> None:
         """:meth:`aclose` without awaiting the tasks (they are cancelled)."""
         self._io.shutdown()
         self._io.release()
+        self._meter_off()
 
     def __repr__(self) -> str:
         state = "closed" if self._io.closed else f"{len(self._core.backends)} backends"

@@ -19,6 +19,7 @@ they work while every worker is busy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ from taskit._server.options import (
     parse_inline,
 )
 from taskit.codecs import JSONCodec, Signer, get_codec
+from taskit.errors import BackendBindError
 from taskit.log import IMPORTANT, null_logger
 from taskit.protocol import ADMIN_SIGNALS, DEFAULT_PORT, KILL, STATUS, STOP
 
@@ -167,6 +169,17 @@ class BackEnd:
     ``inline``: ``"auto"`` (quick tasks run on the I/O thread, see above),
     ``False`` (always the pool), or a set of task names always run inline.
 
+    ``metrics_port``: serve Prometheus metrics over HTTP on ``/metrics`` at
+    ``metrics_host:metrics_port`` (default host 127.0.0.1; port 0: a free port,
+    read it back from :attr:`metrics_port` once started), from :meth:`start` (or
+    :meth:`main`) until :meth:`close`. Needs ``pip install 'taskit[metrics]'``
+    (else ``ImportError`` at once); doc/operations.md lists the metrics. A call
+    made inside an OpenTelemetry span runs its task in a child span (see
+    doc/operations.md), whatever these options. When the ``taskit.backend``
+    logger is enabled for DEBUG as the BackEnd is made, every answered call is
+    logged there, with ``task``, ``call_id``, ``peer`` and ``duration`` as record
+    attributes (for :class:`taskit.log.JSONFormatter`).
+
     Anything a task raises, even ``SystemExit`` or ``KeyboardInterrupt``,
     becomes an ERROR reply and the backend keeps serving: a caller must not
     be able to end the server by making a task exit (that is what ``<stop>``
@@ -206,6 +219,8 @@ class BackEnd:
         curve_publickey: bytes | str | None = None,
         curve_clients: Iterable[bytes | str] | None = None,
         inline: Any = "auto",
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         check_tasks(tasks)
         self.tasks = tasks if isinstance(tasks, dict) else dict(tasks)
@@ -293,6 +308,40 @@ class BackEnd:
             standby=inline_auto or bool(inline_names),
             note=self._note,
         )
+        self._handler.trace_in_thread = pool_kind != "process"
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
+        self._metrics: Any = None  # the HTTP server, while serving metrics
+        self._collector: Any = None
+        # What runs on each reply (the loop's observe hook): nothing, unless asked for.
+        replied: list[Callable[..., None]] = []
+        if metrics_port is not None:
+            replied.append(self._meter_on(metrics_port))
+        if _log.isEnabledFor(logging.DEBUG):
+            replied.append(_log_reply)
+        if len(replied) == 1:
+            self._loop.observe = replied[0]
+        elif replied:
+            self._loop.observe = functools.partial(_each, replied)
+
+    def _meter_on(self, port: Any) -> Callable[..., None]:
+        """Record what the metrics need per call (hooks on the handler and loop);
+        return the reply hook."""
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ValueError(f"metrics_port must be a port number (0: any free port), not {port!r}")
+        try:
+            from taskit import _prometheus
+        except ImportError:
+            raise ImportError(
+                "metrics_port needs the prometheus_client package: pip install 'taskit[metrics]'"
+            ) from None
+        from taskit._metering import ServerMeter
+
+        meter = ServerMeter(self.tasks)
+        self._handler.on_received = meter.received
+        self._loop.observe_other = meter.other
+        self._collector = _prometheus.BackendCollector(self, meter)
+        return meter.replied
 
     # -- public state ----------------------------------------------------------------
 
@@ -358,6 +407,8 @@ class BackEnd:
             peers = handler.peers
             out["reply_backlog"] = sum(map(len, peers.backlog.values())) if peers else 0
             out["reply_deferred"] = peers.deferred if peers else 0
+            out["peers_holding"] = len(peers.held) if peers else 0
+            out["peer_held_bytes"] = sum(peers.held.values()) if peers else 0
         if loop.allow is not None:
             out["dropped"]["curve_denied"] = loop.allow.denied
         out["uptime"] = time.monotonic() - loop.started_at if loop.started_at else 0.0
@@ -455,6 +506,7 @@ class BackEnd:
         for thread in (loop.thread, loop.standby_thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
+        self._close_metrics()
 
     def __enter__(self) -> BackEnd:
         if self._loop.state == NEW:
@@ -471,7 +523,13 @@ class BackEnd:
 
     def _bind(self) -> None:
         loop = self._loop
-        bound = loop.bind()
+        if self._collector is not None and self._metrics is None and loop.state == NEW:
+            self._serve_metrics()
+        try:
+            bound = loop.bind()
+        except BaseException:
+            self._close_metrics()
+            raise
         if bound.startswith("tcp://"):
             self.port = int(bound.rsplit(":", 1)[1])
         else:
@@ -486,12 +544,55 @@ class BackEnd:
         )
         self._note(IMPORTANT, f"Serving on {bound}")
 
+    def _serve_metrics(self) -> None:
+        from taskit._prometheus import MetricsServer
+
+        host, port = self.metrics_host, self.metrics_port
+        assert port is not None
+        try:
+            self._metrics = MetricsServer(self._collector, host, port)
+        except OSError as e:
+            raise BackendBindError(
+                f"cannot serve metrics on {host}:{port}: {e.strerror or e}; choose another "
+                "metrics_port, or 0 for any free port"
+            ) from e
+        self.metrics_port = self._metrics.port
+        _log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    def _close_metrics(self) -> None:
+        server, self._metrics = self._metrics, None
+        if server is not None:
+            server.close()
+
     def _note(self, importance: str, msg: str) -> None:
         if self._verbose:
             try:
                 self.log(importance, msg)
             except Exception:  # a broken logger must not break serving
                 _log.exception("the TaskIt logger given to the BackEnd raised")
+
+
+def _each(hooks: list[Callable[..., None]], *args: Any) -> None:
+    for hook in hooks:
+        hook(*args)
+
+
+def _log_reply(call: Any, ok: bool, run_time: float | None, frames: Any) -> None:
+    """Log one answered call at DEBUG, with its fields for structured logs (set as the
+    loop's reply hook only when DEBUG is on for taskit.backend when the BackEnd is made)."""
+    _log.debug(
+        "call %d of task %r from %s %s",
+        call.call_id,
+        call.name,
+        call.ident.hex(),
+        "answered" if ok else "failed",
+        extra={
+            "task": call.name,
+            "call_id": call.call_id,
+            "peer": call.ident.hex(),
+            "duration": run_time,
+        },
+    )
 
 
 def build_backend(

@@ -131,8 +131,17 @@ def _plural(count: Any, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at ``level``: one human-readable line per record, or with ``fmt``
+    ``"json"`` one JSON object per line (taskit.log.JSONFormatter)."""
+    if fmt == "json":
+        from taskit.log import JSONFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
 
 
 def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) -> Any:
@@ -174,7 +183,14 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 
 def _cmd_backend(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    if args.metrics_port is not None and not _have_prometheus():
+        print(
+            "taskit backend: --metrics-port needs the prometheus_client package: "
+            "pip install 'taskit[metrics]'",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging(args.log_level, args.log_format)
     ports = get_ports(args.ports) if args.ports else [args.port]
     # Load once here even when supervising: a typo fails now, not in N children.
     try:
@@ -196,6 +212,14 @@ def _cmd_backend(args: argparse.Namespace) -> int:
     if len(ports) > 1:
         return _supervise(args, ports)
     return _serve(args, tasks, ports[0], codecs, key, curve)
+
+
+def _have_prometheus() -> bool:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _backend_curve(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,6 +274,9 @@ def _serve(
         kwargs["codecs"] = codecs
     if key is not None:
         kwargs["key"] = key
+    if args.metrics_port is not None:
+        kwargs["metrics_port"] = args.metrics_port
+        kwargs["metrics_host"] = args.metrics_host
     backend = BackEnd(served, args.host, port, **kwargs, **curve)
     _write_pid_file(args.pid_file)  # first: a bad path fails before anything is bound
     try:
@@ -291,7 +318,7 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
     from taskit.supervisor import Supervisor
 
     base = [sys.executable, "-m", "taskit.cli", "backend", args.target, "--host", args.host]
-    base += ["--pool", args.pool, "--log-level", args.log_level]
+    base += ["--pool", args.pool, "--log-level", args.log_level, "--log-format", args.log_format]
     if args.workers is not None:
         base += ["--workers", str(args.workers)]
     if args.codec:
@@ -312,6 +339,10 @@ def _supervise(args: argparse.Namespace, ports: list[int]) -> int:
     paths = [os.getcwd(), taskit_root, *env.get("PYTHONPATH", "").split(os.pathsep)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     commands = {f"{args.host}:{port}": [*base, "--port", str(port)] for port in ports}
+    if args.metrics_port is not None:  # one metrics port each: the next ones, or free ones
+        for i, command in enumerate(commands.values()):
+            metrics_port = args.metrics_port + i if args.metrics_port else 0
+            command += ["--metrics-port", str(metrics_port), "--metrics-host", args.metrics_host]
     supervisor = Supervisor(commands, env=env, grace=args.grace)
     _write_pid_file(args.pid_file)
     try:
@@ -883,6 +914,27 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="logging level (default INFO)",
     )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr: text (default) or json (one JSON object per line: time, "
+        "level, logger, message, and task, call_id, peer, duration when known)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        metavar="N",
+        help="serve Prometheus metrics on http://METRICS_HOST:N/metrics (0: a free port, "
+        "logged at start; with --ports, N, N+1, ... one per backend); needs "
+        "pip install 'taskit[metrics]'",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics are served on (default 127.0.0.1)",
+    )
     p.add_argument("--pid-file", metavar="F", help="write the process id here while running")
     p.add_argument(
         "--grace",
@@ -1008,6 +1060,7 @@ _CLI_WORDS = (
     ("timeout=", "--timeout"),
     ("connect_timeout", "--connect-timeout"),
     ("max_message_size", "--max-message-size"),
+    ("metrics_port", "--metrics-port"),
     ("curve_serverkey", "--curve-server-key"),
     ("curve_secretkey", "--curve-secret-file"),
 )

@@ -120,6 +120,15 @@ class FrontEnd(ClientFace):
       None: no limit). A call over it raises :class:`MessageTooLargeError` at
       once: a backend with that limit would drop the connection, and with it
       every call in flight there. Keep it equal to the backends'.
+    - ``metrics_registry``: a ``prometheus_client`` ``CollectorRegistry`` (or
+      ``prometheus_client.REGISTRY``) to publish this client's metrics in,
+      per backend: calls sent, answered, failed, lost, retried, busy, and the
+      time from send to answer (``taskit_client_*``, doc/operations.md); taken
+      out again by :meth:`close`. One client per registry at a time (a second
+      raises ``ValueError``). Needs ``pip install 'taskit[metrics]'``.
+
+    A call made inside an OpenTelemetry span carries its trace context to the
+    backend, which runs the task in a child span (doc/operations.md).
 
     Thread-safety: every method may be called from any number of threads.
     """
@@ -347,6 +356,7 @@ class FrontEnd(ClientFace):
         and stop the I/O thread. Idempotent; blocks briefly."""
         self._resolving.set()
         self._io.close()
+        self._meter_off()
         with self._cb_pool_lock:
             if self._cb_pool is not None:
                 self._cb_pool.shutdown(wait=False)

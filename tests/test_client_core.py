@@ -1041,3 +1041,35 @@ def test_a_malformed_welcome_rules_the_backend_out_with_a_protocol_error():
     ((call, ok, exc),) = core.tick()
     assert call is c and type(exc).__name__ == "ProtocolError" and "malformed WELCOME" in str(exc)
     assert core.snapshot()[A]["state"] == REJECTED
+
+
+def test_retried_counts_lost_calls_resent_and_not_those_failed():
+    core, _ = make(2, retries=1)
+    calls = [core.new_call("t") for _ in range(4)]
+    for c in calls:
+        core.submit(c)
+    send_all(core)
+    core.backend_down(A)  # two lost there, both re-sent to B
+    assert core.snapshot()[A]["lost"] == 2 and core.snapshot()[A]["retried"] == 2
+    send_all(core)
+    core.backend_down(B)  # four lost: B's own two re-sent later, A's two failed
+    assert core.snapshot()[B]["lost"] == 4 and core.snapshot()[B]["retried"] == 2
+
+
+def test_the_observe_hook_times_each_answer_from_its_last_send():
+    core, clock = make(1)
+    seen = []
+    core.observe = lambda endpoint, seconds: seen.append((endpoint, seconds))
+    ok = sent_call(core)
+    clock.t += 0.25
+    reply_result(core, ok, 1)
+    failing = sent_call(core)
+    clock.t += 0.5
+    error(core, A, failing.id, "ValueError", ["x"])
+    assert seen == [(A, 0.25), (A, 0.5)]
+
+
+def test_a_call_made_outside_any_span_carries_no_metadata():
+    core, _ = make(1)
+    body = JSONCodec.decode(core.new_call("t", (1,)).body)
+    assert body == ["t", [1], {}]  # three elements: no meta when there is no span

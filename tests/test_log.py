@@ -468,3 +468,29 @@ def test_taskit_handler_close_logger_option():
     TaskItHandler(rec1).close()
     TaskItHandler(rec2, close_logger=True).close()
     assert not rec1.closed and rec2.closed
+
+
+def test_the_json_formatter_writes_one_object_per_record_with_the_call_fields():
+    import json
+
+    from taskit.log import JSONFormatter
+
+    fmt = JSONFormatter()
+    record = logging.LogRecord("taskit.backend", logging.INFO, __file__, 1, "task %r", ("t",), None)
+    record.task, record.call_id, record.peer, record.duration = "t", 7, "00ab", 0.25
+    out = json.loads(fmt.format(record))
+    assert out["level"] == "INFO" and out["logger"] == "taskit.backend"
+    assert out["message"] == "task 't'"
+    assert (out["task"], out["call_id"], out["peer"], out["duration"]) == ("t", 7, "00ab", 0.25)
+    assert out["time"].endswith("Z") and "T" in out["time"]
+    try:
+        raise KeyError("k")
+    except KeyError:
+        import sys
+
+        bare = logging.LogRecord("x", logging.ERROR, __file__, 1, "%s", (object(),), sys.exc_info())
+    line = fmt.format(bare)
+    assert "\n" not in line  # one line, the traceback inside the object
+    out = json.loads(line)
+    assert "KeyError: 'k'" in out["exception"]
+    assert "task" not in out and "call_id" not in out

@@ -118,6 +118,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from taskit._client.dispatch import DEFAULT_PREFETCH, Dispatcher
+from taskit._tracing import outgoing as _trace_context
 from taskit.codecs import Signer, as_body, get_codec
 from taskit.errors import (
     AuthenticationError,
@@ -377,6 +378,7 @@ class BackendState:
         "answered",
         "failed",
         "lost",
+        "retried",
         "busy",
         "connects",
         "disconnects",
@@ -409,6 +411,7 @@ class BackendState:
         self.busy_until = 0.0
         self.busy_streak = 0
         self.sent = self.answered = self.failed = self.lost = self.busy = 0
+        self.retried = 0  # lost calls re-sent (retries)
         self.connects = self.disconnects = 0
         self.last_error: str | None = None
         self.refusals = 0  # connections in a row that ended before coming up
@@ -463,6 +466,7 @@ class BackendState:
             "answered": self.answered,
             "failed": self.failed,
             "lost": self.lost,
+            "retried": self.retried,
             "busy": self.busy,
             "connects": self.connects,
             "disconnects": self.disconnects,
@@ -556,6 +560,9 @@ class ClientCore:
         # check (and drop) -- see take_pings() and take_suspects().
         self.pings: list[str] = []
         self.suspects: list[str] = []
+        # OBS HOOK, set when metrics are on: observe(endpoint, seconds) for each call
+        # answered (result or task error), timed from its last send.
+        self.observe: Callable[[str, float], None] | None = None
 
     # -- backends ---------------------------------------------------------------
 
@@ -756,6 +763,7 @@ class ClientCore:
             if not call.on_wire or call.attempts <= self.retries:
                 if call.on_wire:
                     b.lost += 1
+                    b.retried += 1
                 self._route(call)  # never sent, or retries left: re-send
                 continue
             b.lost += 1
@@ -799,7 +807,11 @@ class ClientCore:
         ``target`` pins it to one backend endpoint (no load balancing, no re-sends).
         Does not touch the table, so it may run outside the driver's lock.
         """
-        body = self.codec.encode([task, list(args), kwargs or {}])
+        meta = _trace_context()  # OBS HOOK: the caller's trace context, mostly None
+        if meta is None:
+            body = self.codec.encode([task, list(args), kwargs or {}])
+        else:
+            body = self.codec.encode([task, list(args), kwargs or {}, meta])
         if type(body) is not bytes:
             body = as_body(self.codec, body)
         limit = self.max_body
@@ -1059,6 +1071,8 @@ class ClientCore:
                         return done
                     b.answered += 1
                     b.busy_streak = 0
+                    if self.observe is not None:  # OBS HOOK: metrics on
+                        self.observe(endpoint, b.load_at - call.sent_at)
                     call.done = True
                     del self.calls[call_id]
                     if b.calls.pop(call_id, None) is not None:  # _settle, inlined
@@ -1161,6 +1175,8 @@ class ClientCore:
             b.heard -= 1
             b.answered += 1
             b.busy_streak = 0
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(endpoint, self.clock() - call.sent_at)
             self._settle(b, call, True)
             self._finish(call, True, value, done)
             if self._busy_waiting:
@@ -1185,6 +1201,8 @@ class ClientCore:
                 self._stopping(call, b, args, tb, done)
             else:
                 b.failed += 1
+                if self.observe is not None:  # OBS HOOK: metrics on
+                    self.observe(endpoint, self.clock() - call.sent_at)
                 self._settle(b, call, True)
                 self._finish(
                     call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done

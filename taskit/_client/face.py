@@ -74,6 +74,7 @@ class ClientFace:
         prefetch: int = DEFAULT_PREFETCH,
         resolve_every: float | None = None,
         resolver: Resolver | None = None,
+        metrics_registry: Any = None,
     ) -> None:
         if isinstance(backends, (str, bytes)):
             backends = (backends,)  # a lone "host" would otherwise be split into letters
@@ -133,7 +134,40 @@ class ClientFace:
             prefetch=prefetch,
         )
         self.codec = self._core.codec
+        self._metrics: tuple[Any, Any] | None = None  # (registry, collector)
+        if metrics_registry is not None:
+            self._meter_on(metrics_registry)
         self._start_driver(endpoints)
+
+    def _meter_on(self, registry: Any) -> None:
+        """Time each answer and register this client's collector in ``registry``."""
+        try:
+            from taskit import _prometheus
+        except ImportError:
+            raise ImportError(
+                "metrics_registry needs the prometheus_client package: "
+                "pip install 'taskit[metrics]'"
+            ) from None
+        from taskit._metering import ClientMeter
+
+        meter = ClientMeter()
+        collector = _prometheus.ClientCollector(self, meter)
+        try:
+            registry.register(collector)
+        except ValueError:
+            raise ValueError(
+                "another client's metrics are in this metrics_registry: close that client "
+                "first, or give each client its own CollectorRegistry"
+            ) from None
+        self._core.observe = meter.answered
+        self._metrics = (registry, collector)
+
+    def _meter_off(self) -> None:
+        """Take this client's metrics out of the registry (closing). Idempotent."""
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            registry, collector = metrics
+            registry.unregister(collector)
 
     def _start_driver(self, endpoints: list[str]) -> None:
         raise NotImplementedError  # each face binds its driver
@@ -181,7 +215,7 @@ class ClientFace:
         """``{endpoint: {"state", "for": seconds, "name", "pid", "started",
         "capacity": {"workers", "max_pending", "max_message_size"}, "queued",
         "running", "load_age", "credit": {"limit", "in_use"}, "service_time",
-        "in_flight", "sent", "answered", "failed", "lost",
+        "in_flight", "sent", "answered", "failed", "lost", "retried",
         "busy", "connects", "disconnects", "pings", "cancelled", "last_error"}}`` as
         this client sees each backend now. ``state``: "connecting", "handshake"
         (connected, its WELCOME not in yet), "up", "stopping", "draining" (being
