@@ -261,6 +261,15 @@ def test_a_replayed_message_is_dropped_and_counted_never_run():
     assert h.acct.dropped["replayed"] == 2
 
 
+def test_a_hello_replayed_on_another_connection_opens_no_session():
+    h, _ = make(signer=Signer(b"k1"))
+    body = protocol.hello_body([1], True, protocol.new_nonce(), "t")
+    f = protocol.pack_items([(Kind.HELLO, 1, 1, 0, 0, body)], protocol.Session(Signer(b"k1")))
+    assert type(h.handle(ID, zmq.Frame(f))) is bytes  # welcomed
+    assert h.handle(b"\x00elsewhere", zmq.Frame(f)) is None
+    assert list(h.sessions) == [ID] and h.acct.dropped["replayed"] == 1
+
+
 def test_sessions_are_bounded_oldest_forgotten_and_gone_clients_forgotten():
     h, _ = make(signer=Signer(b"k1"), max_sessions=2)
     for i in range(3):

@@ -254,6 +254,10 @@ class RequestHandler:
         # Written by the reading thread (new) and under the lock (forgotten).
         self.sessions: dict[bytes, Session] = {}
         self.max_sessions = max_sessions
+        # The client nonces of the latest HELLOs (2 * max_sessions, oldest forgotten): a
+        # HELLO replayed on another connection would open a session no one can use,
+        # and evict a real one.
+        self.hello_nonces: dict[bytes, None] = {}
         self.started = protocol.new_nonce()  # this BackEnd's start, in every WELCOME
         # The pool's size now, for the WELCOME (set by the loop: a pool may be resized).
         self.workers: Callable[[], int] = lambda: 0
@@ -631,15 +635,21 @@ class RequestHandler:
         except ProtocolError as e:
             item = self.refusal(JSONCodec, call_id, "ProtocolError", str(e))
             return self.pack([item], zero)
+        nonce = bytes.fromhex(hello["nonce"])
+        seen = self.hello_nonces
+        if nonce in seen:  # a HELLO replayed (on another connection): opens nothing
+            self._drop("replayed")
+            return None
+        seen[nonce] = None
+        if len(seen) > 2 * self.max_sessions:
+            del seen[next(iter(seen))]
         server_nonce = protocol.new_nonce()
         sessions = self.sessions
         if len(sessions) >= self.max_sessions:
             with self.lock:  # forget the oldest (its client is told NO_SESSION, says HELLO)
                 sessions.pop(next(iter(sessions)), None)
                 self.acct.sessions_evicted += 1
-        sessions[ident] = Session(
-            self.signer, bytes.fromhex(hello["nonce"]), server_nonce, outgoing=b"B"
-        )
+        sessions[ident] = Session(self.signer, nonce, server_nonce, outgoing=b"B")
         if ident not in self.heard:
             self._see_peer(ident)
         body = self.welcome(hello, server_nonce)
