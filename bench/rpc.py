@@ -126,69 +126,65 @@ def _router() -> Any:
 
 
 def _serve_wire() -> None:
-    """The strict floor's loop speaking taskit's frames (wire protocol v2: one frame
-    a message): isolates the FrontEnd's own cost. Answers a single CALL on a fast
-    path; a batch item by item, its replies in one frame; HELLO with a WELCOME and
-    PING with a PONG, as a BackEnd does (load fields 0)."""
+    """The strict floor's loop speaking taskit's wire protocol v2: isolates the
+    FrontEnd's own cost. One frame per message: a single CALL is answered through
+    the ``protocol.HEAD`` fast path (one unpack, one pack); a batch item by item in
+    one reply frame. Answers the handshake (HELLO -> WELCOME, unsigned), the PINGs a
+    FrontEnd sends to a backend silent or idle for a while (PONG) and CANCELs
+    (NOT_CANCELLED: it runs each call as it reads it), as a BackEnd does; the load
+    fields are 0."""
     import msgpack
     import zmq
 
     from taskit import protocol
-    from taskit.protocol import HEAD, ITEM, Kind
+    from taskit.protocol import HEAD, HEAD_SIZE, Kind
 
     sock = _router()
     packb, unpackb = msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb
-    recv, head, unpack_item, pack_item = sock.recv, HEAD.unpack_from, ITEM.unpack_from, ITEM.pack
-    pack_head = HEAD.pack
+    recv, unpack_head, pack_one = sock.recv, HEAD.unpack_from, protocol.pack_one
     send = zmq.backend.Socket.send.__get__(sock)
     more = zmq.SNDMORE
     result, call = int(Kind.RESULT), int(Kind.CALL)
     started = protocol.new_nonce()
+
+    def answer(kind: int, codec: int, call_id: int, body: Any) -> tuple:
+        if kind == call:
+            name, args, kwargs = unpackb(body)[:3]
+            return (result, codec, call_id, 0, 0, packb(FUNCS[name](*args, **kwargs)))
+        if kind == Kind.HELLO:
+            hello = protocol.parse_handshake(body, Kind.HELLO)
+            welcome = protocol.welcome_body(
+                client_nonce=hello["nonce"],
+                server_nonce=protocol.new_nonce(),
+                name="bench-wire",
+                pid=os.getpid(),
+                started=started,
+                codec_ids=[1, 2],
+                signed=False,
+                workers=1,
+                max_pending=None,
+                max_message_size=None,
+            )
+            return (Kind.WELCOME, 1, call_id, 0, 0, welcome)
+        if kind == Kind.PING:
+            return (Kind.PONG, codec, call_id, 0, 0, b"")
+        return (Kind.NOT_CANCELLED, 0, call_id, 0, 0, b"")  # a CANCEL
+
     while True:
         ident = recv()
         frame = recv()
-        _m, _v, _f, kind, codec, _r, call_id, _a, _b, blen = head(frame)
-        if kind == call and 28 + blen == len(frame):  # one CALL: the hot path
-            name, args, kwargs = unpackb(frame[28:])[:3]
-            body = packb(FUNCS[name](*args, **kwargs))
-            send(ident, more)
-            send(pack_head(b"TK", 2, 0, result, codec, 0, call_id, 0, 0, len(body)) + body)
-            continue
-        parts = [protocol.PREAMBLE + b"\x00"]
-        pos, end = 4, len(frame)
-        while pos < end:
-            kind, codec, _r, call_id, _a, _b, blen = unpack_item(frame, pos)
-            body = frame[pos + 24 : pos + 24 + blen]
-            pos += 24 + blen
+        _, _, _, kind, codec, _, call_id, _, _, blen = unpack_head(frame)
+        send(ident, more)
+        if HEAD_SIZE + blen == len(frame):  # one item: the hot path
             if kind == call:
-                name, args, kwargs = unpackb(body)[:3]
-                kind, body = result, packb(FUNCS[name](*args, **kwargs))
-            elif kind == Kind.HELLO:
-                hello = protocol.parse_handshake(body, kind)
-                kind, codec = Kind.WELCOME, 1
-                body = protocol.welcome_body(
-                    client_nonce=hello["nonce"],
-                    server_nonce=protocol.new_nonce(),
-                    name="wire",
-                    pid=os.getpid(),
-                    started=started,
-                    codec_ids=[2],
-                    signed=False,
-                    workers=1,
-                    max_pending=None,
-                    max_message_size=None,
-                )
-            elif kind == Kind.PING:
-                kind, body = Kind.PONG, b""
-            elif kind == Kind.CANCEL:
-                kind, codec, body = Kind.NOT_CANCELLED, 0, b""
+                name, args, kwargs = unpackb(memoryview(frame)[HEAD_SIZE:])[:3]
+                out = FUNCS[name](*args, **kwargs)
+                send(pack_one(result, codec, call_id, 0, 0, packb(out)), copy=blen < 65536)
             else:
-                continue
-            parts.append(pack_item(kind, codec, 0, call_id, 0, 0, len(body)))
-            parts.append(body)
-        if len(parts) > 1:
-            send(ident, more)
-            send(b"".join(parts))
+                send(pack_one(*answer(kind, codec, call_id, frame[HEAD_SIZE:])))
+            continue
+        items = [answer(i.kind, i.codec_id, i.call_id, i.body) for i in protocol.parse(frame)]
+        send(protocol.pack_items(items))
 
 
 def _serve_taskit() -> None:

@@ -1,19 +1,27 @@
 """A BackEnd's I/O loop: the ROUTER socket, the threads, and the calls they run.
 
-One request's way through the server::
+One message's way through the server (wire protocol v2: one frame a message,
+one or more items in it)::
 
-    ROUTER --recv--> ServerLoop._loop --msg--> RequestHandler.handle
-                                                 |
+    ROUTER --recv--> ServerLoop._loop --(ident, frame)--> RequestHandler.handle
+                                                 |  (per item of a batch)
            +------------------+------------------+---------------------+
-           | None             | reply frames     | Call                |
+           | None             | reply item       | Call                |
            v (dropped,        v                  v                     v
-             counted)     _send_locked      inline: _run_inline    pool: _submit
-                                             (this thread)          -> _run (a worker)
-                                                 |                     |
-                                                 +---> reply frames <--+
-                                                 (handler.result_frames/error_frames)
-                                                            |
-    ROUTER <--send-- _send_locked <--- _reply (the thread that ran it, under the lock)
+             counted)     pending (this      inline: _run_inline    pool: _submit
+                          thread's replies,   (this thread)          -> _run (a worker)
+                          by peer)  <--- reply item                     |
+                              |                                      reply item
+                              v                                         |
+    ROUTER <--send-- _send_locked: one frame per peer <--- _reply (the worker, locked)
+                     (load filled in, sealed with the peer's session when keyed)
+
+Replies made on the I/O thread wait in ``pending`` until a read finds no
+request waiting, another client's request is read, or 256 are waiting: then
+each peer's go in one frame (up to REPLY_FRAME_BYTES). A worker sends its own
+reply as soon as it has it. Every frame is packed, and sealed, in the hold of
+the lock that sends it, so a session's sequence numbers follow the send order
+(a reply deferred to the peer ledger's backlog is packed when it is sent).
 
 Threads and the socket. ZeroMQ sockets are not thread-safe, but one may be
 used from several threads when every use is serialised by a lock (a lock is
