@@ -122,6 +122,16 @@ def test_a_call_becomes_one_record_counted_in_flight_and_charged():
     assert JSONCodec.decode(item[3]) == 3
 
 
+def test_a_call_with_meta_or_a_tuple_body_is_accepted_like_any_other():
+    h, _ = make()
+    body = MsgpackCodec.encode(["add", [1, 2], {}, {"traceparent": "00-1-2-01"}])
+    out = h.handle(ID, frame([(Kind.CALL, MsgpackCodec.wire_id, 5, 0, 0, body)]))
+    assert type(out) is Call and (out.name, out.args, out.call_id) == ("add", [1, 2], 5)
+    bad_meta = MsgpackCodec.encode(["add", [1, 2], {}, {"k": 1}])
+    out = h.handle(ID, frame([(Kind.CALL, MsgpackCodec.wire_id, 6, 0, 0, bad_meta)]))
+    assert error_of(out, MsgpackCodec)[1][0] == "ProtocolError"
+
+
 def test_replies_carry_the_load_queued_and_running():
     h, _ = make()
     for i in range(3):

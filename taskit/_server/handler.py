@@ -298,7 +298,31 @@ class RequestHandler:
             ):
                 if ident not in self.heard:  # a client to tell of a stop
                     self._see_peer(ident)
-                return self.call(ident, codec_id, call_id, a, data[_HEAD_SIZE:], n)
+                body = data[_HEAD_SIZE:]
+                codec = self.codecs.get(codec_id)
+                if codec is MsgpackCodec or codec is JSONCodec:
+                    # The usual body, checked here; anything else (and every error)
+                    # takes the general path, which says what is wrong.
+                    try:
+                        # json is promised bytes; msgpack reads a big body in place
+                        value = codec.decode(
+                            bytes(body) if codec is JSONCodec and type(body) is not bytes else body
+                        )
+                    except Exception:
+                        value = None
+                    if type(value) is list and len(value) == 3:
+                        name, args, kwargs = value
+                        if (
+                            type(name) is str
+                            and type(args) is list
+                            and type(kwargs) is dict
+                            and (not kwargs or all(type(k) is str for k in kwargs))
+                        ):
+                            expires = _monotonic() + a / 1000 if a else 0.0
+                            return self.dispatch(
+                                ident, codec, call_id, name, args, kwargs, n, a, expires
+                            )
+                return self.call(ident, codec_id, call_id, a, body, n)
         return self._items(ident, data)
 
     def handle_frames(self, ident: bytes, frames: list[Any], count: int) -> list[bytes] | None:
