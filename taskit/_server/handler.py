@@ -740,7 +740,9 @@ class RequestHandler:
     # -- from items to a frame -------------------------------------------------------
 
     def load(self) -> tuple[int, int]:
-        """(calls queued, calls running): the load every reply carries."""
+        """(calls queued, calls running): the load every reply carries. Running:
+        calls a thread-pool worker runs now (a process pool's calls count as queued
+        until answered; an inline call is answered before the next read)."""
         acct = self.acct
         running = acct.running
         queued = acct.in_flight - running
