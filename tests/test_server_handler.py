@@ -122,6 +122,16 @@ def test_a_call_becomes_one_record_counted_in_flight_and_charged():
     assert JSONCodec.decode(item[3]) == 3
 
 
+def test_a_call_with_meta_or_a_tuple_body_is_accepted_like_any_other():
+    h, _ = make()
+    body = MsgpackCodec.encode(["add", [1, 2], {}, {"traceparent": "00-1-2-01"}])
+    out = h.handle(ID, frame([(Kind.CALL, MsgpackCodec.wire_id, 5, 0, 0, body)]))
+    assert type(out) is Call and (out.name, out.args, out.call_id) == ("add", [1, 2], 5)
+    bad_meta = MsgpackCodec.encode(["add", [1, 2], {}, {"k": 1}])
+    out = h.handle(ID, frame([(Kind.CALL, MsgpackCodec.wire_id, 6, 0, 0, bad_meta)]))
+    assert error_of(out, MsgpackCodec)[1][0] == "ProtocolError"
+
+
 def test_replies_carry_the_load_queued_and_running():
     h, _ = make()
     for i in range(3):
@@ -259,6 +269,15 @@ def test_a_replayed_message_is_dropped_and_counted_never_run():
     zero = protocol.Session(Signer(b"k1"))
     assert h.handle(ID, frame([(Kind.HELLO, 1, 9, 0, 0, body)], zero)) is None
     assert h.acct.dropped["replayed"] == 2
+
+
+def test_a_hello_replayed_on_another_connection_opens_no_session():
+    h, _ = make(signer=Signer(b"k1"))
+    body = protocol.hello_body([1], True, protocol.new_nonce(), "t")
+    f = protocol.pack_items([(Kind.HELLO, 1, 1, 0, 0, body)], protocol.Session(Signer(b"k1")))
+    assert type(h.handle(ID, zmq.Frame(f))) is bytes  # welcomed
+    assert h.handle(b"\x00elsewhere", zmq.Frame(f)) is None
+    assert list(h.sessions) == [ID] and h.acct.dropped["replayed"] == 1
 
 
 def test_sessions_are_bounded_oldest_forgotten_and_gone_clients_forgotten():

@@ -254,6 +254,10 @@ class RequestHandler:
         # Written by the reading thread (new) and under the lock (forgotten).
         self.sessions: dict[bytes, Session] = {}
         self.max_sessions = max_sessions
+        # The client nonces of the latest HELLOs (2 * max_sessions, oldest forgotten): a
+        # HELLO replayed on another connection would open a session no one can use,
+        # and evict a real one.
+        self.hello_nonces: dict[bytes, None] = {}
         self.started = protocol.new_nonce()  # this BackEnd's start, in every WELCOME
         # The pool's size now, for the WELCOME (set by the loop: a pool may be resized).
         self.workers: Callable[[], int] = lambda: 0
@@ -294,7 +298,31 @@ class RequestHandler:
             ):
                 if ident not in self.heard:  # a client to tell of a stop
                     self._see_peer(ident)
-                return self.call(ident, codec_id, call_id, a, data[_HEAD_SIZE:], n)
+                body = data[_HEAD_SIZE:]
+                codec = self.codecs.get(codec_id)
+                if codec is MsgpackCodec or codec is JSONCodec:
+                    # The usual body, checked here; anything else (and every error)
+                    # takes the general path, which says what is wrong.
+                    try:
+                        # json is promised bytes; msgpack reads a big body in place
+                        value = codec.decode(
+                            bytes(body) if codec is JSONCodec and type(body) is not bytes else body
+                        )
+                    except Exception:
+                        value = None
+                    if type(value) is list and len(value) == 3:
+                        name, args, kwargs = value
+                        if (
+                            type(name) is str
+                            and type(args) is list
+                            and type(kwargs) is dict
+                            and (not kwargs or all(type(k) is str for k in kwargs))
+                        ):
+                            expires = _monotonic() + a / 1000 if a else 0.0
+                            return self.dispatch(
+                                ident, codec, call_id, name, args, kwargs, n, a, expires
+                            )
+                return self.call(ident, codec_id, call_id, a, body, n)
         return self._items(ident, data)
 
     def handle_frames(self, ident: bytes, frames: list[Any], count: int) -> list[bytes] | None:
@@ -631,15 +659,21 @@ class RequestHandler:
         except ProtocolError as e:
             item = self.refusal(JSONCodec, call_id, "ProtocolError", str(e))
             return self.pack([item], zero)
+        nonce = bytes.fromhex(hello["nonce"])
+        seen = self.hello_nonces
+        if nonce in seen:  # a HELLO replayed (on another connection): opens nothing
+            self._drop("replayed")
+            return None
+        seen[nonce] = None
+        if len(seen) > 2 * self.max_sessions:
+            del seen[next(iter(seen))]
         server_nonce = protocol.new_nonce()
         sessions = self.sessions
         if len(sessions) >= self.max_sessions:
             with self.lock:  # forget the oldest (its client is told NO_SESSION, says HELLO)
                 sessions.pop(next(iter(sessions)), None)
                 self.acct.sessions_evicted += 1
-        sessions[ident] = Session(
-            self.signer, bytes.fromhex(hello["nonce"]), server_nonce, outgoing=b"B"
-        )
+        sessions[ident] = Session(self.signer, nonce, server_nonce, outgoing=b"B")
         if ident not in self.heard:
             self._see_peer(ident)
         body = self.welcome(hello, server_nonce)
@@ -706,7 +740,9 @@ class RequestHandler:
     # -- from items to a frame -------------------------------------------------------
 
     def load(self) -> tuple[int, int]:
-        """(calls queued, calls running): the load every reply carries."""
+        """(calls queued, calls running): the load every reply carries. Running:
+        calls a thread-pool worker runs now (a process pool's calls count as queued
+        until answered; an inline call is answered before the next read)."""
         acct = self.acct
         running = acct.running
         queued = acct.in_flight - running

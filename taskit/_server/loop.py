@@ -1,19 +1,27 @@
 """A BackEnd's I/O loop: the ROUTER socket, the threads, and the calls they run.
 
-One request's way through the server::
+One message's way through the server (wire protocol v2: one frame a message,
+one or more items in it)::
 
-    ROUTER --recv--> ServerLoop._loop --msg--> RequestHandler.handle
-                                                 |
+    ROUTER --recv--> ServerLoop._loop --(ident, frame)--> RequestHandler.handle
+                                                 |  (per item of a batch)
            +------------------+------------------+---------------------+
-           | None             | reply frames     | Call                |
+           | None             | reply item       | Call                |
            v (dropped,        v                  v                     v
-             counted)     _send_locked      inline: _run_inline    pool: _submit
-                                             (this thread)          -> _run (a worker)
-                                                 |                     |
-                                                 +---> reply frames <--+
-                                                 (handler.result_frames/error_frames)
-                                                            |
-    ROUTER <--send-- _send_locked <--- _reply (the thread that ran it, under the lock)
+             counted)     pending (this      inline: _run_inline    pool: _submit
+                          thread's replies,   (this thread)          -> _run (a worker)
+                          by peer)  <--- reply item                     |
+                              |                                      reply item
+                              v                                         |
+    ROUTER <--send-- _send_locked: one frame per peer <--- _reply (the worker, locked)
+                     (load filled in, sealed with the peer's session when keyed)
+
+Replies made on the I/O thread wait in ``pending`` until a read finds no
+request waiting, another client's request is read, or 256 are waiting: then
+each peer's go in one frame (up to REPLY_FRAME_BYTES). A worker sends its own
+reply as soon as it has it. Every frame is packed, and sealed, in the hold of
+the lock that sends it, so a session's sequence numbers follow the send order
+(a reply deferred to the peer ledger's backlog is packed when it is sent).
 
 Threads and the socket. ZeroMQ sockets are not thread-safe, but one may be
 used from several threads when every use is serialised by a lock (a lock is
@@ -90,11 +98,11 @@ _BATCH = 64  # requests read per wake-up before flags are checked again
 # (a v1 CALL's magic and header) to answer a v1 client, and frees the rest one by one.
 _MAX_PARTS = 2
 # Replies to one peer packed in one frame: at most this many items, this many bytes
-# of items (a body of ZERO_COPY bytes or more goes alone). Batching pays for small
-# replies; the byte cap keeps it from multiplying what a peer's ZeroMQ queue holds
-# (peer_queue counts messages: Q frames of up to REPLY_FRAME_BYTES each).
+# of items (a larger reply goes alone). Batching pays for small replies (256 of 30
+# bytes fit); the byte cap keeps it from multiplying what the ZeroMQ queue towards a
+# client that stops reading holds: peer_queue counts messages, not bytes.
 REPLY_FRAME_ITEMS = 256
-REPLY_FRAME_BYTES = 64 * 1024
+REPLY_FRAME_BYTES = 8 * 1024
 _RESULT = int(Kind.RESULT)
 _ERROR = int(Kind.ERROR)
 
@@ -549,6 +557,7 @@ class ServerLoop:
         # sent together once no request is waiting (one frame per peer, capped).
         pending: dict[bytes, list[tuple]] = {}
         npending = 0
+        last = b""  # the routing id of the request read last
         # How to read next. An empty recv raises, which costs more than checking
         # EVENTS first, but EVENTS costs more than a recv that finds a request. So:
         # _TRY when a request is likely (the socket's descriptor woke us, or many
@@ -612,6 +621,13 @@ class ServerLoop:
                             if nframes <= _MAX_PARTS:
                                 frames.append(frame)
                         frame = None
+                if npending and ident != last:
+                    # Another client's turn (ZeroMQ reads clients in turn): what waits
+                    # for the others goes now, so batching adds them no latency.
+                    with lock:
+                        flush_pending(pending)
+                    npending = 0
+                last = ident
                 try:
                     if frame is not None:
                         out = handle(ident, frame)
@@ -898,8 +914,8 @@ class ServerLoop:
 
     def _send_locked(self, ident: bytes, items: list[tuple]) -> None:
         """Send reply items to ``ident`` (lock held): one frame, or several past the
-        caps (REPLY_FRAME_ITEMS items, REPLY_FRAME_BYTES of bodies; a body of ZERO_COPY bytes
-        or more goes alone). A full peer queue defers a frame's items to the ledger."""
+        caps (REPLY_FRAME_ITEMS items, REPLY_FRAME_BYTES of items; a larger reply goes
+        alone). A full peer queue defers a frame's items to the ledger."""
         if len(items) == 1:
             self._send_frame_locked(ident, items)
             return
@@ -908,12 +924,12 @@ class ServerLoop:
         cap = min(REPLY_FRAME_BYTES, self.handler.reply_limit)  # a frame within max_message_size
         for item in items:
             n = len(item[3]) + 24  # its header too
-            if chunk and (len(chunk) >= REPLY_FRAME_ITEMS or size + n > cap or n >= ZERO_COPY):
+            if chunk and (len(chunk) >= REPLY_FRAME_ITEMS or size + n > cap):
                 self._send_frame_locked(ident, chunk)
                 chunk, size = [], 0
             chunk.append(item)
             size += n
-            if n >= ZERO_COPY:
+            if n >= cap:
                 self._send_frame_locked(ident, chunk)
                 chunk, size = [], 0
         if chunk:

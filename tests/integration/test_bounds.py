@@ -98,8 +98,8 @@ def child() -> Iterator[Any]:
 def raw() -> Iterator[Any]:
     made: list[RawClient] = []
 
-    def _raw(endpoint: str, **sockopts: Any) -> RawClient:
-        made.append(RawClient(endpoint, **sockopts))
+    def _raw(endpoint: str, key: bytes | None = None, **sockopts: Any) -> RawClient:
+        made.append(RawClient(endpoint, key=key, **sockopts))
         return made[-1]
 
     yield _raw
@@ -225,22 +225,24 @@ def test_stalled_client_bounded_in_bytes_and_others_keep_their_latency(child, ra
     assert probe.call("<stats>")["reply_backlog"] == 0
 
 
-def test_slow_reader_loses_no_reply_when_its_queue_fills(child, raw):
+@pytest.mark.parametrize("key", [None, "k"], ids=["unsigned", "keyed"])
+def test_slow_reader_loses_no_reply_when_its_queue_fills(child, raw, key):
     """A client that pauses reading while its queue (peer_queue messages) is full gets
-    every reply once it reads again: they waited in the backend, within its budget."""
-    b = child(peer_queue=20, peer_budget=64 * MiB)
-    c = raw(b.endpoint, rcvhwm=10)
+    every reply once it reads again: they waited in the backend, within its budget.
+    Keyed: each is sealed when it goes onto the socket, so the client's replay window
+    takes them all in order (none is dropped as a replay)."""
+    b = child(peer_queue=20, peer_budget=64 * MiB, key=key)
+    c = raw(b.endpoint, rcvhwm=10, key=key.encode() if key else None)
     n = 2000  # 2000 x 4 KiB: far more than 20 queued + the kernel buffers
-    for _ in range(n):
-        c.send("blob", REPLY)
+    sent = [c.send("blob", REPLY) for _ in range(n)]
     # stats from another client: the slow one's replies wait in the backend's backlog
-    other = raw(b.endpoint)
+    other = raw(b.endpoint, key=key.encode() if key else None)
     deadline = time.monotonic() + 30
     while other.call("<stats>")["reply_backlog"] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert other.call("<stats>")["reply_backlog"] > 0
     got = c.results(n, timeout=30)
-    assert sorted(got) == list(range(1, n + 1))
+    assert sorted(got) == sent
     assert all(v == b"x" * REPLY for v in got.values())
     stats = other.call("<stats>")
     assert stats["reply_deferred"] > 0 and stats["reply_backlog"] == 0
