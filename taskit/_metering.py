@@ -18,7 +18,7 @@ from collections.abc import Container
 from typing import Any
 
 from taskit.codecs import JSONCodec
-from taskit.protocol import ADMIN_SIGNALS, HEADER, decode_error
+from taskit.protocol import ADMIN_SIGNALS, decode_error
 
 __all__ = ["BUCKETS", "UNKNOWN", "Histogram", "ServerMeter", "ClientMeter"]
 
@@ -88,18 +88,16 @@ class ServerMeter:
         self.calls: dict[str, int] = {}  # task (or UNKNOWN, or an admin signal) -> calls
         self.run_time: dict[str, Histogram] = {}
         self.failed: dict[tuple[str, str], int] = {}  # (task, error type) -> calls
-        # bytes of calls run and their replies (under the lock) ...
-        self.call_bytes_in = self.call_bytes_out = 0
-        # ... and of every other message and its answer (the reading thread)
-        self.other_bytes_in = self.other_bytes_out = 0
+        # bytes of every message received (the reading thread) and sent (under the lock)
+        self.bytes_in = self.bytes_out = 0
 
-    @property
-    def bytes_in(self) -> int:
-        return self.call_bytes_in + self.other_bytes_in
+    def read(self, nbytes: int) -> None:
+        """A message of ``nbytes`` was received (whatever it is, even dropped)."""
+        self.bytes_in += nbytes
 
-    @property
-    def bytes_out(self) -> int:
-        return self.call_bytes_out + self.other_bytes_out
+    def sent(self, nbytes: int) -> None:
+        """A message of ``nbytes`` was sent (a frame of replies, a notice, a refusal)."""
+        self.bytes_out += nbytes
 
     def received(self, name: str) -> None:
         """A call of ``name`` was decoded (accepted or not)."""
@@ -108,27 +106,19 @@ class ServerMeter:
         calls = self.calls
         calls[name] = calls.get(name, 0) + 1
 
-    def replied(self, call: Any, ok: bool, run_time: float | None, frames: list[bytes]) -> None:
-        """``call`` (a ``_server.handler.Call``) was answered with ``frames``, after
-        running ``run_time`` seconds (None: in another process, timed from its hand-off
-        to the pool). A failure's error type is read back from its ERROR reply."""
+    def replied(self, call: Any, ok: bool, run_time: float | None, item: tuple) -> None:
+        """``call`` (a ``_server.handler.Call``) was answered with reply ``item``
+        ``(kind, codec id, call id, body)``, after running ``run_time`` seconds (None:
+        in another process, timed from its hand-off to the pool). A failure's error
+        type is read back from its ERROR body."""
         name = call.name
         hist = self.run_time.get(name)
         if hist is None:
             hist = self.run_time[name] = Histogram()
         hist.observe(run_time if run_time is not None else _since(call.t0))
-        self.call_bytes_in += call.size
-        self.call_bytes_out += sum(map(len, frames))
         if not ok:
-            key = (name, _error_type(call.codec, frames))
+            key = (name, _error_type(call.codec, item))
             self.failed[key] = self.failed.get(key, 0) + 1
-
-    def other(self, msg: list[Any], out: list[bytes] | None) -> None:
-        """A message that ran no call (a refusal, a PING, an admin signal, or dropped:
-        ``out`` None), with the frames answering it."""
-        self.other_bytes_in += sum(map(len, msg[1:]))
-        if out is not None:
-            self.other_bytes_out += sum(map(len, out))
 
 
 def _since(t0: float) -> float:
@@ -137,12 +127,11 @@ def _since(t0: float) -> float:
     return perf_counter() - t0 if t0 else 0.0
 
 
-def _error_type(codec: Any, frames: list[bytes]) -> str:
-    """The error type name of an ERROR reply (in ``codec``, or JSON: the fallback)."""
+def _error_type(codec: Any, item: tuple) -> str:
+    """The error type name of an ERROR reply item (in ``codec``, or JSON: the fallback)."""
     try:
-        wire_id = HEADER.unpack(frames[1])[1]
-        used = codec if wire_id == codec.wire_id else JSONCodec
-        return decode_error(used, frames[2])[0]
+        used = codec if item[1] == codec.wire_id else JSONCodec
+        return decode_error(used, bytes(item[3]))[0]
     except Exception:  # never let a metric fail a reply
         return "unknown"
 

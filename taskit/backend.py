@@ -339,7 +339,8 @@ class BackEnd:
 
         meter = ServerMeter(self.tasks)
         self._handler.on_received = meter.received
-        self._loop.observe_other = meter.other
+        self._loop.observe_read = meter.read
+        self._loop.observe_sent = meter.sent
         self._collector = _prometheus.BackendCollector(self, meter)
         return meter.replied
 

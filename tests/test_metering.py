@@ -33,23 +33,25 @@ def _call(codec, name="t", size=40) -> Call:
     return Call(b"\x00peer", codec, 7, name, size, print, [], {}, False, False)
 
 
-def test_a_reply_is_timed_sized_and_a_failure_typed_from_its_error_frames():
+def test_a_reply_is_timed_and_a_failure_typed_from_its_error_item():
     meter = ServerMeter({"t": None})
-    ok = protocol.encode_result(MsgpackCodec, 7, "fine")
+    ok = (2, MsgpackCodec.wire_id, 7, MsgpackCodec.encode("fine"))
     meter.replied(_call(MsgpackCodec), True, 0.002, ok)
-    err = protocol.encode_error(MsgpackCodec, 7, "KeyError", ["k"], "tb")
-    meter.replied(_call(MsgpackCodec), False, 0.2, err)
+    codec_id, body = protocol.encode_error(MsgpackCodec, "KeyError", ["k"], "tb")
+    meter.replied(_call(MsgpackCodec), False, 0.2, (3, codec_id, 7, body))
     # a codec that could not encode the error: the backend falls back to JSON
-    fallback = protocol.encode_error(JSONCodec, 7, "EncodeError", ["x"], "")
-    meter.replied(_call(MsgpackCodec), False, None, fallback)  # process pool: t0 unset
+    codec_id, body = protocol.encode_error(JSONCodec, "EncodeError", ["x"], "")
+    meter.replied(_call(MsgpackCodec), False, None, (3, codec_id, 7, body))  # t0 unset
     assert meter.failed == {("t", "KeyError"): 1, ("t", "EncodeError"): 1}
     assert meter.run_time["t"].counts[-1] == 0 and sum(meter.run_time["t"].counts) == 3
-    assert meter.bytes_in == 3 * 40
-    assert meter.bytes_out == sum(sum(map(len, f)) for f in (ok, err, fallback))
-    meter.other([b"id", b"12345", b"123"], [b"ab"])
-    meter.other([b"id", b"1234567"], None)  # dropped: nothing sent
-    assert meter.bytes_in == 3 * 40 + 8 + 7
-    assert meter.bytes_out == sum(sum(map(len, f)) for f in (ok, err, fallback)) + 2
+
+
+def test_bytes_are_counted_as_messages_are_read_and_sent():
+    meter = ServerMeter({"t": None})
+    meter.read(40)
+    meter.read(8)
+    meter.sent(29)
+    assert (meter.bytes_in, meter.bytes_out) == (48, 29)
 
 
 def test_a_client_meter_keeps_one_histogram_per_backend():
@@ -70,7 +72,7 @@ def test_without_metrics_or_debug_logs_no_hook_is_set():
     assert not logging.getLogger("taskit.backend").isEnabledFor(logging.DEBUG)
     be = BackEnd({"t": print}, port=0)
     assert be._handler.on_received is None
-    assert be._loop.observe is None and be._loop.observe_other is None
+    assert be._loop.observe is None and be._loop.observe_read is None
     assert be._handler.trace_in_thread
     assert not BackEnd({"t": print}, port=0, pool="process")._handler.trace_in_thread
 
@@ -83,5 +85,5 @@ def test_metrics_set_the_hooks_without_serving_yet():
 
     be = BackEnd({"t": print}, port=0, metrics_port=0)
     assert be._handler.on_received is not None
-    assert be._loop.observe is not None and be._loop.observe_other is not None
+    assert be._loop.observe is not None and be._loop.observe_read is not None
     assert be.metrics_port == 0  # the bound one is known once started

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, final
 
 from taskit import __version__ as _version
-from taskit import protocol
+from taskit import _tracing, protocol
 from taskit._server.accounting import QUALIFY, Accounting, PeerLedger, TracebackLimiter
 from taskit._server.options import split_entry
 from taskit._wire import ZERO_COPY
@@ -150,6 +150,7 @@ class Call:
         "budget",
         "expires",
         "state",
+        "meta",
         "fut",
     )
 
@@ -182,6 +183,7 @@ class Call:
         self.budget = budget
         self.expires = expires
         self.state = QUEUED
+        self.meta: dict[str, str] | None = None  # its trace context, or None
         self.fut: Any = None
 
     def __repr__(self) -> str:
@@ -238,6 +240,12 @@ class RequestHandler:
         self.note: Callable[[str, str], None] = note or (lambda importance, msg: None)
         self.acct = Accounting()  # counters, under lock
         self.tb_limit = TracebackLimiter()  # tracebacks logged per task and error type
+        # OBS HOOKS. Metrics on: called with each decoded call's task name (on the
+        # reading thread). A call's trace context: its task runs in a span on the
+        # thread running it, unless the tasks run in processes (then the I/O loop
+        # keeps the span, see ServerLoop._submit).
+        self.on_received: Callable[[str], None] | None = None
+        self.trace_in_thread = True
         # A graceful stop has begun: new calls are refused (Stopping).
         self.stopping = False
         # Clients heard from lately (routing ids; two generations bound the memory):
@@ -437,14 +445,14 @@ class RequestHandler:
         if type(body) is not bytes and codec is not MsgpackCodec and codec is not PickleCodec:
             body = bytes(body)  # other codecs (json, users') are promised bytes
         try:
-            name, args, kwargs, _meta = protocol.decode_call(codec, body)
+            name, args, kwargs, meta = protocol.decode_call(codec, body)
         except DecodeError as e:
             return self.refusal(codec, call_id, "DecodeError", str(e))
         except ProtocolError as e:
             return self.refusal(codec, call_id, "ProtocolError", str(e))
         except Exception as e:  # a user codec that raises something else than DecodeError
             return self.refusal(codec, call_id, "DecodeError", f"{type(e).__name__}: {e}")
-        return self.dispatch(ident, codec, call_id, name, args, kwargs, size, budget, expires)
+        return self.dispatch(ident, codec, call_id, name, args, kwargs, size, budget, expires, meta)
 
     def dispatch(
         self,
@@ -457,12 +465,15 @@ class RequestHandler:
         size: int = 0,
         budget: int = 0,
         expires: float = 0.0,
+        meta: dict[str, str] | None = None,
     ) -> Any:
         """Decide on one decoded call (as :meth:`handle` returns); ``size``: its
-        request's bytes (the peer ledger's charge)."""
+        request's bytes (the peer ledger's charge); ``meta``: its metadata."""
         if self.gone and ident in self.gone:  # read before its connection closed
             self._drop("client_gone")
             return None
+        if self.on_received is not None:  # OBS HOOK: metrics on
+            self.on_received(name)
         entry = self.tasks.get(name)
         if entry is None:
             if name in _READ_ONLY_SIGNALS:
@@ -516,6 +527,10 @@ class RequestHandler:
         call = Call(ident, codec, call_id, name, size, fn, args, kwargs, inline, pass_backend)
         if budget:
             call.budget, call.expires = budget, expires
+        if meta is not None:  # OBS HOOK: run the task in a span continuing the caller's trace
+            call.meta = meta
+            if self.trace_in_thread:
+                call.fn = _tracing.traced(fn, name, meta)
         if inline:
             # Answered by this thread before the next request is read: not counted in
             # flight, nor charged (the standby thread counts it if it takes over).
@@ -557,7 +572,9 @@ class RequestHandler:
         with self.lock:
             self.acct.refuse(type_name)
         if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("refused call %d: %s: %s", call_id, type_name, msg)
+            _log.debug(
+                "refused call %d: %s: %s", call_id, type_name, msg, extra={"call_id": call_id}
+            )
         return item
 
     def expired(self, call: Call) -> tuple:
@@ -827,15 +844,19 @@ class RequestHandler:
             shown = ", ".join(map(_safe_repr, args))
             self.note(ERROR, f"Error while fulfilling task {name!r}: {type_name}({shown})")
         if tb and (self.verbose or _log.isEnabledFor(logging.INFO)):
-            self._log_traceback(name, type_name, tb)
+            self._log_traceback(name, type_name, tb, call)
         return self.encode_error(call.codec, call.call_id, type_name, args, tb)
 
-    def _log_traceback(self, name: str, type_name: str, tb: str) -> None:
+    def _log_traceback(self, name: str, type_name: str, tb: str, call: Call) -> None:
         """Log a failing call's traceback, at most once per task and exception type
         per TRACEBACK_INTERVAL; the next one logged says how many were skipped."""
         skipped = self.tb_limit.admit((name, type_name))
+        # for structured logs (taskit backend --log-format json)
+        extra = {"task": name, "call_id": call.call_id, "peer": call.ident.hex()}
         if skipped is None:
-            _log.debug("task %r failed again with %s (traceback not logged)", name, type_name)
+            _log.debug(
+                "task %r failed again with %s (traceback not logged)", name, type_name, extra=extra
+            )
             return
         if skipped:
             tb = (
@@ -845,4 +866,4 @@ class RequestHandler:
         if self.verbose:
             self.note(ERROR, tb)
         if _log.isEnabledFor(logging.INFO):
-            _log.info("task %r failed: %s", name, tb.rstrip())
+            _log.info("task %r failed: %s", name, tb.rstrip(), extra=extra)

@@ -60,6 +60,7 @@ from typing import Any
 
 import zmq
 
+from taskit import _tracing
 from taskit._server.access import CurveAllowList
 from taskit._server.handler import (
     CANCELLED,
@@ -209,6 +210,12 @@ class ServerLoop:
         self.told = False  # the clients were told of the stop
         # Clients that lost a reply (see _tell_stopped_locked); None: too many to track.
         self.lossy: set[bytes] | None = set()
+        # OBS HOOKS, set when metrics are on (taskit._metering.ServerMeter): a call
+        # answered with its reply item (under the lock); the bytes of each message
+        # read (reading thread) and of each reply frame sent (under the lock).
+        self.observe: Callable[[Call, bool, float | None, tuple], None] | None = None
+        self.observe_read: Callable[[int], None] | None = None
+        self.observe_sent: Callable[[int], None] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -491,6 +498,8 @@ class ServerLoop:
         """Handle one message (the routing id, then its frames) and act on the
         handler's decisions (off the hot path: :meth:`_loop` spells this out)."""
         ident = msg[0]
+        if self.observe_read is not None:  # OBS HOOK: metrics on
+            self.observe_read(sum(map(len, msg[1:])))
         if len(msg) != 2:
             out = self.handler.handle_frames(ident, msg[1:3], len(msg) - 1)
             if out is not None:
@@ -553,6 +562,7 @@ class ServerLoop:
         flush_pending = self._flush_pending_locked
         peers = handler.peers
         me = threading.get_ident()
+        observe_read = self.observe_read  # OBS HOOK: metrics on (set before serving)
         # Replies made on this thread (refusals, inline results, PONGs...), by peer,
         # sent together once no request is waiting (one frame per peer, capped).
         pending: dict[bytes, list[tuple]] = {}
@@ -630,6 +640,8 @@ class ServerLoop:
                 last = ident
                 try:
                     if frame is not None:
+                        if observe_read is not None:  # OBS HOOK: metrics on
+                            observe_read(len(frame))
                         out = handle(ident, frame)
                         frame = None  # hold no frame of this message past its handling
                         t = type(out)
@@ -737,6 +749,8 @@ class ServerLoop:
         elapsed = clock() - start  # the task and its encoding: what qualifies it inline
         with self.lock:
             self.inline_since = 0.0
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(call, ok, elapsed, item)
             if self.io_owner == threading.get_ident():
                 handler.acct.finished(call.name, ok, elapsed, elapsed, False)
             else:
@@ -764,6 +778,10 @@ class ServerLoop:
                 else:
                     fut = self.pool.submit(call.fn, *call.args, **call.kwargs)
                 call.fut = fut
+                if call.meta is not None:  # OBS HOOK: a span for the call's time in the pool
+                    end_span = _tracing.span_until_done(call.name, call.meta)
+                    if end_span is not None:
+                        fut.add_done_callback(end_span)
                 fut.add_done_callback(lambda f: self._finish(call, f))
             else:
                 if call.pass_backend:
@@ -886,6 +904,8 @@ class ServerLoop:
             handler.acct.finished(call.name, ok, elapsed, run_time)
             if ran:
                 handler.acct.running -= 1
+            if self.observe is not None:  # OBS HOOK: metrics on
+                self.observe(call, ok, run_time, item)
             self._send_locked(call.ident, [item])
             # A worker's send may have eaten the edge that would wake the I/O thread
             # (the I/O thread itself, after an inline task, checks EVENTS anyway).
@@ -976,6 +996,8 @@ class ServerLoop:
         # A big frame goes zero-copy: ZeroMQ keeps a reference to the bytes object
         # until it is sent, rather than a copy in a freshly faulted-in buffer.
         _send(router, frame, _DONTWAIT, len(frame) < ZERO_COPY)
+        if self.observe_sent is not None:  # OBS HOOK: metrics on
+            self.observe_sent(len(frame))
 
     def _send_raw_locked(self, ident: bytes, frames: list[bytes]) -> None:
         """Send a complete message (lock held): a WELCOME, an unsigned refusal, a
@@ -990,6 +1012,9 @@ class ServerLoop:
                 _send(router, frame, _MORE if i < last else _DONTWAIT, len(frame) < ZERO_COPY)
         except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
             self.handler.acct.drop("reply_unroutable")
+            return
+        if self.observe_sent is not None:  # OBS HOOK: metrics on
+            self.observe_sent(sum(map(len, frames)))
 
     def _flush_backlog_locked(self) -> None:
         """Hand ZeroMQ the replies waiting for peers whose queue was full, oldest first,
@@ -1019,6 +1044,8 @@ class ServerLoop:
                 frame = handler.pack(items, session)
                 _send(router, frame, _DONTWAIT, len(frame) < ZERO_COPY)
                 peers.sent(ident)
+                if self.observe_sent is not None:  # OBS HOOK: metrics on
+                    self.observe_sent(len(frame))
 
     def _notify_locked(self, ident: bytes, item: tuple) -> None:
         """Send a notice (call id 0) to ``ident``, sealed with its session when keyed;
@@ -1035,7 +1062,10 @@ class ServerLoop:
             _send(router, ident, _MORE)
         except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
             return
-        _send(router, handler.pack([item], session), _DONTWAIT)
+        frame = handler.pack([item], session)
+        _send(router, frame, _DONTWAIT)
+        if self.observe_sent is not None:  # OBS HOOK: metrics on
+            self.observe_sent(len(frame))
 
     def _tell_stopped_locked(self) -> None:
         """Tell each client heard from lately that this graceful stop is over (lock

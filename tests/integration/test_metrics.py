@@ -69,7 +69,18 @@ def nap(seconds):
 
 
 def request_bytes(task: str, *args) -> int:
-    return sum(map(len, protocol.encode_call(MsgpackCodec, 1, task, args)))
+    """The bytes of a CALL message (one frame, one item; its time budget is a field)."""
+    return protocol.HEAD_SIZE + len(protocol.encode_call(MsgpackCodec, task, args))
+
+
+def hello_bytes() -> int:
+    """The bytes of a FrontEnd's HELLO (its nonce is always 32 hex digits)."""
+    from taskit import __version__
+
+    body = protocol.hello_body(
+        [MsgpackCodec.wire_id], False, bytes(16), f"taskit/{__version__} python"
+    )
+    return protocol.HEAD_SIZE + len(body)
 
 
 def test_a_scrape_counts_calls_by_task_and_outcome(serve):
@@ -136,7 +147,8 @@ def test_a_scrape_counts_calls_by_task_and_outcome(serve):
     )
 
     sent = (
-        sum(request_bytes("add", i, 1) for i in range(3))
+        hello_bytes()  # the FrontEnd's handshake
+        + sum(request_bytes("add", i, 1) for i in range(3))
         + 2 * request_bytes("boom", "no good")
         + sum(request_bytes(f"nope{i}") for i in range(20))
         + request_bytes("nap", 0.05)
@@ -144,7 +156,7 @@ def test_a_scrape_counts_calls_by_task_and_outcome(serve):
         + request_bytes("add", 5, 5)
     )
     assert value(page, "taskit_received_bytes_total") == sent
-    results = sum(sum(map(len, protocol.encode_result(MsgpackCodec, 1, v))) for v in (1, 2, 3))
+    results = sum(protocol.HEAD_SIZE + len(MsgpackCodec.encode(v)) for v in (1, 2, 3))
     assert value(page, "taskit_sent_bytes_total") > results
 
     assert value(page, "taskit_calls_in_flight") == 0
