@@ -461,4 +461,4 @@ def test_taskit_call_with_a_missing_key_prints_one_line(serve, tmp_path):
     )
     assert out.returncode == 1
     assert out.stderr.startswith("taskit call: backend ") and "Traceback" not in out.stderr
-    assert "refused the signature" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert "refused the handshake" in out.stderr and len(out.stderr.splitlines()) == 1
