@@ -145,8 +145,9 @@ class BackEnd:
     (``<stats>`` ``dropped["reply_over_budget"]``); a client that left is
     forgotten. ``peer_budget=None`` turns the ledger off (no ``Busy``;
     replies to a full queue are dropped at once, ``reply_hwm``).
-    Security: ``key`` (bytes or str) makes every message carry an HMAC and
-    drops those that do not; ``curve_secretkey``/``curve_publickey`` (40 Z85
+    Security: ``key`` (bytes or str) makes every message carry an HMAC bound to
+    its connection (opened by a HELLO) and a sequence number, and drops those
+    that do not, or that replay one seen before; ``curve_secretkey``/``curve_publickey`` (40 Z85
     characters or 32 raw bytes each; a malformed key is a ``ValueError`` at once)
     turn on CurveZMQ encryption, and ``curve_clients`` (Z85 public keys)
     admits only those clients (others fail the handshake; counted in

@@ -273,9 +273,10 @@ class RequestHandler:
 
         Returns None (nothing to send: dropped and counted), a reply item to
         send to ``ident``, a complete frame (bytes) to send as it is, a
-        :class:`Call` to run (already counted in flight; a pool call also
-        charged to its peer's ledger), or for a batch a list of those. A frame
-        over ``max_message_size`` (plus the envelope) is dropped and counted
+        :class:`Call` to run (a pool call already counted in flight, charged to
+        its peer's ledger and findable by a CANCEL; an inline call is neither:
+        it is answered before the next message is read), or for a batch a list
+        of those. A frame over ``max_message_size`` is dropped and counted
         before it is copied; a big one is read in place (a memoryview)."""
         n = len(frame)
         if n > self.request_limit:
