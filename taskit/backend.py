@@ -6,7 +6,7 @@ the request. ``doc/protocol.md`` is the wire format, ``doc/security.md`` the
 threat model.
 
 This module is the public face. The engine is in :mod:`taskit._server`: the
-sans-I/O request handler (``handler``: bytes in, a decision and reply frames
+sans-I/O request handler (``handler``: a message in, decisions and reply items
 out), the I/O loop that owns the socket and the threads and feeds it
 (``loop``: how threads share the socket, why quick tasks run inline), the
 counters (``accounting``), access control (``access``) and the options
