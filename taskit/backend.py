@@ -6,7 +6,7 @@ the request. ``doc/protocol.md`` is the wire format, ``doc/security.md`` the
 threat model.
 
 This module is the public face. The engine is in :mod:`taskit._server`: the
-sans-I/O request handler (``handler``: bytes in, a decision and reply frames
+sans-I/O request handler (``handler``: a message in, decisions and reply items
 out), the I/O loop that owns the socket and the threads and feeds it
 (``loop``: how threads share the socket, why quick tasks run inline), the
 counters (``accounting``), access control (``access``) and the options
@@ -147,8 +147,9 @@ class BackEnd:
     (``<stats>`` ``dropped["reply_over_budget"]``); a client that left is
     forgotten. ``peer_budget=None`` turns the ledger off (no ``Busy``;
     replies to a full queue are dropped at once, ``reply_hwm``).
-    Security: ``key`` (bytes or str) makes every message carry an HMAC and
-    drops those that do not; ``curve_secretkey``/``curve_publickey`` (40 Z85
+    Security: ``key`` (bytes or str) makes every message carry an HMAC bound to
+    its connection (opened by a HELLO) and a sequence number, and drops those
+    that do not, or that replay one seen before; ``curve_secretkey``/``curve_publickey`` (40 Z85
     characters or 32 raw bytes each; a malformed key is a ``ValueError`` at once)
     turn on CurveZMQ encryption, and ``curve_clients`` (Z85 public keys)
     admits only those clients (others fail the handshake; counted in

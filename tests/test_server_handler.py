@@ -141,6 +141,13 @@ def test_replies_carry_the_load_queued_and_running():
     items = protocol.parse(data)
     assert [(i.call_id, i.a, i.b) for i in items] == [(9, 2, 1), (10, 2, 1)]
     assert protocol.parse(h.pack([(Kind.RESULT, 1, 9, b"1")]))[0][3:5] == (2, 1)
+    # the unsigned batch is packed in one pass: the same bytes as protocol.pack_items
+    items = [
+        (Kind.RESULT, 2, 5, b"\x01"),
+        (Kind.ERROR, 1, 6, b'["x",[],""]'),
+        (Kind.PONG, 2, 7, b""),
+    ]
+    assert h.pack(items) == protocol.pack_items([(k, c, i, 2, 1, b) for k, c, i, b in items])
 
 
 def test_a_budget_sets_the_calls_deadline_from_its_receipt():

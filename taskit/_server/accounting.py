@@ -207,7 +207,7 @@ class PeerLedger:
     def sent(self, ident: bytes) -> None:
         """The oldest reply in ``ident``'s backlog was handed to ZeroMQ."""
         queue = self.backlog[ident]
-        _frames, size = queue.popleft()
+        _items, size = queue.popleft()
         self._release(ident, size)
         if not queue:
             del self.backlog[ident]
@@ -217,7 +217,7 @@ class PeerLedger:
         queue = self.backlog.pop(ident, None)
         if not queue:
             return 0
-        for _frames, size in queue:
+        for _items, size in queue:
             self._release(ident, size)
         return len(queue)
 

@@ -75,6 +75,8 @@ _ITEM_SIZE = protocol.ITEM_SIZE
 _unpack_head = protocol.HEAD.unpack_from
 _pack_one = protocol.pack_one
 _pack_items = protocol.pack_items
+_pack_item = protocol.ITEM.pack
+_UNSIGNED = protocol.PREAMBLE + b"\x00"  # an unsigned message's preamble
 _monotonic = time.monotonic
 # Clients remembered per generation for the stop notice (two generations are kept).
 _PEER_GENERATION = 10_000
@@ -279,9 +281,10 @@ class RequestHandler:
 
         Returns None (nothing to send: dropped and counted), a reply item to
         send to ``ident``, a complete frame (bytes) to send as it is, a
-        :class:`Call` to run (already counted in flight; a pool call also
-        charged to its peer's ledger), or for a batch a list of those. A frame
-        over ``max_message_size`` (plus the envelope) is dropped and counted
+        :class:`Call` to run (a pool call already counted in flight, charged to
+        its peer's ledger and findable by a CANCEL; an inline call is neither:
+        it is answered before the next message is read), or for a batch a list
+        of those. A frame over ``max_message_size`` is dropped and counted
         before it is copied; a big one is read in place (a memoryview)."""
         n = len(frame)
         if n > self.request_limit:
@@ -773,10 +776,19 @@ class RequestHandler:
         queued = acct.in_flight - running
         if queued < 0:
             queued = 0
-        if session is None and len(items) == 1:
+        if session is not None:
+            return _pack_items([(k, c, i, queued, running, b) for k, c, i, b in items], session)
+        if len(items) == 1:
             kind, codec_id, call_id, body = items[0]
             return _pack_one(kind, codec_id, call_id, queued, running, body)
-        return _pack_items([(k, c, i, queued, running, body) for k, c, i, body in items], session)
+        # protocol.pack_items for an unsigned batch, in one pass (a batch is made of
+        # many small replies: this loop is per reply)
+        parts = [_UNSIGNED]
+        append, pack_item = parts.append, _pack_item
+        for kind, codec_id, call_id, body in items:
+            append(pack_item(kind, codec_id, 0, call_id, queued, running, len(body)))
+            append(body)
+        return b"".join(parts)
 
     # -- from an outcome to a reply item ---------------------------------------------
 
