@@ -172,7 +172,7 @@ class Session:
 
     ``outgoing`` is b"C" on a client, b"B" on a backend (what it signs; it verifies
     the other letter), so a message cannot be reflected back at its sender. Before
-    the handshake both nonces are 16 zero bytes (HELLO and WELCOME are signed so).
+    the handshake both nonces are 16 zero bytes (None; HELLO and WELCOME are signed so).
     Not thread-safe: the engine that sends (and the one that receives) serialise.
     """
 
@@ -181,10 +181,12 @@ class Session:
     def __init__(
         self,
         signer: Signer,
-        client_nonce: bytes = bytes(16),
-        server_nonce: bytes = bytes(16),
+        client_nonce: bytes | None = None,
+        server_nonce: bytes | None = None,
         outgoing: bytes = b"C",
     ) -> None:
+        client_nonce = client_nonce or bytes(16)
+        server_nonce = server_nonce or bytes(16)
         incoming = b"B" if outgoing == b"C" else b"C"
         base = signer._base  # the HMAC keyed once; copies cost no key schedule
         self._out = base.copy()

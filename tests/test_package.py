@@ -85,7 +85,7 @@ def test_api_reference_shows_signatures_as_python_writes_them():
     text = _generated_api_reference()
     assert "host: str = '127.0.0.1'" in text  # string defaults quoted
     assert "pool: Any = 'thread'" in text
-    assert "Message(kind: int, codec_id: int, call_id: int, body: bytes)" in text
+    assert "Item(kind: int, codec_id: int, call_id: int, a: int, b: int, body: Any)" in text
     assert "ForwardRef" not in text
     assert "codec: Any = JSONCodec" in text  # classes and functions by name
     assert "logger: Callable[[str, Any], Any] = null_logger" in text
