@@ -411,6 +411,7 @@ class BackEnd:
             out["reply_deferred"] = peers.deferred if peers else 0
             out["peers_holding"] = len(peers.held) if peers else 0
             out["peer_held_bytes"] = sum(peers.held.values()) if peers else 0
+            out["sessions"] = len(handler.sessions)  # keyed: connections that said HELLO
         if loop.allow is not None:
             out["dropped"]["curve_denied"] = loop.allow.denied
         out["uptime"] = time.monotonic() - loop.started_at if loop.started_at else 0.0
