@@ -175,3 +175,20 @@ def test_prefetch_must_be_a_positive_whole_number():
         FrontEnd([], prefetch=0)
     with pytest.raises(ValueError, match="resolve_every"):
         FrontEnd([], resolve_every=0)
+
+
+def test_one_clients_burst_does_not_starve_anothers_sync_calls(serve, frontends):
+    be = serve(_tasks("a", 0.010), workers=2, codecs=["msgpack"])
+    bursty = frontends([be.endpoint])
+    polite = frontends([be.endpoint])
+    assert polite.work("who") == "a"
+    burst = [bursty.submit("work", i) for i in range(400)]  # 2 s of work on 2 workers
+    _wait_for(lambda: be.task_count > 0)
+    t0 = time.monotonic()
+    assert polite.work("work", 0) == "a"
+    waited = time.monotonic() - t0
+    # Credit keeps the burst mostly in its own client: the sync call queues behind
+    # at most that client's credit (16 calls, ~0.08 s here), not behind all 400.
+    assert waited < 1.0, waited
+    assert be.task_count <= 40
+    assert [f.result(60) for f in burst] == ["a"] * 400
