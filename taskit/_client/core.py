@@ -1391,13 +1391,19 @@ class ClientCore:
                     return
                 b = None
             else:
-                b = self.backends[slot.key]
-                if call.refused_by and b.endpoint in call.refused_by:
-                    b = self._choose_excluding(call.refused_by)
+                b = self._slot_backend(slot, call)
         if b is None:
             self._park(call)
             return
         self._assign(b, call)
+
+    def _slot_backend(self, slot: Any, call: PendingCall) -> BackendState | None:
+        """The backend of the dispatcher's ``slot`` for ``call``; another when that one
+        refused it with Stopping (None: no other is up)."""
+        b = self.backends[slot.key]
+        if call.refused_by and b.endpoint in call.refused_by:
+            return self._choose_excluding(call.refused_by)
+        return b
 
     def _assign(self, b: BackendState, call: PendingCall) -> None:
         """``call`` goes to ``b`` (charged to its credit) and to the outbox."""
@@ -1436,13 +1442,10 @@ class ClientCore:
             if slot is None:
                 return
             waiting.popleft()
-            b = self.backends[slot.key]
-            if call.refused_by and b.endpoint in call.refused_by:
-                other = self._choose_excluding(call.refused_by)
-                if other is None:
-                    self._park(call)
-                    continue
-                b = other
+            b = self._slot_backend(slot, call)
+            if b is None:
+                self._park(call)
+                continue
             call.on_wire = False
             self._assign(b, call)
 

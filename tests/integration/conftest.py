@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from taskit.backend import BackEnd
+from taskit.frontend import FrontEnd
 from tests.integration._backend_helpers import RawClient
 
 
@@ -45,3 +46,18 @@ def client() -> Iterator[Callable[..., RawClient]]:
     yield _client
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def frontends() -> Iterator[Callable[..., FrontEnd]]:
+    """frontends(*args, **kw) -> a FrontEnd; every one is closed at teardown."""
+    made: list[FrontEnd] = []
+
+    def make(*a: Any, **kw: Any) -> FrontEnd:
+        fe = FrontEnd(*a, **kw)
+        made.append(fe)
+        return fe
+
+    yield make
+    for fe in made:
+        fe.close()

@@ -5,6 +5,7 @@ drains that lose nothing."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -28,18 +29,9 @@ def _tasks(name: str, seconds: float = 0.0, gate: threading.Event | None = None)
 
 
 @pytest.fixture
-def frontends():
-    made: list[FrontEnd] = []
-
-    def make(*a, **kw):
-        kw.setdefault("codec", MsgpackCodec)
-        fe = FrontEnd(*a, **kw)
-        made.append(fe)
-        return fe
-
-    yield make
-    for fe in made:
-        fe.close()
+def frontends(frontends):
+    """conftest's, in msgpack (the tasks return what JSON carries too)."""
+    return functools.partial(frontends, codec=MsgpackCodec)
 
 
 def _wait_for(predicate, seconds: float = 10.0) -> None:

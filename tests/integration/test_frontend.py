@@ -73,20 +73,6 @@ def backends(serve):
     return make
 
 
-@pytest.fixture
-def frontends():
-    made: list[FrontEnd] = []
-
-    def make(*a, **kw):
-        fe = FrontEnd(*a, **kw)
-        made.append(fe)
-        return fe
-
-    yield make
-    for fe in made:
-        fe.close()
-
-
 def test_work_submit_map_call(backends, frontends):
     be = backends()
     fe = frontends([be.endpoint])
