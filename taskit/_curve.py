@@ -25,6 +25,11 @@ _WHAT = (
 _Z85 = frozenset(z85.Z85CHARS)
 
 
+def is_z85_key(text: bytes) -> bool:
+    """True when ``text`` is a CURVE key in Z85: 40 characters of the Z85 alphabet."""
+    return len(text) == 40 and set(text) <= _Z85
+
+
 def curve_key(option: str, value: Any, secret: bool = False) -> bytes:
     """``value`` as the 40 Z85 bytes libzmq takes: 40 Z85 characters (str or bytes;
     surrounding whitespace, as read from a key file, is ignored) or 32 raw bytes.
@@ -45,7 +50,7 @@ def curve_key(option: str, value: Any, secret: bool = False) -> bytes:
             text = b""
     else:
         raise ValueError(f"{option} must be a CURVE key: {_WHAT}; got a {type(value).__name__}")
-    if len(text) == 40 and set(text) <= _Z85:
+    if is_z85_key(text):
         return text
     raise ValueError(f"{option} must be a CURVE key: {_WHAT}; got {_describe(value, secret)}")
 

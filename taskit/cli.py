@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from taskit._curve import is_z85_key
 from taskit.errors import KeyFileError, PortSpecError, TaskItError
 from taskit.loader import describe_load_error, load_tasks
 from taskit.ports import expand, get_ports, parse_targets
@@ -82,12 +83,11 @@ def _read_curve_keys(path: str | None, what: str) -> list[bytes]:
             f"{path!r} holds a secret key; list public keys here (the .pub files of "
             "'taskit keygen'), and keep secret keys private"
         )
-    from zmq.utils.z85 import Z85CHARS  # '#' is one of them: a key may start with it
-
     keys = []
     for number, line in enumerate(lines, 1):
         text = line.strip()
-        is_key = len(text) == 40 and text.isascii() and set(text.encode()) <= set(Z85CHARS)
+        # ('#' is a Z85 character: a key may start with it)
+        is_key = text.isascii() and is_z85_key(text.encode())
         if not text or (text.startswith("#") and not is_key):
             continue
         if not is_key:

@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import zmq
-import zmq.utils.z85
 
-from taskit._curve import check_pair, curve_key
+from taskit._curve import check_pair, curve_key, is_z85_key
 
 __all__ = ["CurveAllowList", "curve_keys"]
 
@@ -35,12 +34,11 @@ class CurveAllowList:
 
     @staticmethod
     def _z85(key: bytes | str) -> bytes:
-        k = key.encode("ascii") if isinstance(key, str) else bytes(key)
         try:
-            ok = len(k) == 40 and len(zmq.utils.z85.decode(k)) == 32
-        except (ValueError, KeyError, UnicodeError):
-            ok = False
-        if not ok:
+            k = key.encode("ascii") if isinstance(key, str) else bytes(key)
+        except (UnicodeError, TypeError):
+            k = b""
+        if not is_z85_key(k):
             raise ValueError(
                 f"curve_clients takes Z85 public keys (40 characters, as "
                 f"zmq.curve_keypair() returns), not {key!r}"
