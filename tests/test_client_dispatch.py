@@ -40,7 +40,7 @@ def test_calls_go_to_the_backend_expected_to_finish_sooner():
     d.up("fast", 4)
     d.up("slow", 4)
     fast, slow = d.slots["fast"], d.slots["slow"]
-    for slot, latency in ((fast, 0.001), (slow, 0.010)) * 2:  # the first is warm-up
+    for slot, latency in ((fast, 0.001), (slow, 0.010)) * 6:  # a few calls teach it
         d.sent(slot)
         d.answered(slot, latency, 0)
     picks = []
@@ -145,3 +145,39 @@ def test_the_cost_of_a_choice_is_flat_in_the_number_of_backends(monkeypatch):
             d.answered(slot, 0.001)
         per_pick[n] = len(looked) / 1000
     assert per_pick[10_000] <= 2 and per_pick[1_000] <= 2 * per_pick[10]
+
+
+def test_an_idle_backend_measured_slow_once_is_tried_again():
+    d = Dispatcher()
+    d.up("a", 4)
+    d.up("b", 4)
+    a, b = d.slots["a"], d.slots["b"]
+    for slot, latency in ((a, 0.001), (b, 0.001), (a, 0.001), (b, 0.050)):  # b stalled once
+        d.sent(slot)
+        d.answered(slot, latency, 0)
+    picks = []
+    for _ in range(100):  # sequential calls: every backend idle at each choice
+        slot = d.pick()
+        d.sent(slot)
+        d.answered(slot, 0.001 if slot is a else 0.001, 0)
+        picks.append(slot.key)
+    assert picks.count("b") >= 40  # one stall does not shun it: it keeps its share
+
+
+def test_a_much_slower_idle_backend_is_only_probed_now_and_then():
+    # (idle backends within 8x of each other take turns: see _IDLE_SIMILAR)
+    d = Dispatcher()
+    d.up("fast", 4)
+    d.up("slow", 4)
+    speed = {"fast": 0.001, "slow": 0.030}
+    for key in ("fast", "slow") * 8:
+        slot = d.slots[key]
+        d.sent(slot)
+        d.answered(slot, speed[key], 0)
+    picks = []
+    for _ in range(200):
+        slot = d.pick()
+        d.sent(slot)
+        d.answered(slot, speed[slot.key], 0)
+        picks.append(slot.key)
+    assert picks.count("slow") < 200 / 8

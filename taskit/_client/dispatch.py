@@ -27,7 +27,11 @@ capacity + 1) * service``: the rounds of work ahead of it per worker, then
 its own. A call goes to the backend expected to finish it soonest, among
 those with credit; a backend without credit still counts as a candidate
 (the call then waits for it), so a slow backend does not take a call that a
-fast one would finish sooner even after waiting for its credit.
+fast one would finish sooner even after waiting for its credit. Backends whose
+expected finishes are within a quarter of each other count as equal (the less
+loaded wins, then they take turns); idle ones, within a factor of eight (their
+measures are noisy), and one passed over drifts toward the chosen one's
+service time, so a single slow measure never shuns a backend for good.
 
 Cost per call stays flat in the number of backends: up to :data:`SCAN`
 backends are compared exactly; beyond, the candidates are two drawn at
@@ -51,9 +55,13 @@ SCAN = 8  # up to this many backends, every one is compared
 _FIRST_SERVICE = 0.001  # seconds: the guess before any reply (equal for all)
 _WEIGHT = 0.2  # weight of a new sample in the service-time average
 # Expected finishes this close count as equal; between idle backends, within a factor
-# of two (their estimates are noisy, and one never chosen is never measured again).
+# of eight: an idle backend's first call after a pause is slower (its I/O thread
+# sleeps deeper), so a backend used less would look ever slower, and a loaded
+# machine's latencies are that noisy; a 10x slower backend still loses.
 _SIMILAR = (0.8, 1.25)
-_IDLE_SIMILAR = (0.5, 2.0)
+_IDLE_SIMILAR = (0.125, 8.0)
+_AGE = 0.05  # how far an idle backend passed over drifts toward the chosen one's time
+_OUTLIER = 3.0  # a sample counts as at most this many times the estimate it updates
 
 
 class Slot:
@@ -188,6 +196,8 @@ class Dispatcher:
                 if best is None or t < best_t * low or (t <= best_t * high and load < best_load):
                     best, best_t, best_load, best_i = slot, t, load, i
             self._next = best_i + 1
+            if best is not None and best_load == 0:
+                self._age(best)
             if best is not None and best.in_flight < best.limit:
                 return best
             # The best has no credit: wait for it, unless one with credit is as good.
@@ -201,6 +211,23 @@ class Dispatcher:
         b = open_[int(rand() * m)]
         ref = self._typical
         return a if a.expected(ref) <= b.expected(ref) else b
+
+    def _age(self, chosen: Slot) -> None:
+        """An idle backend passed over for an idle ``chosen`` one drifts toward its
+        service time: one measured slow once (a stall, a warm-up) is tried again
+        after a few calls, not shunned for good; a truly slow one is measured
+        slow again and drifts back up. (Only when ``chosen`` is idle: under load the
+        choice is by queues, and every backend gets measured.)"""
+        quick = chosen.service if chosen.samples > 1 else self._typical
+        for slot in self._usable:
+            if (
+                slot is not chosen
+                and slot.samples > 1
+                and slot.service > quick
+                and not slot.in_flight
+                and not slot.others
+            ):
+                slot.service -= _AGE * (slot.service - quick)
 
     def sent(self, slot: Slot) -> None:
         """A call was sent to ``slot``."""
@@ -231,9 +258,15 @@ class Dispatcher:
             # (a backend's first call pays for its warm-up: not a sample)
             per_worker = 1.0 + ahead / slot.capacity
             sample = latency / per_worker
+            # One stall (a descheduled process, a page fault storm) counts as at most
+            # _OUTLIER times what was expected, so it cannot shun a backend at once; a
+            # backend that really slowed down is followed within a few calls.
             if slot.samples > 2:
+                sample = min(sample, _OUTLIER * slot.service)
                 slot.service += _WEIGHT * (sample - slot.service)
             else:
+                if self._measured:
+                    sample = min(sample, _OUTLIER * self._typical)
                 slot.service = sample
             # What an unmeasured backend is assumed to take: like the others (so it is
             # tried at once, neither shunned nor flooded by a made-up guess).

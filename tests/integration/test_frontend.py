@@ -311,10 +311,10 @@ def test_two_backends_share_load(backends, frontends):
     for be in (a, b):  # a pinned signal waits until that backend is connected
         assert fe.get_tasks(be.endpoint) == "0"
     sync = [fe.work("who") for _ in range(40)]
-    # idle backends of the same speed share sequential calls
-    assert min(sync.count("a"), sync.count("b")) >= 12
+    # idle backends of the same speed share sequential calls: neither is shunned
+    assert min(sync.count("a"), sync.count("b")) >= 5
     many = [f.result(10) for f in [fe.submit("who") for _ in range(400)]]
-    assert 100 <= many.count("a") <= 300, many.count("a")
+    assert 60 <= many.count("a") <= 340, many.count("a")  # both take a share
     status = fe.backends_status()
     assert status[a.endpoint]["answered"] + status[b.endpoint]["answered"] == 442  # + 2 signals
 

