@@ -742,7 +742,7 @@ class _Top:
         self.seen = current
         rows, up, down = [], 0, False
         for endpoint, stats in answers:
-            mark = "+" if endpoint in joined else ""
+            mark = "+" if endpoint in joined else " "  # one column wide, marked or not
             row = self._row(endpoint, stats, status.get(endpoint) or {})
             up += row[1] in ("up", "stopping", "draining")
             down = down or row[1] in ("down", "rejected")
@@ -759,7 +759,7 @@ class _Top:
         name, seen_as = _top_name(endpoint), status.get("state")
         if not isinstance(stats, dict):
             self.samples.pop(endpoint, None)
-            state = seen_as if seen_as in ("rejected", "draining") else "down"
+            state = seen_as if seen_as in ("rejected", "draining", "stopping") else "down"
             return [name, state] + ["-"] * (len(_TOP_HEADERS) - 3)
         if stats.get("stopping"):
             state = "stopping"

@@ -138,6 +138,32 @@ def test_top_marks_the_rows_that_join_and_leave_as_a_name_is_re_resolved(serve):
         fe.close()
 
 
+def test_top_shows_a_backend_stopping_gracefully_and_what_it_still_runs(serve):
+    gate = threading.Event()
+    be = serve(_tasks(gate), host="127.0.0.1", workers=2)
+    name = f"127.0.0.1:{be.port}"
+    top = cli._Top(prefetch=8)
+    with FrontEnd([be.endpoint]) as fe, FrontEnd([be.endpoint]) as watcher:
+        try:
+            screen, _ = top.render(cli._top_answers(watcher), watcher.backends_status(), "t")
+            assert _columns(screen, name)["STATE"] == "up"
+            held = fe.submit("hold")
+            _wait_for(lambda: be.task_count == 1)
+            be.stop_server(wait=False)
+            rows: list[dict[str, str]] = []
+
+            def stopping() -> bool:
+                screen, down = top.render(cli._top_answers(watcher), watcher.backends_status(), "t")
+                rows.append(_columns(screen, name))
+                return not down and rows[-1]["STATE"] == "stopping"
+
+            _wait_for(stopping)
+            assert (rows[-1]["RUNNING"], rows[-1]["CREDIT"]) == ("1", "1/16")
+        finally:
+            gate.set()
+        assert held.result(30) == "held"
+
+
 def test_top_follows_a_name_with_resolve_every(serve):
     be = serve(_tasks(threading.Event()), host="127.0.0.1")
     out = run(
