@@ -1195,7 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
             "DONE, FAILED, UPTIME. A HOST name resolving to several addresses is one row "
             "each; with --resolve-every, rows that join are marked + and rows that leave -. "
             "With --once or --iterations, exit status 1 if a backend was down in the last "
-            "table. See doc/scaling.md."
+            "table. doc/operations.md explains each column."
         ),
     )
     _add_address(p)
@@ -1212,7 +1212,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_PREFETCH,
         metavar="N",
-        help=f"the clients' prefetch, for CREDIT's limit (default {DEFAULT_PREFETCH}, theirs)",
+        help=f"the clients' prefetch, for CREDIT's limit (default {DEFAULT_PREFETCH}, as theirs)",
     )
     p.add_argument(
         "--interval", type=_seconds, default=2.0, metavar="S", help="refresh period (default 2)"
