@@ -6,7 +6,7 @@
     taskit ctl {stop|kill|status|stats|tasks} HOST[:PORT] [PORTS] [--owner PID]
     taskit call HOST[:PORT] [PORTS] TASK [ARG ...] [--json]
     taskit ports HOST PORTS
-    taskit top HOST[:PORT] [PORTS] [--once | --iterations N]
+    taskit top HOST[:PORT] [PORTS] [--once | --iterations N] [--resolve-every S]
     taskit keygen NAME
 
 Every command has ``--help``. Exit status: 0 success, 1 failure (remote
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from taskit._client.dispatch import DEFAULT_PREFETCH
 from taskit._curve import is_z85_key
 from taskit.errors import KeyFileError, PortSpecError, TaskItError
 from taskit.loader import describe_load_error, load_tasks
@@ -161,6 +162,8 @@ def _frontend(addresses: Sequence[tuple[str, int]], args: argparse.Namespace) ->
         kwargs["connect_timeout"] = args.connect_timeout
     if getattr(args, "max_message_size", None) is not None:
         kwargs["max_message_size"] = args.max_message_size or None
+    if getattr(args, "resolve_every", None) is not None:
+        kwargs["resolve_every"] = args.resolve_every
     if getattr(args, "curve_server_key", None):
         kwargs["curve_serverkey"] = args.curve_server_key
         secret = _curve_secret(args.curve_secret_file)
@@ -641,60 +644,216 @@ def _cmd_ports(args: argparse.Namespace) -> int:
 
 # --- taskit top ------------------------------------------------------------------
 
+_TOP_HEADERS = (
+    "",
+    "BACKEND",
+    "STATE",
+    "WORKERS",
+    "QUEUED",
+    "RUNNING",
+    "CREDIT",
+    "SERVICE",
+    "RATE/S",
+    "DONE",
+    "FAILED",
+    "UPTIME",
+)
 
-def _render_top(
-    answers: list[tuple[str, Any]], previous: dict[str, tuple[float, int]], now: float
-) -> str:
-    rows = []
-    for name, stats in answers:
+
+def _fmt_seconds(seconds: float | None) -> str:
+    """A short duration: ``850us``, ``10.2ms``, ``1.50s``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def _credit_limit(workers: int, service: float | None, prefetch: int) -> int:
+    """The credit one client with ``prefetch`` gives a backend of ``workers`` whose calls
+    take ``service`` seconds: the rule of taskit._client.dispatch (``prefetch`` calls per
+    worker, or about WINDOW_SECONDS of work per worker when that is more)."""
+    from taskit._client.dispatch import MAX_PER_WORKER, WINDOW_SECONDS
+
+    per_worker = prefetch
+    if service is not None and service > 0 and WINDOW_SECONDS / service > prefetch:
+        per_worker = min(MAX_PER_WORKER, int(WINDOW_SECONDS / service))
+    return max(1, workers) * per_worker
+
+
+class _TopSample:
+    """One backend's ``<stats>`` counters at one refresh (what the next one compares)."""
+
+    __slots__ = ("uptime", "finished", "calls", "seconds")
+
+    def __init__(self, stats: dict[str, Any]) -> None:
+        self.uptime = float(stats.get("uptime") or 0.0)
+        self.finished = int(stats.get("done") or 0) + int(stats.get("failed") or 0)
+        self.calls, self.seconds = 0, 0.0
+        for info in (stats.get("tasks") or {}).values():
+            if isinstance(info, dict):
+                calls = int(info.get("calls") or 0)
+                self.calls += calls
+                self.seconds += calls * float(info.get("mean_latency") or 0.0)
+
+    def follows(self, before: _TopSample) -> bool:
+        """True when ``before`` is an earlier sample of the same backend process
+        (a restarted backend counts from zero again)."""
+        return before.uptime < self.uptime and before.calls <= self.calls
+
+
+class _Top:
+    """What ``taskit top`` shows and remembers between refreshes.
+
+    Per backend: its state as this client sees it (``up``, ``down``, ``stopping``,
+    ``draining``, ...), its workers (from its handshake), the load it reported
+    (queued, running), its credit (calls it holds, every client's, / what one client
+    with ``prefetch`` may hold there), the time one call keeps a worker busy, the
+    rate of finished calls, done, failed and uptime. Service time and rate come from
+    ``<stats>`` counters between two refreshes (the first screen: since the backend
+    started): the service time is the smaller of the time per call in the backend
+    (queue and run) and worker-time per call (workers x interval / calls finished),
+    both bounds that are tight when the backend is idle and busy respectively.
+
+    Rows that appeared since the previous refresh (a name that now resolves to one
+    more address, ``--resolve-every``) are marked ``+``; rows that are gone are
+    shown once more, marked ``-`` with state ``left``.
+    """
+
+    def __init__(self, prefetch: int) -> None:
+        self.prefetch = prefetch
+        self.samples: dict[str, _TopSample] = {}
+        self.seen: list[str] | None = None  # before the first screen: None
+        self.joined = 0
+        self.left = 0
+
+    def render(
+        self, answers: list[tuple[str, Any]], status: dict[str, dict[str, Any]], stamp: str
+    ) -> tuple[str, bool]:
+        """The screen for ``answers`` (endpoint, ``<stats>`` answer or the error) and
+        the client's ``backends_status()``; and whether a backend is down."""
+        current = [endpoint for endpoint, _ in answers]
+        joined = set() if self.seen is None else set(current).difference(self.seen)
+        gone = [] if self.seen is None else [e for e in self.seen if e not in current]
+        self.joined += len(joined)
+        self.left += len(gone)
+        self.seen = current
+        rows, up, down = [], 0, False
+        for endpoint, stats in answers:
+            mark = "+" if endpoint in joined else " "  # one column wide, marked or not
+            row = self._row(endpoint, stats, status.get(endpoint) or {})
+            up += row[1] in ("up", "stopping", "draining")
+            down = down or row[1] in ("down", "rejected")
+            rows.append([mark, *row])
+        for endpoint in gone:
+            self.samples.pop(endpoint, None)
+            rows.append(["-", _top_name(endpoint), "left"] + ["-"] * (len(_TOP_HEADERS) - 3))
+        head = f"taskit top - {stamp} - {up}/{len(current)} backends up"
+        if self.joined or self.left:
+            head += f" - {self.joined} joined, {self.left} left"
+        return head + "\n\n" + _table(_TOP_HEADERS, rows), down
+
+    def _row(self, endpoint: str, stats: Any, status: dict[str, Any]) -> list[Any]:
+        name, seen_as = _top_name(endpoint), status.get("state")
         if not isinstance(stats, dict):
-            rows.append([name, "down", "-", "-", "-", "-", "-"])
-            previous.pop(name, None)
-            continue
-        finished = int(stats.get("done", 0) or 0) + int(stats.get("failed", 0) or 0)
+            self.samples.pop(endpoint, None)
+            state = seen_as if seen_as in ("rejected", "draining", "stopping") else "down"
+            return [name, state] + ["-"] * (len(_TOP_HEADERS) - 3)
+        if stats.get("stopping"):
+            state = "stopping"
+        else:
+            state = seen_as if seen_as in ("stopping", "draining") else "up"
+        workers = (status.get("capacity") or {}).get("workers") or stats.get("pool_size")
+        queued, running = status.get("queued"), status.get("running")
+        if queued is None or running is None:  # no load reported yet: the pool's own
+            queued, running = stats.get("queue_depth", "-"), stats.get("pool_running", "-")
+        sample, before = _TopSample(stats), self.samples.get(endpoint)
+        self.samples[endpoint] = sample
+        since = before if before is not None and sample.follows(before) else None
+        service = _service_time(sample, since, workers)
         rate = "-"
-        if name in previous:
-            then, before = previous[name]
-            if now > then and finished >= before:
-                rate = f"{(finished - before) / (now - then):.1f}"
-        previous[name] = (now, finished)
-        rows.append(
-            [
-                name,
-                "up",
-                stats.get("in_flight", "-"),
-                stats.get("done", "-"),
-                stats.get("failed", "-"),
-                rate,
-                _fmt_duration(stats.get("uptime")),
-            ]
-        )
-    stamp = time.strftime("%H:%M:%S")
-    up = sum(1 for r in rows if r[1] == "up")
-    head = f"taskit top - {stamp} - {up}/{len(rows)} backends up"
-    table = _table(["BACKEND", "STATE", "IN FLIGHT", "DONE", "FAILED", "RATE/S", "UPTIME"], rows)
-    return head + "\n\n" + table
+        if since is not None:
+            rate = f"{(sample.finished - since.finished) / (sample.uptime - since.uptime):.1f}"
+        credit = "-"
+        if workers:
+            limit = _credit_limit(int(workers), service, self.prefetch)
+            credit = f"{stats.get('in_flight', 0)}/{limit}"
+        return [
+            name,
+            state,
+            workers or "-",
+            queued,
+            running,
+            credit,
+            _fmt_seconds(service),
+            rate,
+            stats.get("done", "-"),
+            stats.get("failed", "-"),
+            _fmt_duration(stats.get("uptime")),
+        ]
+
+
+def _service_time(now: _TopSample, before: _TopSample | None, workers: Any) -> float | None:
+    """Seconds one call kept one worker busy between ``before`` and ``now`` (None: since
+    the backend started): see :class:`_Top`. None when no call finished meanwhile."""
+    calls = now.calls - (before.calls if before else 0)
+    if calls <= 0:
+        return None
+    per_call = (now.seconds - (before.seconds if before else 0.0)) / calls
+    if isinstance(workers, int) and workers > 0:
+        elapsed = now.uptime - (before.uptime if before else 0.0)
+        per_call = min(per_call, workers * elapsed / calls)
+    return max(0.0, per_call)
+
+
+def _top_name(endpoint: str) -> str:
+    return endpoint[6:] if endpoint.startswith("tcp://") else endpoint
+
+
+def _top_answers(fe: Any) -> list[tuple[str, Any]]:
+    """``(endpoint, <stats> answer or the error)`` for every backend ``fe`` uses now,
+    asked concurrently; a backend known to be down is not waited for."""
+    from taskit._client.core import DOWN
+
+    endpoints = fe.backends
+    states = {ep: st["state"] for ep, st in fe.backends_status().items()}
+
+    def ask(endpoint: str) -> Any:
+        if states.get(endpoint) == DOWN:
+            return "down"
+        try:
+            return fe.send_signal(endpoint, STATS)
+        except (TimeoutError, TaskItError, ValueError) as e:  # ValueError: it just left
+            return e
+
+    if not endpoints:
+        return []
+    with ThreadPoolExecutor(min(16, len(endpoints)), thread_name_prefix="taskit-top") as ex:
+        return list(zip(endpoints, ex.map(ask, endpoints), strict=True))
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
     targets = _targets(args)
     iterations = 1 if args.once else args.iterations
     clear = sys.stdout.isatty() and not args.no_clear
-    previous: dict[str, tuple[float, int]] = {}
+    top = _Top(args.prefetch)
     done = 0
     # One FrontEnd for the whole session: connections stay up between refreshes,
-    # and a backend seen down is shown down at once until it comes back.
+    # a backend seen down is shown down at once until it comes back, and with
+    # --resolve-every it follows the names (joins and leaves).
     with _frontend(targets, args) as fe:
         try:
             while True:
-                answers = _ask_all(fe, targets, STATS)
-                screen = _render_top(answers, previous, time.monotonic())
+                answers = _top_answers(fe)
+                screen, down = top.render(answers, fe.backends_status(), time.strftime("%H:%M:%S"))
                 if clear:
                     sys.stdout.write("\x1b[H\x1b[2J")
                 print(screen, flush=True)
                 done += 1
                 if iterations and done >= iterations:
-                    return 1 if any(_is_down(a) for _, a in answers) else 0  # as ctl
+                    return 1 if down else 0  # as ctl
                 if not clear:
                     print(flush=True)
                 time.sleep(args.interval)  # display refresh period, not synchronisation
@@ -1027,13 +1186,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "top",
-        help="live view of backends: jobs in flight, done, failed, rate",
+        help="live view of backends: workers, load, credit, service time, rate",
         description=(
-            "Refresh a table of backend statistics until Ctrl-C (or --iterations). With "
-            "--once or --iterations, exit status 1 if a backend was down in the last table."
+            "Refresh a table of backend statistics until Ctrl-C (or --iterations): per "
+            "backend its state, WORKERS (from its handshake), the load it reports (QUEUED, "
+            "RUNNING), CREDIT (calls it holds, every client's / what one client may hold "
+            "there), SERVICE (time one call keeps a worker busy), RATE/S (calls finished), "
+            "DONE, FAILED, UPTIME. A HOST name resolving to several addresses is one row "
+            "each; with --resolve-every, rows that join are marked + and rows that leave -. "
+            "With --once or --iterations, exit status 1 if a backend was down in the last "
+            "table. doc/operations.md explains each column."
         ),
     )
     _add_address(p)
+    p.add_argument(
+        "--resolve-every",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="resolve HOST again every S seconds, to follow a DNS name or Kubernetes "
+        "headless Service as machines join and leave (default: resolve once)",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=_positive_int,
+        default=DEFAULT_PREFETCH,
+        metavar="N",
+        help=f"the clients' prefetch, for CREDIT's limit (default {DEFAULT_PREFETCH}, as theirs)",
+    )
     p.add_argument(
         "--interval", type=_seconds, default=2.0, metavar="S", help="refresh period (default 2)"
     )

@@ -205,15 +205,59 @@ def test_stats_table_shows_down_backends_and_per_task_latency():
     assert cli._task_rows(answers) == [["h:1", "add", 11, 1, "1.50"]]
 
 
-def test_top_computes_the_rate_between_two_refreshes():
-    previous: dict = {}
-    first = cli._render_top([("h:1", {"done": 10, "failed": 0, "in_flight": 1})], previous, 100.0)
-    second = cli._render_top([("h:1", {"done": 40, "failed": 10, "in_flight": 0})], previous, 102.0)
-    row1 = first.splitlines()[-1].split()
-    row2 = second.splitlines()[-1].split()
-    assert row1[5] == "-"  # no rate before a second sample
-    assert row2[5] == "20.0"  # (50 - 10) finished in 2 s
-    assert "1/1 backends up" in second
+def _top_row(screen: str, name: str) -> dict[str, str]:
+    lines = screen.splitlines()
+    header = next(line for line in lines if "BACKEND" in line).split()
+    cells = next(line.split() for line in lines if name in line.split())
+    mark = cells.pop(0) if cells[0] in ("+", "-") else ""
+    return dict(zip(header, cells, strict=True), mark=mark)
+
+
+def _stats(uptime: float, calls: int, mean: float, **kw: object) -> dict:
+    tasks = {"t": {"calls": calls, "failed": 0, "mean_latency": mean}}
+    return {"uptime": uptime, "done": calls, "failed": 0, "in_flight": 0, "tasks": tasks, **kw}
+
+
+def test_top_computes_rate_and_service_time_between_two_refreshes():
+    top = cli._Top(prefetch=8)
+    status = {"tcp://h:1": {"state": "up", "capacity": {"workers": 4}, "queued": 7, "running": 4}}
+    # first screen: since the backend started: 100 calls of 10 ms each, one at a time
+    screen, down = top.render([("tcp://h:1", _stats(10.0, 100, 0.010))], status, "t")
+    row = _top_row(screen, "h:1")
+    assert not down and "1/1 backends up" in screen
+    assert (row["WORKERS"], row["QUEUED"], row["RUNNING"]) == ("4", "7", "4")
+    assert row["SERVICE"] == "10.0ms" and row["RATE/S"] == "-" and row["CREDIT"] == "0/32"
+    # 2 s later, 800 more calls, queued (40 ms each in the backend): the 4 workers were
+    # busy all along, so one call kept one busy 4 x 2 s / 800 = 10 ms, not 40
+    calls, seconds = 900, 100 * 0.010 + 800 * 0.040
+    screen, _ = top.render([("tcp://h:1", _stats(12.0, calls, seconds / calls))], status, "t")
+    row = _top_row(screen, "h:1")
+    assert row["RATE/S"] == "400.0" and row["SERVICE"] == "10.0ms"
+    # quick calls: the credit covers ~2 ms of work per worker (0.1 ms: 20 per worker)
+    calls, seconds = 20900, seconds + 20000 * 0.0001
+    stats = _stats(14.0, calls, seconds / calls, in_flight=9)
+    screen, _ = top.render([("tcp://h:1", stats)], status, "t")
+    row = _top_row(screen, "h:1")
+    assert row["SERVICE"] == "100us" and row["CREDIT"] == "9/80"
+
+
+def test_top_marks_joins_and_leaves_and_starts_again_for_a_restarted_backend():
+    top = cli._Top(prefetch=8)
+    up = {"state": "up", "capacity": {"workers": 2}}
+    a, b = ("tcp://10.0.0.1:5", _stats(5.0, 10, 0.001)), ("tcp://10.0.0.2:5", _stats(5.0, 1, 0.001))
+    screen, _ = top.render([a], {a[0]: up}, "t")
+    assert _top_row(screen, "10.0.0.1:5")["mark"] == ""
+    screen, _ = top.render([a, b], {a[0]: up, b[0]: up}, "t")
+    assert _top_row(screen, "10.0.0.2:5")["mark"] == "+" and "1 joined, 0 left" in screen
+    restarted = ("tcp://10.0.0.2:5", _stats(0.5, 1, 0.002))  # uptime went back: no rate
+    screen, down = top.render([restarted], {b[0]: up}, "t")
+    assert _top_row(screen, "10.0.0.1:5")["STATE"] == "left"
+    assert _top_row(screen, "10.0.0.1:5")["mark"] == "-"
+    assert _top_row(screen, "10.0.0.2:5")["RATE/S"] == "-" and not down
+    assert "1/1 backends up - 1 joined, 1 left" in screen
+    screen, down = top.render([(b[0], TimeoutError())], {b[0]: {"state": "down"}}, "t")
+    assert _top_row(screen, "10.0.0.2:5")["STATE"] == "down" and down
+    assert "10.0.0.1:5" not in screen  # a row that left is shown once
 
 
 def test_module_runs_as_a_script():

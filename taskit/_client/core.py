@@ -50,10 +50,15 @@ once. Calls put back for a re-send (``retries``, ``Busy``) show up again in
 
 Semantics decided here:
 
-- **Routing**: a call goes to the ``up`` backend with the fewest calls in flight
-  from this client; ties go round-robin. Backends that answered ``Busy`` recently
-  are avoided while another is available. No backend up: the call waits up to
-  ``connect_timeout`` for one, then fails with :class:`BackendNotAvailableError`.
+- **Routing** (credit, :mod:`taskit._client.dispatch`): a call goes to the ``up``
+  backend expected to finish it soonest (its workers, the load it reports, the
+  service time measured here), within that backend's credit of this client's
+  calls; past every credit it waits here (``_waiting``), in order, for the first
+  backend to free some. After ``Busy`` a call goes to another backend with room.
+  No backend up: the call waits up to ``connect_timeout`` for one, then fails with
+  :class:`BackendNotAvailableError`. A backend being drained
+  (:meth:`ClientCore.drain_backend`) takes no new call and is forgotten once its
+  calls in flight are over.
 - **Lost calls**: when a backend's connection drops, every call sent on it is
   lost (the backend cannot route a reply to a new connection). With
   ``retries=0`` (the default: **at-most-once**, a call never runs twice) each
