@@ -545,10 +545,15 @@ class ThreadedIO(Connections):
                     _log.debug("future of call %s was already resolved", call.id)
 
     def _monitor_events(self, link: Link) -> None:
+        """Act on every event queued on ``link``'s monitor: read it until empty (so its
+        descriptor signals the next one: see _watch)."""
         while True:
             try:
                 msg = link.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:  # zmq.Again (nothing queued) included, or closed
+            except zmq.Again:
+                self._monitor_read(link)
+                return
+            except zmq.ZMQError:  # closed
                 return
             if self.on_event(link, monitor_event(msg)):
                 return  # replaced: the old monitor socket is closed
@@ -574,24 +579,42 @@ class ThreadedIO(Connections):
         self._core.add_backend(endpoint)
 
     def _watch(self, link: Link) -> None:
+        # The monitor is polled by its file descriptor, not as a ZeroMQ socket: zmq_poll
+        # asks each socket item for ZMQ_EVENTS before and after it waits, a system call
+        # each time on a socket with nothing queued (two per sync call, for events that
+        # come once per connection). The descriptor turns readable when a message
+        # reaches a monitor that was found empty, so it is used once the monitor has
+        # been: now if ZMQ_EVENTS (which looks) finds it empty, else after
+        # _monitor_events has read it (it always reads until empty).
+        monitor = link.monitor
+        fd = link.monitor_fd = monitor.getsockopt(zmq.FD)
         self._by_sock[link.sock] = link
-        self._by_monitor[link.monitor] = link
+        self._by_monitor[fd] = self._by_monitor[monitor] = link
+        item = monitor if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN else fd
         # a new list, so a poll in progress elsewhere never sees it half-built
-        self._poll_items = [
-            (link.sock, zmq.POLLIN),
-            *self._poll_items,
-            (link.monitor, zmq.POLLIN),
-        ]
+        self._poll_items = [(link.sock, zmq.POLLIN), *self._poll_items, (item, zmq.POLLIN)]
 
     def _unwatch(self, link: Link) -> None:
-        self._by_sock.pop(link.sock, None)
-        self._by_monitor.pop(link.monitor, None)
+        sock, monitor, fd = link.sock, link.monitor, link.monitor_fd
+        self._by_sock.pop(sock, None)
+        for key in (fd, monitor):
+            if self._by_monitor.get(key) is link:
+                del self._by_monitor[key]
         self._redial.pop(link.endpoint, None)
         self._poll_items = [
             item
             for item in self._poll_items
-            if item[0] is not link.sock and item[0] is not link.monitor
+            if item[0] is not sock and item[0] is not monitor and item[0] != fd
         ]
+
+    def _monitor_read(self, link: Link) -> None:
+        """``link``'s monitor was read empty: poll it by its descriptor from now on."""
+        monitor = link.monitor
+        if any(item[0] is monitor for item in self._poll_items):
+            fd = link.monitor_fd
+            self._poll_items = [
+                (fd, zmq.POLLIN) if item[0] is monitor else item for item in self._poll_items
+            ]
 
     # -- background thread ---------------------------------------------------------
 
