@@ -46,7 +46,13 @@ from taskit._client.connection import (
     monitor_event,
 )
 from taskit._client.core import ClientCore, PendingCall
-from taskit._wire import FUTURE_PENDING, FUTURE_RUNNING, zmq_poll
+from taskit._wire import (
+    FUTURE_FINISHED,
+    FUTURE_OVER,
+    FUTURE_PENDING,
+    FUTURE_RUNNING,
+    zmq_poll,
+)
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
@@ -103,6 +109,9 @@ class _Answered:
         return True if self.event.is_set() else None
 
 
+_MAKE_LOCK = threading.Lock()  # CallFuture: makes a Condition, or settles without one
+
+
 class CallFuture(Future):
     """The :class:`concurrent.futures.Future` of a submitted call. ``result()`` and
     ``exception()`` let the waiting thread drive the sockets itself when nobody
@@ -110,14 +119,46 @@ class CallFuture(Future):
     ``cancel()`` withdraws the call from its backend when it has not started there."""
 
     def __init__(self, io: ThreadedIO) -> None:
-        super().__init__()
-        # Running from the start (the call goes out at once); cancel() is ours. Set
-        # directly, as set_running_or_notify_cancel() would on a new Future (no lock
-        # needed: no other thread sees this one yet).
+        # Future.__init__ without its threading.Condition (over half the cost of a
+        # submit): made on first use by __getattr__, i.e. only when a thread waits,
+        # adds a callback or looks under the lock. Until then nobody can be waiting,
+        # so _settle resolves the future without it. Running from the start (the call
+        # goes out at once); cancel() is ours.
         self._state = FUTURE_RUNNING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._io = io
         self._call: PendingCall | None = None
         self.ok: bool | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set: the Condition, made once (under _MAKE_LOCK, so
+        # two threads never make two) and then found as a plain attribute.
+        if name != "_condition":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        with _MAKE_LOCK:
+            cond = self.__dict__.get("_condition")
+            if cond is None:
+                cond = self.__dict__["_condition"] = threading.Condition()
+        return cond
+
+    def _settle(self, ok: bool, value: Any) -> bool:
+        """Resolve a future nobody has waited on yet without making its Condition:
+        True when done; False when it has one (resolve it the usual way)."""
+        with _MAKE_LOCK:  # against a thread making the Condition to wait on it now
+            if "_condition" in self.__dict__ or self._state != FUTURE_RUNNING:
+                return False
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+            self._state = FUTURE_FINISHED
+        return True
+
+    def done(self) -> bool:
+        return self._state in FUTURE_OVER  # a plain read: a state once over never changes
 
     def cancel(self) -> bool:
         """Withdraw the call: True when it will never run -- it was not sent yet, or
@@ -171,6 +212,10 @@ class CallFuture(Future):
         """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
         builtin ``TimeoutError`` on every Python) when ``timeout`` passes first: it
         waits at most ``timeout`` seconds in all (driving the sockets included)."""
+        if self._state == FUTURE_FINISHED:  # resolved: no lock needed to read it
+            if self._exception is None:
+                return self._result
+            raise self._exception
         wait = timeout
         if self.ok is None:
             wait = self._drive(timeout)
@@ -183,6 +228,8 @@ class CallFuture(Future):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's exception or ``None``; :class:`WaitTimeoutError` as :meth:`result`."""
+        if self._state == FUTURE_FINISHED:
+            return self._exception
         wait = timeout
         if self.ok is None:
             wait = self._drive(timeout)
@@ -534,6 +581,8 @@ class ThreadedIO(Connections):
                 w.latch.release()
             elif w is not None:
                 w.ok = ok  # CallFuture: lets a driving waiter see it without a lock
+                if type(value) is not CancelledError and w._settle(ok, value):
+                    continue
                 try:
                     if ok:
                         w.set_result(value)
