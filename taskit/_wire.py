@@ -14,8 +14,12 @@ calls as pyzmq allows. The tricks, and why each pays:
 - **Zero copy for big frames.** A frame of :data:`ZERO_COPY` bytes or more is
   sent with ``copy=False`` (libzmq reads the bytes object itself) and received
   as a ``zmq.Frame`` whose buffer is read in place: below that size a copy is
-  cheaper than the bookkeeping, above it a copy of a freshly faulted-in buffer
-  costs more than the bytes.
+  cheaper than the bookkeeping (pyzmq frees a zero-copy frame's bytes through
+  its garbage-collector thread, a wake-up per frame), above it a copy costs
+  more than the bytes, its buffer being over glibc's default mmap threshold
+  (128 KiB: mapped, faulted in and unmapped each time). Measured
+  (doc/comparison.md): an echo of 64-120 KiB costs less CPU copied, 128 KiB and
+  more much less zero-copy.
 - :data:`zmq_poll`: pyzmq's poll function, without the ``zmq.Poller`` object.
 - :data:`FUTURE_RUNNING`: the state name of a running
   :class:`concurrent.futures.Future`, so a future can be created already
@@ -69,7 +73,7 @@ MORE = int(zmq.SNDMORE) | DONTWAIT  # another frame follows; never block
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
-ZERO_COPY = 64 * 1024  # frames at least this long are sent and read without a copy
+ZERO_COPY = 128 * 1024  # frames at least this long are sent and read without a copy
 
 FUTURE_RUNNING = getattr(_futures_base, "RUNNING", "RUNNING")
 FUTURE_PENDING = getattr(_futures_base, "PENDING", "PENDING")
