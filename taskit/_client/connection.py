@@ -229,6 +229,7 @@ class Link:
         "raw",
         "send",
         "monitor",
+        "sock_fd",
         "monitor_fd",
         "up",
         "tasks",
@@ -241,7 +242,8 @@ class Link:
         self.raw = sock if raw is None else raw
         self.send = base_send.__get__(self.raw)
         self.monitor = monitor
-        self.monitor_fd = -1  # the threaded driver's: the descriptor it polls the monitor by
+        self.sock_fd = -1  # the threaded driver's: the descriptors (ZMQ_FD) it waits on
+        self.monitor_fd = -1
         self.up = False  # this socket's connection came up (handshake done)
         self.tasks: list[Any] = []  # the asyncio driver's reader tasks
         self.redial: Any = None  # the asyncio driver's delayed connect

@@ -12,7 +12,9 @@ machine; ``bench/rpc.py`` measures the result). A thread that finds the lock
 taken queues its call and wakes the leader through a pipe. A leader that leaves
 calls of other threads behind wakes the background thread, which drives them
 until none remain; while idle, that thread takes a non-blocking look at the
-socket monitors, timers and replies every ``_IDLE_CHECK`` seconds. User threads
+socket monitors, timers and replies every ``_IDLE_CHECK`` seconds. The leader
+waits on every socket's ZMQ_FD descriptor (and the wake pipe) with one ``poll``
+system call, each socket looked at with ZMQ_EVENTS just before (see ``_drive``). User threads
 come first: a thread waiting on a submitted call's Future makes the background
 thread step down and drives itself (reading replies in batches rather than
 waiting for a hand-off per reply), and the background thread stays away while
@@ -29,6 +31,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,11 +50,13 @@ from taskit._client.connection import (
 )
 from taskit._client.core import ClientCore, PendingCall
 from taskit._wire import (
+    EVENTS,
     FUTURE_FINISHED,
     FUTURE_OVER,
     FUTURE_PENDING,
     FUTURE_RUNNING,
-    zmq_poll,
+    POLLIN,
+    base_get,
 )
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 
@@ -274,12 +279,16 @@ class ThreadedIO(Connections):
         super().__init__(core, settings, note)
         self._ctx = zmq.Context()
         self._by_sock: dict[Any, Link] = {}  # DEALER -> link
-        self._by_monitor: dict[Any, Link] = {}  # monitor PAIR -> link
+        self._by_fd: dict[int, Link] = {}  # a DEALER's ZMQ_FD -> link
+        self._by_monitor: dict[int, Link] = {}  # a monitor's ZMQ_FD -> link
+        self._unread: set[Link] = set()  # links whose monitor had events when watched
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        # zmq_poll items: (socket or fd, POLLIN); built by the leader only
-        self._poll_items: list[tuple[Any, int]] = [(self._wake_r, zmq.POLLIN)]
+        # Every socket is waited on by its ZMQ_FD, a plain descriptor, with one poll
+        # system call (see _drive); used by the leader only.
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         self._wake_armed = False  # a wake byte is in the pipe, not yet drained
         self._fds_closed = False
         self._inbox: collections.deque[PendingCall | _Op] = collections.deque()
@@ -539,23 +548,38 @@ class ThreadedIO(Connections):
                 ms = _LONGEST_POLL
             else:
                 ms = min(_LONGEST_POLL, max(0, int((wake_at - time.monotonic()) * 1000) + 1))
-            self._handle(zmq_poll(self._poll_items, ms), until)
+            # A socket's ZMQ_FD turns readable when something reaches a socket that was
+            # found empty, so each is looked at (ZMQ_EVENTS) before the wait: what is
+            # queued is read now; else the descriptor will signal what comes next. Then
+            # one poll system call, where zmq_poll makes one with a zero timeout first
+            # and asks every socket for ZMQ_EVENTS again after the wait.
+            ready = False
+            for link in self._by_fd.values():
+                if base_get(link.raw, EVENTS) & POLLIN:
+                    ready = True
+                    self.receive(link, until)
+            if self._unread:
+                ready = True
+                for link in list(self._unread):
+                    self._monitor_events(link)
+            if not ready:
+                self._handle(self._poller.poll(ms), until)
 
     def _handle(self, events: list, until: Any) -> None:
         """Serve what one poll found readable."""
-        by_sock = self._by_sock
-        for sock, _ in events:
-            link = by_sock.get(sock)
+        by_fd = self._by_fd
+        for fd, _ in events:
+            link = by_fd.get(fd)
             if link is not None:
                 self.receive(link, until)
-            elif sock == self._wake_r:
+            elif fd == self._wake_r:
                 self._wake_armed = False  # before draining: a later wake writes again
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
             else:
-                mlink = self._by_monitor.get(sock)
+                mlink = self._by_monitor.get(fd)
                 if mlink is not None:  # None: replaced earlier in this loop turn
                     self._monitor_events(mlink)
 
@@ -600,7 +624,7 @@ class ThreadedIO(Connections):
             try:
                 msg = link.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                self._monitor_read(link)
+                self._unread.discard(link)
                 return
             except zmq.ZMQError:  # closed
                 return
@@ -628,42 +652,30 @@ class ThreadedIO(Connections):
         self._core.add_backend(endpoint)
 
     def _watch(self, link: Link) -> None:
-        # The monitor is polled by its file descriptor, not as a ZeroMQ socket: zmq_poll
-        # asks each socket item for ZMQ_EVENTS before and after it waits, a system call
-        # each time on a socket with nothing queued (two per sync call, for events that
-        # come once per connection). The descriptor turns readable when a message
-        # reaches a monitor that was found empty, so it is used once the monitor has
-        # been: now if ZMQ_EVENTS (which looks) finds it empty, else after
-        # _monitor_events has read it (it always reads until empty).
-        monitor = link.monitor
-        fd = link.monitor_fd = monitor.getsockopt(zmq.FD)
-        self._by_sock[link.sock] = link
-        self._by_monitor[fd] = self._by_monitor[monitor] = link
-        item = monitor if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN else fd
-        # a new list, so a poll in progress elsewhere never sees it half-built
-        self._poll_items = [(link.sock, zmq.POLLIN), *self._poll_items, (item, zmq.POLLIN)]
+        # Waited on by their ZMQ_FD descriptors (see _drive). A monitor's turns
+        # readable when a message reaches it after it was read empty, which
+        # _monitor_events always does; one found not empty now (ZMQ_EVENTS looks and,
+        # when it is empty, makes its descriptor signal the next message) is read
+        # before the next wait.
+        sock, monitor = link.sock, link.monitor
+        fd = link.sock_fd = sock.getsockopt(zmq.FD)
+        mfd = link.monitor_fd = monitor.getsockopt(zmq.FD)
+        self._by_sock[sock] = link
+        self._by_fd[fd] = link
+        self._by_monitor[mfd] = link
+        if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._unread.add(link)
+        self._poller.register(fd, select.POLLIN)
+        self._poller.register(mfd, select.POLLIN)
 
     def _unwatch(self, link: Link) -> None:
-        sock, monitor, fd = link.sock, link.monitor, link.monitor_fd
-        self._by_sock.pop(sock, None)
-        for key in (fd, monitor):
-            if self._by_monitor.get(key) is link:
-                del self._by_monitor[key]
+        self._by_sock.pop(link.sock, None)
+        self._unread.discard(link)
+        for table, fd in ((self._by_fd, link.sock_fd), (self._by_monitor, link.monitor_fd)):
+            if table.get(fd) is link:
+                del table[fd]
+                self._poller.unregister(fd)
         self._redial.pop(link.endpoint, None)
-        self._poll_items = [
-            item
-            for item in self._poll_items
-            if item[0] is not sock and item[0] is not monitor and item[0] != fd
-        ]
-
-    def _monitor_read(self, link: Link) -> None:
-        """``link``'s monitor was read empty: poll it by its descriptor from now on."""
-        monitor = link.monitor
-        if any(item[0] is monitor for item in self._poll_items):
-            fd = link.monitor_fd
-            self._poll_items = [
-                (fd, zmq.POLLIN) if item[0] is monitor else item for item in self._poll_items
-            ]
 
     # -- background thread ---------------------------------------------------------
 
@@ -725,6 +737,7 @@ class ThreadedIO(Connections):
         self.withdraw_all()
         self.resolve(self._core.fail_all(self._closed_error()))
         self._by_sock.clear()
+        self._by_fd.clear()
         self._by_monitor.clear()
         # destroy, not term: a socket left open by any path would block term() for ever
         self._ctx.destroy(linger=0)
