@@ -217,31 +217,34 @@ class CallFuture(Future):
         """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
         builtin ``TimeoutError`` on every Python) when ``timeout`` passes first: it
         waits at most ``timeout`` seconds in all (driving the sockets included)."""
-        if self._state == FUTURE_FINISHED:  # resolved: no lock needed to read it
-            if self._exception is None:
-                return self._result
-            raise self._exception
-        wait = timeout
-        if self.ok is None:
-            wait = self._drive(timeout)
-        try:
-            return super().result(wait)
-        except _FuturesTimeout as e:
-            if self._raised(e):
-                raise
-            raise self._wait_timeout(timeout) from None
+        if self._state != FUTURE_FINISHED:
+            wait = timeout
+            if self.ok is None:
+                wait = self._drive(timeout)
+            if self._state != FUTURE_FINISHED:  # still out, or cancelled
+                try:
+                    return super().result(wait)
+                except _FuturesTimeout as e:
+                    if self._raised(e):
+                        raise
+                    raise self._wait_timeout(timeout) from None
+        # finished (a state that never changes again): no lock needed to read it
+        if self._exception is None:
+            return self._result
+        raise self._exception
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's exception or ``None``; :class:`WaitTimeoutError` as :meth:`result`."""
-        if self._state == FUTURE_FINISHED:
-            return self._exception
-        wait = timeout
-        if self.ok is None:
-            wait = self._drive(timeout)
-        try:
-            return super().exception(wait)
-        except _FuturesTimeout:
-            raise self._wait_timeout(timeout) from None
+        if self._state != FUTURE_FINISHED:
+            wait = timeout
+            if self.ok is None:
+                wait = self._drive(timeout)
+            if self._state != FUTURE_FINISHED:
+                try:
+                    return super().exception(wait)
+                except _FuturesTimeout:
+                    raise self._wait_timeout(timeout) from None
+        return self._exception
 
     def _raised(self, e: BaseException) -> bool:
         """Whether ``e`` is the call's own exception (e.g. its CallTimeoutError)."""
