@@ -566,7 +566,11 @@ def test_threads_waiting_on_one_future_all_wake(backends, frontends):
     for _ in range(20):
         fut = fe.submit("nap", 0.02, "v")
         got: list = []
-        threads = [threading.Thread(target=lambda: got.append(fut.result(10))) for _ in range(4)]
+
+        def wait_for(fut=fut, got=got):
+            got.append(fut.result(10))
+
+        threads = [threading.Thread(target=wait_for) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
