@@ -557,8 +557,9 @@ class ThreadedIO(Connections):
             # one poll system call, where zmq_poll makes one with a zero timeout first
             # and asks every socket for ZMQ_EVENTS again after the wait.
             ready = False
-            for link in self._by_fd.values():
-                if base_get(link.raw, EVENTS) & POLLIN:
+            by_fd = self._by_fd
+            for link in tuple(by_fd.values()):  # a receive may retire a backend
+                if by_fd.get(link.sock_fd) is link and base_get(link.raw, EVENTS) & POLLIN:
                     ready = True
                     self.receive(link, until)
             if self._unread:
