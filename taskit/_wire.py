@@ -14,12 +14,19 @@ calls as pyzmq allows. The tricks, and why each pays:
 - **Zero copy for big frames.** A frame of :data:`ZERO_COPY` bytes or more is
   sent with ``copy=False`` (libzmq reads the bytes object itself) and received
   as a ``zmq.Frame`` whose buffer is read in place: below that size a copy is
-  cheaper than the bookkeeping, above it a copy of a freshly faulted-in buffer
-  costs more than the bytes.
+  cheaper than the bookkeeping (pyzmq frees a zero-copy frame's bytes through
+  its garbage-collector thread, a wake-up per frame), above it a copy costs
+  more than the bytes, its buffer being over glibc's default mmap threshold
+  (128 KiB: mapped, faulted in and unmapped each time). Measured
+  (doc/comparison.md): an echo of 64-120 KiB costs less CPU copied, 128 KiB and
+  more much less zero-copy.
 - :data:`zmq_poll`: pyzmq's poll function, without the ``zmq.Poller`` object.
 - :data:`FUTURE_RUNNING`: the state name of a running
   :class:`concurrent.futures.Future`, so a future can be created already
-  running without taking its condition lock (``set_running_or_notify_cancel``).
+  running without taking its condition lock (``set_running_or_notify_cancel``);
+  :data:`FUTURE_FIELDS`, the attributes ``Future.__init__`` sets, so a future can
+  be created without its ``threading.Condition`` (most of a submit's cost) and
+  make it only when a thread waits on it.
 
 These rely on pyzmq's and CPython's internals (``zmq.backend.Socket``,
 ``concurrent.futures._base``); ``tests/test_wire.py`` fails loudly if a new
@@ -49,6 +56,9 @@ __all__ = [
     "send_frames",
     "FUTURE_RUNNING",
     "FUTURE_PENDING",
+    "FUTURE_FINISHED",
+    "FUTURE_OVER",
+    "FUTURE_FIELDS",
 ]
 
 # Typed loosely: pyzmq's stubs overload them on literal flags, which int flags miss.
@@ -63,10 +73,22 @@ MORE = int(zmq.SNDMORE) | DONTWAIT  # another frame follows; never block
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
-ZERO_COPY = 64 * 1024  # frames at least this long are sent and read without a copy
+ZERO_COPY = 128 * 1024  # frames at least this long are sent and read without a copy
 
 FUTURE_RUNNING = getattr(_futures_base, "RUNNING", "RUNNING")
 FUTURE_PENDING = getattr(_futures_base, "PENDING", "PENDING")
+FUTURE_FINISHED = getattr(_futures_base, "FINISHED", "FINISHED")
+# the states Future.done() answers True for
+FUTURE_OVER = frozenset(
+    (
+        FUTURE_FINISHED,
+        getattr(_futures_base, "CANCELLED", "CANCELLED"),
+        getattr(_futures_base, "CANCELLED_AND_NOTIFIED", "CANCELLED_AND_NOTIFIED"),
+    )
+)
+# What Future.__init__ sets: a subclass that skips it (to make its Condition only
+# when a thread waits on it) sets these itself; tests/test_wire.py checks the list.
+FUTURE_FIELDS = ("_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks")
 
 
 def send_frames(send: Callable[..., Any], frames: list[bytes]) -> None:

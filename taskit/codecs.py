@@ -109,7 +109,12 @@ _json_encode = json.JSONEncoder(separators=(",", ":"), default=_json_refuse, all
 _json_decode = json.JSONDecoder(parse_constant=_json_constant).decode
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+def _msgpack_packer() -> Any:
+    return msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+# A body this long or longer is packed by a Packer used once (see MsgpackCodec.encode).
+_PACKER_KEEP = 64 * 1024
 
 
 class MsgpackCodec:
@@ -121,11 +126,23 @@ class MsgpackCodec:
 
     name = "msgpack"
     wire_id = 2
+    # One Packer is reused for every small body: a new one per call (as
+    # msgpack.packb makes) costs three times as much. Its buffer grows to the
+    # largest body it packed and is never given back, so after a body of
+    # _PACKER_KEEP bytes or more it is dropped and replaced: a big buffer kept for
+    # ever stops glibc's malloc from raising its mmap and trim thresholds (they rise
+    # when a big mmapped block is freed), and then every big call's allocations are
+    # trimmed from the heap and faulted in again (~470 page faults per 1 MiB call;
+    # doc/comparison.md). Shared by threads: pack() runs under the GIL throughout.
+    _packer: Any = _msgpack_packer()
 
     @staticmethod
     def encode(obj: Any) -> bytes:
         try:
-            return _packb(obj)
+            body: bytes = MsgpackCodec._packer.pack(obj)
+            if len(body) >= _PACKER_KEEP:
+                MsgpackCodec._packer = _msgpack_packer()
+            return body
         except OverflowError as e:
             raise EncodeError(
                 "msgpack cannot carry integers beyond 64 bits (got a value of type 'int' "

@@ -172,3 +172,21 @@ def test_malformed_call_bodies_are_protocol_errors(body, words):
 def test_empty_keys_are_refused():
     with pytest.raises(ValueError):
         Signer(b"")
+
+
+def test_msgpack_packer_reused_for_small_bodies_and_let_go_after_a_big_one():
+    # A Packer's buffer grows to the largest body it packed and is never shrunk: kept
+    # after a big body, it stops glibc from raising its malloc thresholds and every
+    # big call faults its heap in again (doc/comparison.md). Small bodies share one.
+    from taskit.codecs import _PACKER_KEEP
+
+    MsgpackCodec.encode(["add", [1, 2], {}])
+    packer = MsgpackCodec._packer
+    assert MsgpackCodec.decode(MsgpackCodec.encode(["add", [1, 2], {}])) == ["add", [1, 2], {}]
+    assert MsgpackCodec._packer is packer
+    big = b"x" * _PACKER_KEEP
+    assert MsgpackCodec.decode(MsgpackCodec.encode(["echo", [big], {}])) == ["echo", [big], {}]
+    assert MsgpackCodec._packer is not packer
+    fresh = MsgpackCodec._packer
+    assert MsgpackCodec.encode(7) == b"\x07"
+    assert MsgpackCodec._packer is fresh

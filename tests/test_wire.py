@@ -71,3 +71,16 @@ def test_a_running_future_can_be_cancelled_by_way_of_its_pending_state_name():
     assert f.cancel() and f.cancelled()
     with pytest.raises(concurrent.futures.CancelledError):
         f.result(0)
+
+
+def test_future_fields_are_what_future_init_sets():
+    # CallFuture skips Future.__init__ (its Condition is made on first use) and sets
+    # the other fields itself: a Python that adds a field must fail here
+    assert set(vars(concurrent.futures.Future())) == set(_wire.FUTURE_FIELDS)
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    assert f._state not in _wire.FUTURE_OVER
+    f.set_result(1)
+    assert f._state == _wire.FUTURE_FINISHED and f._state in _wire.FUTURE_OVER
+    g: concurrent.futures.Future = concurrent.futures.Future()
+    g.cancel()
+    assert g._state in _wire.FUTURE_OVER

@@ -223,7 +223,18 @@ class Link:
     of :class:`Connections`, and ``send`` its unwrapped send (see taskit._wire).
     """
 
-    __slots__ = ("endpoint", "sock", "raw", "send", "monitor", "up", "tasks", "redial")
+    __slots__ = (
+        "endpoint",
+        "sock",
+        "raw",
+        "send",
+        "monitor",
+        "sock_fd",
+        "monitor_fd",
+        "up",
+        "tasks",
+        "redial",
+    )
 
     def __init__(self, endpoint: str, sock: Any, monitor: Any, raw: zmq.Socket | None = None):
         self.endpoint = endpoint
@@ -231,6 +242,8 @@ class Link:
         self.raw = sock if raw is None else raw
         self.send = base_send.__get__(self.raw)
         self.monitor = monitor
+        self.sock_fd = -1  # the threaded driver's: the descriptors (ZMQ_FD) it waits on
+        self.monitor_fd = -1
         self.up = False  # this socket's connection came up (handshake done)
         self.tasks: list[Any] = []  # the asyncio driver's reader tasks
         self.redial: Any = None  # the asyncio driver's delayed connect

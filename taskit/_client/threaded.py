@@ -12,7 +12,9 @@ machine; ``bench/rpc.py`` measures the result). A thread that finds the lock
 taken queues its call and wakes the leader through a pipe. A leader that leaves
 calls of other threads behind wakes the background thread, which drives them
 until none remain; while idle, that thread takes a non-blocking look at the
-socket monitors, timers and replies every ``_IDLE_CHECK`` seconds. User threads
+socket monitors, timers and replies every ``_IDLE_CHECK`` seconds. The leader
+waits on every socket's ZMQ_FD descriptor (and the wake pipe) with one ``poll``
+system call, each socket looked at with ZMQ_EVENTS just before (see ``_drive``). User threads
 come first: a thread waiting on a submitted call's Future makes the background
 thread step down and drives itself (reading replies in batches rather than
 waiting for a hand-off per reply), and the background thread stays away while
@@ -29,6 +31,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +49,15 @@ from taskit._client.connection import (
     monitor_event,
 )
 from taskit._client.core import ClientCore, PendingCall
-from taskit._wire import FUTURE_PENDING, FUTURE_RUNNING, zmq_poll
+from taskit._wire import (
+    EVENTS,
+    FUTURE_FINISHED,
+    FUTURE_OVER,
+    FUTURE_PENDING,
+    FUTURE_RUNNING,
+    POLLIN,
+    base_get,
+)
 from taskit.errors import CallTimeoutError, FrontEndClosedError, WaitTimeoutError
 
 __all__ = ["ThreadedIO", "Waiter", "CallFuture"]
@@ -103,6 +114,9 @@ class _Answered:
         return True if self.event.is_set() else None
 
 
+_MAKE_LOCK = threading.Lock()  # CallFuture: makes a Condition, or settles without one
+
+
 class CallFuture(Future):
     """The :class:`concurrent.futures.Future` of a submitted call. ``result()`` and
     ``exception()`` let the waiting thread drive the sockets itself when nobody
@@ -110,14 +124,46 @@ class CallFuture(Future):
     ``cancel()`` withdraws the call from its backend when it has not started there."""
 
     def __init__(self, io: ThreadedIO) -> None:
-        super().__init__()
-        # Running from the start (the call goes out at once); cancel() is ours. Set
-        # directly, as set_running_or_notify_cancel() would on a new Future (no lock
-        # needed: no other thread sees this one yet).
+        # Future.__init__ without its threading.Condition (over half the cost of a
+        # submit): made on first use by __getattr__, i.e. only when a thread waits,
+        # adds a callback or looks under the lock. Until then nobody can be waiting,
+        # so _settle resolves the future without it. Running from the start (the call
+        # goes out at once); cancel() is ours.
         self._state = FUTURE_RUNNING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._io = io
         self._call: PendingCall | None = None
         self.ok: bool | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set: the Condition, made once (under _MAKE_LOCK, so
+        # two threads never make two) and then found as a plain attribute.
+        if name != "_condition":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        with _MAKE_LOCK:
+            cond = self.__dict__.get("_condition")
+            if cond is None:
+                cond = self.__dict__["_condition"] = threading.Condition()
+        return cond
+
+    def _settle(self, ok: bool, value: Any) -> bool:
+        """Resolve a future nobody has waited on yet without making its Condition:
+        True when done; False when it has one (resolve it the usual way)."""
+        with _MAKE_LOCK:  # against a thread making the Condition to wait on it now
+            if "_condition" in self.__dict__ or self._state != FUTURE_RUNNING:
+                return False
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+            self._state = FUTURE_FINISHED
+        return True
+
+    def done(self) -> bool:
+        return self._state in FUTURE_OVER  # a plain read: a state once over never changes
 
     def cancel(self) -> bool:
         """Withdraw the call: True when it will never run -- it was not sent yet, or
@@ -171,25 +217,34 @@ class CallFuture(Future):
         """The call's value, or its exception raised; :class:`WaitTimeoutError` (a
         builtin ``TimeoutError`` on every Python) when ``timeout`` passes first: it
         waits at most ``timeout`` seconds in all (driving the sockets included)."""
-        wait = timeout
-        if self.ok is None:
-            wait = self._drive(timeout)
-        try:
-            return super().result(wait)
-        except _FuturesTimeout as e:
-            if self._raised(e):
-                raise
-            raise self._wait_timeout(timeout) from None
+        if self._state != FUTURE_FINISHED:
+            wait = timeout
+            if self.ok is None:
+                wait = self._drive(timeout)
+            if self._state != FUTURE_FINISHED:  # still out, or cancelled
+                try:
+                    return super().result(wait)
+                except _FuturesTimeout as e:
+                    if self._raised(e):
+                        raise
+                    raise self._wait_timeout(timeout) from None
+        # finished (a state that never changes again): no lock needed to read it
+        if self._exception is None:
+            return self._result
+        raise self._exception
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's exception or ``None``; :class:`WaitTimeoutError` as :meth:`result`."""
-        wait = timeout
-        if self.ok is None:
-            wait = self._drive(timeout)
-        try:
-            return super().exception(wait)
-        except _FuturesTimeout:
-            raise self._wait_timeout(timeout) from None
+        if self._state != FUTURE_FINISHED:
+            wait = timeout
+            if self.ok is None:
+                wait = self._drive(timeout)
+            if self._state != FUTURE_FINISHED:
+                try:
+                    return super().exception(wait)
+                except _FuturesTimeout:
+                    raise self._wait_timeout(timeout) from None
+        return self._exception
 
     def _raised(self, e: BaseException) -> bool:
         """Whether ``e`` is the call's own exception (e.g. its CallTimeoutError)."""
@@ -227,12 +282,16 @@ class ThreadedIO(Connections):
         super().__init__(core, settings, note)
         self._ctx = zmq.Context()
         self._by_sock: dict[Any, Link] = {}  # DEALER -> link
-        self._by_monitor: dict[Any, Link] = {}  # monitor PAIR -> link
+        self._by_fd: dict[int, Link] = {}  # a DEALER's ZMQ_FD -> link
+        self._by_monitor: dict[int, Link] = {}  # a monitor's ZMQ_FD -> link
+        self._unread: set[Link] = set()  # links whose monitor had events when watched
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        # zmq_poll items: (socket or fd, POLLIN); built by the leader only
-        self._poll_items: list[tuple[Any, int]] = [(self._wake_r, zmq.POLLIN)]
+        # Every socket is waited on by its ZMQ_FD, a plain descriptor, with one poll
+        # system call (see _drive); used by the leader only.
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         self._wake_armed = False  # a wake byte is in the pipe, not yet drained
         self._fds_closed = False
         self._inbox: collections.deque[PendingCall | _Op] = collections.deque()
@@ -492,23 +551,39 @@ class ThreadedIO(Connections):
                 ms = _LONGEST_POLL
             else:
                 ms = min(_LONGEST_POLL, max(0, int((wake_at - time.monotonic()) * 1000) + 1))
-            self._handle(zmq_poll(self._poll_items, ms), until)
+            # A socket's ZMQ_FD turns readable when something reaches a socket that was
+            # found empty, so each is looked at (ZMQ_EVENTS) before the wait: what is
+            # queued is read now; else the descriptor will signal what comes next. Then
+            # one poll system call, where zmq_poll makes one with a zero timeout first
+            # and asks every socket for ZMQ_EVENTS again after the wait.
+            ready = False
+            by_fd = self._by_fd
+            for link in tuple(by_fd.values()):  # a receive may retire a backend
+                if by_fd.get(link.sock_fd) is link and base_get(link.raw, EVENTS) & POLLIN:
+                    ready = True
+                    self.receive(link, until)
+            if self._unread:
+                ready = True
+                for link in list(self._unread):
+                    self._monitor_events(link)
+            if not ready:
+                self._handle(self._poller.poll(ms), until)
 
     def _handle(self, events: list, until: Any) -> None:
         """Serve what one poll found readable."""
-        by_sock = self._by_sock
-        for sock, _ in events:
-            link = by_sock.get(sock)
+        by_fd = self._by_fd
+        for fd, _ in events:
+            link = by_fd.get(fd)
             if link is not None:
                 self.receive(link, until)
-            elif sock == self._wake_r:
+            elif fd == self._wake_r:
                 self._wake_armed = False  # before draining: a later wake writes again
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
             else:
-                mlink = self._by_monitor.get(sock)
+                mlink = self._by_monitor.get(fd)
                 if mlink is not None:  # None: replaced earlier in this loop turn
                     self._monitor_events(mlink)
 
@@ -534,6 +609,8 @@ class ThreadedIO(Connections):
                 w.latch.release()
             elif w is not None:
                 w.ok = ok  # CallFuture: lets a driving waiter see it without a lock
+                if type(value) is not CancelledError and w._settle(ok, value):
+                    continue
                 try:
                     if ok:
                         w.set_result(value)
@@ -545,10 +622,15 @@ class ThreadedIO(Connections):
                     _log.debug("future of call %s was already resolved", call.id)
 
     def _monitor_events(self, link: Link) -> None:
+        """Act on every event queued on ``link``'s monitor: read it until empty (so its
+        descriptor signals the next one: see _watch)."""
         while True:
             try:
                 msg = link.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:  # zmq.Again (nothing queued) included, or closed
+            except zmq.Again:
+                self._unread.discard(link)
+                return
+            except zmq.ZMQError:  # closed
                 return
             if self.on_event(link, monitor_event(msg)):
                 return  # replaced: the old monitor socket is closed
@@ -574,24 +656,30 @@ class ThreadedIO(Connections):
         self._core.add_backend(endpoint)
 
     def _watch(self, link: Link) -> None:
-        self._by_sock[link.sock] = link
-        self._by_monitor[link.monitor] = link
-        # a new list, so a poll in progress elsewhere never sees it half-built
-        self._poll_items = [
-            (link.sock, zmq.POLLIN),
-            *self._poll_items,
-            (link.monitor, zmq.POLLIN),
-        ]
+        # Waited on by their ZMQ_FD descriptors (see _drive). A monitor's turns
+        # readable when a message reaches it after it was read empty, which
+        # _monitor_events always does; one found not empty now (ZMQ_EVENTS looks and,
+        # when it is empty, makes its descriptor signal the next message) is read
+        # before the next wait.
+        sock, monitor = link.sock, link.monitor
+        fd = link.sock_fd = sock.getsockopt(zmq.FD)
+        mfd = link.monitor_fd = monitor.getsockopt(zmq.FD)
+        self._by_sock[sock] = link
+        self._by_fd[fd] = link
+        self._by_monitor[mfd] = link
+        if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._unread.add(link)
+        self._poller.register(fd, select.POLLIN)
+        self._poller.register(mfd, select.POLLIN)
 
     def _unwatch(self, link: Link) -> None:
         self._by_sock.pop(link.sock, None)
-        self._by_monitor.pop(link.monitor, None)
+        self._unread.discard(link)
+        for table, fd in ((self._by_fd, link.sock_fd), (self._by_monitor, link.monitor_fd)):
+            if table.get(fd) is link:
+                del table[fd]
+                self._poller.unregister(fd)
         self._redial.pop(link.endpoint, None)
-        self._poll_items = [
-            item
-            for item in self._poll_items
-            if item[0] is not link.sock and item[0] is not link.monitor
-        ]
 
     # -- background thread ---------------------------------------------------------
 
@@ -653,6 +741,7 @@ class ThreadedIO(Connections):
         self.withdraw_all()
         self.resolve(self._core.fail_all(self._closed_error()))
         self._by_sock.clear()
+        self._by_fd.clear()
         self._by_monitor.clear()
         # destroy, not term: a socket left open by any path would block term() for ever
         self._ctx.destroy(linger=0)

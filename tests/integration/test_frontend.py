@@ -512,3 +512,53 @@ def test_large_payloads_round_trip(backends, frontends):
     assert [f.result(30) for f in futures] == [payload[i:] for i in range(0, 400_000, 100_000)]
     fe_json = frontends([be.endpoint])  # a JSON body above the zero-copy size
     assert fe_json.work("echo", "x" * 200_000) == "x" * 200_000
+
+
+def test_submitted_futures_behave_as_futures_with_or_without_a_waiter(backends, frontends):
+    # A CallFuture makes its Condition only when a thread waits on it, adds a
+    # callback or looks under its lock; resolved before that, it is settled without
+    # one. Either way it must behave as any Future: wait(), callbacks, exceptions.
+    from taskit._client.threaded import CallFuture
+    from taskit._wire import FUTURE_FIELDS
+
+    be = backends()
+    fe = frontends([be.endpoint])
+    futs = [fe.submit("add", i, 1) for i in range(200)]
+    assert isinstance(futs[0], CallFuture)
+    assert set(FUTURE_FIELDS) - {"_condition"} <= set(vars(futs[0]))
+    done, not_done = wait(futs, timeout=10)  # made the Conditions of those still out
+    assert not not_done and [f.result(0) for f in futs] == [i + 1 for i in range(200)]
+    late = fe.submit("fail", "no")
+    assert isinstance(late.exception(10), BackendProcessingError)
+    with pytest.raises(BackendProcessingError):
+        late.result(0)
+    # settled without a Condition (nobody waited): done, result, callbacks still work
+    settled = fe.submit("add", 2, 2)
+    assert fe.work("nap", 0.05, 1) == 1  # this call's drive resolves it too
+    deadline = time.monotonic() + 10
+    while not settled.done() and time.monotonic() < deadline:
+        fe.work("add", 0, 0)
+    assert settled.done() and "_condition" not in vars(settled)
+    seen: list = []
+    settled.add_done_callback(seen.append)
+    assert seen == [settled] and settled.result() == 4 and settled.exception() is None
+    assert not settled.cancel() and not settled.cancelled()
+
+
+def test_threads_waiting_on_one_future_all_wake(backends, frontends):
+    # several threads make (or share) the Condition while the reply is on its way
+    be = backends()
+    fe = frontends([be.endpoint])
+    for _ in range(20):
+        fut = fe.submit("nap", 0.02, "v")
+        got: list = []
+
+        def wait_for(fut=fut, got=got):
+            got.append(fut.result(10))
+
+        threads = [threading.Thread(target=wait_for) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert got == ["v"] * 4
