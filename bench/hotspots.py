@@ -110,16 +110,15 @@ def _serve_staged() -> None:
     """A BackEnd(codecs=[MsgpackCodec]) serving echo, its stages timed; a report
     query answers what they cost since the previous one (JSON)."""
     time_codec()
-    from taskit import protocol
     from taskit._server import handler, loop
     from taskit.backend import BackEnd
     from taskit.codecs import MsgpackCodec
 
     cls = handler.RequestHandler
     cls.handle = timed("handle (parse + decode)", cls.handle)  # type: ignore[method-assign]
-    protocol.encode_result = timed("encode_result", protocol.encode_result)
+    cls.result_item = timed("result_item (encode)", cls.result_item)  # type: ignore[method-assign]
     sl = loop.ServerLoop
-    sl._send_locked = timed("_send_locked (4 sends)", sl._send_locked)  # type: ignore[method-assign]
+    sl._send_locked = timed("_send_locked (pack, 2 sends)", sl._send_locked)  # type: ignore[method-assign]
     sl._run_inline = timed("_run_inline (task, encode, send)", sl._run_inline)  # type: ignore[method-assign]
     backend = BackEnd(rpc.FUNCS, host=rpc.HOST, port=0, codecs=[MsgpackCodec])
     backend.start()
@@ -146,8 +145,8 @@ def echo1m(n: int, warm: bool) -> None:
     from taskit.frontend import FrontEnd
 
     conn = connection.Connections
-    conn.flush = timed("flush (frames, 3 sends)", conn.flush)  # type: ignore[method-assign]
-    conn.receive = timed("receive (3 recvs, on_message)", conn.receive)  # type: ignore[method-assign]
+    conn.flush = timed("flush (pack, 1 send)", conn.flush)  # type: ignore[method-assign]
+    conn.receive = timed("receive (1 recv, on_message)", conn.receive)  # type: ignore[method-assign]
     core.ClientCore.on_message = timed("on_message (decode)", core.ClientCore.on_message)  # type: ignore[method-assign]
     server = ChildServer(__file__, "staged")
     try:
