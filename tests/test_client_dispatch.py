@@ -57,7 +57,10 @@ def test_other_clients_load_counts_against_a_backend():
     d = Dispatcher(prefetch=4)
     d.up("a", 2)
     d.up("b", 2)
-    d.reported(d.slots["a"], 10)  # ten calls of other clients queued on a
+    a = d.slots["a"]
+    d.sent(a)
+    d.answered(a, None, 0, reported=11)  # its reply: 11 there, ours one of them
+    assert a.others == 10
     assert d.pick().key == "b"
 
 

@@ -158,6 +158,7 @@ from taskit.protocol import (
     budget_ms,
     decode_error,
     hello_body,
+    is_v1,
     new_nonce,
     pack_items,
     pack_one,
@@ -784,12 +785,6 @@ class ClientCore:
             )
         return done
 
-    def choose(self) -> BackendState | None:
-        """The backend the next call would go to now (see taskit._client.dispatch), or
-        None: no backend is up, or the call would wait for credit."""
-        slot = self.dispatch.pick(len(self._waiting))
-        return None if slot is None else self.backends.get(slot.key)
-
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """``{endpoint: {state, for, in_flight, sent, answered, ...}}`` for every backend."""
         now = self.clock()
@@ -1129,7 +1124,7 @@ class ClientCore:
         protocol version 1 (``'TKIT\\x01'`` first) rules the backend out with
         :class:`ProtocolVersionError`; anything else is dropped and counted."""
         b = self.backends.get(endpoint)
-        if b is not None and frames and bytes(frames[0]) == V1_MAGIC:
+        if b is not None and is_v1(frames):
             return self._other_version(b, "version 1")
         self.stats["bad_replies"] += 1
         return []
@@ -1182,8 +1177,7 @@ class ClientCore:
             b.busy_streak = 0
             if self.observe is not None:  # OBS HOOK: metrics on
                 self.observe(endpoint, self.clock() - call.sent_at)
-            self._settle(b, call, True)
-            self._finish(call, True, value, done)
+            self._finish(call, True, value, done, measured=True)
             if self._busy_waiting:
                 self._slot_freed()
         elif kind == _ERROR:
@@ -1208,9 +1202,12 @@ class ClientCore:
                 b.failed += 1
                 if self.observe is not None:  # OBS HOOK: metrics on
                     self.observe(endpoint, self.clock() - call.sent_at)
-                self._settle(b, call, True)
                 self._finish(
-                    call, False, error_from_reply(type_name, args, tb, call.task, endpoint), done
+                    call,
+                    False,
+                    error_from_reply(type_name, args, tb, call.task, endpoint),
+                    done,
+                    measured=True,
                 )
                 if self._busy_waiting:
                     self._slot_freed()
@@ -1407,7 +1404,7 @@ class ClientCore:
         refused it with Stopping (None: no other is up)."""
         b = self.backends[slot.key]
         if call.refused_by and b.endpoint in call.refused_by:
-            return self._choose_excluding(call.refused_by)
+            return self._other_backend(call.refused_by)
         return b
 
     def _assign(self, b: BackendState, call: PendingCall) -> None:
@@ -1473,29 +1470,19 @@ class ClientCore:
                 if not call.done and call.backend is None:
                     self._park(call)
 
-    def _other_with_room(
-        self, not_this: BackendState | None, refused: set[str] | None
-    ) -> BackendState | None:
-        """The up backend other than ``not_this`` (which answered Busy) with credit, not
-        Busy itself lately, expected to finish soonest; None if there is none. O(N): only
-        on the Busy path."""
-        now = self.clock()
+    def _other_backend(self, excluded: Iterable[str], room: bool = False) -> BackendState | None:
+        """The up backend not in ``excluded`` expected to finish a call soonest, or None.
+        ``room``: only one with credit left that has not answered Busy lately. O(N):
+        for the Busy and Stopping paths, not the dispatcher's."""
+        now = self.clock() if room else 0.0
         best: BackendState | None = None
         for b in self._blist:
-            if b is not_this or b.state != UP or b.busy_until > now or b.slot.credit <= 0:
+            if b.state != UP or b.endpoint in excluded:
                 continue
-            if refused and b.endpoint in refused:
+            if room and (b.busy_until > now or b.slot.credit <= 0):
                 continue
             if best is None or b.slot.expected() < best.slot.expected():
                 best = b
-        return best
-
-    def _choose_excluding(self, refused: set[str]) -> BackendState | None:
-        best = None
-        for b in self.backends.values():
-            if b.state == UP and b.endpoint not in refused:
-                if best is None or len(b.calls) < len(best.calls):
-                    best = b
         return best
 
     def _park(self, call: PendingCall) -> None:
@@ -1543,18 +1530,22 @@ class ClientCore:
             "start a backend there or check host, port and keys"
         )
 
-    def _detach(self, call: PendingCall) -> None:
+    def _detach(self, call: PendingCall, measured: bool = False) -> None:
         self.calls.pop(call.id, None)
         self._parked.pop(call.id, None)
         b = self.backends.get(call.backend or "")
         if b is not None:
-            self._settle(b, call)
+            self._settle(b, call, measured)
 
-    def _finish(self, call: PendingCall, ok: bool, value: Any, done: Done) -> None:
+    def _finish(
+        self, call: PendingCall, ok: bool, value: Any, done: Done, measured: bool = False
+    ) -> None:
+        """Resolve ``call`` into ``done`` (once); ``measured``: by its backend's reply
+        to it having run (a service-time sample, see :meth:`_settle`)."""
         if call.done:
             return
         call.done = True
-        self._detach(call)
+        self._detach(call, measured)
         done.append((call, ok, value))
         if call.cancel_hook is not None:
             call.cancel_hook()
@@ -1661,7 +1652,8 @@ class ClientCore:
                 done,
             )
             return
-        other = self._other_with_room(b, call.refused_by)
+        excluded = {b.endpoint} if b is not None else set()
+        other = self._other_backend(excluded | (call.refused_by or set()), room=True)
         if other is not None:
             call.on_wire = False
             self._assign(other, call)  # another backend has room: go now
@@ -1722,7 +1714,7 @@ class ClientCore:
             if call.refused_by is None:
                 call.refused_by = set()
             call.refused_by.add(b.endpoint)
-        if self._choose_excluding(call.refused_by or set()) is None:
+        if self._other_backend(call.refused_by or ()) is None:
             self._finish(
                 call,
                 False,

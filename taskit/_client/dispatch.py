@@ -283,10 +283,6 @@ class Dispatcher:
         if slot.usable and slot._pos < 0 and slot.in_flight < slot.limit:
             self._open_slot(slot)
 
-    def reported(self, slot: Slot, total: int) -> None:
-        """A load report not tied to one of our calls (a PONG, a WELCOME)."""
-        slot.others = max(0, total - slot.in_flight)
-
     @property
     def up_count(self) -> int:
         """How many backends take calls now."""

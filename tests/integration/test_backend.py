@@ -957,6 +957,12 @@ def test_an_expired_call_never_starts(serve, client):
     assert gate.started()
     late = c.send("record", "late", budget_ms=50)
     in_time = c.send("record", "in time", budget_ms=60_000)
+    # Its deadline runs from when the backend reads it: wait until both are read
+    # (queued behind the held worker), then let the 50 ms pass.
+    deadline = time.monotonic() + 10
+    while b.task_count < 3:
+        assert time.monotonic() < deadline, b.task_count
+        time.sleep(0.005)
     time.sleep(0.1)  # the late call's budget passes while the worker is held
     gate.open.set()
     replies = {}
