@@ -140,7 +140,10 @@ class AsyncIO(Connections):
         """Write the routed calls, then read what the sockets hold: ZeroMQ's descriptor
         is edge-triggered and a send may consume the edge, so every use of a socket
         outside its reader task ends by emptying it (the reader can never miss a reply)."""
-        if not (self._core.outbox or self._core.control):
+        core = self._core
+        if core.resets or core.retired:
+            self.between_turns()  # (before the drains below: they read every link)
+        if not (core.outbox or core.control):
             return  # nothing routed, nothing sent
         self.flush()
         for link in list(self.links.values()):
@@ -150,9 +153,9 @@ class AsyncIO(Connections):
         """Read every reply already queued on ``link``'s socket, asking EVENTS before
         each read rather than reading until zmq.Again: an exception per drain would
         cost as much as the rest of a call's reading (drains follow every send)."""
-        events, receive, links = link.raw.getsockopt, self.receive, self.links
-        while links.get(link.endpoint) is link and cast(int, events(EVENTS)) & POLLIN:
-            receive(link, None, 1)  # (a drained backend's link closes in there)
+        events, receive = link.raw.getsockopt, self.receive
+        while cast(int, events(EVENTS)) & POLLIN:
+            receive(link, None, 1)
 
     # -- Connections' hooks ---------------------------------------------------------
 
@@ -202,18 +205,10 @@ class AsyncIO(Connections):
             except zmq.ZMQError:
                 return  # closed
             self.resolve(done)
-            if core.resets:
-                self.reset()
-            if core.retired:
-                self.retire()
-            if self.links.get(endpoint) is not link:
-                return  # drained and closed, or replaced, meanwhile
             self.drain(link)  # what else is queued, before yielding
-            if self.links.get(endpoint) is not link:
-                self._send()
-                self._schedule()
-                return
-            self._send()  # Busy/Stopping replies re-route calls
+            # Busy/Stopping replies re-route calls; a replaced or drained link closes
+            # there, and this task's next recv ends it.
+            self._send()
             self._schedule()
 
     async def _monitor(self, link: Link) -> None:

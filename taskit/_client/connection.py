@@ -391,8 +391,6 @@ class Connections:
         self.resolve(core.tick())
         if core.pings or core.suspects:
             self.liveness()
-        if core.retired:
-            self.retire()
 
     def liveness(self) -> None:
         """Send the PINGs the core asked for; drop the connections it finds silent
@@ -448,9 +446,14 @@ class Connections:
                 # pipelined caller gets them in batches, not one poll per reply.
                 if until is not None and until.ok is not None and not core.calls:
                     break
-        if core.resets:
+
+    def between_turns(self) -> None:
+        """Replace the connections the core asked for and close those it drained:
+        the driver calls this where no link is being read (never inside
+        :meth:`receive`, whose caller still holds the link it reads)."""
+        if self._core.resets:
             self.reset()
-        if core.retired:
+        if self._core.retired:
             self.retire()
 
     def connect(self, endpoint: str) -> None:

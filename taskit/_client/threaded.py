@@ -526,6 +526,8 @@ class ThreadedIO(Connections):
                 self._yield = False
                 if self._leader == self._bg_ident:
                     return
+            if core.resets or core.retired:
+                self.between_turns()
             if self._inbox:
                 self._drain_inbox()
             if core.outbox or core.control:
@@ -558,7 +560,7 @@ class ThreadedIO(Connections):
             # and asks every socket for ZMQ_EVENTS again after the wait.
             ready = False
             by_fd = self._by_fd
-            for link in tuple(by_fd.values()):  # a receive may retire a backend
+            for link in tuple(by_fd.values()):
                 if by_fd.get(link.sock_fd) is link and base_get(link.raw, EVENTS) & POLLIN:
                     ready = True
                     self.receive(link, until)
@@ -730,6 +732,8 @@ class ThreadedIO(Connections):
             self.tick()
         if self._inbox:
             self._drain_inbox()
+        if core.resets or core.retired:
+            self.between_turns()
         if core.outbox or core.control:
             self.flush()
 
